@@ -1,0 +1,189 @@
+"""Shared building blocks: gamma-scaled activations, scaled WS convs, SE, stochastic depth.
+
+The maths follows the authors' JAX code (deepmind-research, nfnets/base.py); see
+``shared/reference/nfnets-facts.md`` sections 1-3.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# gamma = 1/sqrt(Var(g(x))), x ~ N(0, 1): the authors' published sampling estimates.
+GAMMA: dict[str, float] = {
+    "identity": 1.0,
+    "celu": 1.270926833152771,
+    "elu": 1.2716004848480225,
+    "gelu": 1.7015043497085571,
+    "leaky_relu": 1.70590341091156,
+    "log_sigmoid": 1.9193484783172607,
+    "relu": 1.7139588594436646,
+    "relu6": 1.7131484746932983,
+    "selu": 1.0008515119552612,
+    "sigmoid": 4.803835391998291,
+    "silu": 1.7881293296813965,
+    "soft_sign": 2.338853120803833,
+    "softplus": 1.9203323125839233,
+    "tanh": 1.5939117670059204,
+}
+
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "identity": lambda x: x,
+    "celu": F.celu,
+    "elu": F.elu,
+    # the authors use JAX's default gelu, which is the tanh approximation
+    "gelu": lambda x: F.gelu(x, approximate="tanh"),
+    "leaky_relu": F.leaky_relu,
+    "log_sigmoid": F.logsigmoid,
+    "relu": F.relu,
+    "relu6": F.relu6,
+    "selu": F.selu,
+    "sigmoid": torch.sigmoid,
+    "silu": F.silu,
+    "soft_sign": F.softsign,
+    "softplus": F.softplus,
+    "tanh": torch.tanh,
+}
+
+
+def estimate_gamma(
+    fn: Callable[[torch.Tensor], torch.Tensor], samples: int = 1 << 22, seed: int = 0
+) -> float:
+    """1/sqrt(Var(fn(x))) for x ~ N(0, 1), estimated in float64 from ``samples`` draws."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(samples, generator=gen, dtype=torch.float64)
+    return float(1.0 / fn(x).var(unbiased=False).sqrt())
+
+
+class ScaledActivation(nn.Module):
+    """``fn(x) * gamma``: keeps the variance of a unit-Gaussian input at one."""
+
+    def __init__(self, name: str, gamma: float | None = None):
+        super().__init__()
+        if name not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {name!r}; valid: {', '.join(sorted(ACTIVATIONS))}")
+        self.name = name
+        self.fn = ACTIVATIONS[name]
+        self.gamma = GAMMA[name] if gamma is None else gamma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.fn(x)
+        return out if self.gamma == 1.0 else out * self.gamma
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, gamma={self.gamma:.6g}"
+
+
+def get_activation(name: str, scaled: bool = True) -> ScaledActivation:
+    """The activation ``name``, multiplied by its gamma unless ``scaled`` is False."""
+    return ScaledActivation(name, None if scaled else 1.0)
+
+
+class ScaledStdConv2d(nn.Conv2d):
+    """Conv2d with scaled weight standardization and an affine gain, as the authors' WSConv2D.
+
+    W_hat = gain * (W - mean) * rsqrt(max(var * fan_in, eps)), per output channel, biased
+    variance, computed in float32 whatever the input dtype.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int | None = None,
+        groups: int = 1,
+        bias: bool = True,
+        eps: float = 1e-4,
+    ):
+        padding = kernel_size // 2 if padding is None else padding
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias
+        )
+        self.gain = nn.Parameter(torch.ones(out_channels, device=self.weight.device))
+        self.eps = eps
+        self.fan_in = self.weight[0].numel()
+        nn.init.normal_(self.weight, 0.0, 1.0 / math.sqrt(self.fan_in))
+        if bias:
+            nn.init.zeros_(self.bias)
+
+    def standardized_weight(self) -> torch.Tensor:
+        with torch.autocast(self.weight.device.type, enabled=False):
+            w = self.weight.float()
+            var, mean = torch.var_mean(w, dim=(1, 2, 3), unbiased=False, keepdim=True)
+            scale = torch.rsqrt(torch.clamp(var * self.fan_in, min=self.eps))
+            scale = scale * self.gain.float().view(-1, 1, 1, 1)
+            return w * scale - mean * scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.standardized_weight().to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return self._conv_forward(x, weight, bias)
+
+
+def he_conv2d(
+    in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
+    bias: bool = True,
+) -> nn.Conv2d:
+    """Plain conv with He (fan-in, gain sqrt(2)) normal init: the unstandardized control."""
+    conv = nn.Conv2d(
+        in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias
+    )
+    nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+    if bias:
+        nn.init.zeros_(conv.bias)
+    return conv
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excite: x * scale * sigmoid(fc1(relu(fc0(mean_hw(x))))).
+
+    The NF papers use scale 2 so the gated branch keeps unit variance at init (the sigmoid
+    sits near 0.5).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, se_ratio: float = 0.5, scale: float = 2.0
+    ):
+        super().__init__()
+        hidden = max(1, int(in_channels * se_ratio))
+        self.fc0 = nn.Linear(in_channels, hidden)
+        self.fc1 = nn.Linear(hidden, out_channels)
+        self.scale = scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.mean(dim=(2, 3))
+        h = torch.sigmoid(self.fc1(F.relu(self.fc0(h))))
+        return x * (self.scale * h[:, :, None, None])
+
+
+class StochasticDepth(nn.Module):
+    """Drops the whole residual branch per example with probability ``rate`` in training.
+
+    The authors do not rescale by 1/keep; timm does (``scale_by_keep=True``).
+    """
+
+    def __init__(self, rate: float = 0.0, scale_by_keep: bool = False):
+        super().__init__()
+        if not 0.0 <= rate < 1.0:
+            raise ValueError(f"stochastic depth rate must be in [0, 1), got {rate}")
+        self.rate = rate
+        self.scale_by_keep = scale_by_keep
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        mask = torch.empty(x.shape[0], *([1] * (x.dim() - 1)), device=x.device, dtype=x.dtype)
+        mask = mask.bernoulli_(keep)
+        if self.scale_by_keep:
+            mask = mask / keep
+        return x * mask
+
+    def extra_repr(self) -> str:
+        return f"rate={self.rate:.4g}, scale_by_keep={self.scale_by_keep}"

@@ -1,0 +1,150 @@
+"""BatchNorm ResNet baseline (the authors' resnet.py): v2 pre-activation by default, v1 option.
+
+``norm="none"`` removes every normalization layer: the unnormalized ResNet ablation.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sigprop.layers import SqueezeExcite, get_activation, he_conv2d
+from sigprop.models.base import ResidualNet, check_config, scaled
+from sigprop.models.nf_resnet import RESNET_DEPTHS, RESNET_WIDTHS, STAGE_STRIDES
+from sigprop.models.registry import ModelSpec, register
+
+
+@dataclass
+class BNResNetConfig:
+    depths: tuple[int, ...] = RESNET_DEPTHS[50]
+    widths: tuple[int, ...] = RESNET_WIDTHS
+    width_mult: float = 1.0
+    version: str = "v2"  # "v2": BN-act-conv (pre-activation); "v1": conv-BN-act
+    norm: str = "batch"  # or "none"
+    activation: str = "relu"
+    use_se: bool = False
+    se_ratio: float = 0.25
+    stem: str = "imagenet"
+    num_classes: int = 1000
+    in_chans: int = 3
+    drop_rate: float = 0.0
+    bottleneck_ratio: float = 0.25
+
+    def __post_init__(self) -> None:
+        if self.version not in ("v1", "v2"):
+            raise ValueError(f"version must be 'v1' or 'v2', got {self.version!r}")
+        if self.norm not in ("batch", "none"):
+            raise ValueError(f"norm must be 'batch' or 'none', got {self.norm!r}")
+        check_config(self)
+
+
+def make_norm(cfg: BNResNetConfig, channels: int) -> nn.Module:
+    return nn.BatchNorm2d(channels) if cfg.norm == "batch" else nn.Identity()
+
+
+def make_conv(cfg: BNResNetConfig, in_ch: int, out_ch: int, k: int, stride: int = 1) -> nn.Conv2d:
+    # Without BN there is no BN bias, so the conv keeps its own.
+    return he_conv2d(in_ch, out_ch, k, stride, bias=cfg.norm == "none")
+
+
+class BNBottleneck(nn.Module):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, cfg: BNResNetConfig):
+        super().__init__()
+        width = max(1, int(out_ch * cfg.bottleneck_ratio))
+        self.preact = cfg.version == "v2"
+        self.act = get_activation(cfg.activation, scaled=False)
+        self.bn0 = make_norm(cfg, in_ch if self.preact else width)
+        self.conv0 = make_conv(cfg, in_ch, width, 1)
+        self.bn1 = make_norm(cfg, width)
+        self.conv1 = make_conv(cfg, width, width, 3, stride)
+        self.bn2 = make_norm(cfg, width if self.preact else out_ch)
+        self.conv2 = make_conv(cfg, width, out_ch, 1)
+        projected = stride > 1 or in_ch != out_ch
+        self.conv_shortcut = make_conv(cfg, in_ch, out_ch, 1, stride) if projected else None
+        self.shortcut_bn = make_norm(cfg, out_ch) if projected and not self.preact else None
+        self.se = SqueezeExcite(out_ch, out_ch, cfg.se_ratio, scale=1.0) if cfg.use_se else None
+        self.branch_out = nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.preact:
+            out = self.act(self.bn0(x))
+            shortcut = x if self.conv_shortcut is None else self.conv_shortcut(out)
+            out = self.conv0(out)
+            out = self.conv1(self.act(self.bn1(out)))
+            out = self.conv2(self.act(self.bn2(out)))
+        else:
+            shortcut = x
+            if self.conv_shortcut is not None:
+                shortcut = self.shortcut_bn(self.conv_shortcut(x))
+            out = self.act(self.bn0(self.conv0(x)))
+            out = self.act(self.bn1(self.conv1(out)))
+            out = self.bn2(self.conv2(out))
+        if self.se is not None:
+            out = self.se(out)
+        out = self.branch_out(out) + shortcut
+        return out if self.preact else self.act(out)
+
+
+class BNResNet(ResidualNet):
+    def __init__(self, cfg: BNResNetConfig | None = None, **overrides):
+        super().__init__()
+        cfg = cfg or BNResNetConfig(**overrides)
+        self.cfg = cfg
+        widths = [scaled(w, cfg.width_mult) for w in cfg.widths]
+        ch = max(1, widths[0] // 4)
+        imagenet = cfg.stem == "imagenet"
+        layers: OrderedDict[str, nn.Module] = OrderedDict(
+            conv=he_conv2d(cfg.in_chans, ch, 7 if imagenet else 3, 2 if imagenet else 1, bias=False)
+        )
+        if cfg.version == "v1":
+            layers["bn"] = make_norm(cfg, ch)
+            layers["act"] = get_activation(cfg.activation, scaled=False)
+        if imagenet:
+            layers["pool"] = nn.MaxPool2d(3, 2, 1)
+        self.stem = nn.Sequential(layers)
+
+        stages = []
+        for s, (width, depth) in enumerate(zip(widths, cfg.depths)):
+            blocks = []
+            for j in range(depth):
+                stride = STAGE_STRIDES[min(s, 3)] if j == 0 else 1
+                blocks.append(BNBottleneck(ch, width, stride, cfg))
+                ch = width
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        self.num_features = ch
+        if cfg.version == "v2":
+            self.final_norm = make_norm(cfg, ch)
+            self.final_act = get_activation(cfg.activation, scaled=False)
+        else:
+            self.final_norm, self.final_act = nn.Identity(), nn.Identity()
+        self.drop = nn.Dropout(cfg.drop_rate)
+        self.fc = nn.Linear(ch, cfg.num_classes)
+        nn.init.zeros_(self.fc.weight)  # the authors' baseline head init
+        nn.init.zeros_(self.fc.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.final_act(self.final_norm(x))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(x.mean(dim=(2, 3))))
+
+
+for _depth, _pattern in RESNET_DEPTHS.items():
+    for _version in ("v2", "v1"):
+        register(
+            ModelSpec(
+                name=f"bn_resnet{_depth}_{_version}",
+                family="bn_resnet",
+                build=BNResNet,
+                config_cls=BNResNetConfig,
+                defaults={"depths": _pattern, "version": _version},
+                resolution="224",
+            )
+        )

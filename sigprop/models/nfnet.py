@@ -1,0 +1,179 @@
+"""NFNet F0-F7 (paper B): SE-ResNeXt-D style normalizer-free network with GELU."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from sigprop.layers import ScaledStdConv2d, SqueezeExcite, StochasticDepth, get_activation
+from sigprop.models.base import ResidualNet, check_config, scaled
+from sigprop.models.registry import ModelSpec, register
+
+# The authors' variant table (nfnets/base.py): F_k has k+1 times F0's depths.
+NFNET_VARIANTS: dict[str, dict] = {
+    f"F{k}": {
+        "depths": tuple(d * (k + 1) for d in (1, 2, 6, 3)),
+        "train_px": train,
+        "test_px": test,
+        "drop_rate": drop,
+    }
+    for k, (train, test, drop) in enumerate(
+        [(192, 256, 0.2), (224, 320, 0.3), (256, 352, 0.4), (320, 416, 0.4),
+         (384, 512, 0.5), (416, 544, 0.5), (448, 576, 0.5), (480, 608, 0.5)]
+    )
+}
+NFNET_WIDTHS = (256, 512, 1536, 1536)
+STAGE_STRIDES = (1, 2, 2, 2)
+
+
+@dataclass
+class NFNetConfig:
+    variant: str = "F0"
+    depths: tuple[int, ...] | None = None  # None: the variant's
+    widths: tuple[int, ...] = NFNET_WIDTHS
+    width_mult: float = 1.0  # also scales the group width, keeping the group count
+    depth_mult: float = 1.0
+    alpha: float = 0.2
+    activation: str = "gelu"
+    skipinit_gain: float = 0.0
+    stochdepth_rate: float = 0.1
+    scale_by_keep: bool = False
+    se_ratio: float = 0.5
+    group_width: int = 128
+    bottleneck_ratio: float = 0.5
+    final_conv_mult: float = 2.0
+    use_two_convs: bool = True
+    drop_rate: float | None = None  # None: the variant's
+    stem: str = "imagenet"  # or "cifar": the same four convs, all stride 1
+    num_classes: int = 1000
+    in_chans: int = 3
+
+    def __post_init__(self) -> None:
+        if self.variant not in NFNET_VARIANTS:
+            raise ValueError(f"variant {self.variant!r} unknown; valid: {', '.join(NFNET_VARIANTS)}")
+        table = NFNET_VARIANTS[self.variant]
+        if self.depths is None:
+            self.depths = table["depths"]
+        if self.drop_rate is None:
+            self.drop_rate = table["drop_rate"]
+        if self.depth_mult <= 0:
+            raise ValueError(f"depth_mult must be > 0, got {self.depth_mult}")
+        self.depths = tuple(max(1, round(d * self.depth_mult)) for d in self.depths)
+        self.depth_mult = 1.0  # folded into depths, so the resolved config rebuilds the same net
+        check_config(self)
+
+
+class NFBlock(nn.Module):
+    def __init__(
+        self,
+        in_ch: int,
+        out_ch: int,
+        stride: int,
+        beta: float,
+        expected_var: float,
+        group_width: int,
+        cfg: NFNetConfig,
+        stochdepth_rate: float,
+    ):
+        super().__init__()
+        width = max(1, int(out_ch * cfg.bottleneck_ratio))
+        groups = max(1, width // group_width)
+        width = min(width, group_width) * groups  # round to whole groups, as the authors
+        self.beta, self.alpha = beta, cfg.alpha
+        self.expected_var = expected_var
+        self.act = get_activation(cfg.activation)
+        self.conv0 = ScaledStdConv2d(in_ch, width, 1)
+        self.conv1 = ScaledStdConv2d(width, width, 3, stride, groups=groups)
+        self.conv1b = ScaledStdConv2d(width, width, 3, 1, groups=groups) if cfg.use_two_convs else None
+        self.conv2 = ScaledStdConv2d(width, out_ch, 1)
+        projected = stride > 1 or in_ch != out_ch
+        # ResNet-D shortcut: average-pool first, then a stride-1 1x1 conv
+        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if stride > 1 else None
+        self.conv_shortcut = ScaledStdConv2d(in_ch, out_ch, 1) if projected else None
+        self.se = SqueezeExcite(out_ch, out_ch, cfg.se_ratio)
+        self.branch_out = nn.Identity()
+        self.stoch_depth = StochasticDepth(stochdepth_rate, cfg.scale_by_keep)
+        self.skip_gain = nn.Parameter(torch.tensor(float(cfg.skipinit_gain)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(x) * self.beta
+        shortcut = x
+        if self.conv_shortcut is not None:
+            shortcut = self.conv_shortcut(out if self.pool is None else self.pool(out))
+        out = self.conv0(out)
+        out = self.conv1(self.act(out))
+        if self.conv1b is not None:
+            out = self.conv1b(self.act(out))
+        out = self.se(self.conv2(self.act(out)))
+        out = self.stoch_depth(self.branch_out(out))
+        return out * (self.skip_gain * self.alpha) + shortcut
+
+
+class NFNet(ResidualNet):
+    def __init__(self, cfg: NFNetConfig | None = None, **overrides):
+        super().__init__()
+        cfg = cfg or NFNetConfig(**overrides)
+        self.cfg = cfg
+        widths = [scaled(w, cfg.width_mult) for w in cfg.widths]
+        group_width = scaled(cfg.group_width, cfg.width_mult)
+        stem_widths = [scaled(c, cfg.width_mult) for c in (16, 32, 64)] + [max(1, widths[0] // 2)]
+        stem_strides = (2, 1, 1, 2) if cfg.stem == "imagenet" else (1, 1, 1, 1)
+        layers: OrderedDict[str, nn.Module] = OrderedDict()
+        ch = cfg.in_chans
+        for i, (width, stride) in enumerate(zip(stem_widths, stem_strides)):
+            layers[f"conv{i}"] = ScaledStdConv2d(ch, width, 3, stride)
+            if i < 3:
+                layers[f"act{i}"] = get_activation(cfg.activation)
+            ch = width
+        self.stem = nn.Sequential(layers)
+
+        num_blocks, index, expected_var = sum(cfg.depths), 0, 1.0
+        stages = []
+        for s, (width, depth) in enumerate(zip(widths, cfg.depths)):
+            blocks = []
+            for j in range(depth):
+                stride = STAGE_STRIDES[min(s, 3)] if j == 0 else 1
+                projected = stride > 1 or ch != width
+                out_var = (1.0 if projected else expected_var) + cfg.alpha**2
+                blocks.append(
+                    NFBlock(
+                        ch, width, stride, beta=expected_var**-0.5, expected_var=out_var,
+                        group_width=group_width, cfg=cfg,
+                        stochdepth_rate=cfg.stochdepth_rate * index / num_blocks,
+                    )
+                )
+                ch, expected_var, index = width, out_var, index + 1
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        self.num_features = int(cfg.final_conv_mult * ch)
+        self.final_conv = ScaledStdConv2d(ch, self.num_features, 1)
+        self.final_act = get_activation(cfg.activation)
+        self.drop = nn.Dropout(cfg.drop_rate)
+        self.fc = nn.Linear(self.num_features, cfg.num_classes)
+        nn.init.normal_(self.fc.weight, 0.0, 0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.final_act(self.final_conv(x))
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(x.mean(dim=(2, 3))))
+
+
+for _variant, _table in NFNET_VARIANTS.items():
+    register(
+        ModelSpec(
+            name=f"nfnet_{_variant.lower()}",
+            family="nfnet",
+            build=NFNet,
+            config_cls=NFNetConfig,
+            defaults={"variant": _variant},
+            resolution=f"{_table['train_px']}/{_table['test_px']}",
+        )
+    )

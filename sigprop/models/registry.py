@@ -1,0 +1,84 @@
+"""Named variants of every family, and ``create_model`` that builds one with overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sigprop.errors import UserError
+
+
+class ModelError(UserError):
+    """An unknown model name or override; the message lists the valid choices."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    name: str
+    family: str
+    build: Callable[..., nn.Module]
+    config_cls: type
+    defaults: dict = field(default_factory=dict)
+    resolution: str = "224"
+
+
+_REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> None:
+    _REGISTRY[spec.name] = spec
+
+
+def list_models(family: str | None = None) -> list[str]:
+    _load_families()
+    return [n for n, s in _REGISTRY.items() if family is None or s.family == family]
+
+
+def model_spec(name: str) -> ModelSpec:
+    _load_families()
+    if name not in _REGISTRY:
+        raise ModelError(f"unknown model {name!r}; valid models: {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def model_options(name: str) -> list[str]:
+    """The override keys ``create_model(name, ...)`` accepts."""
+    return [f.name for f in dataclasses.fields(model_spec(name).config_cls)]
+
+
+def resolve_config(name: str, **overrides):
+    """The dataclass config that ``create_model(name, **overrides)`` would build."""
+    spec = model_spec(name)
+    valid = model_options(name)
+    unknown = sorted(set(overrides) - set(valid))
+    if unknown:
+        raise ModelError(
+            f"unknown option(s) {', '.join(unknown)} for model {name!r}; valid options: "
+            f"{', '.join(valid)}"
+        )
+    try:
+        return spec.config_cls(**{**spec.defaults, **overrides})
+    except (TypeError, ValueError) as err:
+        raise ModelError(f"bad option for model {name!r}: {err}") from None
+
+
+def create_model(name: str, **overrides) -> nn.Module:
+    """Build the registered model ``name``; keyword overrides replace its config fields."""
+    cfg = resolve_config(name, **overrides)
+    return model_spec(name).build(cfg)
+
+
+def count_parameters(name: str, **overrides) -> int:
+    """Parameter count without allocating weights (built on the meta device)."""
+    with torch.device("meta"):
+        model = create_model(name, **overrides)
+    return sum(p.numel() for p in model.parameters())
+
+
+def _load_families() -> None:
+    # The family modules register their variants on import.
+    from sigprop.models import bn_resnet, nf_resnet, nfnet  # noqa: F401
