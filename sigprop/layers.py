@@ -65,7 +65,8 @@ class ScaledActivation(nn.Module):
     def __init__(self, name: str, gamma: float | None = None):
         super().__init__()
         if name not in ACTIVATIONS:
-            raise ValueError(f"unknown activation {name!r}; valid: {', '.join(sorted(ACTIVATIONS))}")
+            valid = ", ".join(sorted(ACTIVATIONS))
+            raise ValueError(f"unknown activation {name!r}; valid: {valid}")
         self.name = name
         self.fn = ACTIVATIONS[name]
         self.gamma = GAMMA[name] if gamma is None else gamma

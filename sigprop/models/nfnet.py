@@ -53,7 +53,8 @@ class NFNetConfig:
 
     def __post_init__(self) -> None:
         if self.variant not in NFNET_VARIANTS:
-            raise ValueError(f"variant {self.variant!r} unknown; valid: {', '.join(NFNET_VARIANTS)}")
+            valid = ", ".join(NFNET_VARIANTS)
+            raise ValueError(f"variant {self.variant!r} unknown; valid: {valid}")
         table = NFNET_VARIANTS[self.variant]
         if self.depths is None:
             self.depths = table["depths"]
@@ -87,11 +88,15 @@ class NFBlock(nn.Module):
         self.act = get_activation(cfg.activation)
         self.conv0 = ScaledStdConv2d(in_ch, width, 1)
         self.conv1 = ScaledStdConv2d(width, width, 3, stride, groups=groups)
-        self.conv1b = ScaledStdConv2d(width, width, 3, 1, groups=groups) if cfg.use_two_convs else None
+        self.conv1b = (
+            ScaledStdConv2d(width, width, 3, 1, groups=groups) if cfg.use_two_convs else None
+        )
         self.conv2 = ScaledStdConv2d(width, out_ch, 1)
         projected = stride > 1 or in_ch != out_ch
         # ResNet-D shortcut: average-pool first, then a stride-1 1x1 conv
-        self.pool = nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if stride > 1 else None
+        self.pool = (
+            nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if stride > 1 else None
+        )
         self.conv_shortcut = ScaledStdConv2d(in_ch, out_ch, 1) if projected else None
         self.se = SqueezeExcite(out_ch, out_ch, cfg.se_ratio)
         self.branch_out = nn.Identity()
