@@ -6,6 +6,7 @@ The maths follows the authors' JAX code (deepmind-research, nfnets/base.py); see
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 
@@ -114,7 +115,13 @@ class ScaledStdConv2d(nn.Conv2d):
             nn.init.zeros_(self.bias)
 
     def standardized_weight(self) -> torch.Tensor:
-        with torch.autocast(self.weight.device.type, enabled=False):
+        device = self.weight.device.type
+        # float32 statistics even under autocast (meta tensors have no autocast)
+        no_autocast = (
+            torch.autocast(device, enabled=False) if device in ("cpu", "cuda")
+            else contextlib.nullcontext()
+        )
+        with no_autocast:
             w = self.weight.float()
             var, mean = torch.var_mean(w, dim=(1, 2, 3), unbiased=False, keepdim=True)
             scale = torch.rsqrt(torch.clamp(var * self.fan_in, min=self.eps))
