@@ -31,6 +31,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("models", help="list the registered models")
     p.add_argument("--family", choices=["nf_resnet", "nfnet", "bn_resnet"], default=None)
     p.set_defaults(func=cmd_models)
+
+    from ablations.cli import add_grid_commands
+
+    add_grid_commands(sub)
     return parser
 
 

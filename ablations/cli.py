@@ -1,0 +1,95 @@
+"""The grid commands of the command line: ``run``, ``status`` and the built-in quickstart."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from sigprop.errors import UserError
+
+GRIDS_DIR = Path(__file__).resolve().parent / "grids"
+
+
+def shipped_grids() -> list[str]:
+    return sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
+
+
+def spec_path(name_or_path: str) -> Path:
+    """A spec file, or the name of a shipped grid (``agc_batch``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = GRIDS_DIR / f"{name_or_path.removesuffix('.toml')}.toml"
+    if shipped.is_file():
+        return shipped
+    raise UserError(
+        f"spec not found: {name_or_path} (a TOML file, or a shipped grid: "
+        f"{', '.join(shipped_grids())})"
+    )
+
+
+def add_grid_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run an ablation grid (resumes what is stored)")
+    p.add_argument("spec", help="a spec TOML file or a shipped grid name")
+    add_run_options(p)
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their count")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="table of a grid's runs and their states")
+    p.add_argument("dir", help="a grid folder, or an output root holding grids")
+    p.set_defaults(func=cmd_status)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
+                   help="override a key or make it an axis (repeatable)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes (CPU)")
+    p.add_argument("--runs-per-gpu", type=int, default=1, help="runs sharing each GPU")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--out", default="runs", help="results root (default: runs/)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun failed runs")
+    p.add_argument("--no-report", action="store_true", help="do not write the report")
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from ablations.runner import dry_run_table
+    from ablations.spec import expand, load_spec
+
+    spec = load_spec(spec_path(args.spec), args.set)
+    if args.dry_run:
+        runs = expand(spec)
+        print(dry_run_table(runs).to_string(index=False))
+        print(f"{len(runs)} runs in grid {spec.name}")
+        return 0
+    outcome = execute(spec, args)
+    return 130 if outcome.interrupted else 0
+
+
+def execute(spec, args: argparse.Namespace):
+    from ablations.executors import LocalExecutor
+    from ablations.runner import run_grid
+
+    executor = LocalExecutor(args.workers, args.device, args.runs_per_gpu)
+    outcome = run_grid(spec, args.out, executor, retry_failed=args.retry_failed)
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
+    if outcome.interrupted:
+        print(f"interrupted after {outcome.duration_s:.0f}s ({counts or 'nothing finished'}); "
+              f"finished runs are stored, run the same command to resume", file=sys.stderr)
+    elif counts:
+        print(f"grid {spec.name} done in {outcome.duration_s:.0f}s: {counts}")
+    print(f"results: {outcome.grid_dir}")
+    return outcome
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from ablations.runner import status_table
+
+    table = status_table(args.dir)
+    with pd.option_context("display.width", 200, "display.max_colwidth", 60):
+        print(table.to_string(index=False))
+    counts = table["status"].value_counts().to_dict()
+    print(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    return 0

@@ -1,0 +1,166 @@
+"""Executors: where the runs of a grid execute. ``LocalExecutor`` uses worker processes.
+
+An executor takes the ids of stored runs and calls ``execute_run`` for each, reporting
+``on_result(dict)`` as runs end and ``on_step(slot, run_id, step, total)`` as they progress.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import time
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+
+from ablations.worker import execute_run, resolve_device
+from sigprop.errors import UserError
+
+ResultCallback = Callable[[dict], None]
+StepCallback = Callable[[int, str, int, int], None]
+BUSY_RETRY_S = 1.0
+
+
+def _init_worker() -> None:
+    # Die with the runner (kill -9 included) instead of training on as an orphan; the run's
+    # checkpoint lets the next invocation continue it.
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except OSError:
+            pass
+
+
+class LocalExecutor:
+    """Runs on this machine: ``workers`` processes on CPU, or slots on each visible GPU.
+
+    On CUDA there are ``runs_per_gpu`` slots per GPU and runs are spread over the GPUs; on
+    CPU the cores are divided between the workers.
+    """
+
+    def __init__(self, workers: int = 1, device: str = "auto", runs_per_gpu: int = 1):
+        if workers < 1:
+            raise UserError(f"--workers must be >= 1, got {workers}")
+        if runs_per_gpu < 1:
+            raise UserError(f"--runs-per-gpu must be >= 1, got {runs_per_gpu}")
+        if device not in ("auto", "cpu", "cuda") and not device.startswith("cuda:"):
+            raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
+        self.device = resolve_device(device)
+        if self.device.startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise UserError("--device cuda asked for, but no CUDA device is available")
+        self.workers = workers
+        self.runs_per_gpu = runs_per_gpu
+
+    def slots(self) -> list[str]:
+        if self.device == "cuda":
+            import torch
+
+            gpus = torch.cuda.device_count()
+            return [f"cuda:{g}" for _ in range(self.runs_per_gpu) for g in range(gpus)]
+        if self.device.startswith("cuda:"):
+            return [self.device] * self.runs_per_gpu
+        return [self.device] * self.workers
+
+    def threads_per_worker(self) -> int:
+        return max(1, (os.cpu_count() or 1) // len(self.slots()))
+
+    def describe(self) -> str:
+        slots = self.slots()
+        return f"{len(slots)} worker(s) on {', '.join(sorted(set(slots)))}"
+
+    def run(
+        self, root: str, grid: str, run_ids: list[str], on_result: ResultCallback,
+        on_step: StepCallback | None = None,
+    ) -> None:
+        slots = self.slots()
+        threads = self.threads_per_worker()
+        ctx = mp.get_context("spawn")
+        with ctx.Manager() as manager:
+            events = manager.Queue()
+            pool = ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_init_worker)
+            pending = collections.deque(run_ids)
+            running: dict[Future, tuple[int, str]] = {}
+            free = list(range(len(slots)))
+            retry_at: dict[str, float] = {}
+            try:
+                while pending or running:
+                    while free and pending:
+                        rid = pending.popleft()
+                        if retry_at.get(rid, 0) > time.monotonic():
+                            pending.append(rid)
+                            if all(retry_at.get(r, 0) > time.monotonic() for r in pending):
+                                break
+                            continue
+                        slot = free.pop(0)
+                        future = pool.submit(execute_run, root, grid, rid, slots[slot], threads,
+                                             events, slot)
+                        running[future] = (slot, rid)
+                    if not running:
+                        time.sleep(0.2)  # only runs held by another runner are left
+                    done, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
+                    self._drain(events, on_step)
+                    for future in done:
+                        if future not in running:  # requeued after a broken pool
+                            continue
+                        slot, rid = running.pop(future)
+                        free.append(slot)
+                        result = self._result(future, rid)
+                        if result["state"] == "busy":  # another runner holds it: come back later
+                            retry_at[rid] = time.monotonic() + BUSY_RETRY_S
+                            pending.append(rid)
+                            continue
+                        if isinstance(result.pop("_exception", None), BrokenProcessPool):
+                            # every worker is gone: requeue the other runs in flight
+                            pool.shutdown(wait=False, cancel_futures=True)
+                            pool = ProcessPoolExecutor(len(slots), mp_context=ctx,
+                                                       initializer=_init_worker)
+                            pending.extendleft(r for _, r in running.values())
+                            free = list(range(len(slots)))
+                            running.clear()
+                        on_result(result)
+            except KeyboardInterrupt:
+                self._interrupt(pool)
+                for future, (_, rid) in running.items():
+                    on_result(self._result(future, rid))
+                raise
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+    @staticmethod
+    def _drain(events, on_step: StepCallback | None) -> None:
+        while True:
+            try:
+                _, slot, rid, step, total = events.get_nowait()
+            except (queue.Empty, EOFError, OSError):
+                return
+            if on_step:
+                on_step(slot, rid, step, total)
+
+    @staticmethod
+    def _result(future: Future, rid: str) -> dict:
+        try:
+            return future.result()
+        except BrokenProcessPool as err:
+            line = "worker process died (killed or out of memory); rerun to resume the run"
+            return {"run_id": rid, "state": "failed", "error": line, "_exception": err}
+        except BaseException as err:  # noqa: BLE001 - reported as the run's failure
+            line = f"{type(err).__name__}: {err}".splitlines()[0]
+            return {"run_id": rid, "state": "failed", "error": line}
+
+    @staticmethod
+    def _interrupt(pool: ProcessPoolExecutor) -> None:
+        # Ctrl-C in a terminal reaches the workers already; a signal sent to the runner alone
+        # does not, so pass it on. Workers store their run as queued (resumable) and return.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            try:
+                os.kill(process.pid, signal.SIGINT)
+            except (ProcessLookupError, OSError):
+                pass

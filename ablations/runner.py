@@ -1,0 +1,159 @@
+"""Run a grid: expand the spec, store the runs, execute what is not finished, show progress."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from ablations.executors import LocalExecutor
+from ablations.spec import GridSpec, Run, expand
+from ablations.store import FINISHED, GridStore, load_results
+
+
+@dataclass
+class GridOutcome:
+    grid_dir: Path
+    total: int
+    skipped: int  # already finished before this invocation
+    counts: dict = field(default_factory=dict)  # state -> runs ended in this invocation
+    interrupted: bool = False
+    duration_s: float = 0.0
+
+
+def runs_to_execute(store: GridStore, runs: list[Run], retry_failed: bool) -> list[str]:
+    todo = []
+    for run in runs:
+        state = store.state(run.run_id)
+        if state in FINISHED or (state == "failed" and not retry_failed):
+            continue
+        todo.append(run.run_id)
+    return todo
+
+
+def describe_run(run: Run) -> str:
+    return " ".join(f"{k}={v}" for k, v in run.axes.items()) or "base config"
+
+
+def dry_run_table(runs: list[Run]) -> pd.DataFrame:
+    return pd.DataFrame([{"run_id": r.run_id, **r.axes} for r in runs])
+
+
+class Progress:
+    """A grid bar and per-worker step bars on a terminal; plain log lines otherwise."""
+
+    def __init__(self, total: int, done: int, labels: dict[str, str], slots: int,
+                 stream=None):
+        self.stream = stream or sys.stdout
+        self.labels = labels
+        self.counts: dict[str, int] = {}
+        self.total, self.done = total, done
+        self.started = time.monotonic()
+        self.tty = self.stream.isatty()
+        self.bars = {}
+        if self.tty:
+            from tqdm import tqdm
+
+            self.grid_bar = tqdm(total=total, initial=done, desc="grid", unit="run",
+                                 position=0, file=self.stream, dynamic_ncols=True)
+            self.slot_bars = [
+                tqdm(total=1, desc=f"worker {i}", position=i + 1, leave=False, file=self.stream,
+                     dynamic_ncols=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {n}/{total}")
+                for i in range(slots)
+            ]
+
+    def step(self, slot: int, run_id: str, step: int, total: int) -> None:
+        if self.tty and slot < len(self.slot_bars):
+            bar = self.slot_bars[slot]
+            bar.set_description_str(f"{run_id[:8]} {self.labels.get(run_id, '')}"[:60])
+            bar.total = total
+            bar.n = step
+            bar.refresh()
+
+    def result(self, result: dict) -> None:
+        state = result["state"]
+        if state in ("busy",):
+            return
+        self.counts[state] = self.counts.get(state, 0) + 1
+        if state != "interrupted":
+            self.done += 1
+        rid = result["run_id"]
+        summary = result.get("summary") or {}
+        acc = summary.get("final_acc")
+        detail = f"acc={acc:.3f}" if acc is not None else ""
+        if state == "diverged":
+            detail = f"diverged at step {summary.get('diverged_step')}"
+        if state == "failed":
+            detail = result.get("error", "")
+        line = f"[{self.done}/{self.total}] {rid} {state:9s} {self.labels.get(rid, '')} {detail}"
+        if self.tty:
+            self.grid_bar.update(0 if state == "interrupted" else 1)
+            self.grid_bar.set_postfix(
+                diverged=self.counts.get("diverged", 0), failed=self.counts.get("failed", 0)
+            )
+            if state in ("failed", "diverged"):
+                self.grid_bar.write(line, file=self.stream)
+        else:
+            print(line, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.tty:
+            for bar in self.slot_bars:
+                bar.close()
+            self.grid_bar.close()
+
+
+def run_grid(
+    spec: GridSpec,
+    out: str | Path = "runs",
+    executor: LocalExecutor | None = None,
+    retry_failed: bool = False,
+    stream=None,
+) -> GridOutcome:
+    """Expand ``spec`` into ``out/<name>`` and execute every run that is not finished.
+
+    Completed and diverged runs are skipped, failed ones only rerun with ``retry_failed``,
+    interrupted ones continue from their checkpoint.
+    """
+    stream = stream or sys.stdout
+    executor = executor or LocalExecutor()
+    runs = expand(spec)
+    store = GridStore(out, spec.name)
+    store.prepare(spec.to_toml_dict(), runs)
+    todo = runs_to_execute(store, runs, retry_failed)
+    outcome = GridOutcome(store.dir, total=len(runs), skipped=len(runs) - len(todo))
+    print(
+        f"grid {spec.name}: {len(runs)} runs, {outcome.skipped} already stored, "
+        f"{len(todo)} to run on {executor.describe()} -> {store.dir}",
+        file=stream, flush=True,
+    )
+    if not todo:
+        return outcome
+    labels = {r.run_id: describe_run(r) for r in runs}
+    progress = Progress(len(runs), outcome.skipped, labels, len(executor.slots()), stream)
+    started = time.monotonic()
+    try:
+        executor.run(str(store.root), store.grid, todo, progress.result, progress.step)
+    except KeyboardInterrupt:
+        outcome.interrupted = True
+    finally:
+        progress.close()
+        outcome.counts = dict(progress.counts)
+        outcome.duration_s = time.monotonic() - started
+    return outcome
+
+
+def status_table(path: str | Path) -> pd.DataFrame:
+    """One row per run: grid, id, state, the axes it varies, and its summary metrics."""
+    runs = load_results(path, with_frames=False).runs
+    axis_columns = sorted({a for axes in runs["axes"] for a in axes})
+    columns = ["grid", "run_id", "status", *axis_columns, "final_acc", "diverged_step",
+               "duration_s", "error"]
+    table = runs[[c for c in columns if c in runs]].copy()
+    for column in ("final_acc", "duration_s"):
+        if column in table:
+            table[column] = pd.to_numeric(table[column]).round(3 if column == "final_acc" else 1)
+    return table

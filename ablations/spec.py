@@ -1,0 +1,353 @@
+"""Grid specs: a TOML file with a base run configuration and axes to vary.
+
+    name = "agc_batch"
+    description = "..."
+    intended_for = "cifar10 on a GPU"
+
+    [base]                      # every TrainConfig field; model.* are model overrides
+    data = "cifar10"
+    [base.model]
+    name = "nf_resnet50"
+
+    [grid]                      # axes; a product by default
+    "clip.mode" = ["none", "norm", "agc"]
+    "clip.threshold" = [0.01, 0.16]
+    batch_size = [64, 256, 1024]
+    seed = [0, 1]
+
+    [tie]                       # axes that move together (zip), by group name
+    batch = ["batch_size", "lr"]
+
+    [when]                      # an axis applies only where another key has these values
+    "model.alpha" = { "model.name" = ["nf_resnet26"] }
+
+    [data_profiles.synthetic]   # base overrides used when data = "synthetic" (CPU scale)
+    epochs = 2
+
+Built-in rules: ``clip.threshold`` only applies to the clipping modes that use it, and a
+``model.*`` key only applies to models that have that option (BN-ResNets have no alpha), so
+neither produces duplicate runs. A run's id is a hash of its canonical resolved config.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from sigprop.errors import UserError
+
+SPEC_KEYS = {"name", "description", "intended_for", "base", "grid", "tie", "when", "data_profiles"}
+# Execution choices that do not change what a run computes, so not part of its id.
+EXECUTION_KEYS = ("device",)
+THRESHOLD_MODES = ("norm", "agc")
+
+
+class SpecError(UserError):
+    """A spec that cannot be expanded: names the field and what is allowed."""
+
+
+@dataclass
+class Run:
+    run_id: str
+    config: dict  # canonical nested TrainConfig dict
+    axes: dict  # the axis values that define this run (dotted keys)
+
+
+@dataclass
+class GridSpec:
+    name: str
+    base: dict
+    grid: dict[str, list]
+    tie: dict[str, list[str]] = field(default_factory=dict)
+    when: dict[str, dict[str, list]] = field(default_factory=dict)
+    data_profiles: dict[str, dict] = field(default_factory=dict)
+    description: str = ""
+    intended_for: str = ""
+
+    def to_toml_dict(self) -> dict:
+        out = {k: v for k, v in dataclasses.asdict(self).items() if v not in ("", {}, None)}
+        out["name"] = self.name
+        return out
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> GridSpec:
+    """Read a spec file and apply ``--set key=v1,v2`` overrides."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"spec file not found: {path}")
+    try:
+        raw = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise SpecError(f"{path}: invalid TOML: {err}") from None
+    spec = spec_from_dict(raw, default_name=path.stem)
+    return apply_overrides(spec, overrides or [])
+
+
+def spec_from_dict(raw: dict, default_name: str = "grid") -> GridSpec:
+    unknown = sorted(set(raw) - SPEC_KEYS)
+    if unknown:
+        raise SpecError(
+            f"unknown spec section(s) {', '.join(unknown)}; allowed: {', '.join(sorted(SPEC_KEYS))}"
+        )
+    for section in ("base", "grid", "tie", "when", "data_profiles"):
+        if not isinstance(raw.get(section, {}), dict):
+            raise SpecError(f"[{section}] must be a table")
+    name = raw.get("name", default_name)
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise SpecError(f"name must be a plain non-empty string (used as a folder), got {name!r}")
+    grid = {}
+    for key, values in flatten(raw.get("grid", {})).items():
+        if not isinstance(values, list):
+            raise SpecError(f"grid.{key} must be a list of values, got {values!r}")
+        if not values:
+            raise SpecError(f"grid.{key} is an empty axis; give at least one value")
+        grid[key] = values
+    spec = GridSpec(
+        name=name,
+        base=raw.get("base", {}),
+        grid=grid,
+        tie={k: list(v) for k, v in raw.get("tie", {}).items()},
+        when=parse_when(raw.get("when", {}), grid),
+        data_profiles=raw.get("data_profiles", {}),
+        description=raw.get("description", ""),
+        intended_for=raw.get("intended_for", ""),
+    )
+    check_structure(spec)
+    return spec
+
+
+def parse_when(table: dict, grid: dict) -> dict[str, dict[str, list]]:
+    """{axis: {key: allowed values}}, whether keys were written quoted or as dotted paths."""
+    out: dict[str, dict[str, list]] = {}
+    for flat_key, allowed in flatten(table).items():
+        axis = next((a for a in sorted(grid, key=len, reverse=True)
+                     if flat_key.startswith(f"{a}.")), None)
+        if axis is None:
+            raise SpecError(f"when.{flat_key}: the condition must start with a [grid] axis")
+        if not isinstance(allowed, list):
+            raise SpecError(f"when.{flat_key} must be a list of allowed values")
+        out.setdefault(axis, {})[flat_key[len(axis) + 1:]] = allowed
+    return out
+
+
+def flatten(table: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}} -> {"a.b": 1}; quoted dotted keys pass through unchanged."""
+    out = {}
+    for key, value in table.items():
+        full = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{full}."))
+        else:
+            out[full] = value
+    return out
+
+
+def check_structure(spec: GridSpec) -> None:
+    tied: set[str] = set()
+    for group, keys in spec.tie.items():
+        if not isinstance(keys, list) or len(keys) < 2:
+            raise SpecError(f"tie.{group} must list at least two grid axes")
+        missing = [k for k in keys if k not in spec.grid]
+        if missing:
+            raise SpecError(f"tie.{group} names {', '.join(missing)}, which are not grid axes")
+        lengths = {k: len(spec.grid[k]) for k in keys}
+        if len(set(lengths.values())) != 1:
+            raise SpecError(f"tie.{group} axes must have equal lengths, got {lengths}")
+        if tied & set(keys):
+            raise SpecError(f"tie.{group} reuses an axis already tied elsewhere")
+        tied |= set(keys)
+    for key in spec.when:
+        if key not in spec.grid:
+            raise SpecError(f"when.{key} refers to an axis that is not in [grid]")
+
+
+# ----------------------------------------------------------------------------- overrides
+
+def parse_value(text: str) -> Any:
+    """A TOML literal (1, 0.5, true, [1, 2], "x"), else the bare string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text.strip()
+
+
+def split_top_level(text: str) -> list[str]:
+    """Split on commas that are not inside brackets or quotes."""
+    parts, depth, quote, current = [], 0, None, []
+    for ch in text:
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            parts.append("".join(current))
+            current = []
+            continue
+        current.append(ch)
+    parts.append("".join(current))
+    return parts
+
+
+def apply_overrides(spec: GridSpec, overrides: list[str]) -> GridSpec:
+    """``key=v`` fixes a key (replacing an axis); ``key=v1,v2`` makes or replaces an axis."""
+    spec = copy.deepcopy(spec)
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise SpecError(f"--set expects key=value or key=v1,v2, got {item!r}")
+        values = [parse_value(part) for part in split_top_level(text)]
+        if any(v == "" for v in values):
+            raise SpecError(f"--set {key}: empty value in {text!r}")
+        if len(values) > 1 or key in spec.grid:
+            tied = [g for g, keys in spec.tie.items() if key in keys]
+            if tied and len(values) != len(spec.grid[key]):
+                # a fixed value for a tied axis unties the group
+                for group in tied:
+                    spec.tie.pop(group)
+            spec.grid[key] = values
+        else:
+            set_dotted(spec.base, key, values[0])
+    check_structure(spec)
+    return spec
+
+
+def set_dotted(table: dict, key: str, value: Any) -> None:
+    *parents, leaf = key.split(".")
+    for part in parents:
+        table = table.setdefault(part, {})
+        if not isinstance(table, dict):
+            raise SpecError(f"cannot set {key}: {part} is not a table")
+    table[leaf] = value
+
+
+def get_dotted(table: dict, key: str, default: Any = None) -> Any:
+    for part in key.split("."):
+        if not isinstance(table, dict) or part not in table:
+            return default
+        table = table[part]
+    return table
+
+
+# ----------------------------------------------------------------------------- expansion
+
+def expand(spec: GridSpec) -> list[Run]:
+    """Every run of the grid, deduplicated, validated, in a stable order."""
+    from sigprop.train import TrainConfig
+
+    check_keys(spec)
+    units: list[list[dict]] = []
+    tied = {k for keys in spec.tie.values() for k in keys}
+    for keys in spec.tie.values():
+        units.append([dict(zip(keys, vals)) for vals in zip(*(spec.grid[k] for k in keys))])
+    for key, values in spec.grid.items():
+        if key not in tied:
+            units.append([{key: v} for v in values])
+
+    runs: dict[str, Run] = {}
+    for combo in itertools.product(*units) if units else [()]:
+        axes: dict = {}
+        for part in combo:
+            axes.update(part)
+        axes = applicable_axes(spec, build_config(spec, axes), axes)
+        config = build_config(spec, axes)
+        drop_inapplicable_model_keys(config)
+        try:
+            canonical = TrainConfig.from_dict(config).to_dict()
+        except UserError as err:
+            where = ", ".join(f"{k}={v!r}" for k, v in axes.items())
+            raise SpecError(f"{err}" + (f" (in the run with {where})" if where else "")) from None
+        rid = run_id(canonical)
+        runs.setdefault(rid, Run(rid, canonical, axes))
+    return list(runs.values())
+
+
+def build_config(spec: GridSpec, axes: dict) -> dict:
+    """base, then the data set's profile, then the axis values."""
+    config = copy.deepcopy(spec.base)
+    data = axes.get("data", get_dotted(spec.base, "data"))
+    for key, value in flatten(spec.data_profiles.get(data or "", {})).items():
+        set_dotted(config, key, value)
+    for key, value in axes.items():
+        set_dotted(config, key, value)
+    return config
+
+
+def applicable_axes(spec: GridSpec, config: dict, axes: dict) -> dict:
+    """Drop axis values that do not apply to this combination (see module docstring)."""
+    out = {}
+    for key, value in axes.items():
+        conditions = dict(spec.when.get(key, {}))
+        if key == "clip.threshold":
+            conditions.setdefault("clip.mode", list(THRESHOLD_MODES))
+        if all(get_dotted(config, k) in allowed for k, allowed in conditions.items()):
+            out[key] = value
+    return out
+
+
+def drop_inapplicable_model_keys(config: dict) -> None:
+    from sigprop.models import model_options
+
+    model = config.get("model")
+    if not isinstance(model, dict) or "name" not in model:
+        return
+    try:
+        options = set(model_options(model["name"]))
+    except UserError:
+        return  # the unknown name is reported by validation
+    for key in [k for k in model if k != "name" and k not in options]:
+        model.pop(key)
+
+
+def check_keys(spec: GridSpec) -> None:
+    """Unknown keys fail before anything runs, naming the key and the valid ones."""
+    from sigprop.train import TrainConfig
+
+    from sigprop.models import list_models, model_options
+
+    top = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_keys = {"name"} | {opt for name in list_models() for opt in model_options(name)}
+    keys = [("base", k) for k in flatten(spec.base)]
+    keys += [(f"data_profiles.{d}", k) for d, p in spec.data_profiles.items() for k in flatten(p)]
+    keys += [("grid", k) for k in spec.grid]
+    for section, key in keys:
+        head, _, rest = key.partition(".")
+        if head not in top:
+            raise SpecError(
+                f"{section}.{key}: unknown key {head!r}; valid keys: {', '.join(sorted(top))}"
+            )
+        if head == "model" and rest and rest not in model_keys:
+            raise SpecError(
+                f"{section}.{key}: no model has the option {rest!r}; valid model options: "
+                f"{', '.join(sorted(model_keys))}"
+            )
+        if head == "clip" and rest:
+            from sigprop.clipping import ClipConfig
+
+            valid = {f.name for f in dataclasses.fields(ClipConfig)}
+            if rest not in valid:
+                raise SpecError(
+                    f"{section}.{key}: unknown clip option {rest!r}; valid: "
+                    f"{', '.join(sorted(valid))}"
+                )
+
+
+def run_id(config: dict) -> str:
+    """Stable id: a hash of the canonical config, independent of key and axis order."""
+    payload = {k: v for k, v in config.items() if k not in EXECUTION_KEYS}
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
