@@ -153,6 +153,9 @@ def status_table(path: str | Path) -> pd.DataFrame:
     columns = ["grid", "run_id", "status", *axis_columns, "final_acc", "diverged_step",
                "duration_s", "error"]
     table = runs[[c for c in columns if c in runs]].copy()
+    for column in axis_columns:  # blank where the axis does not apply (e.g. no threshold)
+        applies = runs["axes"].map(lambda axes, c=column: c in axes)
+        table[column] = table[column].astype(object).where(applies, "")
     for column in ("final_acc", "duration_s"):
         if column in table:
             table[column] = pd.to_numeric(table[column]).round(3 if column == "final_acc" else 1)

@@ -263,7 +263,11 @@ def expand(spec: GridSpec) -> list[Run]:
         axes: dict = {}
         for part in combo:
             axes.update(part)
-        axes = applicable_axes(spec, build_config(spec, axes), axes)
+        while True:  # dropping one axis can make another inapplicable
+            kept = applicable_axes(spec, build_config(spec, axes), axes)
+            if kept == axes:
+                break
+            axes = kept
         config = build_config(spec, axes)
         drop_inapplicable_model_keys(config)
         try:
@@ -315,9 +319,8 @@ def drop_inapplicable_model_keys(config: dict) -> None:
 
 def check_keys(spec: GridSpec) -> None:
     """Unknown keys fail before anything runs, naming the key and the valid ones."""
-    from sigprop.train import TrainConfig
-
     from sigprop.models import list_models, model_options
+    from sigprop.train import TrainConfig
 
     top = {f.name for f in dataclasses.fields(TrainConfig)}
     model_keys = {"name"} | {opt for name in list_models() for opt in model_options(name)}

@@ -11,13 +11,15 @@ Layout under the output root (``runs/`` by default)::
 
 Every file is written atomically (temporary file in the same folder, fsync, rename), and the
 status is written last: a run is a result only when its status says completed or diverged.
-A per-run lock file (released by the OS when its process dies) makes sure two runner processes
-never execute the same run at once.
+A per-run lock (an flock on ``.lock``, released by the OS when its process dies, the file never
+removed so no two processes can lock different inodes) makes sure two runner processes never
+execute the same run at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import platform
@@ -30,7 +32,6 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from filelock import FileLock, Timeout
 
 from sigprop.errors import UserError
 
@@ -45,6 +46,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; results are for sharing
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -57,6 +59,12 @@ def atomic_path(path: Path) -> Iterator[Path]:
             os.close(dir_fd)
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -186,17 +194,39 @@ class GridStore:
         write_parquet(run_dir / "blocks.parquet", blocks)
         return self.update_status(run_id, **status_fields)  # last: makes the run a result
 
-    def lock(self, run_id: str) -> FileLock:
-        return FileLock(str(self.run_dir(run_id) / ".lock"), timeout=0)
+    def lock(self, run_id: str) -> RunLock:
+        return RunLock(self.run_dir(run_id) / ".lock")
 
     def is_locked(self, run_id: str) -> bool:
         lock = self.lock(run_id)
-        try:
-            lock.acquire()
-        except Timeout:
+        if not lock.acquire():
             return True
         lock.release()
         return False
+
+
+class RunLock:
+    """Exclusive, non-blocking flock on a file that is never deleted."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd: int | None = None
+
+    def acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
 
 
 # ----------------------------------------------------------------------------- loading

@@ -13,7 +13,6 @@ import traceback
 from typing import Any
 
 import pandas as pd
-from filelock import Timeout
 
 from ablations.store import FINISHED, GridStore, environment
 
@@ -48,9 +47,7 @@ def execute_run(
         torch.set_num_threads(threads)
     store = GridStore(root, grid)
     lock = store.lock(run_id)
-    try:
-        lock.acquire()
-    except Timeout:
+    if not lock.acquire():
         return {"run_id": run_id, "state": "busy"}
     try:
         return _execute_locked(store, run_id, resolve_device(device), events, slot)
@@ -65,7 +62,7 @@ def _execute_locked(store: GridStore, run_id: str, device: str, events: Any, slo
     if status.get("state") in FINISHED:  # finished by another process meanwhile
         return {"run_id": run_id, "state": status["state"], "summary": status.get("summary", {})}
     record = store.config(run_id)
-    started = time.time()
+    started, clock = time.time(), time.monotonic()  # wall clock for stamps, monotonic for spans
     store.update_status(
         run_id, state="running", started_at=started, attempts=status.get("attempts", 0) + 1,
         pid=os.getpid(), device=device, environment=environment(device), error=None,
@@ -93,11 +90,11 @@ def _execute_locked(store: GridStore, run_id: str, device: str, events: Any, slo
         line = (f"{type(err).__name__}: {err}".strip().splitlines() or ["error"])[0]
         store.update_status(
             run_id, state="failed", error=line, traceback=traceback.format_exc(),
-            finished_at=time.time(), duration_s=time.time() - started,
+            finished_at=time.time(), duration_s=time.monotonic() - clock,
         )
         return {"run_id": run_id, "state": "failed", "error": line}
 
-    duration = time.time() - started
+    duration = time.monotonic() - clock
     metrics = step_metrics(result)
     summary = summarize(result, metrics, duration)
     blocks = result.blocks if isinstance(result.blocks, pd.DataFrame) else pd.DataFrame()
@@ -109,13 +106,16 @@ def _execute_locked(store: GridStore, run_id: str, device: str, events: Any, slo
 
 
 def step_metrics(result: Any) -> pd.DataFrame:
-    """Per-step metrics with the evaluation columns joined on the steps that have them."""
+    """Per-step metrics with the evaluation columns on the rows of their steps.
+
+    An evaluation's step counts the steps done before it, so the final one is a row of its own.
+    """
     metrics = result.metrics.copy()
     evals = getattr(result, "evals", None)
     if isinstance(evals, pd.DataFrame) and len(evals):
         keep = [c for c in evals.columns if c == "step" or c not in metrics.columns]
-        metrics = metrics.merge(evals[keep], on="step", how="left")
-    return metrics
+        metrics = metrics.merge(evals[keep], on="step", how="outer").sort_values("step")
+    return metrics.reset_index(drop=True)
 
 
 def summarize(result: Any, metrics: pd.DataFrame, duration: float) -> dict:
@@ -130,7 +130,7 @@ def summarize(result: Any, metrics: pd.DataFrame, duration: float) -> dict:
         "diverged_step": result.diverged_step,
         "max_grad_norm": col_stat("grad_norm", "max"),
         "clip_fraction": col_stat("clip_fraction", "mean"),
-        "steps": int(metrics["step"].max()) + 1 if len(metrics) else 0,
+        "steps": int(result.steps_done),
         "duration_s": duration,
     }
 

@@ -1,0 +1,219 @@
+"""The grid runner end to end on CPU: store layout, resume, kill -9, concurrent runners."""
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ablations.executors import LocalExecutor
+from ablations.runner import run_grid, status_table
+from ablations.spec import expand, load_spec
+from ablations.store import GridStore, atomic_path, load_results
+from run_ablations import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPEC = """
+name = "tiny"
+[base]
+data = "synthetic"
+train_size = 64
+test_size = 32
+steps = {steps}
+batch_size = 16
+eval_every = 4
+checkpoint_every = 1
+probe_every = 2
+seed = 0
+[base.model]
+name = "nf_resnet26"
+stem = "cifar"
+width_mult = 0.125
+depths = [1, 1, 1, 1]
+[base.clip]
+mode = "agc"
+threshold = 0.04
+[grid]
+seed = {seeds}
+"""
+
+
+def write_spec(tmp_path: Path, steps: int = 6, seeds: str = "[0, 1]", extra: str = "") -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(SPEC.format(steps=steps, seeds=seeds) + textwrap.dedent(extra))
+    return path
+
+
+def run_states(grid_dir: Path) -> dict[str, dict]:
+    store = GridStore(grid_dir.parent, grid_dir.name)
+    return {rid: store.status(rid) for rid in store.run_ids()}
+
+
+def metrics_by_run(grid_dir: Path) -> dict[str, pd.DataFrame]:
+    out = {}
+    for run_dir in sorted((grid_dir / "runs").iterdir()):
+        frame = pd.read_parquet(run_dir / "metrics.parquet")
+        out[run_dir.name] = frame.drop(columns=["step_time"])
+    return out
+
+
+def test_grid_stores_runs_in_the_documented_layout(tmp_path):
+    spec = load_spec(write_spec(tmp_path))
+    out = tmp_path / "out"
+    outcome = run_grid(spec, out, LocalExecutor(workers=2, device="cpu"), stream=io.StringIO())
+    assert outcome.counts == {"completed": 2} and outcome.skipped == 0
+    grid_dir = out / "tiny"
+    assert (grid_dir / "spec.toml").is_file()
+    for rid in {r.run_id for r in expand(spec)}:
+        run_dir = grid_dir / "runs" / rid
+        for name in ("config.json", "status.json", "metrics.parquet", "blocks.parquet",
+                     "checkpoint.pt"):
+            assert (run_dir / name).is_file(), name
+        status = json.loads((run_dir / "status.json").read_text())
+        assert status["state"] == "completed" and status["attempts"] == 1
+        assert status["environment"]["torch"] and status["summary"]["steps"] == 6
+    assert not list(grid_dir.rglob("*.tmp"))
+
+    results = load_results(out)
+    assert len(results.runs) == 2 and set(results.runs["status"]) == {"completed"}
+    assert {"model.name", "clip.mode", "seed", "final_acc", "best_acc"} <= set(results.runs)
+    assert len(results.metrics.dropna(subset=["loss"])) == 12
+    final = results.metrics.dropna(subset=["test_acc"]).groupby("run_id")["test_acc"].last()
+    by_run = results.runs.set_index("run_id")["final_acc"]
+    assert final.to_dict() == pytest.approx(by_run.to_dict())
+    assert {"step", "block", "stat", "value"} <= set(results.blocks)
+
+    # a second invocation finds everything stored and runs nothing
+    again = run_grid(spec, out, LocalExecutor(workers=1, device="cpu"), stream=io.StringIO())
+    assert again.skipped == 2 and again.counts == {}
+    assert all(s["attempts"] == 1 for s in run_states(grid_dir).values())
+
+
+def test_diverged_and_failed_runs_are_stored_and_the_grid_completes(tmp_path, capsys):
+    bad_data = tmp_path / "cifar"
+    bad_data.mkdir()
+    (bad_data / "cifar-10-python.tar.gz").write_bytes(b"not the real archive")
+    path = write_spec(tmp_path, seeds="[0]", extra=f"""
+        [data_profiles.cifar10]
+        data_dir = "{bad_data}"
+        train_size = 64
+        [when]
+        lr = {{ data = ["synthetic"] }}
+        """)
+    path.write_text(path.read_text().replace("[grid]\n", '[grid]\n"clip.mode" = ["none"]\n'
+                                             'lr = [0.05, 1e6]\ndata = ["synthetic", "cifar10"]\n'))
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out), "--device", "cpu", "--no-report"]) == 0
+    printed = capsys.readouterr().out
+    assert "failed" in printed and "checksum mismatch" in printed
+    runs = load_results(out).runs
+    states = runs.groupby(["data", "lr"])["status"].first().to_dict()
+    assert states[("synthetic", 0.05)] == "completed"
+    assert states[("synthetic", 1e6)] == "diverged"
+    assert runs[runs.data == "cifar10"]["status"].tolist() == ["failed"]
+    failed = runs[runs.status == "failed"].iloc[0]
+    assert failed["error"].startswith("UserError: cifar10: checksum mismatch")
+    status = GridStore(out, "tiny").status(failed["run_id"])
+    assert "Traceback" in status["traceback"]
+    diverged = runs[runs.status == "diverged"].iloc[0]
+    assert diverged["diverged_step"] is not None
+
+    # failed runs are rerun only when asked
+    assert main(["run", str(path), "--out", str(out), "--device", "cpu"]) == 0
+    assert "0 to run" in capsys.readouterr().out
+    assert main(["run", str(path), "--out", str(out), "--device", "cpu", "--retry-failed"]) == 0
+    assert "1 to run" in capsys.readouterr().out
+    table = status_table(out)
+    assert list(table["status"].value_counts().sort_index().items()) == [
+        ("completed", 1), ("diverged", 1), ("failed", 1)]
+
+
+def start_runner(spec: Path, out: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run_ablations.py"), "run", str(spec), "--out", str(out),
+         "--device", "cpu", "--no-report", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def test_sigkill_mid_grid_then_resume_equals_an_uninterrupted_grid(tmp_path):
+    spec = write_spec(tmp_path, steps=12, seeds="[0, 1, 2]")
+    reference, killed = tmp_path / "reference", tmp_path / "killed"
+    assert start_runner(spec, reference).wait(timeout=300) == 0
+
+    runner = start_runner(spec, killed)
+    grid_dir = killed / "tiny"
+    deadline = time.monotonic() + 240
+    # kill once one run is complete and the next one has checkpointed steps
+    while time.monotonic() < deadline:
+        states = [s.get("state") for s in run_states(grid_dir).values()] if grid_dir.exists() \
+            else []
+        running_with_checkpoint = any(
+            s.get("state") == "running" and (grid_dir / "runs" / rid / "checkpoint.pt").exists()
+            for rid, s in run_states(grid_dir).items()
+        ) if grid_dir.exists() else False
+        if states.count("completed") >= 1 and running_with_checkpoint:
+            break
+        time.sleep(0.05)
+    os.kill(runner.pid, signal.SIGKILL)
+    runner.wait(timeout=30)
+    store = GridStore(killed, "tiny")
+    while any(store.is_locked(rid) for rid in store.run_ids()):  # workers die with the runner
+        assert time.monotonic() < deadline + 30
+        time.sleep(0.05)
+    before = run_states(grid_dir)
+    done_before = {rid: s["finished_at"] for rid, s in before.items() if s["state"] == "completed"}
+    assert 1 <= len(done_before) < 3
+    assert "interrupted" in set(status_table(killed)["status"])
+
+    assert start_runner(spec, killed).wait(timeout=300) == 0
+    after = run_states(grid_dir)
+    assert all(s["state"] == "completed" for s in after.values()) and len(after) == 3
+    for rid, finished in done_before.items():  # never run twice
+        assert after[rid]["finished_at"] == finished and after[rid]["attempts"] == 1
+    resumed = [rid for rid, s in before.items() if s["state"] == "running"]
+    assert resumed and all(after[rid]["attempts"] == 2 for rid in resumed)
+
+    expected, got = metrics_by_run(reference / "tiny"), metrics_by_run(grid_dir)
+    assert expected.keys() == got.keys()
+    for rid in expected:
+        pd.testing.assert_frame_equal(got[rid], expected[rid])
+
+
+def test_two_runners_share_one_store_without_duplicates(tmp_path):
+    spec = write_spec(tmp_path, steps=4, seeds="[0, 1, 2, 3]")
+    out = tmp_path / "out"
+    runners = [start_runner(spec, out) for _ in range(2)]
+    for runner in runners:
+        assert runner.wait(timeout=300) == 0, runner.stderr.read()
+    states = run_states(out / "tiny")
+    assert len(states) == 4
+    assert all(s["state"] == "completed" and s["attempts"] == 1 for s in states.values())
+    assert len(load_results(out).metrics.dropna(subset=["loss"])) == 16
+
+
+def test_atomic_write_leaves_the_old_file_on_failure(tmp_path):
+    target = tmp_path / "status.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half-writ")
+        raise RuntimeError("killed mid-write")
+    assert target.read_text() == "old" and list(tmp_path.iterdir()) == [target]
+
+
+def test_unwritable_output_is_one_line_exit_2(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    spec = write_spec(tmp_path)
+    assert main(["run", str(spec), "--out", str(blocker / "sub"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "cannot write results" in err
+    assert blocker.read_text() == ""

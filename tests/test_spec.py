@@ -1,0 +1,178 @@
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from ablations.cli import GRIDS_DIR, shipped_grids
+from ablations.spec import SpecError, apply_overrides, expand, load_spec, run_id, spec_from_dict
+from run_ablations import main
+
+BASE = {
+    "data": "synthetic",
+    "train_size": 256,
+    "test_size": 64,
+    "steps": 4,
+    "model": {"name": "nf_resnet26", "stem": "cifar", "width_mult": 0.125, "num_classes": 10},
+    "clip": {"mode": "none", "threshold": 0.04},
+}
+
+
+def spec(grid, **sections):
+    return spec_from_dict({"name": "t", "base": BASE, "grid": grid, **sections})
+
+
+def axes_of(runs):
+    return [r.axes for r in runs]
+
+
+def test_axes_combine_as_a_product():
+    runs = expand(spec({"batch_size": [8, 16, 32], "seed": [0, 1]}))
+    assert len(runs) == 6
+    assert {(a["batch_size"], a["seed"]) for a in axes_of(runs)} == {
+        (b, s) for b in (8, 16, 32) for s in (0, 1)
+    }
+    assert all(r.config["batch_size"] == r.axes["batch_size"] for r in runs)
+
+
+def test_tied_axes_move_together():
+    runs = expand(spec({"batch_size": [8, 64], "lr": [0.01, 0.08], "seed": [0, 1]},
+                       tie={"scale": ["batch_size", "lr"]}))
+    assert len(runs) == 4
+    assert {(r.config["batch_size"], r.config["lr"]) for r in runs} == {(8, 0.01), (64, 0.08)}
+
+
+def test_threshold_axis_does_not_duplicate_unclipped_runs():
+    runs = expand(spec({"clip.mode": ["none", "norm", "agc"], "clip.threshold": [0.01, 0.1]}))
+    modes = [r.config["clip"]["mode"] for r in runs]
+    assert sorted(modes) == ["agc", "agc", "none", "norm", "norm"]
+    none_run = next(r for r in runs if r.config["clip"]["mode"] == "none")
+    assert "clip.threshold" not in none_run.axes
+
+
+def test_when_condition_and_model_options_apply_per_model():
+    runs = expand(spec(
+        {"model.name": ["nf_resnet26", "bn_resnet26_v2"], "model.alpha": [0.1, 0.4],
+         "clip.mode": ["none", "agc"]},
+        when={"clip.mode": {"model.name": ["nf_resnet26"]}},
+    ))
+    bn = [r for r in runs if r.config["model"]["name"] == "bn_resnet26_v2"]
+    nf = [r for r in runs if r.config["model"]["name"] == "nf_resnet26"]
+    assert len(nf) == 4 and len(bn) == 1  # BN has no alpha and is only the unclipped line
+    assert "alpha" not in bn[0].config["model"] and bn[0].config["clip"]["mode"] == "none"
+
+
+def test_dotted_when_keys_are_read_like_quoted_ones():
+    quoted = spec({"clip.mode": ["none", "agc"], "seed": [0, 1]},
+                  when={"clip.mode": {"seed": [0]}})
+    dotted = spec({"clip.mode": ["none", "agc"], "seed": [0, 1]},
+                  when={"clip": {"mode": {"seed": [0]}}})
+    assert quoted.when == dotted.when == {"clip.mode": {"seed": [0]}}
+    assert len(expand(quoted)) == 3
+
+
+def test_run_ids_are_stable_and_independent_of_axis_order():
+    a = expand(spec({"batch_size": [8, 16], "seed": [0, 1]}))
+    b = expand(spec({"seed": [1, 0], "batch_size": [16, 8]}))
+    assert {r.run_id for r in a} == {r.run_id for r in b}
+    assert len({r.run_id for r in a}) == 4
+    config = a[0].config
+    shuffled = dict(reversed(list(config.items())))
+    assert run_id(shuffled) == run_id(config) == a[0].run_id
+    assert run_id({**config, "device": "cuda"}) == a[0].run_id  # execution choice, not identity
+    assert run_id({**config, "seed": 99}) != a[0].run_id
+
+
+def test_set_overrides_replace_and_add_axes():
+    s = spec({"batch_size": [8, 16]})
+    s = apply_overrides(s, ["batch_size=32,64,128", "seed=0,1", "steps=2", "model.alpha=0.3"])
+    assert s.grid["batch_size"] == [32, 64, 128] and s.grid["seed"] == [0, 1]
+    assert s.base["steps"] == 2 and s.base["model"]["alpha"] == 0.3
+    s = apply_overrides(s, ["batch_size=16", "model.depths=[1,1,1,1]", "data=synthetic"])
+    assert s.grid["batch_size"] == [16]
+    assert s.base["model"]["depths"] == [1, 1, 1, 1] and s.base["data"] == "synthetic"
+    runs = expand(s)
+    assert len(runs) == 2 and runs[0].config["model"]["depths"] in ([1, 1, 1, 1], (1, 1, 1, 1))
+
+
+def test_data_profile_applies_for_its_data_set():
+    s = spec({"seed": [0]}, data_profiles={"synthetic": {"train_size": 128,
+                                                        "model": {"width_mult": 0.25}}})
+    run = expand(s)[0]
+    assert run.config["train_size"] == 128 and run.config["model"]["width_mult"] == 0.25
+
+
+@pytest.mark.parametrize(
+    "grid, extra, message",
+    [
+        ({"lrr": [0.1]}, {}, r"grid\.lrr: unknown key 'lrr'; valid keys: .*batch_size"),
+        ({"model.alpah": [0.1]}, {}, r"no model has the option 'alpah'"),
+        ({"clip.treshold": [0.1]}, {}, r"unknown clip option 'treshold'"),
+        ({"batch_size": []}, {}, r"grid\.batch_size is an empty axis"),
+        ({"batch_size": 8}, {}, r"grid\.batch_size must be a list"),
+        ({"batch_size": [0]}, {}, r"batch_size"),
+        ({"batch_size": ["big"]}, {}, r"batch_size"),
+        ({"clip.mode": ["agc"], "clip.threshold": [-0.1]}, {}, r"threshold"),
+        ({"clip.mode": ["clamp"]}, {}, r"mode"),
+        ({"model.name": ["resnet9"]}, {}, r"unknown model 'resnet9'"),
+        ({"seed": [0]}, {"tie": {"g": ["seed", "lr"]}}, r"tie\.g names lr"),
+        ({"seed": [0]}, {"grdi": {}}, r"unknown spec section\(s\) grdi"),
+    ],
+)
+def test_validation_errors_name_the_field(grid, extra, message):
+    with pytest.raises(SpecError, match=message):
+        expand(spec_from_dict({"name": "t", "base": BASE, "grid": grid, **extra}))
+
+
+def write_spec(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "grid.toml"
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def test_cli_bad_spec_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys):
+    path = write_spec(tmp_path, """
+        name = "bad"
+        [base]
+        batch_size = 0
+        [grid]
+        seed = [0, 1]
+    """)
+    out = tmp_path / "out"
+    assert main(["run", str(path), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "batch_size" in err
+    assert not out.exists()
+
+
+def test_cli_bad_set_and_bad_toml(tmp_path, capsys):
+    path = write_spec(tmp_path, 'name = "x"\n[grid]\nseed = [0]\n')
+    assert main(["run", str(path), "--set", "nonsense", "--dry-run"]) == 2
+    assert "--set expects key=value" in capsys.readouterr().err
+    broken = write_spec(tmp_path, "name = \n")
+    assert main(["run", str(broken), "--dry-run"]) == 2
+    assert "invalid TOML" in capsys.readouterr().err
+
+
+def test_dry_run_lists_runs(tmp_path, capsys):
+    assert main(["run", "quickstart", "--dry-run", "--set", "seed=0,1"]) == 0
+    out = capsys.readouterr().out
+    assert "24 runs in grid quickstart" in out
+
+
+@pytest.mark.parametrize("name", ["quickstart", "agc_batch", "lambda_batch", "alpha_sweep",
+                                  "small_batch", "classifier_clip"])
+def test_shipped_grids_expand_at_both_scales(name):
+    assert name in shipped_grids()
+    runs = expand(load_spec(GRIDS_DIR / f"{name}.toml", ["data=synthetic"]))
+    assert runs and all(r.config["data"] == "synthetic" for r in runs)
+    if name != "quickstart":
+        assert expand(load_spec(GRIDS_DIR / f"{name}.toml"))[0].config["data"] == "cifar10"
+
+
+def test_agc_batch_grid_shape():
+    runs = expand(load_spec(GRIDS_DIR / "agc_batch.toml"))
+    nf = [r for r in runs if r.config["model"]["name"] == "nf_resnet26"]
+    bn = [r for r in runs if r.config["model"]["name"] != "nf_resnet26"]
+    assert len(nf) == 3 * 4 * 3 and len(bn) == 4 * 3  # BN: unclipped reference only
+    agc = {r.config["clip"]["threshold"] for r in nf if r.config["clip"]["mode"] == "agc"}
+    assert agc == {0.01}
