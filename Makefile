@@ -11,7 +11,7 @@ $(PY):
 # torch==2.13.0 is the CPU wheel available offline here; plain `torch` would pull CUDA packages.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q -e ".[dev,ray]"
 	touch $(STAMP)
 
 demo: $(STAMP)

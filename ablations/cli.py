@@ -44,9 +44,17 @@ def add_grid_commands(sub: argparse._SubParsersAction) -> None:
 def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
                    help="override a key or make it an axis (repeatable)")
-    p.add_argument("--workers", type=int, default=1, help="worker processes (CPU)")
-    p.add_argument("--runs-per-gpu", type=int, default=1, help="runs sharing each GPU")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local worker processes (default) or Ray tasks")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes (CPU)")
+    p.add_argument("--runs-per-gpu", type=int, default=1, help="local: runs sharing each GPU")
     p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--address", default=None,
+                   help="ray: cluster address (auto or HOST:PORT; default $RAY_ADDRESS or a "
+                        "local instance)")
+    p.add_argument("--cpus-per-run", type=float, default=1, help="ray: CPUs per run")
+    p.add_argument("--gpus-per-run", type=float, default=0, help="ray: GPUs per run (0.25...)")
+    p.add_argument("--max-retries", type=int, default=3, help="ray: retries of crashed workers")
     p.add_argument("--out", default="runs", help="results root (default: runs/)")
     p.add_argument("--retry-failed", action="store_true", help="rerun failed runs")
     p.add_argument("--no-report", action="store_true", help="do not write the report")
@@ -66,11 +74,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 130 if outcome.interrupted else 0
 
 
+def make_executor(args: argparse.Namespace):
+    from ablations.executors import LocalExecutor, RayExecutor
+
+    if args.executor == "ray":
+        return RayExecutor(args.address, args.cpus_per_run, args.gpus_per_run, args.max_retries)
+    return LocalExecutor(args.workers, args.device, args.runs_per_gpu)
+
+
 def execute(spec, args: argparse.Namespace):
-    from ablations.executors import LocalExecutor
     from ablations.runner import run_grid
 
-    executor = LocalExecutor(args.workers, args.device, args.runs_per_gpu)
+    executor = make_executor(args)
     outcome = run_grid(spec, args.out, executor, retry_failed=args.retry_failed)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
     if outcome.interrupted:

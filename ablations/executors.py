@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+from typing import Any
 
 from ablations.worker import execute_run, resolve_device
 from sigprop.errors import UserError
@@ -164,3 +166,160 @@ class LocalExecutor:
                 os.kill(process.pid, signal.SIGINT)
             except (ProcessLookupError, OSError):
                 pass
+
+
+def store_check_task(root: str) -> tuple[str, str | None]:
+    """On one node: (hostname, None) if ``root`` is writable there, else (hostname, reason)."""
+    import socket
+    import uuid
+
+    path = Path(root) / f".ray-write-test-{uuid.uuid4().hex}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text("ok")
+        path.unlink()
+    except OSError as err:
+        return socket.gethostname(), err.strerror or str(err)
+    return socket.gethostname(), None
+
+
+def ray_run_task(root: str, grid: str, run_id: str, gpus: float, threads: int,
+                 events: Any) -> dict:
+    # Ray sets CUDA_VISIBLE_DEVICES for tasks that asked for GPUs, so "cuda" is the right one.
+    return execute_run(root, grid, run_id, "cuda" if gpus > 0 else "cpu", threads, events, 0)
+
+
+class RayExecutor:
+    """Each run is a Ray task (``ray.remote`` with ``num_cpus`` / ``num_gpus``).
+
+    Without an address a local Ray instance is started; ``RAY_ADDRESS`` is honoured. Worker
+    crashes are retried ``max_retries`` times; exceptions inside a run are stored as a failed
+    run by ``execute_run`` and never retried. The store must be on a filesystem every node
+    can write (checked before anything runs).
+    """
+
+    def __init__(self, address: str | None = None, cpus_per_run: float = 1,
+                 gpus_per_run: float = 0, max_retries: int = 3, num_cpus: int | None = None):
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise UserError(
+                "--executor ray needs Ray: pip install -e \".[ray]\" (or pip install ray)"
+            ) from None
+        if cpus_per_run <= 0 or gpus_per_run < 0:
+            raise UserError(f"--cpus-per-run must be > 0 and --gpus-per-run >= 0, got "
+                            f"{cpus_per_run} and {gpus_per_run}")
+        self.address = address or os.environ.get("RAY_ADDRESS")
+        self.cpus_per_run, self.gpus_per_run = cpus_per_run, gpus_per_run
+        self.max_retries = max_retries
+        self.num_cpus = num_cpus  # only for a local instance started here
+
+    def connect(self) -> None:
+        import ray
+
+        if ray.is_initialized():
+            return
+        kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                  "configure_logging": False}
+        if self.address:
+            kwargs["address"] = self.address
+        elif self.num_cpus:
+            kwargs["num_cpus"] = self.num_cpus
+        try:
+            ray.init(**kwargs)
+        except (ConnectionError, RuntimeError, ValueError) as err:
+            where = self.address or "a local instance"
+            raise UserError(f"cannot connect to Ray at {where}: {err}".splitlines()[0]) from None
+
+    def slots(self) -> list[str]:
+        import ray
+
+        self.connect()
+        cpus = ray.cluster_resources().get("CPU", 1)
+        return ["ray"] * max(1, int(cpus // self.cpus_per_run))
+
+    def describe(self) -> str:
+        import ray
+
+        self.connect()
+        res = ray.cluster_resources()
+        return (f"Ray ({len(ray.nodes())} node(s), {res.get('CPU', 0):g} CPUs, "
+                f"{res.get('GPU', 0):g} GPUs; {self.cpus_per_run:g} CPU / "
+                f"{self.gpus_per_run:g} GPU per run)")
+
+    def check_store(self, root: str) -> None:
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.connect()
+        check = ray.remote(store_check_task)
+        refs = [
+            check.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+                node["NodeID"], soft=False)).remote(root)
+            for node in ray.nodes() if node.get("Alive")
+        ]
+        problems = [(host, why) for host, why in ray.get(refs) if why]
+        if problems:
+            host, why = problems[0]
+            raise UserError(
+                f"results folder {root} is not writable from Ray node {host} ({why}); put it "
+                f"on a filesystem shared by every node"
+            )
+
+    def run(
+        self, root: str, grid: str, run_ids: list[str], on_result: ResultCallback,
+        on_step: StepCallback | None = None,
+    ) -> None:
+        import ray
+        from ray.exceptions import RayError, TaskCancelledError
+        from ray.util.queue import Empty, Queue
+
+        self.check_store(root)
+        task = ray.remote(ray_run_task).options(
+            num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
+            max_retries=self.max_retries, retry_exceptions=False,
+        )
+        events = Queue(actor_options={"num_cpus": 0})
+        threads = max(1, int(self.cpus_per_run))
+        submit = lambda rid: task.remote(root, grid, rid, self.gpus_per_run, threads, events)  # noqa: E731
+        refs = {submit(rid): rid for rid in run_ids}
+        retry_at: dict[str, float] = {}
+        try:
+            while refs or retry_at:
+                for rid, when in list(retry_at.items()):
+                    if when <= time.monotonic():
+                        retry_at.pop(rid)
+                        refs[submit(rid)] = rid
+                ready, _ = ray.wait(list(refs), num_returns=1, timeout=0.2) if refs else ([], [])
+                if not refs:
+                    time.sleep(0.2)
+                while on_step is not None:
+                    try:
+                        _, _, step_rid, step, total = events.get_nowait()
+                    except Empty:
+                        break
+                    on_step(0, step_rid, step, total)
+                for ref in ready:
+                    rid = refs.pop(ref)
+                    try:
+                        result = ray.get(ref)
+                    except TaskCancelledError:
+                        continue
+                    except RayError as err:  # the worker died more than max_retries times
+                        line = f"{type(err).__name__}: {err}".splitlines()[0]
+                        result = {"run_id": rid, "state": "failed", "error": line}
+                    if result["state"] == "busy":
+                        retry_at[rid] = time.monotonic() + BUSY_RETRY_S
+                        continue
+                    on_result(result)
+        except KeyboardInterrupt:
+            for ref in refs:  # a run receives KeyboardInterrupt and stores itself as queued
+                ray.cancel(ref)
+            for ref, rid in refs.items():
+                try:
+                    on_result(ray.get(ref, timeout=30))
+                except (RayError, TimeoutError):
+                    on_result({"run_id": rid, "state": "interrupted"})
+            raise
+        finally:
+            ray.kill(events.actor)
