@@ -42,9 +42,15 @@ def parse_overrides(pairs: list[str] | None) -> dict:
         key, sep, text = pair.partition("=")
         key = key.strip()
         if not sep or not key:
-            raise UserError(f"--set wants key=value, got {pair!r}")
+            raise UserError(f"an override is key=value, got {pair!r}")
         overrides[key] = parse_value(text.strip())
     return overrides
+
+
+def parse_model_arg(text: str) -> str | tuple[str, dict]:
+    """``NAME`` or ``NAME:key=value[:key=value...]`` (overrides for that model only)."""
+    name, *pairs = text.split(":")
+    return (name, parse_overrides(pairs)) if pairs else name
 
 
 def parse_shape(text: str) -> tuple[int, ...]:
@@ -62,7 +68,7 @@ def cmd_spp(args: argparse.Namespace) -> int:
 
     shape = DEFAULT_INPUT_SHAPE if args.input_shape is None else parse_shape(args.input_shape)
     paths = write_spp(
-        models=args.model,
+        models=[parse_model_arg(text) for text in args.model],
         overrides=parse_overrides(args.set),
         input_shape=shape,
         seeds=args.seeds,
@@ -87,10 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Measure the average channel squared mean, variance and residual variance "
         "at the stem and every block at initialization (N(0,1) inputs, batch-norm statistics "
         "of the batch, nothing dropped). NF models get skipinit_gain=1.0 unless --set says "
-        "otherwise. Each --set applies to the models that have that option.",
+        "otherwise. Each --set applies to the models that have that option; options after "
+        "a model name apply to that model only, e.g. --model nf_resnet50 "
+        "--model nf_resnet50:ws=False.",
     )
-    p.add_argument("--model", action="append", required=True, metavar="NAME",
-                   help="registered model name (repeat for several lines in the plot)")
+    p.add_argument("--model", action="append", required=True, metavar="NAME[:KEY=VALUE...]",
+                   help="registered model name, optionally with its own overrides (repeat "
+                   "for several lines in the plot)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="model option override, e.g. width_mult=0.25 or depths=[8,8,8,8]")
     p.add_argument("--input-shape", default=None, metavar="N,C,H,W",
@@ -110,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command is None:
-        args = build_parser().parse_args(["models"])
+        args = build_parser().parse_args(["quickstart"])
     try:
         return args.func(args)
     except UserError as err:

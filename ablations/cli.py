@@ -40,6 +40,16 @@ def add_grid_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("dir", help="a grid folder, or an output root holding grids")
     p.set_defaults(func=cmd_status)
 
+    p = sub.add_parser("report", help="write report.html and report.md for a grid")
+    p.add_argument("dir", help="a grid folder (<out>/<grid>)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="report.html path (report.md goes beside it); default: in the grid")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("quickstart", help="the built-in demo (also: no arguments)")
+    add_run_options(p)
+    p.set_defaults(func=cmd_quickstart, workers=2)
+
 
 def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
@@ -71,7 +81,40 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"{len(runs)} runs in grid {spec.name}")
         return 0
     outcome = execute(spec, args)
+    if not args.no_report and not outcome.interrupted:
+        write_report(outcome.grid_dir)
     return 130 if outcome.interrupted else 0
+
+
+QUICKSTART_SPP_MODELS = ["nf_resnet50", "bn_resnet50_v2"]
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """The quickstart grid on synthetic data, the SPPs of the models at init, the report."""
+    from ablations.spec import load_spec
+    from sigprop.spp import write_spp
+
+    spec = load_spec(GRIDS_DIR / "quickstart.toml", args.set)
+    outcome = execute(spec, args)
+    if outcome.interrupted:
+        return 130
+    spp = write_spp(QUICKSTART_SPP_MODELS, out_dir=outcome.grid_dir / "spp")
+    print(f"signal propagation at init: {spp['png']}")
+    if not args.no_report:
+        write_report(outcome.grid_dir)
+    return 0
+
+
+def write_report(grid_dir: Path, out: str | None = None) -> None:
+    from reports.build import build_report
+
+    paths = build_report(grid_dir, out)
+    print(f"report: {paths['html']} (markdown: {paths['md']})")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    write_report(Path(args.dir), args.out)
+    return 0
 
 
 def make_executor(args: argparse.Namespace):

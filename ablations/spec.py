@@ -44,7 +44,9 @@ import tomllib
 
 from sigprop.errors import UserError
 
-SPEC_KEYS = {"name", "description", "intended_for", "base", "grid", "tie", "when", "data_profiles"}
+SPEC_KEYS = {
+    "name", "description", "intended_for", "base", "fixed", "grid", "tie", "when", "data_profiles",
+}
 # Execution choices that do not change what a run computes, so not part of its id.
 EXECUTION_KEYS = ("device",)
 THRESHOLD_MODES = ("norm", "agc")
@@ -66,6 +68,7 @@ class GridSpec:
     name: str
     base: dict
     grid: dict[str, list]
+    fixed: dict[str, Any] = field(default_factory=dict)  # --set key=value, over every profile
     tie: dict[str, list[str]] = field(default_factory=dict)
     when: dict[str, dict[str, list]] = field(default_factory=dict)
     data_profiles: dict[str, dict] = field(default_factory=dict)
@@ -99,7 +102,7 @@ def spec_from_dict(raw: dict, default_name: str = "grid") -> GridSpec:
         raise SpecError(
             f"unknown spec section(s) {', '.join(unknown)}; allowed: {', '.join(sorted(SPEC_KEYS))}"
         )
-    for section in ("base", "grid", "tie", "when", "data_profiles"):
+    for section in ("base", "fixed", "grid", "tie", "when", "data_profiles"):
         if not isinstance(raw.get(section, {}), dict):
             raise SpecError(f"[{section}] must be a table")
     name = raw.get("name", default_name)
@@ -116,6 +119,7 @@ def spec_from_dict(raw: dict, default_name: str = "grid") -> GridSpec:
         name=name,
         base=raw.get("base", {}),
         grid=grid,
+        fixed=flatten(raw.get("fixed", {})),
         tie={k: list(v) for k, v in raw.get("tie", {}).items()},
         when=parse_when(raw.get("when", {}), grid),
         data_profiles=raw.get("data_profiles", {}),
@@ -221,7 +225,7 @@ def apply_overrides(spec: GridSpec, overrides: list[str]) -> GridSpec:
                     spec.tie.pop(group)
             spec.grid[key] = values
         else:
-            set_dotted(spec.base, key, values[0])
+            spec.fixed[key] = values[0]
     check_structure(spec)
     return spec
 
@@ -281,12 +285,12 @@ def expand(spec: GridSpec) -> list[Run]:
 
 
 def build_config(spec: GridSpec, axes: dict) -> dict:
-    """base, then the data set's profile, then the axis values."""
+    """base, then the data set's profile, then ``--set`` values, then the axis values."""
     config = copy.deepcopy(spec.base)
-    data = axes.get("data", get_dotted(spec.base, "data"))
+    data = axes.get("data", spec.fixed.get("data", get_dotted(spec.base, "data")))
     for key, value in flatten(spec.data_profiles.get(data or "", {})).items():
         set_dotted(config, key, value)
-    for key, value in axes.items():
+    for key, value in [*spec.fixed.items(), *axes.items()]:
         set_dotted(config, key, value)
     return config
 
@@ -324,7 +328,7 @@ def check_keys(spec: GridSpec) -> None:
 
     top = {f.name for f in dataclasses.fields(TrainConfig)}
     model_keys = {"name"} | {opt for name in list_models() for opt in model_options(name)}
-    keys = [("base", k) for k in flatten(spec.base)]
+    keys = [("base", k) for k in flatten(spec.base)] + [("--set", k) for k in spec.fixed]
     keys += [(f"data_profiles.{d}", k) for d, p in spec.data_profiles.items() for k in flatten(p)]
     keys += [("grid", k) for k in spec.grid]
     for section, key in keys:

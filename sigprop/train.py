@@ -461,7 +461,9 @@ class _Run:
         elif config.probe_every > 0:
             from sigprop.probes import Probe
 
-            self.probe = Probe(model, every=config.probe_every)
+            # the fraction of units above lambda is the one this run's AGC acts on
+            lam = config.clip.threshold if config.clip.mode == "agc" else 0.01
+            self.probe = Probe(model, every=config.probe_every, agc_lambda=lam)
             self.owns_probe = True
         self.forward = model
         if config.compile:
@@ -652,7 +654,8 @@ def train(
     Args:
         probe: a ``sigprop.probes.Probe`` already attached to nothing yet, or a factory
             ``probe(model) -> Probe``; without one, ``config.probe_every > 0`` attaches
-            ``Probe(model, every=probe_every)``. Probes built here are removed at the end.
+            ``Probe(model, every=probe_every, agc_lambda=<the run's AGC threshold, else 0.01>)``.
+            Probes built here are removed at the end.
         progress: ``progress(steps_done, total_steps, loss)`` called after every step (loss is
             None on steps whose loss has not reached the host yet), or a tqdm-like object
             (``update(1)`` and ``set_postfix``).

@@ -86,19 +86,22 @@ def test_set_overrides_replace_and_add_axes():
     s = spec({"batch_size": [8, 16]})
     s = apply_overrides(s, ["batch_size=32,64,128", "seed=0,1", "steps=2", "model.alpha=0.3"])
     assert s.grid["batch_size"] == [32, 64, 128] and s.grid["seed"] == [0, 1]
-    assert s.base["steps"] == 2 and s.base["model"]["alpha"] == 0.3
+    assert s.fixed["steps"] == 2 and s.fixed["model.alpha"] == 0.3
     s = apply_overrides(s, ["batch_size=16", "model.depths=[1,1,1,1]", "data=synthetic"])
     assert s.grid["batch_size"] == [16]
-    assert s.base["model"]["depths"] == [1, 1, 1, 1] and s.base["data"] == "synthetic"
+    assert s.fixed["model.depths"] == [1, 1, 1, 1] and s.fixed["data"] == "synthetic"
     runs = expand(s)
     assert len(runs) == 2 and runs[0].config["model"]["depths"] in ([1, 1, 1, 1], (1, 1, 1, 1))
 
 
-def test_data_profile_applies_for_its_data_set():
+def test_data_profile_applies_for_its_data_set_and_set_wins_over_it():
     s = spec({"seed": [0]}, data_profiles={"synthetic": {"train_size": 128,
                                                         "model": {"width_mult": 0.25}}})
     run = expand(s)[0]
     assert run.config["train_size"] == 128 and run.config["model"]["width_mult"] == 0.25
+    run = expand(apply_overrides(s, ["train_size=96"]))[0]
+    assert run.config["train_size"] == 96 and run.config["model"]["width_mult"] == 0.25
+    assert expand(apply_overrides(s, ["data=digits"]))[0].config["train_size"] == 256
 
 
 @pytest.mark.parametrize(
