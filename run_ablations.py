@@ -6,9 +6,9 @@ Bad input ends in one line on stderr and exit code 2; nothing already stored is 
 from __future__ import annotations
 
 import argparse
-import ast
 import sys
 
+from ablations.spec import parse_value
 from sigprop.errors import UserError
 
 
@@ -23,17 +23,6 @@ def cmd_models(args: argparse.Namespace) -> int:
     table = model_table(family=args.family)
     print(table.to_string(index=False))
     return 0
-
-
-def parse_value(text: str):
-    """A ``--set`` value: a Python literal (int, float, bool, None, tuple, list) or else the
-    string itself, so ``stem=cifar`` and ``depths=[8,8,8,8]`` both work."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        if text in ("true", "false"):
-            return text == "true"
-        return text
 
 
 def parse_overrides(pairs: list[str] | None) -> dict:

@@ -86,7 +86,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 130 if outcome.interrupted else 0
 
 
-QUICKSTART_SPP_MODELS = ["nf_resnet50", "bn_resnet50_v2"]
+# paper A's Figure 1 trio: NF-ResNet, the same without scaled WS (mean shift), BN-ResNet v2
+QUICKSTART_SPP_MODELS = [
+    "nf_resnet50", ("nf_resnet50", {"ws": False}), "bn_resnet50_v2",
+]
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:

@@ -31,6 +31,7 @@ neither produces duplicate runs. A run's id is a hash of its canonical resolved 
 
 from __future__ import annotations
 
+import ast
 import copy
 import dataclasses
 import hashlib
@@ -178,11 +179,18 @@ def check_structure(spec: GridSpec) -> None:
 # ----------------------------------------------------------------------------- overrides
 
 def parse_value(text: str) -> Any:
-    """A TOML literal (1, 0.5, true, [1, 2], "x"), else the bare string."""
+    """A TOML literal (1, 0.5, true, [1, 2], "x"), a Python one (False, (1, 2)), else the
+    bare string, so ``stem=cifar``, ``ws=false`` and ``ws=False`` all work."""
+    text = text.strip()
     try:
         return tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
-        return text.strip()
+        pass
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+    return list(value) if isinstance(value, tuple) else value
 
 
 def split_top_level(text: str) -> list[str]:

@@ -1,0 +1,605 @@
+"""The report of one ablation grid: a self-contained HTML page and a Markdown twin.
+
+``build_report(grid_dir)`` reads the grid with ``ablations.store.load_results`` (plus the
+environment and tracebacks the run statuses record) and writes
+
+    <grid_dir>/report.html          figures embedded as base64 PNG: opens offline, one file
+    <grid_dir>/report.md            the same content, figures as files beside it
+    <grid_dir>/report_files/*.png
+
+Only the figures whose data exist are drawn; everything missing (runs not finished, figures
+that do not apply to this grid) is said in the summary, so a partial grid gives a partial but
+honest report.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import re
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tomllib
+from matplotlib.figure import Figure
+
+from ablations.store import GridStore, load_results, write_bytes
+from reports import plots as gp
+from sigprop.errors import UserError
+
+SUMMARY_METRICS = ["final_acc", "best_acc", "diverged_step", "max_grad_norm", "clip_fraction",
+                   "steps", "duration_s"]
+RUN_HEADERS = {"final_acc": "final acc", "best_acc": "best acc", "diverged_step": "diverged at",
+               "max_grad_norm": "max grad norm", "clip_fraction": "clipped", "steps": "steps",
+               "duration_s": "time (s)"}
+ENVIRONMENT_KEYS = ["python", "torch", "numpy", "pandas", "sigprop", "device", "device_name",
+                    "platform", "host", "git_commit"]
+STATE_ORDER = ["completed", "diverged", "failed", "running", "interrupted", "queued"]
+TRACEBACK_LINES = 25
+
+
+# ----------------------------------------------------------------------------- document
+
+
+@dataclass
+class Table:
+    frame: pd.DataFrame
+
+
+@dataclass
+class Bullets:
+    items: list[str]
+
+
+@dataclass
+class Plot:
+    name: str  # file stem, e.g. "stability-heatmap"
+    caption: str
+    png: bytes
+
+
+@dataclass
+class Details:
+    summary: str
+    text: str
+
+
+@dataclass
+class Section:
+    title: str
+    parts: list = field(default_factory=list)
+
+
+# Inline `code` in paragraphs and bullets is the only markup; everything else is escaped.
+CODE = re.compile(r"`([^`]+)`")
+
+
+def inline_html(text: str) -> str:
+    return CODE.sub(lambda m: f"<code>{m.group(1)}</code>", html.escape(text))
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def build_report(grid_dir: str | Path, out: str | Path | None = None) -> dict[str, Path]:
+    """Write the HTML and Markdown reports of the grid in ``grid_dir``.
+
+    ``out``: the HTML file (``.md`` names the Markdown file instead; a folder, or a path
+    without a suffix, gets ``report.html`` inside); the other file and the ``<stem>_files/``
+    figure folder go beside it. Default: ``<grid_dir>/report.html``.
+    Returns ``{"html": Path, "md": Path}``.
+    Raises :class:`UserError` (one line) for a missing folder, a folder without runs, a folder
+    holding several grids, or an output location that cannot be written.
+    """
+    grid_dir = Path(grid_dir)
+    if not grid_dir.exists():
+        raise UserError(f"no such grid folder: {grid_dir}")
+    if not grid_dir.is_dir():
+        raise UserError(f"not a folder: {grid_dir} (expected a grid folder holding runs/)")
+    results = load_results(grid_dir)
+    runs = results.runs
+    if runs.empty:
+        raise UserError(f"no runs in {grid_dir}: run the grid first (run_ablations.py run SPEC)")
+    grids = sorted(runs["grid"].unique())
+    if len(grids) > 1:
+        raise UserError(f"{grid_dir} holds {len(grids)} grids ({', '.join(grids)}); "
+                        f"give one grid folder, e.g. {grid_dir / grids[0]}")
+    if not (grid_dir / "runs").is_dir():
+        grid_dir = grid_dir / grids[0]
+    html_path, md_path = output_paths(grid_dir, out)
+    files_dir = html_path.parent / f"{html_path.stem}_files"
+    try:
+        files_dir.mkdir(parents=True, exist_ok=True)
+        probe = files_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write the report to {html_path.parent}: "
+                        f"{err.strerror or err}") from None
+
+    store = GridStore(grid_dir.parent, grid_dir.name)
+    statuses = {rid: store.status(rid) for rid in runs["run_id"]}
+    spec = parse_spec(results.specs.get(grid_dir.name, ""))
+    sections = assemble(grid_dir, runs, results.metrics, results.blocks, statuses, spec)
+    title = f"Ablation report: {grid_dir.name}"
+
+    plots = [part for section in sections for part in section.parts if isinstance(part, Plot)]
+    try:
+        write_files(html_path, md_path, files_dir, title, sections, plots)
+    except OSError as err:
+        raise UserError(f"cannot write the report to {html_path.parent}: "
+                        f"{err.strerror or err}") from None
+    return {"html": html_path, "md": md_path}
+
+
+def write_files(html_path: Path, md_path: Path, files_dir: Path, title: str,
+                sections: list[Section], plots: list[Plot]) -> None:
+    written = set()
+    for plot in plots:
+        write_bytes(files_dir / f"{plot.name}.png", plot.png)
+        written.add(f"{plot.name}.png")
+    for stale in files_dir.glob("*.png"):  # figures of an earlier report that no longer apply
+        if stale.name not in written:
+            stale.unlink()
+    write_bytes(html_path, render_html(title, sections).encode())
+    write_bytes(md_path, render_markdown(title, sections, files_dir.name).encode())
+    for path in (html_path, md_path, *(files_dir / name for name in written)):
+        path.chmod(0o644)  # the atomic writer's temporary files are private; a report is not
+
+
+def output_paths(grid_dir: Path, out: str | Path | None) -> tuple[Path, Path]:
+    if out is None:
+        return grid_dir / "report.html", grid_dir / "report.md"
+    out = Path(out)
+    if out.is_dir() or not out.suffix:  # a folder, existing or to be made
+        return out / "report.html", out / "report.md"
+    if out.suffix == ".md":
+        return out.with_suffix(".html"), out
+    return out, out.with_suffix(".md")
+
+
+def parse_spec(text: str) -> dict:
+    try:
+        return tomllib.loads(text) if text else {}
+    except tomllib.TOMLDecodeError:
+        return {}
+
+
+# ----------------------------------------------------------------------------- content
+
+
+def assemble(grid_dir: Path, runs: pd.DataFrame, metrics: pd.DataFrame, blocks: pd.DataFrame,
+             statuses: dict[str, dict], spec: dict) -> list[Section]:
+    frame = gp.with_derived(runs)
+    figures, skipped = figure_sections(grid_dir, frame, metrics, blocks)
+    sections = [summary_section(frame, spec, skipped)]
+    key = key_results(frame)
+    if key is not None:
+        sections.append(key)
+    sections += figures
+    sections.append(runs_section(frame))
+    problems = problems_section(frame, statuses)
+    if problems is not None:
+        sections.append(problems)
+    sections.append(environment_section(statuses))
+    return sections
+
+
+def counts_line(frame: pd.DataFrame) -> str:
+    counts = frame["status"].value_counts().to_dict()
+    order = STATE_ORDER + sorted(set(counts) - set(STATE_ORDER))
+    return ", ".join(f"{counts[s]} {s}" for s in order if counts.get(s))
+
+
+def axis_values(frame: pd.DataFrame, axis: str) -> str:
+    if axis not in frame:
+        return "?"
+    uses = frame[[axis in tuple(a) for a in frame["axes"]]] if "axes" in frame else frame
+    values = gp.ordered_values(uses if len(uses) else frame, axis)
+    return ", ".join(gp.fmt_value(v) for v in values)
+
+
+def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str]) -> Section:
+    section = Section("Summary")
+    if spec.get("description"):
+        section.parts.append(" ".join(str(spec["description"]).split()))
+    if spec.get("intended_for"):
+        section.parts.append(f"Intended for: {spec['intended_for']}.")
+    axes = gp.varied_axes(frame)
+    items = [f"`{axis}`: {axis_values(frame, axis)}" for axis in axes]
+    section.parts.append("What varied:" if items else "No axis varied: a single configuration.")
+    if items:
+        section.parts.append(Bullets(items))
+    section.parts.append(f"Runs: {len(frame)} ({counts_line(frame)}).")
+    finished = frame["status"].isin(gp.FINISHED)
+    missing = []
+    pending = frame[frame["status"].isin(gp.PENDING)]
+    if len(pending):
+        missing.append(f"{len(pending)} run(s) not finished yet ("
+                       f"{counts_line(pending)}): run the grid again to complete them")
+    n_failed = int(frame["status"].eq("failed").sum())
+    if n_failed:
+        missing.append(f"{n_failed} run(s) failed (see Diverged and failed runs; "
+                       "--retry-failed reruns them)")
+    if missing:
+        section.parts.append(f"Partial grid: the figures and tables use the {int(finished.sum())}"
+                             f" finished runs of {len(frame)}.")
+        section.parts.append(Bullets(missing))
+    else:
+        section.parts.append("Every run finished (completed or diverged).")
+    if skipped:
+        section.parts.append("Figures not drawn:")
+        section.parts.append(Bullets(skipped))
+    return section
+
+
+def key_results(frame: pd.DataFrame) -> Section | None:
+    """Setting x batch size table of mean final accuracy and divergences: the answer in text."""
+    if "final_acc" not in frame:
+        return None
+    settings = gp.setting_axes(frame)
+    columns = ["batch_size"] if "batch_size" in settings else []
+    rows = gp.dependent_on(frame, columns, [s for s in settings if s not in columns])
+    summary = gp.seed_summary(frame, [*rows, *columns], "final_acc")
+    if summary.empty:
+        return None
+    summary["best"] = False
+    for _, group in (summary.groupby(columns, sort=False) if columns else [(None, summary)]):
+        ran = group[group["n_completed"] + group["n_diverged"] > 0]
+        if len(ran) >= 2 and np.isfinite(ran["mean"]).any():  # a lone setting is not "best"
+            ranked = ran.sort_values(["n_diverged", "mean"], ascending=[True, False],
+                                     na_position="last")
+            summary.loc[ranked.index[0], "best"] = True
+    summary["cell"] = [f"**{result_cell(r)}**" if r["best"] else result_cell(r)
+                       for _, r in summary.iterrows()]
+    summary["setting"] = (summary[rows].apply(
+        lambda r: ", ".join(gp.fmt_value(r[c]) for c in rows), axis=1) if rows else "all runs")
+    settings_order = list(dict.fromkeys(summary["setting"]))
+    if columns:
+        table = summary.pivot(index="setting", columns="batch_size", values="cell")
+        table = table.reindex(index=settings_order,
+                              columns=gp.ordered_values(summary, "batch_size"))
+        table.columns = [f"batch {gp.fmt_value(c)}" for c in table.columns]
+    else:
+        table = summary.set_index("setting")[["cell"]].rename(columns={"cell": "final accuracy"})
+    table.index.name = " / ".join(gp.label(c) for c in rows) or "setting"
+    return Section("Key results", [
+        "Mean final test accuracy over completed seeds (min to max in brackets); ✗ counts "
+        "diverged runs; the best setting of each column (fewest divergences, then highest "
+        "accuracy) is in bold.",
+        Table(table.fillna("").reset_index()),
+    ])
+
+
+def result_cell(row: pd.Series) -> str:
+    done = int(row["n_completed"] + row["n_diverged"])
+    parts = []
+    if np.isfinite(row["mean"]):
+        spread = (f" ({row['low']:.1%}–{row['high']:.1%})"
+                  if row["n_completed"] > 1 and row["high"] > row["low"] else "")
+        parts.append(f"{row['mean']:.1%}{spread}")
+    if row["n_diverged"]:
+        parts.append(f"✗ {int(row['n_diverged'])}/{done} diverged")
+    if row["n_failed"]:
+        parts.append(f"{int(row['n_failed'])} failed")
+    if row["n_pending"]:
+        parts.append(f"{int(row['n_pending'])} not run")
+    return ", ".join(parts) or "no result"
+
+
+def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
+                    blocks: pd.DataFrame) -> tuple[list[Section], list[str]]:
+    """The figures that fit this grid, and one line per figure that does not, saying why."""
+    axes = gp.varied_axes(frame)
+    finished = frame[frame["status"].isin(gp.FINISHED)]
+    sections: list[Section] = []
+    skipped: list[str] = []
+    if finished.empty:
+        return sections, ["every figure: no run has finished yet"]
+
+    def add(title: str, name: str, caption: str, draw: Any) -> None:
+        try:
+            fig = draw()
+        except Exception as err:  # one figure failing must not cost the whole report
+            line = (f"{type(err).__name__}: {err}".splitlines() or ["error"])[0]
+            warnings.warn(f"report figure {name} failed: {line}", stacklevel=2)
+            skipped.append(f"{title}: drawing failed ({line})")
+            return
+        sections.append(Section(title, [Plot(name, caption, figure_bytes(fig))]))
+
+    batch_sizes = finished["batch_size"].nunique() if "batch_size" in finished else 0
+    if "batch_size" in axes and batch_sizes >= 2:
+        add("Accuracy vs batch size", "accuracy-vs-batch",
+            "Mean final test accuracy over completed seeds (band: min to max). Lines with "
+            "diverged runs get a row in a strip under the plot: a cross where k of n finished "
+            "runs diverged.",
+            lambda: gp.plot_accuracy_vs_batch(frame))
+    else:
+        others = [a for a in gp.setting_axes(finished) if a != "model.alpha"]
+        if others and len(finished):
+            x = next((a for a in others if all(gp.is_number(v) for v in
+                                               finished[a].dropna().unique())), others[0])
+            add(f"Accuracy by {gp.label(x)}", "accuracy-by-setting",
+                "Mean final test accuracy over completed seeds (band: min to max); the strip "
+                "below marks where runs diverged (k of n).",
+                lambda: gp.plot_accuracy_vs_batch(frame, x=x))
+        elif "model.alpha" not in axes:
+            skipped.append("accuracy plot: no axis other than the seed varied")
+
+    if {"clip.threshold", "batch_size"} <= set(axes) and heatmap_fits(finished):
+        add("Stability: clipping threshold × batch size", "stability-heatmap",
+            "Mean final accuracy per clipping threshold λ and batch size; hatched cells: every "
+            "seed diverged; ×k/n: k of n runs diverged; boxed: the best λ for each batch size.",
+            lambda: gp.plot_stability_heatmap(frame))
+    else:
+        skipped.append("stability heatmap: needs at least two clipping thresholds of one "
+                       "clipping mode, and two batch sizes, among finished runs")
+
+    if "model.alpha" in axes:
+        add("Alpha sweep", "alpha-sweep",
+            "Left: variance of each block's output at the first recorded step (dotted: the "
+            "expected 1 + k·α²). Middle: variance gained per block within a stage against α. "
+            "Right: final accuracy against α.",
+            lambda: gp.plot_alpha_sweep(frame, blocks))
+    else:
+        skipped.append("alpha sweep: model.alpha was not varied")
+
+    if not metrics.empty and "loss" in metrics:
+        add("Training curves", "training-curves",
+            "Training loss (rolling mean over 1/40 of the run) and test accuracy at each "
+            "evaluation, one line per run; crosses mark where runs diverged.",
+            lambda: gp.plot_training_curves(metrics, frame))
+    else:
+        skipped.append("training curves: no run has stored metrics yet")
+
+    stats = set(blocks["stat"].unique()) if not blocks.empty and "stat" in blocks else set()
+    if "grad_norm" in stats:
+        add("Gradient propagation", "gradient-heatmap",
+            "Gradient norm of each block's parameters over training (log colour scale), one "
+            "run per setting at the largest batch size (NF models first); a dashed line marks "
+            "divergence.",
+            lambda: gp.plot_gradient_heatmap(blocks, frame))
+    else:
+        skipped.append("gradient propagation: no block gradient statistics were recorded "
+                       "(probe_every = 0)")
+    if "agc_frac_above" in stats:
+        add("AGC clip fraction", "agc-clip-fraction",
+            "Fraction of each block's units whose gradient-to-weight norm ratio exceeds the "
+            "probe's λ (the units AGC clips), over training; dashed: the mean over blocks.",
+            lambda: gp.plot_agc_clip_fraction(blocks, frame))
+
+    spp_file = grid_dir / "spp" / "spp.parquet"
+    if spp_file.is_file():
+        spp_section(spp_file, sections, skipped)
+    return sections, skipped
+
+
+def heatmap_fits(finished: pd.DataFrame) -> bool:
+    """Two or more thresholds of one clipping mode at two or more batch sizes; with one
+    threshold per mode (a tied mode/threshold axis) the accuracy plot already says it all."""
+    if not {"clip.threshold", "batch_size"} <= set(finished):
+        return False
+    clipped = finished
+    if "clip.mode" in finished:
+        clipped = finished[finished["clip.mode"].isin(gp.THRESHOLD_MODES)]
+    if clipped.empty:
+        return False
+    modes = clipped.groupby("clip.mode") if "clip.mode" in clipped else [(None, clipped)]
+    return clipped["batch_size"].nunique() >= 2 and any(
+        part["clip.threshold"].nunique() >= 2 for _, part in modes)
+
+
+def spp_section(spp_file: Path, sections: list[Section], skipped: list[str]) -> None:
+    try:
+        from reports.plots import plot_spp
+    except ImportError as err:
+        skipped.append(f"signal propagation plot: reports.plots.plot_spp unavailable ({err})")
+        return
+    try:
+        drawn = plot_spp(pd.read_parquet(spp_file))
+        fig = getattr(drawn, "figure", drawn)  # a seaborn grid carries its figure
+        png = figure_bytes(fig)
+    except Exception as err:  # another module's figure must not cost the whole report
+        line = (f"{type(err).__name__}: {err}".splitlines() or ["error"])[0]
+        warnings.warn(f"report figure spp failed: {line}", stacklevel=2)
+        skipped.append(f"signal propagation plot: drawing failed ({line})")
+        return
+    sections.append(Section("Signal propagation at initialization", [Plot(
+        "spp", "Average channel squared mean, variance and residual variance per block "
+        f"(from {spp_file.parent.name}/{spp_file.name}).", png)]))
+
+
+def figure_bytes(fig: Any) -> bytes:
+    png = gp.figure_png(fig)
+    if not isinstance(fig, Figure) or fig.canvas.manager is not None:
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)  # a pyplot figure stays registered (and in memory) until closed
+    return png
+
+
+def runs_section(frame: pd.DataFrame) -> Section:
+    axes = [a for a in gp.varied_axes(frame) if a in frame]
+    columns = ["run_id", "status", *axes, *[m for m in SUMMARY_METRICS if m in frame]]
+    table = gp.sort_frame(frame, axes)[columns].copy()
+    for column in ("final_acc", "best_acc", "clip_fraction"):
+        if column in table:
+            table[column] = [f"{v:.1%}" if np.isfinite(v) else "" for v in table[column]]
+    for column in ("diverged_step", "steps"):
+        if column in table:
+            table[column] = [f"{int(v)}" if np.isfinite(v) else "" for v in table[column]]
+    if "max_grad_norm" in table:
+        table["max_grad_norm"] = [f"{v:.3g}" if np.isfinite(v) else ""
+                                  for v in table["max_grad_norm"]]
+    if "duration_s" in table:
+        table["duration_s"] = [f"{v:.0f}" if np.isfinite(v) else "" for v in table["duration_s"]]
+    run_axes = gp.sort_frame(frame, axes)["axes"] if "axes" in frame else None
+    for axis in axes:
+        # a value the run's config holds but its grid point does not set (the threshold of an
+        # unclipped run) is not applicable to it
+        table[axis] = [
+            gp.fmt_value(v) if not (isinstance(v, float) and np.isnan(v))
+            and (run_axes is None or axis in tuple(a)) else ""
+            for v, a in zip(table[axis], run_axes if run_axes is not None else table[axis])
+        ]
+    table = table.rename(columns=RUN_HEADERS)
+    return Section("Runs", [f"{len(table)} runs; blank cells: not applicable or not recorded.",
+                            Table(table)])
+
+
+def problems_section(frame: pd.DataFrame, statuses: dict[str, dict]) -> Section | None:
+    bad = gp.sort_frame(frame[frame["status"].isin(["diverged", "failed"])], ["status"])
+    if bad.empty:
+        return None
+    section = Section("Diverged and failed runs")
+    for _, row in bad.iterrows():
+        where = describe(frame, row)
+        error = row.get("error")
+        error = error if isinstance(error, str) and error else None
+        if row["status"] == "diverged":
+            step = row.get("diverged_step")
+            detail = f"diverged at step {int(step)}" if gp.is_number(step) else "diverged"
+            if error:
+                detail += f": {error}"
+        else:
+            detail = f"failed: {error or 'no error recorded'}"
+        section.parts.append(f"`{row['run_id']}` ({where}) {detail}")
+        trace = statuses.get(row["run_id"], {}).get("traceback")
+        if row["status"] == "failed" and isinstance(trace, str) and trace.strip():
+            tail = "\n".join(trace.rstrip().splitlines()[-TRACEBACK_LINES:])
+            section.parts.append(Details(f"traceback of {row['run_id']}", tail))
+    return section
+
+
+def describe(frame: pd.DataFrame, row: pd.Series) -> str:
+    axes = [a for a in gp.varied_axes(frame) if a in row]
+    return ", ".join(f"{a}={gp.fmt_value(row[a])}" for a in axes
+                     if not (isinstance(row[a], float) and np.isnan(row[a]))) or "base config"
+
+
+def environment_section(statuses: dict[str, dict]) -> Section:
+    environments = [s["environment"] for s in statuses.values()
+                    if isinstance(s.get("environment"), dict)]
+    section = Section("Environment")
+    if not environments:
+        section.parts.append("No run recorded its environment yet (they record it when they "
+                             "start).")
+        return section
+    keys = ENVIRONMENT_KEYS + sorted({k for e in environments for k in e} - set(ENVIRONMENT_KEYS))
+    rows = []
+    for key in keys:
+        values = pd.Series([str(e.get(key)) for e in environments if e.get(key) is not None])
+        if values.empty:
+            continue
+        counts = values.value_counts()
+        text = (counts.index[0] if len(counts) == 1 else
+                "; ".join(f"{v} ({n} runs)" for v, n in counts.items()))
+        rows.append({"key": key, "value": text})
+    section.parts.append(f"Recorded by {len(environments)} of {len(statuses)} runs when they "
+                         "started.")
+    section.parts.append(Table(pd.DataFrame(rows)))
+    return section
+
+
+# ----------------------------------------------------------------------------- rendering
+
+CSS = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #222;
+       max-width: 1240px; margin: 24px auto; padding: 0 20px; }
+h1 { font-size: 26px; margin-bottom: 4px; } h2 { font-size: 20px; margin-top: 34px;
+     border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+code { background: #f3f3f3; padding: 1px 4px; border-radius: 3px; font-size: 13px; }
+table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
+th, td { border: 1px solid #d9d9d9; padding: 4px 8px; text-align: left; vertical-align: top;
+         white-space: nowrap; }
+th { background: #f0f0f0; } tr:nth-child(even) td { background: #fafafa; }
+td.diverged { color: #8a3b00; font-weight: 600; } td.failed { color: #a00; font-weight: 600; }
+figure { margin: 12px 0 20px; } figure img { max-width: 100%; height: auto; }
+figcaption { color: #555; font-size: 13px; margin-top: 4px; }
+pre { background: #f6f6f6; padding: 8px; overflow-x: auto; font-size: 12px; }
+nav a { margin-right: 12px; } .scroll { overflow-x: auto; }
+"""
+
+
+def anchor(title: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
+
+
+def table_html(frame: pd.DataFrame) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    body = []
+    for row in frame.itertuples(index=False):
+        cells = []
+        for column, value in zip(frame.columns, row):
+            text = "" if value is None else str(value)
+            css = f' class="{text}"' if column == "status" and text in ("diverged", "failed") \
+                else ""
+            bold = text.startswith("**") and text.endswith("**") and len(text) > 4
+            shown = html.escape(text[2:-2] if bold else text)
+            cells.append(f"<td{css}>{f'<b>{shown}</b>' if bold else shown}</td>")
+        body.append(f"<tr>{''.join(cells)}</tr>")
+    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+            f"<tbody>{''.join(body)}</tbody></table></div>")
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           f"<title>{html.escape(title)}</title>", f"<style>{CSS}</style></head><body>",
+           f"<h1>{html.escape(title)}</h1>",
+           "<nav>" + "".join(f'<a href="#{anchor(s.title)}">{html.escape(s.title)}</a>'
+                             for s in sections) + "</nav>"]
+    for section in sections:
+        out.append(f'<h2 id="{anchor(section.title)}">{html.escape(section.title)}</h2>')
+        for part in section.parts:
+            if isinstance(part, str):
+                out.append(f"<p>{inline_html(part)}</p>")
+            elif isinstance(part, Bullets):
+                out.append("<ul>" + "".join(f"<li>{inline_html(i)}</li>" for i in part.items)
+                           + "</ul>")
+            elif isinstance(part, Table):
+                out.append(table_html(part.frame))
+            elif isinstance(part, Plot):
+                data = base64.b64encode(part.png).decode()
+                out.append(f'<figure><img alt="{html.escape(part.name)}" '
+                           f'src="data:image/png;base64,{data}">'
+                           f"<figcaption>{inline_html(part.caption)}</figcaption></figure>")
+            elif isinstance(part, Details):
+                out.append(f"<details><summary>{html.escape(part.summary)}</summary>"
+                           f"<pre>{html.escape(part.text)}</pre></details>")
+    out.append("</body></html>")
+    return "\n".join(out) + "\n"
+
+
+def md_cell(value: Any) -> str:
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def table_markdown(frame: pd.DataFrame) -> str:
+    lines = ["| " + " | ".join(md_cell(c) for c in frame.columns) + " |",
+             "|" + "---|" * len(frame.columns)]
+    for row in frame.itertuples(index=False):
+        lines.append("| " + " | ".join(md_cell("" if v is None else v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def render_markdown(title: str, sections: list[Section], files_dir: str) -> str:
+    out = [f"# {title}", ""]
+    for section in sections:
+        out += [f"## {section.title}", ""]
+        for part in section.parts:
+            if isinstance(part, str):
+                out += [part, ""]
+            elif isinstance(part, Bullets):
+                out += [f"- {item}" for item in part.items] + [""]
+            elif isinstance(part, Table):
+                out += [table_markdown(part.frame), ""]
+            elif isinstance(part, Plot):
+                out += [f"![{part.name}]({files_dir}/{part.name}.png)", "", f"*{part.caption}*",
+                        ""]
+            elif isinstance(part, Details):
+                out += [f"{part.summary}:", "", "```", part.text, "```", ""]
+    return "\n".join(out)

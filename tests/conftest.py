@@ -1,0 +1,16 @@
+"""Suite-wide settings: one torch thread per test process.
+
+``make test`` runs two pytest workers on two cores; torch's default of one thread per core in
+each worker oversubscribes the machine and makes CPU steps several times slower.
+"""
+
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

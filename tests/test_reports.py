@@ -1,0 +1,652 @@
+"""Grid figures (reports.plots) and the grid report (reports.build).
+
+Frames are built here in the documented ``load_results`` schema, and a tiny grid is written
+on disk in the exact store layout, so nothing here depends on the trainer.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+
+from ablations.store import load_results
+from reports import plots as gp
+from reports.build import build_report
+from sigprop.errors import UserError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+# ----------------------------------------------------------------------------- fake data
+
+
+def run_row(run_id: str, axes: dict, status: str = "completed", acc: float | None = 0.8,
+            diverged_step: int | None = None, error: str | None = None, **config) -> dict:
+    """One row of ``Results.runs``: config flattened to dotted keys, summary metrics."""
+    base = {"model.name": "nf_resnet26", "model.alpha": 0.2, "clip.mode": "agc",
+            "clip.threshold": 0.04, "clip.clip_classifier": False, "batch_size": 256,
+            "seed": 0, "lr": 0.1, "base_lr": 0.1, "data": "synthetic", "epochs": 2}
+    row = {**base, **config, **axes}
+    if str(row["model.name"]).startswith("bn_"):
+        row["model.alpha"] = np.nan
+    finished = status in ("completed", "diverged")
+    return {
+        "grid": "fake", "run_id": run_id, "status": status, "error": error,
+        "axes": tuple(sorted(axes)), **row,
+        "final_acc": acc if status == "completed" else np.nan,
+        "best_acc": acc if status == "completed" else np.nan,
+        "diverged_step": diverged_step if status == "diverged" else np.nan,
+        "max_grad_norm": 3.0 if finished else np.nan, "clip_fraction": 0.1 if finished else np.nan,
+        "steps": 40 if finished else np.nan, "duration_s": 12.0 if finished else np.nan,
+    }
+
+
+def lambda_batch_runs() -> pd.DataFrame:
+    """AGC threshold x batch size x 2 seeds. At batch 4096: lambda 0.16 always diverges,
+    0.04 diverges for seed 1; accuracy falls with batch and with lambda."""
+    rows = []
+    for threshold in (0.01, 0.04, 0.16):
+        for batch in (256, 1024, 4096):
+            for seed in (0, 1):
+                acc = 0.9 - 0.1 * np.log2(batch / 256) / 2 - threshold + 0.01 * seed
+                diverged = batch == 4096 and (threshold == 0.16 or (threshold == 0.04 and seed))
+                rows.append(run_row(
+                    f"t{threshold}-b{batch}-s{seed}",
+                    {"clip.threshold": threshold, "batch_size": batch, "seed": seed},
+                    status="diverged" if diverged else "completed", acc=acc,
+                    diverged_step=17 if diverged else None))
+    # an unclipped reference run: its threshold is meaningless and must not become a row
+    rows.append(run_row("none-ref", {"batch_size": 256, "seed": 0}, **{"clip.mode": "none"}))
+    return pd.DataFrame(rows)
+
+
+def agc_batch_runs() -> pd.DataFrame:
+    """Paper B Fig. 2a in miniature: NF x {none, norm, agc} + BN unclipped, 4 batch sizes,
+    3 seeds; unclipped NF diverges at 4096 (all seeds), global norm for one seed."""
+    rows = []
+    clippings = [("none", 0.01), ("norm", 1.0), ("agc", 0.01)]
+    for model in ("nf_resnet26", "bn_resnet26_v2"):
+        for mode, threshold in clippings if model.startswith("nf") else clippings[:1]:
+            for batch in (64, 256, 1024, 4096):
+                for seed in (0, 1, 2):
+                    axes = {"model.name": model, "batch_size": batch, "seed": seed}
+                    if model.startswith("nf"):
+                        axes |= {"clip.mode": mode}
+                        if mode != "none":
+                            axes |= {"clip.threshold": threshold}
+                    diverged = model.startswith("nf") and batch == 4096 and (
+                        mode == "none" or (mode == "norm" and seed == 2))
+                    acc = 0.85 + 0.01 * seed - (0.05 * np.log2(batch / 64) / 6
+                                                if mode == "agc" else 0.1 * np.log2(batch / 64) / 6)
+                    rows.append(run_row(
+                        f"{model[:2]}-{mode}-b{batch}-s{seed}", axes,
+                        status="diverged" if diverged else "completed", acc=acc,
+                        diverged_step=5 if diverged else None,
+                        **{"clip.mode": mode, "clip.threshold": threshold}))
+    return pd.DataFrame(rows)
+
+
+def fake_metrics(run_id: str, steps: int = 40, diverged_step: int | None = None,
+                 final_acc: float = 0.8, ids: bool = True) -> pd.DataFrame:
+    """Per-step metrics; ``ids=False`` leaves out grid and run_id, as stored on disk."""
+    step = np.arange(steps if diverged_step is None else diverged_step + 1)
+    loss = 2.3 * np.exp(-step / 15) + 0.3
+    if diverged_step is not None:
+        loss[-1] = np.inf
+    acc = np.full(len(step), np.nan)
+    evals = (step % 10 == 0) & (step > 0)
+    acc[evals] = final_acc * step[evals] / steps
+    frame = pd.DataFrame({"step": step, "epoch": step / 20, "loss": loss, "lr": 0.1,
+                          "grad_norm": 1.0 + step / 10, "clip_fraction": 0.1, "step_time": 0.01,
+                          "test_acc": acc, "test_loss": np.where(evals, 1.0, np.nan)})
+    if ids:
+        frame.insert(0, "run_id", run_id)
+        frame.insert(0, "grid", "fake")
+    return frame
+
+
+BLOCKS = [("stem", -1, -1), ("stages.0.0", 0, 0), ("stages.0.1", 0, 1), ("stages.0.2", 0, 2),
+          ("stages.1.0", 1, 3), ("stages.1.1", 1, 4), ("stages.1.2", 1, 5), ("other", -1, 6)]
+
+
+def fake_blocks(run_id: str, alpha: float = 0.2, steps=(0, 10, 20, 30), params: bool = False,
+                ids: bool = True, noise: float = 0.0, seed: int = 0) -> pd.DataFrame:
+    """Probe records: var follows 1 + k*alpha^2 within a stage (reset at transitions);
+    ``ids=False`` leaves out grid and run_id, as stored on disk."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for step in steps:
+        k = 0
+        for block, stage, index in BLOCKS:
+            if stage >= 0:
+                k = 1 if block.endswith(".0") else k + 1
+            expected = 1 + k * alpha**2 if stage >= 0 else (1.0 if block == "stem" else np.nan)
+            stats = {"grad_norm": 0.1 * (index + 2) * (1 + step),
+                     "agc_frac_above": min(1.0, 0.02 * index + 0.01 * step)}
+            if block != "other":
+                stats |= {"var": expected * (1 + noise * rng.standard_normal()),
+                          "sq_mean": 0.01}
+            for stat, value in stats.items():
+                rows.append({"step": step, "block": block, "stage": stage, "index": index,
+                             "stat": stat, "value": value, "expected_var": expected})
+                if params and stat == "agc_frac_above" and block != "other":
+                    for name in ("conv1.weight", "conv2.weight"):
+                        rows.append({"step": step, "block": block, "stage": stage,
+                                     "index": index, "param": f"{block}.{name}", "stat": stat,
+                                     "value": value / 2, "expected_var": np.nan})
+    frame = pd.DataFrame(rows)
+    if params:
+        frame["param"] = frame["param"].astype(object)
+    if ids:
+        frame.insert(0, "run_id", run_id)
+        frame.insert(0, "grid", "fake")
+    return frame
+
+
+def write_fake_grid(root: Path, name: str, runs: list[dict]) -> Path:
+    """A grid folder in the exact store layout. Each ``runs`` item: run_id, axes, config
+    (nested), state, optional summary/error/traceback/metrics/blocks."""
+    grid_dir = root / name
+    (grid_dir / "runs").mkdir(parents=True)
+    (grid_dir / "spec.toml").write_text(
+        f'name = "{name}"\ndescription = "A fake grid for the report tests."\n'
+        'intended_for = "tests"\n')
+    env = {"python": "3.11.7", "torch": "2.13.0+cpu", "numpy": "2.4.6", "pandas": "3.1.1",
+           "sigprop": "0.1.0", "platform": "Linux-test", "host": "testhost", "device": "cpu",
+           "git_commit": "0123456789abcdef0123456789abcdef01234567"}
+    for run in runs:
+        run_dir = grid_dir / "runs" / run["run_id"]
+        run_dir.mkdir()
+        (run_dir / "config.json").write_text(json.dumps(
+            {"run_id": run["run_id"], "grid": name, "axes": run["axes"],
+             "config": run["config"]}))
+        status = {"state": run["state"], "attempts": 1, "summary": run.get("summary", {}),
+                  "error": run.get("error"), "traceback": run.get("traceback")}
+        if run["state"] != "queued":
+            status["environment"] = env
+        (run_dir / "status.json").write_text(json.dumps(status))
+        for kind in ("metrics", "blocks"):
+            if run.get(kind) is not None:
+                run[kind].to_parquet(run_dir / f"{kind}.parquet", index=False)
+    return grid_dir
+
+
+def small_disk_grid(root: Path) -> Path:
+    """AGC lambda {0.01, 0.16} x batch {64, 256}, seed 0: one run diverged, one failed, one
+    queued, the rest completed, with metrics and probe records."""
+    runs = []
+    for threshold in (0.01, 0.16):
+        for batch in (64, 256):
+            run_id = f"l{threshold}-b{batch}"
+            state, acc, diverged = "completed", 0.9 - threshold - batch / 2560, None
+            error = traceback = None
+            if (threshold, batch) == (0.16, 256):
+                state, acc, diverged = "diverged", None, 12
+            if (threshold, batch) == (0.16, 64):
+                state, error = "failed", "RuntimeError: CUDA out of memory while probing"
+                traceback = "Traceback (most recent call last):\n  File \"x.py\"\n" + error
+            config = {"model": {"name": "nf_resnet26", "alpha": 0.2}, "batch_size": batch,
+                      "clip": {"mode": "agc", "threshold": threshold, "clip_classifier": False},
+                      "seed": 0, "data": "synthetic", "base_lr": 0.1, "epochs": 2}
+            finished = state in ("completed", "diverged")
+            runs.append({
+                "run_id": run_id, "state": state, "error": error, "traceback": traceback,
+                "axes": {"clip.threshold": threshold, "batch_size": batch}, "config": config,
+                "summary": {"final_acc": acc, "best_acc": acc, "diverged_step": diverged,
+                            "max_grad_norm": 2.0, "clip_fraction": 0.2, "steps": 40,
+                            "duration_s": 3.0} if finished else {},
+                "metrics": fake_metrics(run_id, diverged_step=diverged, ids=False)
+                if finished else None,
+                "blocks": fake_blocks(run_id, ids=False) if finished else None,
+            })
+    runs.append({"run_id": "queued-one", "state": "queued", "config": {
+        "model": {"name": "nf_resnet26"}, "batch_size": 1024,
+        "clip": {"mode": "agc", "threshold": 0.01}, "seed": 0},
+        "axes": {"clip.threshold": 0.01, "batch_size": 1024}})
+    return write_fake_grid(root, "fake_lambda", runs)
+
+
+def gids(fig: Figure, gid: str) -> list:
+    return [a for ax in fig.axes for a in ax.get_children() if a.get_gid() == gid]
+
+
+def data_axes(fig: Figure) -> list:
+    """Plot axes, without colour bars."""
+    return [ax for ax in fig.axes if ax.get_label() != "<colorbar>"]
+
+
+def assert_png(fig: Figure) -> None:
+    png = gp.figure_png(fig)
+    assert png.startswith(PNG_MAGIC) and len(png) > 5000
+
+
+# ----------------------------------------------------------------------------- columns
+
+
+def test_defaults_come_from_the_varied_axes():
+    runs = agc_batch_runs()
+    assert gp.varied_axes(runs) == ["batch_size", "clip.mode", "clip.threshold", "model.name",
+                                    "seed"]
+    derived = gp.with_derived(runs)
+    assert gp.setting_axes(derived) == ["batch_size", "clipping", "model"]
+    # a raw threshold axis keeps the mode raw too
+    assert gp.setting_axes(derived, exclude=["clip.threshold"]) == [
+        "batch_size", "clip.mode", "model"]
+    assert set(derived["clipping"]) == {"no clipping", "global norm λ=1", "AGC λ=0.01"}
+    assert gp.pretty_model("bn_resnet50_v2") == "BN-ResNet-50 v2"
+    assert gp.pretty_model("nfnet_f3") == "NFNet-F3"
+    assert gp.ordered_values(derived, "clipping") == ["no clipping", "global norm λ=1",
+                                                      "AGC λ=0.01"]
+
+
+def test_seed_summary_averages_completed_runs_and_counts_the_rest():
+    runs = lambda_batch_runs()
+    summary = gp.seed_summary(runs, ["clip.threshold", "batch_size"])
+    cell = summary[(summary["clip.threshold"] == 0.04) & (summary["batch_size"] == 4096)].iloc[0]
+    assert (cell["n_completed"], cell["n_diverged"], cell["n_runs"]) == (1, 1, 2)
+    assert cell["mean"] == pytest.approx(0.9 - 0.2 - 0.04)  # seed 0 only
+    assert list(summary["batch_size"][:3]) == [256, 1024, 4096]  # numeric order
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def test_stability_heatmap_marks_divergence_and_the_best_threshold():
+    fig = gp.plot_stability_heatmap(lambda_batch_runs())
+    (ax,) = data_axes(fig)
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["256", "1024", "4096"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["0.01", "0.04", "0.16"]
+    image = ax.get_images()[0].get_array()
+    assert image.shape == (3, 3)
+    assert image[0, 0] == pytest.approx(0.9 - 0.01 + 0.005)  # mean of seeds 0 and 1
+    assert np.ma.is_masked(image[2, 2])  # every seed diverged: no accuracy
+    hatched = gids(fig, "diverged-cell")
+    assert len(hatched) == 1 and hatched[0].get_xy() == (1.5, 1.5)
+    counts = sorted(t.get_text() for t in gids(fig, "diverged-count"))
+    assert counts == [f"{0.9 - 0.2 - 0.04:.1%}\n×1/2", "×2/2\ndiverged"]
+    best = gids(fig, "best")
+    assert len(best) == 3  # one per batch size: the smallest lambda wins everywhere here
+    assert sorted(r.get_xy() for r in best) == [(-0.5, -0.5), (0.5, -0.5), (1.5, -0.5)]
+    assert "diverged: 3 of 18 runs" in ax.get_title()
+    assert_png(fig)
+
+
+def test_heatmap_best_box_prefers_fewer_divergences_and_shows_missing_cells():
+    runs = lambda_batch_runs()
+    # make lambda=0.04 the most accurate at 4096 although one seed diverged: it must not win
+    runs.loc[runs["run_id"] == "t0.04-b4096-s0", "final_acc"] = 0.99
+    runs.loc[runs["run_id"] == "t0.01-b256-s0", "status"] = "queued"
+    runs.loc[runs["run_id"] == "t0.01-b256-s1", "status"] = "failed"
+    fig = gp.plot_stability_heatmap(runs)
+    best = {r.get_xy()[0]: r.get_xy()[1] for r in gids(fig, "best")}
+    assert best[1.5] == -0.5  # lambda 0.01 at batch 4096, not the more accurate 0.04
+    assert best[-0.5] == 0.5  # lambda 0.04 at batch 256: the 0.01 cell has no result
+    missing = [t.get_text() for t in gids(fig, "missing")]
+    assert missing == ["1 failed\n1 not run"]
+
+
+def test_heatmap_explicit_columns_make_panels():
+    runs = pd.concat([lambda_batch_runs().assign(**{"model.name": name},
+                                                 run_id=lambda f, n=name: f["run_id"] + n)
+                      for name in ("nf_resnet26", "nf_resnet50")], ignore_index=True)
+    runs["axes"] = [tuple(sorted({*a, "model.name"})) for a in runs["axes"]]
+    fig = gp.plot_stability_heatmap(runs)  # the model varies too: one panel per model
+    titles = [ax.get_title().splitlines()[0] for ax in data_axes(fig)]
+    assert titles == ["NF-ResNet-26", "NF-ResNet-50"]
+    fig = gp.plot_stability_heatmap(runs, x="clip.threshold", y="batch_size", col="model.name")
+    ax = data_axes(fig)[0]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["256", "1024", "4096"]
+    assert data_axes(fig)[1].get_title().startswith("model = nf_resnet50")
+
+
+def test_accuracy_vs_batch_lines_bands_and_diverged_marks():
+    runs = agc_batch_runs()
+    fig = gp.plot_accuracy_vs_batch(runs)
+    ax, strip = data_axes(fig)  # the accuracy panel and the diverged-runs strip under it
+    lines = gids(fig, "mean")
+    assert len(lines) == 4  # NF none / norm / AGC and BN unclipped
+    assert len(gids(fig, "band")) == 4
+    assert ax.get_xscale() == "log" and ax.xaxis.get_transform().base == 2
+    assert [t.get_text() for t in strip.get_xticklabels()] == ["64", "256", "1024", "4096"]
+    assert isinstance(ax.yaxis.get_major_formatter(), PercentFormatter)
+    percent = ax.yaxis.get_major_formatter()
+    assert [percent(v) for v in (0.46, 0.455, 0.4425, 0.0)] == ["46%", "45.5%", "44.25%", "0%"]
+    assert "batch size" in strip.get_xlabel() and "(%)" in ax.get_ylabel()
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert legend[:3] == ["no clipping", "global norm λ=1", "AGC λ=0.01"]
+    assert {"NF-ResNet-26", "BN-ResNet-26 v2", "diverged run"} <= set(legend)
+    # unclipped NF has no completed run at 4096: its line stops there, the others do not
+    assert sorted(int(np.isfinite(ln.get_ydata()[-1])) for ln in lines) == [0, 1, 1, 1]
+    # one strip row per line with divergences: NF unclipped (3 of 3) and global norm (1 of 3)
+    assert [t.get_text() for t in strip.get_yticklabels()] == [
+        "no clipping, NF-ResNet-26", "global norm λ=1, NF-ResNet-26"]
+    marks = gids(fig, "diverged")
+    assert [(m.get_xdata()[0], m.get_ydata()[0]) for m in marks] == [(4096, 0), (4096, 1)]
+    assert [t.get_text() for t in gids(fig, "diverged-count")] == ["3/3", "1/3"]
+    agc = next(ln for ln in lines if np.allclose(
+        ln.get_ydata(), [0.86 - 0.05 * np.log2(b / 64) / 6 for b in (64, 256, 1024, 4096)]))
+    assert agc.get_color() == gp.palette_for(
+        gp.ordered_values(gp.with_derived(runs), "clipping"))["AGC λ=0.01"]
+    assert_png(fig)
+    # one seed and no divergence: no band key, no strip, no diverged key
+    calm = runs[(runs["seed"] == 0) & (runs["batch_size"] < 4096)]
+    fig = gp.plot_accuracy_vs_batch(calm)
+    assert len(data_axes(fig)) == 1
+    legend = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "min–max over seeds" not in legend and "diverged run" not in legend
+
+
+def test_accuracy_plot_takes_explicit_hue_and_facets_the_rest():
+    fig = gp.plot_accuracy_vs_batch(agc_batch_runs(), hue="model")
+    titles = [ax.get_title() for ax in data_axes(fig)]
+    assert titles == ["no clipping", "global norm λ=1", "AGC λ=0.01", "", "", ""]  # + strips
+    assert len(gids(fig, "mean")) == 4  # BN only exists unclipped
+    fig = gp.plot_accuracy_vs_batch(agc_batch_runs(), x="clipping", hue="batch_size",
+                                    col="model")
+    main, _, first_strip, second_strip = data_axes(fig)
+    assert main.get_xscale() == "linear"  # categorical x
+    assert [t.get_text() for t in second_strip.get_xticklabels()] == [
+        "no clipping", "global norm λ=1", "AGC λ=0.01"]
+    assert [t.get_text() for t in first_strip.get_yticklabels()] == ["4096"]
+
+
+def test_training_curves_panels_per_batch_and_divergence_points():
+    runs = pd.DataFrame([
+        run_row("a", {"batch_size": 64, "clip.mode": "agc"}, acc=0.8),
+        run_row("b", {"batch_size": 64, "clip.mode": "none"}, acc=0.7, **{"clip.mode": "none"}),
+        run_row("c", {"batch_size": 1024, "clip.mode": "agc"}, acc=0.75),
+        run_row("d", {"batch_size": 1024, "clip.mode": "none"}, status="diverged",
+                diverged_step=30, **{"clip.mode": "none"}),
+    ])
+    runs.loc[:, "batch_size"] = [64, 64, 1024, 1024]
+    metrics = pd.concat([fake_metrics("a", final_acc=0.8), fake_metrics("b", final_acc=0.7),
+                         fake_metrics("c", final_acc=0.75),
+                         fake_metrics("d", diverged_step=30)], ignore_index=True)
+    fig = gp.plot_training_curves(metrics, runs)
+    axes = data_axes(fig)
+    assert len(axes) == 4  # loss and accuracy rows x two batch sizes
+    assert [axes[i].get_title() for i in (0, 1)] == ["batch size (examples) = 64",
+                                                     "batch size (examples) = 1024"]
+    assert axes[0].get_yscale() == "linear"  # the loss spans less than a decade
+    assert axes[2].get_xlabel() == "training step (updates)"
+    curves = gids(fig, "curve")
+    assert len(curves) == 8
+    loss_d = [ln for ln in axes[1].get_lines() if ln.get_gid() == "curve"]
+    assert max(max(ln.get_xdata()) for ln in loss_d) == 39  # the completed run
+    assert min(max(ln.get_xdata()) for ln in loss_d) == 29  # the diverged one stops before
+    marks = gids(fig, "diverged")
+    assert len(marks) == 2 and all(m.get_xdata()[0] == 30 for m in marks)
+    # the accuracy curve ends on the final accuracy, evaluated after the last update
+    acc_a = [ln for ln in axes[2].get_lines() if ln.get_gid() == "curve"][0]
+    assert acc_a.get_xdata()[-1] == 40 and acc_a.get_ydata()[-1] == pytest.approx(0.8)
+    assert_png(fig)
+    # a loss blowing up before the divergence step needs a log axis
+    metrics.loc[(metrics["run_id"] == "d") & (metrics["step"] > 20), "loss"] *= 40
+    fig = gp.plot_training_curves(metrics, runs, hue="batch_size", x="epoch")
+    assert data_axes(fig)[0].get_yscale() == "log"
+    assert len(data_axes(fig)) == 2
+    assert data_axes(fig)[1].get_xlabel() == "epoch"
+
+
+def test_gradient_heatmap_blocks_by_steps_on_a_log_scale():
+    runs = pd.DataFrame([
+        # listed first, but panels prefer the normalizer-free model
+        run_row("bn", {"clip.mode": "none", "batch_size": 1024, "model.name": "bn_resnet26_v2"},
+                batch_size=1024, **{"clip.mode": "none"}),
+        run_row("agc", {"clip.mode": "agc", "batch_size": 1024}, batch_size=1024),
+        run_row("none", {"clip.mode": "none", "batch_size": 1024}, status="diverged",
+                diverged_step=25, batch_size=1024, **{"clip.mode": "none"}),
+        run_row("agc-small", {"clip.mode": "agc", "batch_size": 64}, batch_size=64),
+    ])
+    blocks = pd.concat([fake_blocks(r) for r in runs["run_id"]], ignore_index=True)
+    blocks.loc[(blocks["run_id"] == "agc") & (blocks["step"] == 0), "value"] = 0.0
+    missing = (blocks["run_id"] == "none") & (blocks["step"] == 10) & (blocks["block"] == "stem")
+    blocks = blocks[~missing]
+    fig = gp.plot_gradient_heatmap(blocks, runs)
+    axes = data_axes(fig)
+    # one run per clipping setting, at the largest batch size, NF model
+    assert len(axes) == 2
+    assert axes[0].get_title().startswith("no clipping, NF-ResNet-26")
+    assert axes[1].get_title().startswith("AGC λ=0.04, NF-ResNet-26")
+    # zero gradients sit below the colour scale (its "under" colour), named in the legend
+    zero_column = axes[1].collections[0].get_array()[:, 0]
+    assert (zero_column < axes[1].collections[0].norm.vmin).all()
+    assert np.ma.is_masked(axes[0].collections[0].get_array()[0, 1])  # not recorded
+    keys = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert keys == ["not recorded", "exactly zero", "divergence step"]
+    mesh = axes[0].collections[0]
+    assert mesh.get_array().shape == (len(BLOCKS), 4)
+    assert isinstance(mesh.norm, LogNorm)
+    assert [t.get_text() for t in axes[0].get_yticklabels()] == [b for b, _, _ in BLOCKS]
+    assert axes[1].get_yticklabels() == [] or not [
+        t.get_text() for t in axes[1].get_yticklabels() if t.get_text()]
+    diverged = gids(fig, "diverged")
+    assert len(diverged) == 1 and diverged[0].get_xdata()[0] == 25
+    assert mesh.get_array()[1, 2] == pytest.approx(0.1 * 2 * 21)  # stages.0.0 at step 20
+    assert_png(fig)
+    fig = gp.plot_gradient_heatmap(blocks, runs, run_ids=["agc-small"])
+    assert len(data_axes(fig)) == 1
+    with pytest.raises(UserError, match="no block statistics for run"):
+        gp.plot_gradient_heatmap(blocks, runs, run_ids=["nope"])
+
+
+def test_agc_clip_fraction_one_line_per_block_or_parameter():
+    runs = pd.DataFrame([run_row("r", {"batch_size": 256})])
+    blocks = fake_blocks("r", params=True)
+    fig = gp.plot_agc_clip_fraction(blocks, runs)
+    (ax,) = data_axes(fig)
+    assert len(gids(fig, "unit-line")) == len(BLOCKS)
+    mean = gids(fig, "mean")[0]
+    assert list(mean.get_xdata()) == [0, 10, 20, 30]
+    assert isinstance(ax.yaxis.get_major_formatter(), PercentFormatter)
+    assert "‖G‖/‖W‖" in ax.get_ylabel()
+    assert_png(fig)
+    fig = gp.plot_agc_clip_fraction(blocks, runs, level="param")
+    assert len(gids(fig, "unit-line")) == 2 * (len(BLOCKS) - 1)
+    with pytest.raises(UserError, match="no per-parameter rows"):
+        gp.plot_agc_clip_fraction(fake_blocks("r"), runs, level="param")
+
+
+def alpha_sweep_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
+    rows, blocks = [], []
+    for alpha in (0.1, 0.2, 0.4, 0.8):
+        for seed in (0, 1):
+            run_id = f"a{alpha}-s{seed}"
+            diverged = alpha == 0.8 and seed == 1
+            rows.append(run_row(run_id, {"model.alpha": alpha, "seed": seed},
+                                status="diverged" if diverged else "completed",
+                                acc=0.9 - alpha / 4, diverged_step=3 if diverged else None))
+            blocks.append(fake_blocks(run_id, alpha=alpha, steps=(0, 50), noise=0.002,
+                                      seed=seed))
+    return pd.DataFrame(rows), pd.concat(blocks, ignore_index=True)
+
+
+def test_spp_slopes_recover_alpha_squared():
+    runs, blocks = alpha_sweep_frames()
+    slopes = gp.spp_slopes(blocks, runs)
+    assert len(slopes) == 8 * 2  # runs x stages
+    per_alpha = slopes.groupby("model.alpha")["slope"].mean()
+    assert np.allclose(per_alpha.to_numpy(), [a**2 for a in per_alpha.index], rtol=0.1, atol=1e-3)
+    assert np.allclose(slopes["expected_slope"], slopes["model.alpha"] ** 2)
+
+
+def test_alpha_sweep_three_panels():
+    runs, blocks = alpha_sweep_frames()
+    fig = gp.plot_alpha_sweep(runs, blocks)
+    profile, slope, acc = data_axes(fig)
+    assert len(gids(fig, "profile")) == 4 and len(gids(fig, "expected")) == 5
+    assert slope.get_xscale() == "log" and slope.get_yscale() == "log"
+    assert [t.get_text() for t in acc.get_xticklabels()] == ["0.1", "0.2", "0.4", "0.8"]
+    (mean,) = [ln for ln in acc.get_lines() if ln.get_gid() == "mean"]
+    assert np.allclose(mean.get_ydata(), [0.9 - a / 4 for a in (0.1, 0.2, 0.4, 0.8)])
+    assert len(gids(fig, "diverged")) == 1
+    assert_png(fig)
+    only_accuracy = gp.plot_alpha_sweep(runs)
+    assert len(data_axes(only_accuracy)) == 1
+
+
+def test_plots_reject_frames_without_their_columns():
+    runs = agc_batch_runs().drop(columns=["clip.threshold"])
+    with pytest.raises(UserError, match="clip.threshold"):
+        gp.plot_stability_heatmap(runs)
+    with pytest.raises(UserError, match="no 'agc_frac_above' rows"):
+        gp.plot_agc_clip_fraction(fake_blocks("r").query("stat != 'agc_frac_above'"),
+                                  agc_batch_runs())
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def test_report_of_a_partial_grid(tmp_path):
+    grid_dir = small_disk_grid(tmp_path)
+    results = load_results(grid_dir)
+    assert sorted(results.runs["status"]) == ["completed", "completed", "diverged", "failed",
+                                              "queued"]
+    paths = build_report(grid_dir)
+    assert paths == {"html": grid_dir / "report.html", "md": grid_dir / "report.md"}
+    page = paths["html"].read_text()
+    text = re.sub(r"<[^>]+>", "", page)
+    assert "Runs: 5 (2 completed, 1 diverged, 1 failed, 1 queued)." in text
+    assert "1 run(s) not finished yet" in text and "the 3 finished runs of 5" in text
+    assert "RuntimeError: CUDA out of memory while probing" in text
+    assert "diverged at step 12" in text
+    assert 'alt="stability-heatmap"' in page and 'alt="accuracy-vs-batch"' in page
+    assert 'alt="training-curves"' in page and 'alt="gradient-heatmap"' in page
+    assert 'alt="agc-clip-fraction"' in page
+    assert "drawing failed" not in text
+    assert "alpha sweep: model.alpha was not varied" in text
+    assert "0123456789abcdef0123456789abcdef01234567" in text and "2.13.0+cpu" in text
+    assert "A fake grid for the report tests." in text
+    # every image is embedded, none is fetched
+    sources = re.findall(r'src="([^"]*)"', page)
+    assert len(sources) == 5 and all(s.startswith("data:image/png;base64,") for s in sources)
+    for source in sources:
+        assert base64.b64decode(source.split(",", 1)[1]).startswith(PNG_MAGIC)
+    assert not re.search(r'(src|href)="(https?:)?//', page)
+
+    md = paths["md"].read_text()
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+    assert len(images) == 5
+    for image in images:
+        assert (grid_dir / image).is_file() and (grid_dir / image).read_bytes()[:8] == PNG_MAGIC
+    assert "| run_id | status |" in md and "RuntimeError: CUDA out of memory" in md
+    key = md.split("## Key results")[1].split("##")[0]
+    assert "| clipping | batch 64 | batch 256 |" in key
+    assert "✗ 1/1 diverged" in key and "**" in key
+
+
+def test_report_of_a_grid_with_nothing_finished(tmp_path):
+    grid_dir = write_fake_grid(tmp_path, "waiting", [
+        {"run_id": f"q{b}", "state": "queued", "axes": {"batch_size": b},
+         "config": {"batch_size": b, "seed": 0}} for b in (64, 256)])
+    paths = build_report(grid_dir)
+    text = re.sub(r"<[^>]+>", "", paths["html"].read_text())
+    assert "Runs: 2 (2 queued)." in text and "2 run(s) not finished yet" in text
+    assert "every figure: no run has finished yet" in text
+    assert "No run recorded its environment yet" in text
+    assert "<img" not in paths["html"].read_text()
+    assert "| batch 64 | batch 256 |" in paths["md"].read_text()
+
+
+def test_report_out_location_and_stale_figures(tmp_path):
+    grid_dir = small_disk_grid(tmp_path)
+    out = tmp_path / "elsewhere" / "grid.html"
+    out.parent.mkdir()
+    (out.parent / "grid_files").mkdir()
+    (out.parent / "grid_files" / "old-figure.png").write_bytes(PNG_MAGIC)
+    paths = build_report(grid_dir, out)
+    assert paths == {"html": out, "md": out.with_suffix(".md")}
+    assert not (out.parent / "grid_files" / "old-figure.png").exists()
+    assert "](grid_files/stability-heatmap.png)" in paths["md"].read_text()
+    assert not (grid_dir / "report.html").exists()
+    # a results root holding just this grid is accepted too
+    assert build_report(tmp_path)["html"] == grid_dir / "report.html"
+    folder = build_report(grid_dir, tmp_path / "new-folder")
+    assert folder["md"] == tmp_path / "new-folder" / "report.md" and folder["md"].is_file()
+
+
+def test_report_bad_input_is_one_line_user_error(tmp_path):
+    with pytest.raises(UserError, match="no such grid folder") as missing:
+        build_report(tmp_path / "nope")
+    assert "\n" not in str(missing.value)
+    (tmp_path / "empty" / "runs").mkdir(parents=True)
+    with pytest.raises(UserError, match="no runs in"):
+        build_report(tmp_path / "empty")
+    grid_dir = small_disk_grid(tmp_path / "root")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(UserError, match="cannot write the report") as unwritable:
+        build_report(grid_dir, blocker / "report.html")
+    assert "\n" not in str(unwritable.value)
+    write_fake_grid(tmp_path / "root", "second", [{
+        "run_id": "x", "state": "queued", "axes": {}, "config": {"seed": 0}}])
+    with pytest.raises(UserError, match="holds 2 grids"):
+        build_report(tmp_path / "root")
+
+
+def test_report_includes_the_spp_section_when_plot_spp_exists(tmp_path, monkeypatch):
+    grid_dir = small_disk_grid(tmp_path)
+    (grid_dir / "spp").mkdir()
+    pd.DataFrame({"model": ["nf_resnet26"] * 2, "seed": [0, 0], "block": ["stem", "b0"],
+                  "stage": [-1, 0], "index": [-1, 0], "stat": ["var", "var"],
+                  "value": [1.0, 1.04], "expected_var": [1.0, 1.04]}).to_parquet(
+        grid_dir / "spp" / "spp.parquet")
+    seen = []
+
+    def plot_spp(frame: pd.DataFrame) -> Figure:
+        seen.append(frame)
+        fig = Figure(figsize=(4, 3))
+        fig.subplots().plot(frame["index"], frame["value"])
+        return fig
+
+    monkeypatch.setitem(sys.modules, "reports.plots", types.SimpleNamespace(plot_spp=plot_spp))
+    page = build_report(grid_dir)["html"].read_text()
+    assert len(seen) == 1 and list(seen[0]["value"]) == [1.0, 1.04]
+    assert 'alt="spp"' in page and "Signal propagation at initialization" in page
+    assert (grid_dir / "report_files" / "spp.png").is_file()
+
+    monkeypatch.setitem(sys.modules, "reports.plots", None)  # import fails: section skipped
+    page = build_report(grid_dir)["html"].read_text()
+    assert 'alt="spp"' not in page and "plot_spp unavailable" in page
+    assert not (grid_dir / "report_files" / "spp.png").exists()
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed "
+                    "(apt-get install chromium) so the headless render cannot be checked")
+def test_report_renders_in_headless_chromium(tmp_path):
+    grid_dir = small_disk_grid(tmp_path)
+    page = build_report(grid_dir)["html"].read_text()
+    # count the images the browser decoded, once everything has loaded
+    probe = page.replace("</body>", "<script>addEventListener('load', () => "
+                         "document.body.dataset.decoded = [...document.images].filter("
+                         "i => i.complete && i.naturalWidth > 0).length)</script></body>")
+    probe_file = tmp_path / "probe.html"
+    probe_file.write_text(probe)
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    command = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+               "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+               "--virtual-time-budget=5000", "--dump-dom", probe_file.as_uri()]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
+    decoded = re.search(r'data-decoded="(\d+)"', dom)
+    assert decoded, dom[-500:]
+    assert int(decoded.group(1)) == page.count("<img ") == 5
+    shot = tmp_path / "shot.png"
+    command[-2:] = [f"--screenshot={shot}", "--window-size=1280,2000",
+                    (grid_dir / "report.html").as_uri()]
+    subprocess.run(command, capture_output=True, timeout=60)
+    assert shot.read_bytes()[:8] == PNG_MAGIC and shot.stat().st_size > 20000
