@@ -19,14 +19,6 @@ from sigprop.clipping import (
 from sigprop.errors import UserError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_nfnet(seed: int = 0) -> nn.Module:
     """NFNet-F0 layout at toy size: grouped convs, SE linears, gains, biases, skip gains."""
     torch.manual_seed(seed)

@@ -21,14 +21,6 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ----------------------------------------------------------------------------- synthetic
 def test_synthetic_is_deterministic_and_seed_dependent():
     a = load_dataset("synthetic", train_size=64, test_size=32, seed=3)

@@ -6,21 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 import seaborn as sns
-import torch
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
 from reports.plots import plot_spp
 from run_ablations import main, parse_value
 from sigprop.spp import SPP_COLUMNS
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def synthetic_frame(models: dict[str, float | None], seeds: int = 2) -> pd.DataFrame:

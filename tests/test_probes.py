@@ -15,15 +15,6 @@ from sigprop.errors import UserError
 from sigprop.probes import Probe, channel_var_mean, find_points, match_name
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # pytest -n 2 on two cores: one intra-op thread per worker avoids oversubscription.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_nf(**overrides) -> nn.Module:
     torch.manual_seed(0)
     cfg = dict(

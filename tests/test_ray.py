@@ -14,7 +14,13 @@ from ablations.executors import LocalExecutor, RayExecutor  # noqa: E402
 from ablations.runner import run_grid  # noqa: E402
 from ablations.spec import load_spec  # noqa: E402
 from ablations.store import GridStore, load_results  # noqa: E402
-from tests.test_runner import metrics_by_run, run_states, start_runner, write_spec  # noqa: E402
+from tests.test_runner import (  # noqa: E402
+    metrics_by_run,
+    run_states,
+    spec_with_failing_data,
+    start_runner,
+    write_spec,
+)
 
 pytestmark = pytest.mark.ray
 
@@ -45,16 +51,7 @@ def test_ray_results_equal_the_local_executor(tmp_path, local_ray):
 
 
 def test_ray_failing_run_is_stored_as_failed(tmp_path, local_ray):
-    bad = tmp_path / "cifar"
-    bad.mkdir()
-    (bad / "cifar-10-python.tar.gz").write_bytes(b"corrupt")
-    path = write_spec(tmp_path, seeds="[0]", extra=f"""
-        [data_profiles.cifar10]
-        data_dir = "{bad}"
-        train_size = 64
-        """)
-    path.write_text(path.read_text().replace("[grid]\n", '[grid]\ndata = ["synthetic", '
-                                             '"cifar10"]\n'))
+    path = spec_with_failing_data(tmp_path, 'data = ["synthetic", "cifar10"]\n')
     outcome = run_grid(load_spec(path), tmp_path / "out", RayExecutor(), stream=io.StringIO())
     assert outcome.counts == {"completed": 1, "failed": 1}
     runs = load_results(tmp_path / "out").runs.set_index("data")

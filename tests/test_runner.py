@@ -52,6 +52,17 @@ def write_spec(tmp_path: Path, steps: int = 6, seeds: str = "[0, 1]", extra: str
     return path
 
 
+def spec_with_failing_data(tmp_path: Path, grid_lines: str, extra: str = "") -> Path:
+    """A one-seed tiny spec whose cifar10 runs fail: a corrupt archive (checksum mismatch)."""
+    bad_data = tmp_path / "cifar"
+    bad_data.mkdir()
+    (bad_data / "cifar-10-python.tar.gz").write_bytes(b"not the real archive")
+    profile = f'[data_profiles.cifar10]\ndata_dir = "{bad_data}"\ntrain_size = 64\n'
+    path = write_spec(tmp_path, seeds="[0]", extra=profile + extra)
+    path.write_text(path.read_text().replace("[grid]\n", "[grid]\n" + grid_lines))
+    return path
+
+
 def run_states(grid_dir: Path) -> dict[str, dict]:
     store = GridStore(grid_dir.parent, grid_dir.name)
     return {rid: store.status(rid) for rid in store.run_ids()}
@@ -98,18 +109,10 @@ def test_grid_stores_runs_in_the_documented_layout(tmp_path):
 
 
 def test_diverged_and_failed_runs_are_stored_and_the_grid_completes(tmp_path, capsys):
-    bad_data = tmp_path / "cifar"
-    bad_data.mkdir()
-    (bad_data / "cifar-10-python.tar.gz").write_bytes(b"not the real archive")
-    path = write_spec(tmp_path, seeds="[0]", extra=f"""
-        [data_profiles.cifar10]
-        data_dir = "{bad_data}"
-        train_size = 64
-        [when]
-        lr = {{ data = ["synthetic"] }}
-        """)
-    path.write_text(path.read_text().replace("[grid]\n", '[grid]\n"clip.mode" = ["none"]\n'
-                                             'lr = [0.05, 1e6]\ndata = ["synthetic", "cifar10"]\n'))
+    path = spec_with_failing_data(
+        tmp_path, '"clip.mode" = ["none"]\nlr = [0.05, 1e6]\ndata = ["synthetic", "cifar10"]\n',
+        extra='[when]\nlr = { data = ["synthetic"] }\n',
+    )
     out = tmp_path / "out"
     assert main(["run", str(path), "--out", str(out), "--device", "cpu", "--no-report"]) == 0
     printed = capsys.readouterr().out

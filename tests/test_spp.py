@@ -28,14 +28,6 @@ SHAPE = (8, 3, 64, 64)
 ALPHA = 0.2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def spp(name: str = "nf_resnet50", seeds: int = 2, **overrides) -> pd.DataFrame:
     """Mean over seeds, one row per block (stem excluded), stats as columns."""
     frame = summarize_spp(

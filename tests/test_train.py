@@ -22,14 +22,6 @@ TINY_MODEL = {
 }
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny(**changes) -> dict:
     config = {
         "model": dict(TINY_MODEL), "train_size": 256, "test_size": 64, "batch_size": 32,
