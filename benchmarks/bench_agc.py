@@ -21,15 +21,14 @@ alike; the table gives each one's median over rounds and the ratios measured in 
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
-import time
 from collections import defaultdict
 
 import torch
 from torch import nn
 
 import sigprop
+from benchmarks.timing import interleaved_rounds, timed
 from sigprop.clipping import adaptive_clip_grad_
 
 VARIANTS = ("foreach_mul_ floor", "sigprop AGC", "per-param loop", "stack by shape")
@@ -133,18 +132,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     }
     if args.skip_stack:
         variants.pop("stack by shape")
-    for _ in range(args.warmup):  # allocator, plan cache, first touch of the pages
-        for fn in variants.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    rng = random.Random(args.seed)
-    for _ in range(args.rounds):
-        order = list(variants)
-        rng.shuffle(order)
-        for name in order:
-            start = time.perf_counter()
-            variants[name]()
-            times[name].append(time.perf_counter() - start)
+    # warm-up: allocator, plan cache, first touch of the pages
+    times = interleaved_rounds({name: timed(fn) for name, fn in variants.items()},
+                               args.rounds, args.warmup, args.seed)
 
     medians = {name: statistics.median(t) for name, t in times.items()}
     n_values = sum(p.numel() for p in params)

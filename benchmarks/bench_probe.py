@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import random
 import statistics
 import time
 
@@ -32,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 import sigprop
+from benchmarks.timing import interleaved_rounds
 from sigprop.probes import Probe
 
 VARIANTS = ("no probe", "every 10", "every 1")
@@ -136,18 +136,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
         return wall / args.block, cpu / args.block
 
-    rng = random.Random(args.seed)
-    for _ in range(args.warmup):
-        for name in VARIANTS:
-            run_block(runs[name])
-    times = {clock: {name: [] for name in VARIANTS} for clock in ("wall", "cpu")}
-    for _ in range(args.rounds):
-        order = list(VARIANTS)
-        rng.shuffle(order)
-        for name in order:
-            wall, cpu = run_block(runs[name])
-            times["wall"][name].append(wall)
-            times["cpu"][name].append(cpu)
+    blocks = interleaved_rounds(
+        {name: lambda name=name: run_block(runs[name]) for name in VARIANTS},
+        args.rounds, args.warmup, args.seed,
+    )
+    times = {
+        clock: {name: [pair[k] for pair in blocks[name]] for name in VARIANTS}
+        for k, clock in enumerate(("wall", "cpu"))
+    }
 
     print(
         f"model {args.model} width_mult {args.width_mult} batch {args.batch} px {args.px}, "

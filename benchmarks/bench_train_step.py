@@ -12,12 +12,12 @@ alike; each one's time is the median over rounds of its per-step time within a b
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import time
 
 import torch
 
+from benchmarks.timing import interleaved_rounds
 from sigprop.train import TrainConfig, _Run
 
 VARIANTS = {
@@ -64,16 +64,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             run.flush()
         return (time.perf_counter() - start) / args.block
 
-    for _ in range(args.warmup):
-        for run in runs.values():
-            run_block(run)
-    times: dict[str, list[float]] = {name: [] for name in runs}
-    rng = random.Random(args.seed)
-    for _ in range(args.rounds):
-        order = list(runs)
-        rng.shuffle(order)
-        for name in order:
-            times[name].append(run_block(runs[name]))
+    times = interleaved_rounds(
+        {name: lambda run=run: run_block(run) for name, run in runs.items()},
+        args.rounds, args.warmup, args.seed,
+    )
 
     medians = {name: statistics.median(t) for name, t in times.items()}
     print(f"width_mult {args.width_mult}, batch {args.batch}, {args.px}px, "

@@ -1,0 +1,37 @@
+"""The benchmarks' timing loop: interleaved rounds, so machine noise hits every variant alike."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def interleaved_rounds(
+    variants: dict[str, Callable[[], T]], rounds: int, warmup: int, seed: int
+) -> dict[str, list[T]]:
+    """Call each variant ``warmup`` times untimed, then once per round in a freshly shuffled
+    order; returns every variant's results, one per round (a timing, or what it measures)."""
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    results: dict[str, list[T]] = {name: [] for name in variants}
+    rng = random.Random(seed)
+    for _ in range(rounds):
+        order = list(variants)
+        rng.shuffle(order)
+        for name in order:
+            results[name].append(variants[name]())
+    return results
+
+
+def timed(fn: Callable[[], object]) -> Callable[[], float]:
+    """``fn`` as a variant that returns its own wall time in seconds."""
+    def run() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+    return run
