@@ -42,6 +42,9 @@ def dry_run_table(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame([{"run_id": r.run_id, **r.axes} for r in runs])
 
 
+MAX_STEP_BARS = 8  # a Ray cluster can have hundreds of slots
+
+
 class Progress:
     """A grid bar and per-worker step bars on a terminal; plain log lines otherwise."""
 
@@ -62,7 +65,7 @@ class Progress:
             self.slot_bars = [
                 tqdm(total=1, desc=f"worker {i}", position=i + 1, leave=False, file=self.stream,
                      dynamic_ncols=True, bar_format="{desc} {percentage:3.0f}%|{bar}| {n}/{total}")
-                for i in range(slots)
+                for i in range(min(slots, MAX_STEP_BARS))
             ]
 
     def step(self, slot: int, run_id: str, step: int, total: int) -> None:

@@ -331,10 +331,12 @@ def drop_inapplicable_model_keys(config: dict) -> None:
 
 def check_keys(spec: GridSpec) -> None:
     """Unknown keys fail before anything runs, naming the key and the valid ones."""
+    from sigprop.clipping import ClipConfig
     from sigprop.models import list_models, model_options
     from sigprop.train import TrainConfig
 
     top = {f.name for f in dataclasses.fields(TrainConfig)}
+    clip_keys = {f.name for f in dataclasses.fields(ClipConfig)}
     model_keys = {"name"} | {opt for name in list_models() for opt in model_options(name)}
     keys = [("base", k) for k in flatten(spec.base)] + [("--set", k) for k in spec.fixed]
     keys += [(f"data_profiles.{d}", k) for d, p in spec.data_profiles.items() for k in flatten(p)]
@@ -350,15 +352,11 @@ def check_keys(spec: GridSpec) -> None:
                 f"{section}.{key}: no model has the option {rest!r}; valid model options: "
                 f"{', '.join(sorted(model_keys))}"
             )
-        if head == "clip" and rest:
-            from sigprop.clipping import ClipConfig
-
-            valid = {f.name for f in dataclasses.fields(ClipConfig)}
-            if rest not in valid:
-                raise SpecError(
-                    f"{section}.{key}: unknown clip option {rest!r}; valid: "
-                    f"{', '.join(sorted(valid))}"
-                )
+        if head == "clip" and rest and rest not in clip_keys:
+            raise SpecError(
+                f"{section}.{key}: unknown clip option {rest!r}; valid: "
+                f"{', '.join(sorted(clip_keys))}"
+            )
 
 
 def run_id(config: dict) -> str:
