@@ -17,7 +17,6 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from typing import Any
 
 from ablations.worker import execute_run, resolve_device
@@ -182,16 +181,10 @@ class LocalExecutor:
 def store_check_task(root: str) -> tuple[str, str | None]:
     """On one node: (hostname, None) if ``root`` is writable there, else (hostname, reason)."""
     import socket
-    import uuid
 
-    path = Path(root) / f".ray-write-test-{uuid.uuid4().hex}"
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("ok")
-        path.unlink()
-    except OSError as err:
-        return socket.gethostname(), err.strerror or str(err)
-    return socket.gethostname(), None
+    from sigprop.files import writable_dir_error
+
+    return socket.gethostname(), writable_dir_error(root)
 
 
 def ray_run_task(root: str, grid: str, run_id: str, gpus: float, threads: int,

@@ -43,6 +43,7 @@ from typing import Any
 
 import tomllib
 
+from sigprop.clipping import THRESHOLD_MODES
 from sigprop.errors import UserError
 
 SPEC_KEYS = {
@@ -50,7 +51,6 @@ SPEC_KEYS = {
 }
 # Execution choices that do not change what a run computes, so not part of its id.
 EXECUTION_KEYS = ("device",)
-THRESHOLD_MODES = ("norm", "agc")
 
 
 class SpecError(UserError):
@@ -77,9 +77,7 @@ class GridSpec:
     intended_for: str = ""
 
     def to_toml_dict(self) -> dict:
-        out = {k: v for k, v in dataclasses.asdict(self).items() if v not in ("", {}, None)}
-        out["name"] = self.name
-        return out
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in ("", {}, None)}
 
 
 # ----------------------------------------------------------------------------- loading

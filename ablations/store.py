@@ -18,53 +18,23 @@ execute the same run at once.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import json
 import os
 import platform
 import socket
 import subprocess
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
 from sigprop.errors import UserError
+from sigprop.files import atomic_path, writable_dir_error
 
 STATES = ("queued", "running", "completed", "diverged", "failed")
 FINISHED = ("completed", "diverged")
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; on success fsync it and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; results are for sharing
-    try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    finally:
-        tmp_path.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -136,13 +106,9 @@ class GridStore:
         """Write the spec and a queued entry for every new run; existing runs are untouched."""
         import tomli_w
 
-        try:
-            self.runs_dir.mkdir(parents=True, exist_ok=True)
-            probe = self.dir / f".write-test-{os.getpid()}"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as err:
-            raise UserError(f"cannot write results to {self.dir}: {err.strerror}") from None
+        why = writable_dir_error(self.runs_dir)
+        if why:
+            raise UserError(f"cannot write results to {self.dir}: {why}")
         text = tomli_w.dumps(spec_toml)
         spec_path = self.dir / "spec.toml"
         if spec_path.exists() and spec_path.read_text() != text:

@@ -20,11 +20,10 @@ PROGRESS_INTERVAL_S = 0.5
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """"auto" -> "cuda" when present, else "cpu" (the trainer's rule)."""
+    from sigprop.train import resolve_device as train_device
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
+    return str(train_device(device))
 
 
 def execute_run(

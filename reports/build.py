@@ -27,7 +27,8 @@ import pandas as pd
 import tomllib
 from matplotlib.figure import Figure
 
-from ablations.store import GridStore, load_results, write_bytes
+from ablations.spec import THRESHOLD_MODES
+from ablations.store import FINISHED, GridStore, load_results, write_bytes
 from reports import plots as gp
 from sigprop.errors import UserError
 
@@ -215,7 +216,7 @@ def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str]) -> Sect
     if items:
         section.parts.append(Bullets(items))
     section.parts.append(f"Runs: {len(frame)} ({counts_line(frame)}).")
-    finished = frame["status"].isin(gp.FINISHED)
+    finished = frame["status"].isin(FINISHED)
     missing = []
     pending = frame[frame["status"].isin(gp.PENDING)]
     if len(pending):
@@ -295,7 +296,7 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
                     blocks: pd.DataFrame) -> tuple[list[Section], list[str]]:
     """The figures that fit this grid, and one line per figure that does not, saying why."""
     axes = gp.varied_axes(frame)
-    finished = frame[frame["status"].isin(gp.FINISHED)]
+    finished = frame[frame["status"].isin(FINISHED)]
     sections: list[Section] = []
     skipped: list[str] = []
     if finished.empty:
@@ -385,7 +386,7 @@ def heatmap_fits(finished: pd.DataFrame) -> bool:
         return False
     clipped = finished
     if "clip.mode" in finished:
-        clipped = finished[finished["clip.mode"].isin(gp.THRESHOLD_MODES)]
+        clipped = finished[finished["clip.mode"].isin(THRESHOLD_MODES)]
     if clipped.empty:
         return False
     modes = clipped.groupby("clip.mode") if "clip.mode" in clipped else [(None, clipped)]

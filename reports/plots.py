@@ -52,6 +52,7 @@ from matplotlib.ticker import (
     PercentFormatter,
 )
 
+from ablations.spec import THRESHOLD_MODES
 from sigprop.errors import UserError
 
 PALETTE = "colorblind"
@@ -187,9 +188,7 @@ def _plot_theory(ax, rows: pd.DataFrame, hue: str, names: list, colours: dict) -
 
 # ----------------------------------------------------------------------------- grid figures
 
-FINISHED = ("completed", "diverged")
 PENDING = ("queued", "running", "interrupted")
-THRESHOLD_MODES = ("norm", "agc")
 SEQUENTIAL = "viridis"  # perceptually uniform and colour-blind safe, for ordered values
 GRADIENT_CMAP = "magma"
 DIVERGED_MARK = "X"

@@ -40,6 +40,7 @@ from torch import nn
 from sigprop.errors import UserError
 
 CLIP_MODES = ("agc", "norm", "none")
+THRESHOLD_MODES = ("norm", "agc")  # the modes that use clip.threshold
 AGC_EPS = 1e-3
 GRAD_NORM_FLOOR = 1e-6  # guards the division by ||G_i|| (facts section 5)
 
@@ -340,7 +341,7 @@ class ClipConfig:
                 f"clip.mode must be one of {', '.join(CLIP_MODES)}; got {self.mode!r}"
             )
         _require_number(self.threshold, "threshold", allow_none=True)
-        if self.mode != "none":
+        if self.mode in THRESHOLD_MODES:
             if self.threshold is None:
                 raise UserError(
                     f"clip.threshold is required for clip.mode {self.mode!r}: a number > 0"

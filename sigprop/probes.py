@@ -69,6 +69,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from sigprop.clipping import AGC_EPS  # the floor on ||W_i|| (facts section 5)
 from sigprop.errors import UserError
 
 ACT_STATS = ("sq_mean", "var", "res_sq_mean", "res_var", "grad_out_norm")
@@ -76,7 +77,6 @@ GRAD_STATS = ("grad_norm", "agc_ratio_max", "agc_ratio_mean", "agc_frac_above")
 STATS = ACT_STATS + GRAD_STATS
 RECORD_COLUMNS = ["step", "block", "stage", "index", "stat", "value", "expected_var"]
 PARAM_RECORD_COLUMNS = ["step", "block", "stage", "index", "param", "stat", "value"]
-AGC_EPS = 1e-3  # the floor on ||W_i|| in AGC (facts section 5)
 # Never a value of any statistic (all are >= 0 or NaN), so it marks "not recorded".
 _UNSET = float("-inf")
 # Parameters are concatenated into chunks of at most this many elements, bounding the temporary

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from sigprop.errors import UserError
+from sigprop.files import writable_dir_error
 from sigprop.layers import StochasticDepth
 from sigprop.models import create_model, model_options
 from sigprop.probes import Probe
@@ -210,15 +211,10 @@ def summarize_spp(frame: pd.DataFrame) -> pd.DataFrame:
 
 
 def _writable_dir(out_dir: str | os.PathLike) -> Path:
-    path = Path(out_dir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe_file = path / ".sigprop-write-test"
-        probe_file.write_bytes(b"")
-        probe_file.unlink()
-    except OSError as err:
-        raise UserError(f"cannot write to output directory {str(path)!r}: {err.strerror}") from None
-    return path
+    why = writable_dir_error(out_dir)
+    if why:
+        raise UserError(f"cannot write to output directory {str(out_dir)!r}: {why}")
+    return Path(out_dir)
 
 
 def model_label(name: str, overrides: dict | None = None) -> str:

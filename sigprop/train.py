@@ -31,7 +31,6 @@ import dataclasses
 import io
 import math
 import os
-import tempfile
 import time
 import types
 import typing
@@ -48,6 +47,7 @@ from torch import nn
 from sigprop.clipping import ClipConfig, GradClipper
 from sigprop.data import BatchStream, dataset_info, dataset_names, eval_batches, load_dataset
 from sigprop.errors import UserError
+from sigprop.files import atomic_path
 
 DEFAULT_MODEL: dict = {"name": "nf_resnet26", "stem": "cifar", "width_mult": 0.25}
 DEFAULT_EPOCHS = 10.0
@@ -334,26 +334,9 @@ def lr_at(step: int, total: int, peak: float, warmup_steps: int) -> float:
 
 
 def atomic_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, fsync, then rename over it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable; not every file system allows it
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    """``torch.save`` that never leaves half a checkpoint (see :func:`atomic_path`)."""
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _frame_to_bytes(frame: pd.DataFrame) -> torch.Tensor:

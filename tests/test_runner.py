@@ -16,8 +16,9 @@ import pytest
 from ablations.executors import LocalExecutor
 from ablations.runner import run_grid, status_table
 from ablations.spec import expand, load_spec
-from ablations.store import GridStore, atomic_path, load_results
+from ablations.store import GridStore, load_results
 from run_ablations import main
+from sigprop.files import atomic_path, writable_dir_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -220,3 +221,11 @@ def test_unwritable_output_is_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "cannot write results" in err
     assert blocker.read_text() == ""
+
+
+def test_writable_dir_error_names_the_reason(tmp_path):
+    assert writable_dir_error(tmp_path / "new" / "folder") is None
+    assert (tmp_path / "new" / "folder").is_dir() and not list((tmp_path / "new").rglob(".*"))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert writable_dir_error(blocker / "sub") == "Not a directory"
