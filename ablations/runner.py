@@ -128,9 +128,11 @@ def run_grid(
     store.prepare(spec.to_toml_dict(), runs)
     todo = runs_to_execute(store, runs, retry_failed)
     outcome = GridOutcome(store.dir, total=len(runs), skipped=len(runs) - len(todo))
+    # describing a Ray executor starts Ray: only worth it when there is something to run
+    where = f" on {executor.describe()}" if todo else ""
     print(
         f"grid {spec.name}: {len(runs)} runs, {outcome.skipped} already stored, "
-        f"{len(todo)} to run on {executor.describe()} -> {store.dir}",
+        f"{len(todo)} to run{where} -> {store.dir}",
         file=stream, flush=True,
     )
     if not todo:
