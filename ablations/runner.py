@@ -39,7 +39,7 @@ def describe_run(run: Run) -> str:
 
 
 def dry_run_table(runs: list[Run]) -> pd.DataFrame:
-    return pd.DataFrame([{"run_id": r.run_id, **r.axes} for r in runs])
+    return pd.DataFrame([{"run_id": r.run_id, "model": r.label, **r.axes} for r in runs])
 
 
 MAX_STEP_BARS = 8  # a Ray cluster can have hundreds of slots

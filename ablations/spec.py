@@ -24,6 +24,9 @@
     [data_profiles.synthetic]   # base overrides used when data = "synthetic" (CPU scale)
     epochs = 2
 
+    [[claims]]                  # what the grid tests; the report checks it (ablations.claims)
+    text = "..."
+
 Built-in rules: ``clip.threshold`` only applies to the clipping modes that use it, and a
 ``model.*`` key only applies to models that have that option (BN-ResNets have no alpha), so
 neither produces duplicate runs. A run's id is a hash of its canonical resolved config.
@@ -48,6 +51,7 @@ from sigprop.errors import UserError
 
 SPEC_KEYS = {
     "name", "description", "intended_for", "base", "fixed", "grid", "tie", "when", "data_profiles",
+    "claims",
 }
 # Execution choices that do not change what a run computes, so not part of its id.
 EXECUTION_KEYS = ("device",)
@@ -62,6 +66,8 @@ class Run:
     run_id: str
     config: dict  # canonical nested TrainConfig dict
     axes: dict  # the axis values that define this run (dotted keys)
+    label: str = ""  # the model as built: "NF-ResNet [1,1,1,1] x0.125"
+    departures: dict = field(default_factory=dict)  # {model option: registry default}
 
 
 @dataclass
@@ -75,6 +81,7 @@ class GridSpec:
     data_profiles: dict[str, dict] = field(default_factory=dict)
     description: str = ""
     intended_for: str = ""
+    claims: list[dict] = field(default_factory=list)  # [[claims]] tables, as written
 
     def to_toml_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v not in ("", {}, None)}
@@ -124,6 +131,7 @@ def spec_from_dict(raw: dict, default_name: str = "grid") -> GridSpec:
         data_profiles=raw.get("data_profiles", {}),
         description=raw.get("description", ""),
         intended_for=raw.get("intended_for", ""),
+        claims=raw.get("claims", []),
     )
     check_structure(spec)
     return spec
@@ -172,6 +180,17 @@ def check_structure(spec: GridSpec) -> None:
     for key in spec.when:
         if key not in spec.grid:
             raise SpecError(f"when.{key} refers to an axis that is not in [grid]")
+    parsed_claims(spec)
+
+
+def parsed_claims(spec: GridSpec) -> list:
+    """The spec's claims, parsed; a malformed claim is a :class:`SpecError`."""
+    from ablations.claims import ClaimError, parse_claims
+
+    try:
+        return parse_claims(spec.claims or None)
+    except ClaimError as err:
+        raise SpecError(str(err)) from None
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -257,6 +276,7 @@ def get_dotted(table: dict, key: str, default: Any = None) -> Any:
 
 def expand(spec: GridSpec) -> list[Run]:
     """Every run of the grid, deduplicated, validated, in a stable order."""
+    from sigprop.models.labels import model_departures, model_label
     from sigprop.train import TrainConfig
 
     check_keys(spec)
@@ -286,8 +306,29 @@ def expand(spec: GridSpec) -> list[Run]:
             where = ", ".join(f"{k}={v!r}" for k, v in axes.items())
             raise SpecError(f"{err}" + (f" (in the run with {where})" if where else "")) from None
         rid = run_id(canonical)
-        runs.setdefault(rid, Run(rid, canonical, axes))
+        if rid not in runs:
+            model = canonical["model"]
+            runs[rid] = Run(rid, canonical, axes, model_label(model["name"], model),
+                            model_departures(model["name"], model))
+    check_run_claims(spec, list(runs.values()))
     return list(runs.values())
+
+
+def check_run_claims(spec: GridSpec, runs: list[Run]) -> None:
+    """Claims name keys the runs have and select at least one run each (before any run)."""
+    import pandas as pd
+
+    from ablations.claims import ClaimError, check_claims
+    from ablations.store import flatten_config
+
+    claims = parsed_claims(spec)
+    if not claims:
+        return
+    frame = pd.DataFrame([flatten_config(run.config) for run in runs])
+    try:
+        check_claims(claims, frame, set(frame.columns))
+    except ClaimError as err:
+        raise SpecError(str(err)) from None
 
 
 def build_config(spec: GridSpec, axes: dict) -> dict:

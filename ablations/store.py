@@ -3,7 +3,8 @@
 Layout under the output root (``runs/`` by default)::
 
     <grid>/spec.toml                    the resolved spec of the latest invocation
-    <grid>/runs/<run_id>/config.json    {"run_id", "grid", "axes", "config"}
+    <grid>/runs/<run_id>/config.json    {"run_id", "grid", "axes", "config", "label",
+                                         "model_departures": {option: registry default}}
     <grid>/runs/<run_id>/status.json    state, timings, attempts, summary, error, environment
     <grid>/runs/<run_id>/metrics.parquet  one row per step (+ test_acc / test_loss at evals)
     <grid>/runs/<run_id>/blocks.parquet   probe records (step, block, stage, index, stat, value)
@@ -121,7 +122,8 @@ class GridStore:
                 continue
             write_json(
                 run_dir / "config.json",
-                {"run_id": run.run_id, "grid": self.grid, "axes": run.axes, "config": run.config},
+                {"run_id": run.run_id, "grid": self.grid, "axes": run.axes, "config": run.config,
+                 "label": run.label, "model_departures": run.departures},
             )
             write_json(run_dir / "status.json", {"state": "queued", "attempts": 0,
                                                  "queued_at": time.time()})
@@ -211,8 +213,8 @@ class Results:
 
 
 SUMMARY_COLUMNS = [
-    "final_acc", "best_acc", "diverged_step", "max_grad_norm", "clip_fraction", "steps",
-    "duration_s",
+    "final_acc", "best_acc", "diverged_step", "max_grad_norm", "clip_fraction",
+    "steps_done", "duration_s", "gain_clip_ratio",
 ]
 
 
@@ -235,10 +237,15 @@ def grid_dirs(path: Path) -> list[Path]:
 def load_results(path: str | Path, with_frames: bool = True) -> Results:
     """Read a grid folder (or an output root holding several grids) into pandas frames.
 
-    ``runs`` has one row per run: grid, run_id, status, error, the config flattened to dotted
-    columns (``model.name``, ``clip.mode``, ``batch_size``...), ``axes`` (the keys the grid
-    varied for this run) and the summary metrics ``SUMMARY_COLUMNS``. ``metrics`` and
-    ``blocks`` concatenate every finished run's parquet files with ``grid`` and ``run_id``.
+    ``runs`` has one row per run: grid, run_id, status, error, ``model_label`` (the model as
+    built, e.g. "NF-ResNet [1,1,1,1] x0.125"; None in stores written before labels),
+    ``model_departures`` ({model option: registry default} for the options the run changes), the
+    config flattened to dotted columns (``model.name``, ``clip.mode``, ``batch_size``...),
+    ``axes`` (the keys the grid varied for this run), the summary metrics ``SUMMARY_COLUMNS``
+    (``gain_clip_ratio``: the median ratio of zero-initialised gains' gradients to what AGC
+    lets through over the first steps, see ``sigprop.gains``; None when no such gain) and
+    ``warnings`` (a tuple of lines the run raised about itself). ``metrics`` and ``blocks``
+    concatenate every finished run's parquet files with ``grid`` and ``run_id``.
     """
     path = Path(path)
     grids = grid_dirs(path)
@@ -255,10 +262,15 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
             if state == "running" and not store.is_locked(rid):
                 state = "interrupted"  # its process is gone; resumable from the checkpoint
             summary = status.get("summary", {})
+            if "steps" in summary and "steps_done" not in summary:  # stores before the rename
+                summary = {**summary, "steps_done": summary["steps"]}
             row = {"grid": grid_dir.name, "run_id": rid, "status": state,
-                   "error": status.get("error"), "axes": tuple(sorted(cfg.get("axes", {})))}
+                   "error": status.get("error"), "axes": tuple(sorted(cfg.get("axes", {}))),
+                   "model_label": cfg.get("label") or None,
+                   "model_departures": cfg.get("model_departures") or {}}
             row.update(flatten_config(cfg["config"]))
             row.update({k: summary.get(k) for k in SUMMARY_COLUMNS})
+            row["warnings"] = tuple(status.get("warnings") or ())
             rows.append(row)
             if with_frames and state in FINISHED:
                 run_dir = store.run_dir(rid)

@@ -99,7 +99,7 @@ def _execute_locked(store: GridStore, run_id: str, device: str, events: Any, slo
     blocks = result.blocks if isinstance(result.blocks, pd.DataFrame) else pd.DataFrame()
     store.write_results(
         run_id, metrics, blocks, state=result.status, finished_at=time.time(),
-        duration_s=duration, summary=summary,
+        duration_s=duration, summary=summary, warnings=list(getattr(result, "warnings", [])),
     )
     return {"run_id": run_id, "state": result.status, "summary": summary}
 
@@ -129,8 +129,10 @@ def summarize(result: Any, metrics: pd.DataFrame, duration: float) -> dict:
         "diverged_step": result.diverged_step,
         "max_grad_norm": col_stat("grad_norm", "max"),
         "clip_fraction": col_stat("clip_fraction", "mean"),
-        "steps": int(result.steps_done),
+        "steps_done": int(result.steps_done),
         "duration_s": duration,
+        "gain_clip_ratio": (result.gain_check or {}).get("median_ratio")
+        if getattr(result, "gain_check", None) else None,
     }
 
 

@@ -27,15 +27,17 @@ import pandas as pd
 import tomllib
 from matplotlib.figure import Figure
 
+from ablations.claims import ClaimError, Verdict, evaluate_claims, parse_claims, verdict_counts
 from ablations.spec import THRESHOLD_MODES
 from ablations.store import FINISHED, GridStore, load_results, write_bytes
 from reports import plots as gp
 from sigprop.errors import UserError
 
 SUMMARY_METRICS = ["final_acc", "best_acc", "diverged_step", "max_grad_norm", "clip_fraction",
-                   "steps", "duration_s"]
+                   "steps_done", "duration_s"]
 RUN_HEADERS = {"final_acc": "final acc", "best_acc": "best acc", "diverged_step": "diverged at",
-               "max_grad_norm": "max grad norm", "clip_fraction": "clipped", "steps": "steps",
+               "max_grad_norm": "max grad norm", "clip_fraction": "clipped",
+               "steps_done": "steps done",
                "duration_s": "time (s)"}
 ENVIRONMENT_KEYS = ["python", "torch", "numpy", "pandas", "sigprop", "device", "device_name",
                     "platform", "host", "git_commit"]
@@ -177,7 +179,11 @@ def assemble(grid_dir: Path, runs: pd.DataFrame, metrics: pd.DataFrame, blocks: 
              statuses: dict[str, dict], spec: dict) -> list[Section]:
     frame = gp.with_derived(runs)
     figures, skipped = figure_sections(grid_dir, frame, metrics, blocks)
-    sections = [summary_section(frame, spec, skipped)]
+    verdicts = claim_verdicts(spec, runs)
+    sections = [summary_section(frame, spec, skipped, verdicts)]
+    if verdicts is not None:
+        sections.append(claims_section(verdicts))
+    sections.append(settings_section(frame))
     key = key_results(frame)
     if key is not None:
         sections.append(key)
@@ -204,12 +210,36 @@ def axis_values(frame: pd.DataFrame, axis: str) -> str:
     return ", ".join(gp.fmt_value(v) for v in values)
 
 
-def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str]) -> Section:
+def claim_verdicts(spec: dict, runs: pd.DataFrame) -> list[Verdict] | None:
+    """The spec's claims checked on the runs; None when the spec has none (or an unreadable
+    set: the runner validated them before running, so that is a spec edited since)."""
+    try:
+        claims = parse_claims(spec.get("claims"))
+    except ClaimError as err:
+        warnings.warn(f"the stored spec's claims cannot be read: {err}", stacklevel=2)
+        return None
+    return evaluate_claims(claims, runs) if claims else None
+
+
+def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str],
+                    verdicts: list[Verdict] | None = None) -> Section:
     section = Section("Summary")
     if spec.get("description"):
         section.parts.append(" ".join(str(spec["description"]).split()))
     if spec.get("intended_for"):
         section.parts.append(f"Intended for: {spec['intended_for']}.")
+    if verdicts:
+        section.parts.append(f"What the runs show: of {len(verdicts)} claim(s) this grid tests, "
+                             f"{verdict_counts(verdicts)} (see Claims).")
+        section.parts.append(Bullets([f"{v.claim.id}: {v.verdict} — {v.claim.text}"
+                                      for v in verdicts]))
+    elif spec:
+        section.parts.append("This grid states no claims: the figures and tables below are the "
+                             "whole finding.")
+    flagged = run_warnings(frame)
+    if flagged:
+        section.parts.append("Warnings raised by the runs:")
+        section.parts.append(Bullets(flagged))
     axes = gp.varied_axes(frame)
     items = [f"`{axis}`: {axis_values(frame, axis)}" for axis in axes]
     section.parts.append("What varied:" if items else "No axis varied: a single configuration.")
@@ -236,6 +266,89 @@ def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str]) -> Sect
         section.parts.append("Figures not drawn:")
         section.parts.append(Bullets(skipped))
     return section
+
+
+def claims_section(verdicts: list[Verdict]) -> Section:
+    rows = [{"id": v.claim.id, "claim": v.claim.text, "source": v.claim.source,
+             "evidence": v.evidence, "verdict": v.verdict, "why": v.reason} for v in verdicts]
+    return Section("Claims", [
+        "Each claim is checked on this grid's finished runs by the rule its spec states "
+        "(`ablations.claims`): seed ranges, not only means, must separate for a difference to "
+        "count; too few finished runs make a claim inconclusive. A diverged run counts at "
+        "chance accuracy.",
+        Table(pd.DataFrame(rows)),
+    ])
+
+
+def run_warnings(frame: pd.DataFrame) -> list[str]:
+    """One line per distinct kind of run warning, with how many runs raised it."""
+    if "warnings" not in frame:
+        return []
+    kinds: dict[str, list[str]] = {}
+    for run_id, lines in zip(frame["run_id"], frame["warnings"]):
+        for line in lines if isinstance(lines, tuple | list) else ():
+            kinds.setdefault(line.split(":", 1)[0], []).append(run_id)
+    out = []
+    for head, run_ids in kinds.items():
+        example = next(line for lines in frame["warnings"] if isinstance(lines, tuple | list)
+                       for line in lines if line.startswith(head))
+        out.append(f"{len(run_ids)} of {len(frame)} runs: {example}" + (
+            " (numbers of one run; the Runs table has each run's gain clip ratio)"
+            if len(run_ids) > 1 else ""))
+    return out
+
+
+# Settings a reader needs to judge a short run, in the order they are shown.
+SETTING_KEYS = [
+    "data", "image_size", "augment", "train_size", "steps", "epochs", "batch_size", "base_lr",
+    "lr", "warmup_fraction", "label_smoothing", "weight_decay", "momentum", "eval_every",
+    "probe_every", "clip.mode", "clip.threshold", "clip.clip_classifier",
+]
+
+
+def settings_section(frame: pd.DataFrame) -> Section:
+    """Every setting the runs share (what varied is listed in the summary), with the model
+    options that depart from the registry's (the authors') defaults."""
+    varied = set(gp.varied_axes(frame))
+    rows = []
+    model_keys = sorted(c for c in frame if c.startswith("model.") and c != "model.name")
+    for key in [*SETTING_KEYS, *model_keys]:
+        if key not in frame or key in varied:
+            continue
+        values = frame[key].dropna()
+        values = values[values.map(lambda v: v is not None)]
+        if values.empty or values.map(repr).nunique() != 1:
+            continue
+        value = values.iloc[0]
+        default = departure_default(frame, key)
+        if isinstance(default, list):
+            default = f"[{', '.join(gp.fmt_value(v) for v in default)}]"
+        shown = (f"[{', '.join(gp.fmt_value(v) for v in value)}]"
+                 if isinstance(value, tuple | list) else gp.fmt_value(value))
+        rows.append({"setting": key, "value": shown,
+                     "authors' default": "" if default is None else gp.fmt_value(default)})
+    if "base_lr" in frame and "lr" not in varied and frame.get("lr", pd.Series()).isna().all():
+        rows.append({"setting": "peak lr", "value": "base_lr × batch size / 256",
+                     "authors' default": ""})
+    parts = ["The settings every run shares (a model option applies to the models that have "
+             "it). A value in the last column departs from the "
+             "model's registry default, which follows the authors' ImageNet-length recipe; "
+             "short CPU runs need some of those changed (README, 'Short runs')."]
+    if rows:
+        parts.append(Table(pd.DataFrame(rows)))
+    return Section("Settings", parts)
+
+
+def departure_default(frame: pd.DataFrame, key: str) -> Any:
+    """The registry default of a model option the runs override, from the stored
+    ``model_departures``; None when the runs keep the default."""
+    if "model_departures" not in frame or not key.startswith("model."):
+        return None
+    option = key.removeprefix("model.")
+    for departures in frame["model_departures"]:
+        if isinstance(departures, dict) and option in departures:
+            return departures[option]
+    return None
 
 
 def key_results(frame: pd.DataFrame) -> Section | None:
@@ -367,6 +480,12 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
     else:
         skipped.append("gradient propagation: no block gradient statistics were recorded "
                        "(probe_every = 0)")
+    if any(str(stat).startswith(gp.GAIN_PREFIX) for stat in stats):
+        add("Scalar gains", "gains",
+            "Mean |gain| over each run's blocks (SkipInit gains and other 0-d block parameters), "
+            "as recorded by the probe every probe_every steps. A gain that stays at its start "
+            "value 0 leaves its residual branch switched off.",
+            lambda: gp.plot_gains(blocks, frame))
     if "agc_frac_above" in stats:
         add("AGC clip fraction", "agc-clip-fraction",
             "Fraction of each block's units whose gradient-to-weight norm ratio exceeds the "
@@ -426,11 +545,13 @@ def figure_bytes(fig: Any) -> bytes:
 def runs_section(frame: pd.DataFrame) -> Section:
     axes = [a for a in gp.varied_axes(frame) if a in frame]
     columns = ["run_id", "status", *axes, *[m for m in SUMMARY_METRICS if m in frame]]
+    if "model.name" in axes and "model" in frame:  # the model as built, not its registry name
+        columns[columns.index("model.name")] = "model"
     table = gp.sort_frame(frame, axes)[columns].copy()
     for column in ("final_acc", "best_acc", "clip_fraction"):
         if column in table:
             table[column] = [f"{v:.1%}" if np.isfinite(v) else "" for v in table[column]]
-    for column in ("diverged_step", "steps"):
+    for column in ("diverged_step", "steps_done"):
         if column in table:
             table[column] = [f"{int(v)}" if np.isfinite(v) else "" for v in table[column]]
     if "max_grad_norm" in table:
@@ -440,6 +561,8 @@ def runs_section(frame: pd.DataFrame) -> Section:
         table["duration_s"] = [f"{v:.0f}" if np.isfinite(v) else "" for v in table["duration_s"]]
     run_axes = gp.sort_frame(frame, axes)["axes"] if "axes" in frame else None
     for axis in axes:
+        if axis not in table:
+            continue
         # a value the run's config holds but its grid point does not set (the threshold of an
         # unclipped run) is not applicable to it
         table[axis] = [
@@ -477,7 +600,9 @@ def problems_section(frame: pd.DataFrame, statuses: dict[str, dict]) -> Section 
 
 
 def describe(frame: pd.DataFrame, row: pd.Series) -> str:
-    axes = [a for a in gp.varied_axes(frame) if a in row]
+    own = row.get("axes")  # only the keys this run's grid point sets (no stale thresholds)
+    axes = [a for a in gp.varied_axes(frame) if a in row
+            and (not isinstance(own, tuple | list) or a in own)]
     return ", ".join(f"{a}={gp.fmt_value(row[a])}" for a in axes
                      if not (isinstance(row[a], float) and np.isnan(row[a]))) or "base config"
 

@@ -324,9 +324,12 @@ def with_derived(runs: pd.DataFrame) -> pd.DataFrame:
         thresholds = frame["clip.threshold"] if "clip.threshold" in frame else [None] * len(frame)
         frame["clipping"] = [clipping_label(m, t) for m, t in zip(frame["clip.mode"], thresholds)]
     if "model.name" in frame:
-        frame["model"] = frame["model.name"].map(pretty_model)
+        names = frame["model.name"].map(pretty_model)
+        if "model_label" in frame:  # the model as built (a shape when overridden)
+            names = frame["model_label"].where(frame["model_label"].notna(), names)
+        frame["model"] = names
     for column in ("final_acc", "best_acc", "diverged_step", "max_grad_norm", "clip_fraction",
-                   "steps", "duration_s"):
+                   "steps_done", "duration_s"):
         if column in frame:
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
     if "status" not in frame:
@@ -861,7 +864,7 @@ def plot_training_curves(
             else:
                 points = series[[x, metric]]
                 final = info.get("final_acc")
-                steps = info.get("steps")
+                steps = info.get("steps_done")
                 # the last evaluation runs after the last update, so it may have no metrics row
                 if x == "step" and is_number(final) and is_number(steps) and (
                         points.empty or points[x].max() < steps):
@@ -1258,4 +1261,55 @@ def plot_alpha_sweep(
     acc_ax.legend(handles=[*acc_ax.get_legend_handles_labels()[0], *extra], fontsize=9,
                   frameon=False)
     fig.suptitle("Alpha sweep", fontsize=12)
+    return fig
+
+
+# ----------------------------------------------------------------------------- gains
+
+GAIN_PREFIX = "gain:"  # blocks.parquet stat of a block's 0-d parameter (sigprop.probes)
+
+
+@styled
+def plot_gains(blocks: pd.DataFrame, runs: pd.DataFrame, col: str | None = None) -> Figure:
+    """Scalar gains (SkipInit ``gain:skip_gain`` and any other 0-d block parameter) over
+    training: the mean |gain| over a run's blocks, one line per run, coloured by the clipping
+    setting, a panel per ``col`` (default: batch size); crosses mark diverged runs."""
+    if blocks.empty or "stat" not in blocks:
+        raise UserError("the blocks frame has no gain rows")
+    rows = blocks[blocks["stat"].astype(str).str.startswith(GAIN_PREFIX)]
+    if rows.empty:
+        raise UserError("the blocks frame has no gain rows")
+    frame = with_derived(runs)
+    frame = frame[frame["run_id"].isin(rows["run_id"].unique())]
+    if col is None:
+        col = "batch_size" if "batch_size" in frame and frame["batch_size"].nunique() > 1 \
+            else None
+    panels = ordered_values(frame, col) if col else [None]
+    hue = "clipping" if "clipping" in frame else None
+    hues = ordered_values(frame, hue) if hue else [None]
+    colours = palette_for(hues)
+    per_run = (rows.assign(value=rows["value"].abs())
+               .groupby(["run_id", "step"])["value"].mean().reset_index())
+    fig, axes = new_figure(1, len(panels), panel_width(len(panels), 4.2, 2.6), 3.8, sharey=True)
+    for ax, panel in zip(axes[0], panels):
+        members = frame if panel is None else frame[frame[col] == panel]
+        for _, run in sort_frame(members, [hue] if hue else []).iterrows():
+            series = per_run[per_run["run_id"] == run["run_id"]].sort_values("step")
+            if series.empty:
+                continue
+            colour = colours[run[hue]] if hue else "black"
+            ax.plot(series["step"], series["value"], color=colour, linewidth=1.3, alpha=0.8,
+                    gid="gain-line")
+            if run.get("status") == "diverged":
+                ax.plot(series["step"].iloc[-1], series["value"].iloc[-1], DIVERGED_MARK,
+                        color=colour, markersize=8)
+        ax.set_xlabel(label("step"))
+        ax.set_title(f"{label(col)} = {fmt_value(panel)}" if col else "all runs", fontsize=10.5)
+        ax.set_ylim(bottom=0)
+    axes[0][0].set_ylabel("mean |gain| over blocks")
+    if hue:
+        handles = [Line2D([], [], color=colours[h], linewidth=2, label=fmt_value(h))
+                   for h in hues]
+        fig.legend(handles=handles, title=label(hue), loc="outside right center", frameon=False)
+    fig.suptitle("Scalar (SkipInit) gains over training, one line per run", fontsize=12)
     return fig

@@ -14,9 +14,15 @@ Names (:func:`load_dataset`):
   upsampled to ``image_size`` and repeated over three channels.
 
 Images are normalized with per-channel mean/std. There is no DataLoader: :class:`BatchStream`
-shuffles and augments (random crop with zero padding in normalized space, i.e. mean-colour
-padding, and horizontal flips) on the device, driven by a CPU ``torch.Generator`` whose state
-is checkpointable, so the data order is reproducible on any device.
+shuffles and augments on the device, driven by a CPU ``torch.Generator`` whose state is
+checkpointable, so the data order is reproducible on any device.
+
+Augmentation (``AUGMENTATIONS``): ``none``; ``crop``, a random crop of the image zero-padded (in
+normalized space, i.e. mean-colour padding) by :func:`crop_padding` pixels, about 1/8 of its
+side (4 px at 32 px, the CIFAR convention; 1 px at 8 px); ``crop+flip``, the same plus
+horizontal flips. Flips only suit data whose labels survive a mirror image: each data set names
+its default (:func:`default_augment`): CIFAR ``crop+flip``; digits and synthetic ``crop`` (a
+mirrored digit, or a mirrored synthetic class pattern, is not the same class).
 """
 
 from __future__ import annotations
@@ -347,25 +353,41 @@ def _load_digits(
 
 
 # ----------------------------------------------------------------------------- registry
+AUGMENTATIONS = ("none", "crop", "crop+flip")
+
+
 @dataclass(frozen=True)
 class DatasetInfo:
     num_classes: int
     loader: Callable
+    augment: str  # the default augmentation: flips only where a mirror image keeps the label
     # fixed per-channel statistics; None: measured on the training split
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "synthetic": DatasetInfo(10, _load_synthetic),
+    "synthetic": DatasetInfo(10, _load_synthetic, "crop"),
     "cifar10": DatasetInfo(
-        10, _load_cifar("cifar10"), (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+        10, _load_cifar("cifar10"), "crop+flip", (0.4914, 0.4822, 0.4465),
+        (0.2470, 0.2435, 0.2616),
     ),
     "cifar100": DatasetInfo(
-        100, _load_cifar("cifar100"), (0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)
+        100, _load_cifar("cifar100"), "crop+flip", (0.5071, 0.4865, 0.4409),
+        (0.2673, 0.2564, 0.2762),
     ),
-    "digits": DatasetInfo(10, _load_digits),
+    "digits": DatasetInfo(10, _load_digits, "crop"),
 }
+
+
+def default_augment(name: str) -> str:
+    """The augmentation data set ``name`` uses unless a run says otherwise."""
+    return dataset_info(name).augment
+
+
+def crop_padding(image_size: int) -> int:
+    """Zero padding of the random crop: about 1/8 of the image side, at least 1 px."""
+    return max(1, round(image_size / 8))
 
 
 def dataset_names() -> list[str]:
@@ -443,10 +465,11 @@ def _resize(x: torch.Tensor, size: int) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- batches
 def random_crop_flip(
-    x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor, pad: int
+    x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor | None, pad: int
 ) -> torch.Tensor:
     """Per-sample crop of ``x`` zero-padded by ``pad`` at (dy, dx) = ``offsets[i]`` in
-    [0, 2*pad], then a horizontal flip where ``flips`` is True; all on x's device."""
+    [0, 2*pad], then a horizontal flip where ``flips`` is True (None: no flips); all on x's
+    device."""
     n, _, h, w = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
     rows = offsets[:, 0, None] + torch.arange(h, device=x.device)  # (n, h)
@@ -454,7 +477,8 @@ def random_crop_flip(
     batch = torch.arange(n, device=x.device)[:, None, None]
     # Advanced indices around a slice put the indexed dims first: (n, h, w, c).
     out = padded[batch, :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
-    out = torch.where(flips[:, None, None, None], out.flip(3), out)
+    if flips is not None:
+        out = torch.where(flips[:, None, None, None], out.flip(3), out)
     return out.contiguous()
 
 
@@ -464,18 +488,23 @@ class BatchStream:
     Each epoch is a fresh permutation; the last incomplete batch of an epoch is dropped. All
     randomness (order, crop offsets, flips) comes from one CPU generator seeded by ``seed``;
     :meth:`state_dict` / :meth:`load_state_dict` capture it exactly, for checkpoints.
+    ``augment`` is one of ``AUGMENTATIONS``; ``pad`` (None: :func:`crop_padding` of the image
+    side) is the crop's zero padding.
     """
 
     def __init__(
         self, x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0,
-        augment: bool = True, pad: int = 4,
+        augment: str = "crop+flip", pad: int | None = None,
     ):
         if batch_size > len(y):
             raise UserError(
                 f"batch_size {batch_size} is larger than the training set ({len(y)} samples)"
             )
+        if augment not in AUGMENTATIONS:
+            raise UserError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}")
         self.x, self.y = x, y
-        self.batch_size, self.augment, self.pad = batch_size, augment, pad
+        self.batch_size, self.augment = batch_size, augment
+        self.pad = crop_padding(x.shape[-1]) if pad is None else pad
         self.generator = torch.Generator().manual_seed(seed)
         self.perm: torch.Tensor | None = None
         self.cursor = 0
@@ -495,13 +524,13 @@ class BatchStream:
         self.cursor += self.batch_size
         idx = idx.to(self.x.device, non_blocking=True)
         xb, yb = self.x[idx], self.y[idx]
-        if self.augment:
+        if self.augment != "none":
             offsets = torch.randint(0, 2 * self.pad + 1, (len(idx), 2), generator=self.generator)
-            flips = torch.rand(len(idx), generator=self.generator) < 0.5
-            xb = random_crop_flip(
-                xb, offsets.to(xb.device, non_blocking=True),
-                flips.to(xb.device, non_blocking=True), self.pad,
-            )
+            flips = None
+            if self.augment == "crop+flip":
+                flips = (torch.rand(len(idx), generator=self.generator) < 0.5).to(
+                    xb.device, non_blocking=True)
+            xb = random_crop_flip(xb, offsets.to(xb.device, non_blocking=True), flips, self.pad)
         return xb, yb
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -16,6 +16,9 @@ stat               meaning
 ``agc_ratio_mean`` mean of that ratio over the units
 ``agc_frac_above`` fraction of the units whose ratio exceeds ``agc_lambda`` (the units AGC
                    would clip)
+``gain:<name>``    the value of a block's scalar (0-d) parameter ``<name>`` (its local name, e.g.
+                   ``gain:skip_gain``) in the step's forward, before that step's update: the
+                   SkipInit gains, whose growth decides whether the residual branches are on
 =================  ==========================================================================
 
 Units are those of adaptive gradient clipping (facts section 5): a weight of two or more
@@ -77,6 +80,7 @@ GRAD_STATS = ("grad_norm", "agc_ratio_max", "agc_ratio_mean", "agc_frac_above")
 STATS = ACT_STATS + GRAD_STATS
 RECORD_COLUMNS = ["step", "block", "stage", "index", "stat", "value", "expected_var"]
 PARAM_RECORD_COLUMNS = ["step", "block", "stage", "index", "param", "stat", "value"]
+GAIN_PREFIX = "gain:"  # stat of a block's 0-d parameter: "gain:skip_gain"
 # Never a value of any statistic (all are >= 0 or NaN), so it marks "not recorded".
 _UNSET = float("-inf")
 # Parameters are concatenated into chunks of at most this many elements, bounding the temporary
@@ -300,6 +304,14 @@ class Probe:
             self._param_group.append(group)
         self._units = [unit_shape(p) for p in self._params]
         self._num_slots = len(ACT_STATS) * self._num_points + _PARAM_FIELDS * len(self._params)
+        # A block's scalar parameters (SkipInit gains) are recorded by value, one slot each.
+        self._gains = [
+            (q, f"{GAIN_PREFIX}{self.param_names[q][len(self.points[g].module) + 1:]}")
+            for q, (param, g) in enumerate(zip(self._params, self._param_group))
+            if param.ndim == 0 and g < self._num_points
+        ]
+        self._gain_base = self._num_slots
+        self._num_slots += len(self._gains)
 
         self._explicit_step: int | None = None
         self._forward_count = 0
@@ -394,6 +406,13 @@ class Probe:
         self._arm()
         self._row = self._begin_row(step, self._device(args))
         self._grad_row = (self._generation, self._rows_used - 1)
+        if self._gains:
+            row = self._row
+            slots = list(range(self._gain_base, self._gain_base + len(self._gains)))
+            with torch.no_grad():
+                values = torch.stack([self._params[q].detach() for q, _ in self._gains])
+                row.index_copy_(0, self._cached_index(("gains", row.device), slots, row.device),
+                                values.to(row.device, torch.float32))
 
     def _device(self, args) -> torch.device:
         if self._params:
@@ -677,6 +696,9 @@ class Probe:
                 frac = np.where(seen, n_above[:, cols], 0.0).sum(axis=1) / unit_count
             for stat, column in zip(GRAD_STATS, (grad_norm, r_max, r_mean, frac)):
                 add(group, stat, np.where(any_seen, column, _UNSET))
+
+        for k, (q, stat) in enumerate(self._gains):
+            add(self._param_group[q], stat, values[:, self._gain_base + k])
 
         return self._finish_frame(columns, RECORD_COLUMNS, {"expected_var": "float64"})
 

@@ -45,9 +45,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from sigprop.clipping import ClipConfig, GradClipper
-from sigprop.data import BatchStream, dataset_info, dataset_names, eval_batches, load_dataset
+from sigprop.data import (
+    AUGMENTATIONS,
+    BatchStream,
+    dataset_info,
+    dataset_names,
+    default_augment,
+    eval_batches,
+    load_dataset,
+)
 from sigprop.errors import UserError
 from sigprop.files import atomic_path
+from sigprop.gains import ZeroGainCheck
 
 DEFAULT_MODEL: dict = {"name": "nf_resnet26", "stem": "cifar", "width_mult": 0.25}
 DEFAULT_EPOCHS = 10.0
@@ -67,6 +76,8 @@ class TrainConfig:
     "name" overrides the default model's keys. ``num_classes`` defaults to the data set's.
     Length: ``epochs`` or ``steps`` (at most one; neither: 10 epochs); an epoch is
     ``train_size // batch_size`` steps. ``warmup_fraction`` of the steps warm up linearly.
+    ``augment``: "none", "crop" or "crop+flip" (:mod:`sigprop.data`); None (or true) takes the
+    data set's default, false means "none"; the resolved value is what the config keeps.
     ``eval_every``: steps between evaluations (None: once per epoch; 0: only at the end).
     ``device``: "auto" (CUDA when available), "cpu" or "cuda[:i]"; ``amp`` (None: on for
     CUDA) autocasts to ``amp_dtype`` (float16 adds a GradScaler, unscaled before clipping);
@@ -82,7 +93,7 @@ class TrainConfig:
     train_size: int | None = None
     test_size: int | None = None
     image_size: int = 32
-    augment: bool = True
+    augment: str | None = None
     batch_size: int = 128
     epochs: float | None = None
     steps: int | None = None
@@ -173,6 +184,8 @@ class TrainConfig:
             self.clip = ClipConfig.from_dict(dict(self.clip))
         if isinstance(self.data_dir, os.PathLike):
             self.data_dir = os.fspath(self.data_dir)
+        if isinstance(self.augment, bool):  # earlier configs: true meant "augment as usual"
+            self.augment = None if self.augment else "none"
         for name in self.field_names():
             setattr(self, name, _check_type(name, getattr(self, name), hints[name]))
         self._check_values()
@@ -182,6 +195,12 @@ class TrainConfig:
         if self.data not in dataset_names():
             raise UserError(
                 f"data: unknown data set {self.data!r}; valid: {', '.join(dataset_names())}"
+            )
+        if self.augment is None:
+            self.augment = default_augment(self.data)
+        if self.augment not in AUGMENTATIONS:
+            raise UserError(
+                f"augment must be one of {', '.join(AUGMENTATIONS)}; got {self.augment!r}"
             )
         positive = ("batch_size", "image_size", "eval_batch_size", "base_lr", "diverge_loss")
         for name in positive:
@@ -299,6 +318,9 @@ class TrainResult:
     (test accuracy and loss, and the mean training loss since the previous evaluation).
     ``final_acc``: the last evaluation's accuracy (NaN when diverged or none ran);
     ``best_acc``: the best evaluation (NaN if none). ``blocks``: the probe's records.
+    ``warnings``: findings about the run a reader must see (AGC holding zero-initialised gains
+    at 0, :mod:`sigprop.gains`); ``gain_check``: that check's numbers (None when no AGC-clipped
+    gain started at 0).
     """
 
     status: str
@@ -311,6 +333,8 @@ class TrainResult:
     steps_done: int
     total_steps: int
     config: dict
+    warnings: list[str] = field(default_factory=list)
+    gain_check: dict | None = None
 
 
 ProgressArg = Callable[[int, int, float | None], object] | None
@@ -425,6 +449,7 @@ class _Run:
         if self.use_amp and self.amp_dtype == torch.float16:
             self.scaler = torch.amp.GradScaler(self.device.type)
         self.clipper: GradClipper = config.clip.clipper(model)
+        self.gain_check = ZeroGainCheck(self.clipper)
         self.ema_model: nn.Module | None = None
         if config.ema_decay is not None:
             self.ema_model = copy.deepcopy(model)
@@ -486,6 +511,7 @@ class _Run:
             self.scaler.unscale_(self.optimizer)  # clip the unscaled gradient
         else:
             loss.backward()
+        self.gain_check.observe(step)
         stats = self.clipper()
         if config.weight_decay:
             pairs = [(p.grad, p.detach()) for p in self.decay_params if p.grad is not None]
@@ -570,6 +596,7 @@ class _Run:
             "evals": self.eval_rows,
             "last_eval": [self.last_eval_step, self.last_eval_row],
             "blocks": None if blocks.empty else _frame_to_bytes(blocks),
+            "gain_check": self.gain_check.state(),
         }
 
     def load(self, state: dict, path: Path) -> None:
@@ -602,6 +629,7 @@ class _Run:
         self.eval_rows = [list(r) for r in state["evals"]]
         self.last_eval_step, self.last_eval_row = state["last_eval"]
         self.earlier_blocks = _frame_from_bytes(state["blocks"])
+        self.gain_check.load(state.get("gain_check"))
 
     def blocks(self) -> pd.DataFrame:
         if self.probe is None:
@@ -617,10 +645,12 @@ class _Run:
         accs = evals["test_acc"]
         final = math.nan if self.status == "diverged" or accs.empty else float(accs.iloc[-1])
         best = math.nan if accs.empty else float(accs.max())
+        warning = self.gain_check.warning(self.peak_lr)
         return TrainResult(
             status=self.status, diverged_step=self.diverged_step, metrics=metrics, evals=evals,
             final_acc=final, best_acc=best, blocks=self.blocks(), steps_done=self.step,
             total_steps=self.total_steps, config=self.config.to_dict(),
+            warnings=[warning] if warning else [], gain_check=self.gain_check.summary(),
         )
 
 

@@ -261,7 +261,7 @@ def test_crop_and_flip_geometry():
 def test_batch_stream_epochs_cover_every_sample_once():
     x = torch.arange(10, dtype=torch.float32).view(10, 1, 1, 1).expand(10, 1, 2, 2).contiguous()
     y = torch.arange(10)
-    stream = BatchStream(x, y, batch_size=3, seed=0, augment=False)
+    stream = BatchStream(x, y, batch_size=3, seed=0, augment="none")
     assert stream.steps_per_epoch == 3
     first = torch.cat([stream.next()[1] for _ in range(3)])
     assert len(set(first.tolist())) == 9  # one epoch, last partial batch dropped
@@ -287,3 +287,64 @@ def test_batch_stream_state_round_trip():
     xa, _ = same_seed.next()
     xb, _ = BatchStream(ds.train_x, ds.train_y, batch_size=16, seed=8).next()
     assert not torch.equal(xa, xb)
+
+
+# ----------------------------------------------------------------------------- augmentation
+@pytest.mark.parametrize("size, pad", [(4, 1), (8, 1), (12, 2), (16, 2), (32, 4), (64, 8)])
+def test_crop_padding_is_an_eighth_of_the_side_at_least_one_pixel(size, pad):
+    x = torch.randn(64, 1, size, size)
+    stream = BatchStream(x, torch.zeros(64, dtype=torch.long), batch_size=64, augment="crop")
+    assert stream.pad == pad
+    # the largest shift seen over a batch is the padding: count the zero rows a crop brings in
+    xb, _ = stream.next()
+    zero_rows = (xb.abs().sum(dim=(1, 3)) == 0).sum(dim=1)
+    assert int(zero_rows.max()) == pad
+
+
+def test_augment_modes_flip_only_when_asked():
+    x = torch.randn(256, 1, 8, 8)
+    y = torch.zeros(256, dtype=torch.long)
+    none, _ = BatchStream(x, y, batch_size=256, seed=3, augment="none").next()
+    crop, _ = BatchStream(x, y, batch_size=256, seed=3, augment="crop").next()
+    flip, _ = BatchStream(x, y, batch_size=256, seed=3, augment="crop+flip").next()
+    order = torch.randperm(256, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(none, x[order])
+    # a crop is a shift: every cropped image equals its source at some offset, never mirrored
+    def matches_shift(img, src, mirror):
+        src = src.flip(-1) if mirror else src
+        padded = torch.nn.functional.pad(src, (1, 1, 1, 1))
+        return any(torch.equal(img, padded[:, dy:dy + 8, dx:dx + 8])
+                   for dy in range(3) for dx in range(3))
+    assert all(matches_shift(crop[i], x[order[i]], False) for i in range(256))
+    mirrored = sum(not matches_shift(flip[i], x[order[i]], False) for i in range(256))
+    assert 90 < mirrored < 166  # about half the images are flipped
+    with pytest.raises(UserError, match="augment must be one of"):
+        BatchStream(x, y, batch_size=8, augment="rotate")
+
+
+def test_data_sets_default_to_label_preserving_augmentation():
+    from sigprop.data import default_augment
+    from sigprop.train import TrainConfig
+
+    assert default_augment("digits") == "crop"  # a mirrored 2 is not a 2
+    assert default_augment("synthetic") == "crop"
+    assert default_augment("cifar10") == "crop+flip"
+    assert TrainConfig(data="digits").augment == "crop"
+    assert TrainConfig(data="cifar10", model={"name": "nf_resnet26"}).augment == "crop+flip"
+    assert TrainConfig(augment=False).augment == "none"
+    with pytest.raises(UserError, match="augment must be one of"):
+        TrainConfig(augment="mixup")
+
+
+def test_small_bn_resnet_learns_8px_digits_with_the_default_augmentation():
+    # the old default (4 px padding and flips on 8 px digits) left this network at 19.5%
+    from sigprop.train import train
+
+    result = train({
+        "model": {"name": "bn_resnet26_v2", "stem": "cifar", "width_mult": 0.125,
+                  "depths": [1, 1, 1, 1]},
+        "data": "digits", "image_size": 8, "batch_size": 32, "steps": 60, "base_lr": 0.8,
+        "device": "cpu", "eval_every": 0,
+    })
+    assert result.config["augment"] == "crop"
+    assert result.final_acc > 0.8

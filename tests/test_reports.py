@@ -50,7 +50,7 @@ def run_row(run_id: str, axes: dict, status: str = "completed", acc: float | Non
         "best_acc": acc if status == "completed" else np.nan,
         "diverged_step": diverged_step if status == "diverged" else np.nan,
         "max_grad_norm": 3.0 if finished else np.nan, "clip_fraction": 0.1 if finished else np.nan,
-        "steps": 40 if finished else np.nan, "duration_s": 12.0 if finished else np.nan,
+        "steps_done": 40 if finished else np.nan, "duration_s": 12.0 if finished else np.nan,
     }
 
 

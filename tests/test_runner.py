@@ -91,7 +91,7 @@ def test_grid_stores_runs_in_the_documented_layout(tmp_path):
             assert (run_dir / name).is_file(), name
         status = json.loads((run_dir / "status.json").read_text())
         assert status["state"] == "completed" and status["attempts"] == 1
-        assert status["environment"]["torch"] and status["summary"]["steps"] == 6
+        assert status["environment"]["torch"] and status["summary"]["steps_done"] == 6
     assert not list(grid_dir.rglob("*.tmp"))
 
     results = load_results(out)
