@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(PY)
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) run_ablations.py
+	$(PY) run_ablations.py quickstart
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 tests

@@ -14,7 +14,7 @@ show it. Nothing in a report is written to fit a claim.
     value = 0.8                                 # or b = { ... }: another selection
     relation = "exceeds"                        # exceeds | below | within
     margin = 0.0                                # default 0
-    metric = "final_acc"                        # default final_acc
+    metric = "final_acc"                        # default final_acc; see METRICS
     min_runs = 2                                # finished runs each selection needs; default 2
 
 Selections (``a``, ``b``, ``select``) map run keys (dotted, as in ``[grid]``: ``model.name``,
@@ -42,6 +42,10 @@ needs ``min_runs`` of them, else the claim is inconclusive:
   seed ranges overlap the best one's count as tied: if only a choice among ties makes the
   sequence monotone the claim is inconclusive, if no choice does it does not hold.
 
+Metrics are the run summary's (``ablations.store.SUMMARY_COLUMNS``); ``var_growth`` is the mean
+increase of block output variance from block to block within a stage at the first probed step
+(paper A: alpha^2), so it needs ``probe_every`` > 0.
+
 A diverged run has no final accuracy; in accuracy metrics (``final_acc``) it counts at chance
 level (1 / number of classes): a network that diverged predicts no better than that. Metrics
 other than accuracies take only the completed runs.
@@ -66,7 +70,8 @@ CHECKS = ("compare", "share", "trend")
 RELATIONS = ("exceeds", "below", "within")
 OUTCOMES = ("diverged", "near_chance", "completed")
 DIRECTIONS = ("non-increasing", "non-decreasing")
-METRICS = ("final_acc", "best_acc", "max_grad_norm", "clip_fraction", "steps_done")
+METRICS = ("final_acc", "best_acc", "max_grad_norm", "clip_fraction", "steps_done",
+           "var_growth")
 ACCURACY_METRICS = ("final_acc",)
 VERDICTS = ("holds", "does not hold", "inconclusive")
 FINISHED = ("completed", "diverged")
@@ -83,6 +88,11 @@ SELECTION_FIELDS = {"compare": ("a", "b"), "share": ("select",), "trend": ("sele
 
 class ClaimError(UserError):
     """A malformed claim: names the claim and the field."""
+
+
+class UntestableClaim(ClaimError):
+    """A well-formed claim the grid's runs cannot test (an empty selection, a single value
+    where the claim needs two): an error in a spec as written, a note under ``--set``."""
 
 
 @dataclass
@@ -248,17 +258,23 @@ def check_claims(claims: Sequence[Claim], frame: pd.DataFrame, known_keys: set[s
             raise ClaimError(f"claim {claim.id}: unknown run key(s) {', '.join(unknown)}; "
                              "use the dotted keys of [base] and [grid] (e.g. clip.mode)")
         for name, selection in claim.selections.items():
+            for key, values in selection.items():
+                extremes = [v for v in values if v in EXTREMES]
+                if extremes and key in frame and frame[key].nunique(dropna=True) < 2:
+                    raise UntestableClaim(f"claim {claim.id}: selection {name} asks for "
+                                          f"{key}={extremes[0]}, which needs two or more {key} "
+                                          "values in the grid")
             if select(frame, selection, frame).empty:
                 shown = ", ".join(f"{k}={v if len(v) > 1 else v[0]}"
                                   for k, v in selection.items())
-                raise ClaimError(f"claim {claim.id}: selection {name} ({shown}) matches no run "
-                                 "of the grid")
+                raise UntestableClaim(f"claim {claim.id}: selection {name} ({shown}) matches "
+                                      "no run of the grid")
         if claim.check == "trend":
             chosen = select(frame, claim.selections["select"], frame)
             for key in (claim.over, claim.choose):
                 if chosen[key].nunique(dropna=True) < 2:
-                    raise ClaimError(f"claim {claim.id}: a trend needs two or more values of "
-                                     f"{key} among the selected runs")
+                    raise UntestableClaim(f"claim {claim.id}: a trend needs two or more values of "
+                                          f"{key} among the selected runs")
 
 
 def select(frame: pd.DataFrame, selection: Mapping[str, list], grid: pd.DataFrame) -> pd.DataFrame:
@@ -308,6 +324,15 @@ def evaluate(claim: Claim, runs: pd.DataFrame) -> Verdict:
     if claim.check == "share":
         return evaluate_share(claim, runs)
     return evaluate_trend(claim, runs)
+
+
+def selection_text(runs: pd.DataFrame, selection: Mapping[str, list]) -> str:
+    """'batch_size=512, clip.mode=agc' with @min/@max resolved."""
+    parts = []
+    for key, values in selection.items():
+        shown = [fv(resolve_extreme(runs, key, v)) for v in values]
+        parts.append(f"{key}={shown[0] if len(shown) == 1 else '/'.join(shown)}")
+    return ", ".join(parts)
 
 
 def finished(runs: pd.DataFrame, selection: Mapping[str, list]) -> tuple[pd.DataFrame, int]:
@@ -376,12 +401,14 @@ def too_few(claim: Claim, counts: Mapping[str, int]) -> str:
 def evaluate_compare(claim: Claim, runs: pd.DataFrame) -> Verdict:
     done_a, total_a = finished(runs, claim.selections["a"])
     a = run_values(claim, done_a)
-    evidence = [f"a: {describe(claim, a, done_a, total_a)}"]
+    where_a = selection_text(runs, claim.selections["a"])
+    evidence = [f"a ({where_a}): {describe(claim, a, done_a, total_a)}"]
     counts = {"a": len(a)}
     if claim.value is None:
         done_b, total_b = finished(runs, claim.selections["b"])
         b = run_values(claim, done_b)
-        evidence.append(f"b: {describe(claim, b, done_b, total_b)}")
+        where_b = selection_text(runs, claim.selections["b"])
+        evidence.append(f"b ({where_b}): {describe(claim, b, done_b, total_b)}")
         counts["b"] = len(b)
     else:
         b = np.array([claim.value])
@@ -443,7 +470,8 @@ def evaluate_share(claim: Claim, runs: pd.DataFrame) -> Verdict:
         if "diverged_step" in done else pd.Series(dtype=float)
     where = (f" (at step{'s' if len(steps) > 1 else ''} "
              f"{', '.join(str(int(s)) for s in steps.dropna())})") if steps.notna().any() else ""
-    evidence = f"{int(hit.sum())} of {len(done)} finished runs: {counts}{where}"
+    evidence = (f"{selection_text(runs, claim.selections['select'])}: {int(hit.sum())} of "
+                f"{len(done)} finished runs: {counts}{where}")
     if total > len(done):
         evidence += f"; {total - len(done)} not finished"
     if len(done) < claim.min_runs:

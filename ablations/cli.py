@@ -79,6 +79,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         runs = expand(spec)
         print(dry_run_table(runs).to_string(index=False))
         print(f"{len(runs)} runs in grid {spec.name}")
+        for line in spec.untested_claims:
+            print(f"claim {line}")
         return 0
     outcome = execute(spec, args)
     if not args.no_report and not outcome.interrupted:
@@ -93,7 +95,7 @@ QUICKSTART_SPP_MODELS = [
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    """The quickstart grid on synthetic data, the SPPs of the models at init, the report."""
+    """The quickstart grid on digits, the SPPs of the models at init, the report."""
     from ablations.spec import load_spec
     from sigprop.spp import write_spp
 

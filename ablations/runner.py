@@ -135,6 +135,8 @@ def run_grid(
         f"{len(todo)} to run{where} -> {store.dir}",
         file=stream, flush=True,
     )
+    for line in spec.untested_claims:
+        print(f"claim {line}", file=stream, flush=True)
     if not todo:
         return outcome
     labels = {r.run_id: describe_run(r) for r in runs}

@@ -51,7 +51,7 @@ from sigprop.errors import UserError
 
 SPEC_KEYS = {
     "name", "description", "intended_for", "base", "fixed", "grid", "tie", "when", "data_profiles",
-    "claims",
+    "claims", "untested_claims",
 }
 # Execution choices that do not change what a run computes, so not part of its id.
 EXECUTION_KEYS = ("device",)
@@ -82,9 +82,13 @@ class GridSpec:
     description: str = ""
     intended_for: str = ""
     claims: list[dict] = field(default_factory=list)  # [[claims]] tables, as written
+    # claims that --set left without runs to test them on: "C1: why" (kept in the stored spec)
+    untested_claims: list[str] = field(default_factory=list)
+    overridden: bool = False  # --set changed the grid or fixed a key
 
     def to_toml_dict(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if v not in ("", {}, None)}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if v not in ("", {}, [], None) and k != "overridden"}
 
 
 # ----------------------------------------------------------------------------- loading
@@ -132,6 +136,7 @@ def spec_from_dict(raw: dict, default_name: str = "grid") -> GridSpec:
         description=raw.get("description", ""),
         intended_for=raw.get("intended_for", ""),
         claims=raw.get("claims", []),
+        untested_claims=list(raw.get("untested_claims", [])),
     )
     check_structure(spec)
     return spec
@@ -234,6 +239,7 @@ def split_top_level(text: str) -> list[str]:
 def apply_overrides(spec: GridSpec, overrides: list[str]) -> GridSpec:
     """``key=v`` fixes a key (replacing an axis); ``key=v1,v2`` makes or replaces an axis."""
     spec = copy.deepcopy(spec)
+    spec.overridden = spec.overridden or bool(overrides)
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -315,30 +321,51 @@ def expand(spec: GridSpec) -> list[Run]:
 
 
 def check_run_claims(spec: GridSpec, runs: list[Run]) -> None:
-    """Claims name keys the runs have and select at least one run each (before any run)."""
+    """Claims name keys the runs have and select at least one run each (before any run).
+
+    A selection that only ``--set`` emptied (``--set batch_size=64`` on a grid whose claim is
+    about batch 512) is no error in the spec: that claim moves to ``spec.untested_claims``
+    with the reason, and the rest are checked as usual.
+    """
     import pandas as pd
 
-    from ablations.claims import ClaimError, check_claims
+    from ablations.claims import ClaimError, UntestableClaim, check_claims
     from ablations.store import flatten_config
 
     claims = parsed_claims(spec)
     if not claims:
         return
     frame = pd.DataFrame([flatten_config(run.config) for run in runs])
-    try:
-        check_claims(claims, frame, set(frame.columns))
-    except ClaimError as err:
-        raise SpecError(str(err)) from None
+    kept = []
+    for table, claim in zip(spec.claims, claims):
+        try:
+            check_claims([claim], frame, set(frame.columns))
+        except ClaimError as err:
+            if not (spec.overridden and isinstance(err, UntestableClaim)):
+                raise SpecError(str(err)) from None
+            spec.untested_claims.append(
+                f"{claim.id}: not tested with these --set values ({str(err).split(': ', 1)[1]})")
+            continue
+        kept.append(table)
+    spec.claims = kept
+
+
+# A run's length is one setting given one of two ways: a later layer's choice replaces both.
+LENGTH_KEYS = ("epochs", "steps")
 
 
 def build_config(spec: GridSpec, axes: dict) -> dict:
-    """base, then the data set's profile, then ``--set`` values, then the axis values."""
+    """base, then the data set's profile, then ``--set`` values, then the axis values; a layer
+    that sets ``steps`` (or ``epochs``) replaces the other one set below it."""
     config = copy.deepcopy(spec.base)
     data = axes.get("data", spec.fixed.get("data", get_dotted(spec.base, "data")))
-    for key, value in flatten(spec.data_profiles.get(data or "", {})).items():
-        set_dotted(config, key, value)
-    for key, value in [*spec.fixed.items(), *axes.items()]:
-        set_dotted(config, key, value)
+    profile = flatten(spec.data_profiles.get(data or "", {}))
+    for layer in (profile, spec.fixed, axes):
+        for key, value in layer.items():
+            if key in LENGTH_KEYS:
+                for other in LENGTH_KEYS:
+                    config.pop(other, None)
+            set_dotted(config, key, value)
     return config
 
 

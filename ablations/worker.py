@@ -133,7 +133,26 @@ def summarize(result: Any, metrics: pd.DataFrame, duration: float) -> dict:
         "duration_s": duration,
         "gain_clip_ratio": (result.gain_check or {}).get("median_ratio")
         if getattr(result, "gain_check", None) else None,
+        "var_growth": variance_growth(getattr(result, "blocks", None)),
     }
+
+
+def variance_growth(blocks: pd.DataFrame | None) -> float | None:
+    """Mean increase of the block output variance from one block to the next within a stage,
+    at the first recorded step: paper A's alpha^2 per block (facts section 1). None without
+    probe records or without two blocks in a stage."""
+    if not isinstance(blocks, pd.DataFrame) or blocks.empty or "stat" not in blocks:
+        return None
+    rows = blocks[(blocks["stat"] == "var") & (blocks["stage"] >= 0)]
+    if rows.empty:
+        return None
+    first = rows[rows["step"] == rows["step"].min()].sort_values("index")
+    steps = [
+        float(later - earlier)
+        for _, stage in first.groupby("stage")
+        for earlier, later in zip(stage["value"], stage["value"].iloc[1:])
+    ]
+    return float(sum(steps) / len(steps)) if steps else None
 
 
 def _float(value: Any) -> float | None:

@@ -51,6 +51,7 @@ TRACEBACK_LINES = 25
 @dataclass
 class Table:
     frame: pd.DataFrame
+    wrap: bool = False  # long prose cells wrap instead of scrolling
 
 
 @dataclass
@@ -77,6 +78,8 @@ class Section:
     parts: list = field(default_factory=list)
 
 
+VERDICT_CLASSES = {"holds": "holds", "does not hold": "does-not-hold",
+                   "inconclusive": "inconclusive"}
 # Inline `code` in paragraphs and bullets is the only markup; everything else is escaped.
 CODE = re.compile(r"`([^`]+)`")
 
@@ -233,9 +236,12 @@ def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str],
                              f"{verdict_counts(verdicts)} (see Claims).")
         section.parts.append(Bullets([f"{v.claim.id}: {v.verdict} — {v.claim.text}"
                                       for v in verdicts]))
-    elif spec:
+    elif spec and not spec.get("untested_claims"):
         section.parts.append("This grid states no claims: the figures and tables below are the "
                              "whole finding.")
+    if spec.get("untested_claims"):
+        section.parts.append("Claims of the spec this run of it could not test:")
+        section.parts.append(Bullets([str(line) for line in spec["untested_claims"]]))
     flagged = run_warnings(frame)
     if flagged:
         section.parts.append("Warnings raised by the runs:")
@@ -269,14 +275,15 @@ def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str],
 
 
 def claims_section(verdicts: list[Verdict]) -> Section:
-    rows = [{"id": v.claim.id, "claim": v.claim.text, "source": v.claim.source,
-             "evidence": v.evidence, "verdict": v.verdict, "why": v.reason} for v in verdicts]
+    rows = [{"id": v.claim.id, "claim": v.claim.text, "verdict": v.verdict,
+             "evidence": v.evidence, "why": v.reason, "source": v.claim.source}
+            for v in verdicts]
     return Section("Claims", [
         "Each claim is checked on this grid's finished runs by the rule its spec states "
         "(`ablations.claims`): seed ranges, not only means, must separate for a difference to "
         "count; too few finished runs make a claim inconclusive. A diverged run counts at "
         "chance accuracy.",
-        Table(pd.DataFrame(rows)),
+        Table(pd.DataFrame(rows), wrap=True),
     ])
 
 
@@ -648,6 +655,10 @@ figure { margin: 12px 0 20px; } figure img { max-width: 100%; height: auto; }
 figcaption { color: #555; font-size: 13px; margin-top: 4px; }
 pre { background: #f6f6f6; padding: 8px; overflow-x: auto; font-size: 12px; }
 nav a { margin-right: 12px; } .scroll { overflow-x: auto; }
+table.wrap td { white-space: normal; min-width: 6em; }
+table.wrap td:nth-child(2) { min-width: 16em; }
+td.holds { color: #006d2c; font-weight: 600; } td.does-not-hold { color: #a00; font-weight: 600; }
+td.inconclusive { color: #8a5a00; font-weight: 600; }
 """
 
 
@@ -655,7 +666,7 @@ def anchor(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
 
 
-def table_html(frame: pd.DataFrame) -> str:
+def table_html(frame: pd.DataFrame, wrap: bool = False) -> str:
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
     body = []
     for row in frame.itertuples(index=False):
@@ -664,11 +675,14 @@ def table_html(frame: pd.DataFrame) -> str:
             text = "" if value is None else str(value)
             css = f' class="{text}"' if column == "status" and text in ("diverged", "failed") \
                 else ""
+            if column == "verdict" and text in VERDICT_CLASSES:
+                css = f' class="{VERDICT_CLASSES[text]}"'
             bold = text.startswith("**") and text.endswith("**") and len(text) > 4
             shown = html.escape(text[2:-2] if bold else text)
             cells.append(f"<td{css}>{f'<b>{shown}</b>' if bold else shown}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
-    return (f'<div class="scroll"><table><thead><tr>{head}</tr></thead>'
+    css = ' class="wrap"' if wrap else ""
+    return (f'<div class="scroll"><table{css}><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
@@ -687,7 +701,7 @@ def render_html(title: str, sections: list[Section]) -> str:
                 out.append("<ul>" + "".join(f"<li>{inline_html(i)}</li>" for i in part.items)
                            + "</ul>")
             elif isinstance(part, Table):
-                out.append(table_html(part.frame))
+                out.append(table_html(part.frame, part.wrap))
             elif isinstance(part, Plot):
                 data = base64.b64encode(part.png).decode()
                 out.append(f'<figure><img alt="{html.escape(part.name)}" '

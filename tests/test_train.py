@@ -169,7 +169,7 @@ def test_one_step_follows_the_recipe_order(tmp_path):
     trained = torch.load(path, weights_only=True)["model"]
 
     ds = load_dataset("synthetic", train_size=256, test_size=64, seed=0, image_size=16)
-    stream = BatchStream(ds.train_x, ds.train_y, 32, seed=config.seed)
+    stream = BatchStream(ds.train_x, ds.train_y, 32, seed=config.seed, augment=config.augment)
     torch.manual_seed(config.seed)
     model = create_model("nf_resnet26", **config.model_overrides())
     xb, yb = stream.next()
