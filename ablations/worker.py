@@ -131,8 +131,7 @@ def summarize(result: Any, metrics: pd.DataFrame, duration: float) -> dict:
         "clip_fraction": col_stat("clip_fraction", "mean"),
         "steps_done": int(result.steps_done),
         "duration_s": duration,
-        "gain_clip_ratio": (result.gain_check or {}).get("median_ratio")
-        if getattr(result, "gain_check", None) else None,
+        "gain_clip_ratio": (getattr(result, "gain_check", None) or {}).get("median_ratio"),
         "var_growth": variance_growth(getattr(result, "blocks", None)),
     }
 
