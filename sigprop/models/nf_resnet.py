@@ -5,6 +5,7 @@ h_{i+1} = h_i + alpha * skip_gain * f_i(h_i / beta_i), beta_i = sqrt(expected Va
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from sigprop.layers import (
+    MaxPool2dPadded,
     ScaledStdConv2d,
     SqueezeExcite,
     StochasticDepth,
@@ -52,15 +54,16 @@ class NFResNetConfig:
     in_chans: int = 3
     drop_rate: float = 0.0
     bottleneck_ratio: float = 0.25
+    # "same": the authors' TF SAME (asymmetric at even sizes); "symmetric": timm's nf_resnet*
+    padding: str = "same"
 
     def __post_init__(self) -> None:
         check_config(self)
 
 
-def make_conv(ws: bool):
-    if ws:
-        return ScaledStdConv2d
-    return he_conv2d
+def make_conv(ws: bool, padding: str = "symmetric"):
+    conv = ScaledStdConv2d if ws else he_conv2d
+    return functools.partial(conv, padding=padding)
 
 
 class NFBottleneck(nn.Module):
@@ -75,7 +78,7 @@ class NFBottleneck(nn.Module):
         stochdepth_rate: float,
     ):
         super().__init__()
-        conv = make_conv(cfg.ws)
+        conv = make_conv(cfg.ws, cfg.padding)
         width = max(1, int(out_ch * cfg.bottleneck_ratio))
         self.beta, self.alpha = beta, cfg.alpha
         self.expected_var = expected_var
@@ -107,18 +110,19 @@ class NFResNet(ResidualNet):
         super().__init__()
         cfg = cfg or NFResNetConfig(**overrides)
         self.cfg = cfg
-        conv = make_conv(cfg.ws)
+        conv = make_conv(cfg.ws, cfg.padding)
         widths = [scaled(w, cfg.width_mult) for w in cfg.widths]
         ch = max(1, widths[0] // 4)
+        # The stem conv has a bias (zero at init), as every conv of the authors' (and timm's).
         if cfg.stem == "imagenet":
             self.stem = nn.Sequential(
                 OrderedDict(
-                    conv=conv(cfg.in_chans, ch, 7, 2, bias=False),
-                    pool=nn.MaxPool2d(3, 2, 1),
+                    conv=conv(cfg.in_chans, ch, 7, 2),
+                    pool=MaxPool2dPadded(3, 2, cfg.padding),
                 )
             )
         else:
-            self.stem = nn.Sequential(OrderedDict(conv=conv(cfg.in_chans, ch, 3, 1, bias=False)))
+            self.stem = nn.Sequential(OrderedDict(conv=conv(cfg.in_chans, ch, 3, 1)))
 
         num_blocks, index, expected_var = sum(cfg.depths), 0, 1.0
         stages = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -50,6 +51,8 @@ class NFNetConfig:
     stem: str = "imagenet"  # or "cifar": the same four convs, all stride 1
     num_classes: int = 1000
     in_chans: int = 3
+    # "same": the authors' TF SAME (asymmetric at even sizes); "symmetric": timm's nfnet_*
+    padding: str = "same"
 
     def __post_init__(self) -> None:
         if self.variant not in NFNET_VARIANTS:
@@ -86,14 +89,14 @@ class NFBlock(nn.Module):
         self.beta, self.alpha = beta, cfg.alpha
         self.expected_var = expected_var
         self.act = get_activation(cfg.activation)
-        self.conv0 = ScaledStdConv2d(in_ch, width, 1)
-        self.conv1 = ScaledStdConv2d(width, width, 3, stride, groups=groups)
-        self.conv1b = (
-            ScaledStdConv2d(width, width, 3, 1, groups=groups) if cfg.use_two_convs else None
-        )
-        self.conv2 = ScaledStdConv2d(width, out_ch, 1)
+        conv = functools.partial(ScaledStdConv2d, padding=cfg.padding)
+        self.conv0 = conv(in_ch, width, 1)
+        self.conv1 = conv(width, width, 3, stride, groups=groups)
+        self.conv1b = conv(width, width, 3, 1, groups=groups) if cfg.use_two_convs else None
+        self.conv2 = conv(width, out_ch, 1)
         projected = stride > 1 or in_ch != out_ch
-        # ResNet-D shortcut: average-pool first, then a stride-1 1x1 conv
+        # ResNet-D shortcut: average-pool first, then a stride-1 1x1 conv. At odd sizes ceil
+        # mode averages the last row / column alone, as Haiku's SAME avg_pool (valid counts).
         self.pool = (
             nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if stride > 1 else None
         )
@@ -129,7 +132,7 @@ class NFNet(ResidualNet):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         ch = cfg.in_chans
         for i, (width, stride) in enumerate(zip(stem_widths, stem_strides)):
-            layers[f"conv{i}"] = ScaledStdConv2d(ch, width, 3, stride)
+            layers[f"conv{i}"] = ScaledStdConv2d(ch, width, 3, stride, padding=cfg.padding)
             if i < 3:
                 layers[f"act{i}"] = get_activation(cfg.activation)
             ch = width
