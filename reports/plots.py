@@ -188,7 +188,7 @@ def _tiny_span(frame: pd.DataFrame) -> float | None:
     """x of the first tiny-map block (all later ones are tiny too: maps only shrink)."""
     if "tiny_map" not in frame:
         return None
-    tiny = frame[frame["tiny_map"].astype(bool) & (frame["index"] >= 0)]
+    tiny = frame[frame["tiny_map"].eq(True) & (frame["index"] >= 0)]
     return None if tiny.empty else float(tiny["index"].min() + 1)
 
 
@@ -203,7 +203,7 @@ def spp_caption(frame: pd.DataFrame, hue: str = "model", names: Sequence | None 
         kinds = [INPUT_TITLES.get(k, str(k)) for k in dict.fromkeys(frame["input"])]
         lines.append(f"Input: {', '.join(kinds)}.")
     if _tiny_span(frame) is not None:
-        tiny = frame[frame["tiny_map"].astype(bool) & (frame["index"] >= 0)]
+        tiny = frame[frame["tiny_map"].eq(True) & (frame["index"] >= 0)]
         smallest = int(tiny["map_size"].min())
         lines.append(
             f"Shaded: feature maps under {_tiny_threshold()}x{_tiny_threshold()} (down to "

@@ -16,8 +16,8 @@ fresh input batch, so the spread over seeds covers both initialization and data.
 Inputs (``input=``): ``noise`` is i.i.d. N(0, 1). ``synthetic``, ``digits`` and ``cifar10`` draw
 N images of that data set (:func:`sigprop.data.load_dataset` at the set's native size, 32 px
 or 8 px for digits, resized bilinearly to the input shape's H x W, which must be square with 3
-channels) from a pool of N x seeds training images, a
-different draw per seed, and normalise the batch per channel to mean 0 and variance 1 (so the
+channels) from its first ``DATA_POOL`` training images (or N if more), a different draw per
+seed, and normalise the batch per channel to mean 0 and variance 1 (so the
 input variance is the theory's 1 whatever the data set's own statistics).
 
 Theory, and where it does not hold (``expected_var``, ``rel_dev``): the expected variance is
@@ -77,6 +77,7 @@ INPUT_TITLES = {
 # synthetic set at 128 px would cost 20 s and give it pixel-level noise real photos lack).
 DATASET_TRAIN_SIZE = {"synthetic": None, "digits": 1500, "cifar10": 50000}
 DATASET_NATIVE_PX = {"synthetic": 32, "digits": 8, "cifar10": 32}
+DATA_POOL = 512  # the first training images, from which each seed draws its batch
 # Feature maps whose smaller side is below this are "tiny". A 3x3 zero-padded conv on an s x s
 # map sees ((3s - 2) / 3s)^2 of its taps on average, and NF-ResNet residual variances follow
 # it (docs/spp.md): 0.97 on 128x128 maps, 0.91 at 16x16, 0.84 at 8x8, 0.67 at 4x4, 0.40 at
@@ -180,8 +181,9 @@ def input_batches(
         )
     from sigprop.data import load_dataset
 
+    # A fixed pool, so a seed's batch does not depend on which other seeds run
     available = DATASET_TRAIN_SIZE[kind]
-    pool_size = n * len(seeds) if available is None else min(n * len(seeds), available)
+    pool_size = max(n, DATA_POOL) if available is None else min(max(n, DATA_POOL), available)
     if pool_size < n:
         raise UserError(f"input {kind!r} has {available} training images, fewer than N={n}")
     images = load_dataset(
