@@ -53,7 +53,14 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def cmd_spp(args: argparse.Namespace) -> int:
-    from sigprop.spp import DEFAULT_INPUT_SHAPE, check_input, preset, preset_caption, write_spp
+    from sigprop.spp import (
+        DEFAULT_INPUT_SHAPE,
+        DEFAULT_SEEDS,
+        check_input,
+        preset,
+        preset_caption,
+        write_spp,
+    )
 
     check_input(args.input)
     overrides = parse_overrides(args.set)
@@ -66,6 +73,7 @@ def cmd_spp(args: argparse.Namespace) -> int:
         overrides = {**(chosen.full_overrides if args.full_size else chosen.overrides),
                      **overrides}
         models = list(chosen.models)
+        seeds = chosen.seeds if args.seeds is None else args.seeds
     else:
         if not args.model:
             raise UserError("name a model (--model NAME) or a preset (--preset NAME)")
@@ -73,17 +81,18 @@ def cmd_spp(args: argparse.Namespace) -> int:
             raise UserError("--full-size goes with --preset")
         shape = DEFAULT_INPUT_SHAPE
         models = [parse_model_arg(text) for text in args.model]
+        seeds = DEFAULT_SEEDS if args.seeds is None else args.seeds
     if args.input_shape is not None:
         shape = parse_shape(args.input_shape)
     if args.preset is not None:
         caption = preset_caption(args.preset, args.full_size, overrides, shape,
-                                 list(range(args.seeds)) if args.seeds > 0 else [],
+                                 list(range(seeds)),
                                  args.input)
     paths = write_spp(
         models=models,
         overrides=overrides,
         input_shape=shape,
-        seeds=args.seeds,
+        seeds=seeds,
         out_dir=args.out,
         input=args.input,
         data_dir=args.data_dir,
@@ -133,8 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", default=None, metavar="N,C,H,W",
                    help="shape of the input batch (default 8,3,128,128: about ten seconds on "
                    "two CPU cores for a ResNet-50 pair; a preset has its own)")
-    p.add_argument("--seeds", type=int, default=3,
-                   help="fresh init + fresh batch per seed (default 3)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="fresh init + fresh batch per seed (default 3; a preset: its own)")
     p.add_argument("--out", default="spp_out", metavar="DIR", help="output directory")
     p.set_defaults(func=cmd_spp)
 

@@ -102,6 +102,9 @@ def _stage_starts(sub: pd.DataFrame) -> tuple[float, ...]:
     return tuple(float(i + 1) for i in starts)
 
 
+SPP_CAPTION_CHARS = 190  # caption line length that fits the three-panel figure's width
+
+
 def plot_spp(
     frame: pd.DataFrame,
     *,
@@ -136,7 +139,8 @@ def plot_spp(
 
     boundaries = {name: _stage_starts(frame[frame[hue] == name]) for name in names}
     shared_boundaries = len(set(boundaries.values())) <= 1
-    tiny = _tiny_span(frame)
+    spans = {name: _tiny_span(frame[frame[hue] == name]) for name in names}
+    spans = {name: span for name, span in spans.items() if span is not None}
 
     for ax, (stat, heading) in zip(axes, SPP_PANELS):
         rows = frame[frame["stat"] == stat]
@@ -158,9 +162,16 @@ def plot_spp(
                 ax.axvline(x - 0.5, color=colour, ls=":", lw=1.0, alpha=0.8, zorder=0)
             if shared_boundaries:
                 break
-        if tiny is not None:
-            ax.axvspan(tiny - 0.5, ax.get_xlim()[1], color="0.85", alpha=0.5, lw=0, zorder=0,
-                       label=f"tiny maps (< {_tiny_threshold()}px)")
+        side = _tiny_threshold()
+        shared_span = len(set(spans.values())) == 1 and shared_boundaries
+        for name, (start, stop) in spans.items():
+            # grey when every model has the same tiny blocks, else in the model's colour
+            colour, alpha = ("0.85", 0.5) if shared_span else (colours[name], 0.12)
+            text = f"tiny maps (< {side}x{side})"
+            ax.axvspan(start - 0.5, stop + 0.5, color=colour, alpha=alpha, lw=0, zorder=0,
+                       label=text if shared_span else f"{name}: {text}")
+            if shared_span:
+                break
         values = rows[value].to_numpy(dtype=float)
         if _spans_decades(values):
             ax.set_yscale("log")
@@ -174,7 +185,10 @@ def plot_spp(
         fig.suptitle(title)
     text = spp_caption(frame, hue, names) + ([caption] if caption else [])
     if text:
-        fig.supxlabel("\n".join(text), fontsize="small", ha="left", x=0.01, ma="left")
+        import textwrap
+
+        wrapped = [textwrap.fill(line, SPP_CAPTION_CHARS) for line in text]
+        fig.supxlabel("\n".join(wrapped), fontsize="small", ha="left", x=0.01, ma="left")
     return fig
 
 
@@ -184,12 +198,15 @@ def _tiny_threshold() -> int:
     return TINY_MAP
 
 
-def _tiny_span(frame: pd.DataFrame) -> float | None:
-    """x of the first tiny-map block (all later ones are tiny too: maps only shrink)."""
+def _tiny_span(frame: pd.DataFrame) -> tuple[float, float] | None:
+    """x of the first and last tiny-map block of one model (maps only shrink, so every
+    block between is tiny too), or None."""
     if "tiny_map" not in frame:
         return None
     tiny = frame[frame["tiny_map"].eq(True) & (frame["index"] >= 0)]
-    return None if tiny.empty else float(tiny["index"].min() + 1)
+    if tiny.empty:
+        return None
+    return float(tiny["index"].min() + 1), float(tiny["index"].max() + 1)
 
 
 def spp_caption(frame: pd.DataFrame, hue: str = "model", names: Sequence | None = None) -> list:
@@ -219,10 +236,12 @@ def spp_caption(frame: pd.DataFrame, hue: str = "model", names: Sequence | None 
             if known.all() or factors.empty:
                 continue
             first = sub.loc[~known, "index"].min() + 1
+            low, high = f"{factors.min():.2f}", f"{factors.max():.2f}"
             lines.append(
                 f"{name}: no expectation from block {first} on: its 2x2 avg-pool shortcuts "
-                f"keep {factors.min():.2f}-{factors.max():.2f} of the variance on this input "
-                "(the bookkeeping assumes about 1, true only for spatially smooth input)."
+                f"keep {low if low == high else low + '-' + high} of the variance on this "
+                "input (the bookkeeping assumes about 1, true only for spatially smooth input); "
+                "the blocks after see a smaller variance than their beta assumes."
             )
     return lines
 
@@ -238,12 +257,17 @@ def _plot_theory(ax, rows: pd.DataFrame, hue: str, names: list, colours: dict) -
         curves[name] = (tuple(expected.index + 1), tuple(expected.to_numpy()))
     if not curves:
         return
+    def marker(y: tuple) -> str | None:  # a line of one or two points would be invisible
+        return "_" if np.isfinite(np.asarray(y, dtype=float)).sum() <= 2 else None
+
     if len(set(curves.values())) == 1:
         x, y = next(iter(curves.values()))
-        ax.plot(x, y, color="black", ls="--", lw=1.2, label="expected 1 + k\u00b7\u03b1\u00b2")
+        ax.plot(x, y, color="black", ls="--", lw=1.2, marker=marker(y), ms=10,
+                label="expected 1 + k\u00b7\u03b1\u00b2")
         return
     for name, (x, y) in curves.items():
-        ax.plot(x, y, color=colours[name], ls="--", lw=1.2, label=f"{name} expected")
+        ax.plot(x, y, color=colours[name], ls="--", lw=1.2, marker=marker(y), ms=10,
+                label=f"{name} expected")
 
 
 # ----------------------------------------------------------------------------- grid figures

@@ -383,6 +383,7 @@ class SppPreset:
     overrides: dict = field(default_factory=dict)
     full_input_shape: tuple[int, ...] | None = None
     full_overrides: dict = field(default_factory=dict)
+    seeds: int = 1
 
 
 # Paper A, Figure 1 (and the NF lines of its Figure 2): ResNet-600 at init on a 512 px N(0,1)
@@ -416,13 +417,14 @@ def preset_caption(name: str, full: bool, overrides: dict, shape: Sequence[int],
                    seeds: Sequence[int], input: str) -> str:
     """What a preset run measured, in words, for the plot caption."""
     spec = preset(name)
-    lines = [", ".join(model_label(m, own) or m for m, own in spec.models)]
+    models = "; ".join(model_label(m, own) for m, own in spec.models)
     settings = ", ".join(f"{k}={_plain(v)}" for k, v in overrides.items()) or "none"
+    size = "full size" if full else "reduced widths, --full-size for the paper's"
     return (
-        f"Preset {name} ({'full size' if full else 'reduced: --full-size for the paper size'}): "
-        f"{spec.description}. Models: {lines[0]}; options for all: {settings}; NF skip gain 1, "
-        f"alpha 0.2; input {INPUT_TITLES[input]} {'x'.join(map(str, shape))}; seeds "
-        f"{', '.join(map(str, seeds))}."
+        f"Preset {name} ({size}): {spec.description}. Models: {models}. Options for all: "
+        f"{settings}; NF models: skip gain {overrides.get('skipinit_gain', 1.0)}, alpha "
+        f"{overrides.get('alpha', 0.2)}. Input: {INPUT_TITLES[input]}, "
+        f"{'x'.join(map(str, shape))}; seeds {', '.join(map(str, seeds))}."
     )
 
 
