@@ -225,7 +225,8 @@ def measure_once(
                 module = modules[point.module]
 
                 def size_hook(_m, _args, out, name=point.block):
-                    sizes[name] = int(min(out.shape[-2:])) if out.dim() == 4 else -1
+                    image = isinstance(out, torch.Tensor) and out.dim() == 4
+                    sizes[name] = int(min(out.shape[-2:])) if image else -1
 
                 handles.append(module.register_forward_hook(size_hook))
                 pool = getattr(module, "pool", None)
@@ -386,9 +387,11 @@ class SppPreset:
     seeds: int = 1
 
 
-# Paper A, Figure 1 (and the NF lines of its Figure 2): ResNet-600 at init on a 512 px N(0,1)
-# input. Full width takes minutes per seed on two CPU cores (BENCHMARKS.md), so the default
-# keeps depth (what the figure is about) and input size and divides the widths by 4.
+# Paper A, Figure 1 (ResNet-600 at init, BN-ReLU-Conv vs ReLU-BN-Conv, N(0,1) input at 512 px),
+# with NF-ResNet-600 with and without scaled WS beside them. Full width costs about 5
+# CPU-minutes per seed (half an hour of wall time on the loaded 2-core machine, BENCHMARKS.md),
+# so the default keeps depth (what the figure is about) and input size and divides the widths
+# by 4.
 PRESETS: dict[str, SppPreset] = {
     "paper-a-fig1": SppPreset(
         description="paper A Fig. 1: ResNet-600, NF with and without scaled WS, BN-ResNet v2 "
