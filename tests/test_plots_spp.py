@@ -251,3 +251,12 @@ def test_preset_runs_four_models_with_a_caption(tmp_path, capsys):
     ]
     assert frame["block"].nunique() == 3  # the --set depths replaced the preset's 50 x 4
     assert (out / "spp.png").stat().st_size > 0
+
+
+def test_frames_stored_before_the_new_columns_still_plot():
+    frame = synthetic_frame({"nf": 0.2}, seeds=1)
+    old = frame[["model", "seed", "block", "stage", "index", "stat", "value", "expected_var",
+                 "rel_dev"]]
+    fig = plot_spp(old)
+    assert len(fig.axes) == 3 and fig._supxlabel is None  # nothing to caption
+    assert len(lines(fig.axes[1], "--")) == 1
