@@ -123,22 +123,30 @@ def _pair(value) -> tuple[int, int]:
 class PaddedConv2d(nn.Conv2d):
     """``nn.Conv2d`` whose padding is "same" (TF, dynamic for strided convs), "symmetric"
     (kernel_size // 2) or an explicit int. Only strided "same" convs pad per call, and only
-    when the input size makes the padding asymmetric; otherwise the conv pads itself."""
+    when the input size makes the padding asymmetric; otherwise the conv pads itself.
+    :func:`apply_padding` switches a built model's convs between the two modes."""
 
     def __init__(
         self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
         padding: int | str = "symmetric", groups: int = 1, bias: bool = True,
     ):
-        if isinstance(padding, str):
-            check_padding(padding)
-            static = kernel_size // 2
-            dynamic = padding == "same" and (stride > 1 or kernel_size % 2 == 0)
-        else:
-            static, dynamic = padding, False
+        mode = padding if isinstance(padding, str) else None
+        static = kernel_size // 2 if mode is not None else padding
+        if mode is not None:
+            check_padding(mode)
         super().__init__(
             in_channels, out_channels, kernel_size, stride, static, groups=groups, bias=bias
         )
-        self.same_dynamic = dynamic
+        self.same_dynamic = False
+        if mode is not None:
+            self.set_padding(mode)
+
+    def set_padding(self, mode: str) -> None:
+        """TF SAME or symmetric; a conv built with another explicit padding keeps it."""
+        check_padding(mode)
+        symmetric = self.padding == tuple(k // 2 for k in self.kernel_size)
+        needs_work = max(self.stride) > 1 or any(k % 2 == 0 for k in self.kernel_size)
+        self.same_dynamic = mode == "same" and symmetric and needs_work
 
     def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias):
         if not self.same_dynamic:
@@ -159,9 +167,11 @@ class MaxPool2dPadded(nn.MaxPool2d):
     wins) or "symmetric" (kernel_size // 2, PyTorch style) padding."""
 
     def __init__(self, kernel_size: int, stride: int, padding: str = "symmetric"):
-        check_padding(padding)
         super().__init__(kernel_size, stride, kernel_size // 2)
-        self.same = padding == "same"
+        self.set_padding(padding)
+
+    def set_padding(self, mode: str) -> None:
+        self.same = check_padding(mode) == "same"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.same:
@@ -178,12 +188,22 @@ class MaxPool2dPadded(nn.MaxPool2d):
         return super().extra_repr() + (", padding_mode=same" if self.same else "")
 
 
+def apply_padding(model: nn.Module, mode: str) -> nn.Module:
+    """Set every :class:`PaddedConv2d` (ScaledStdConv2d and the He-init convs included) and
+    :class:`MaxPool2dPadded` of ``model`` to "same" or "symmetric"; returns ``model``. The
+    families call this once at the end of construction, so the layers are built as usual."""
+    check_padding(mode)
+    for module in model.modules():
+        if isinstance(module, (PaddedConv2d, MaxPool2dPadded)):
+            module.set_padding(mode)
+    return model
+
+
 class ScaledStdConv2d(PaddedConv2d):
     """Conv2d with scaled weight standardization and an affine gain, as the authors' WSConv2D.
 
     W_hat = gain * (W - mean) * rsqrt(max(var * fan_in, eps)), per output channel, biased
-    variance, computed in float32 whatever the input dtype. ``padding``: "symmetric" (None,
-    the default: kernel_size // 2), "same" (TF SAME, as the authors) or an int.
+    variance, computed in float32 whatever the input dtype.
     """
 
     def __init__(
@@ -192,14 +212,14 @@ class ScaledStdConv2d(PaddedConv2d):
         out_channels: int,
         kernel_size: int,
         stride: int = 1,
-        padding: int | str | None = None,
+        padding: int | None = None,
         groups: int = 1,
         bias: bool = True,
         eps: float = 1e-4,
     ):
+        padding = kernel_size // 2 if padding is None else padding
         super().__init__(
-            in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias,
-            padding="symmetric" if padding is None else padding,
+            in_channels, out_channels, kernel_size, stride, padding, groups=groups, bias=bias
         )
         self.gain = nn.Parameter(torch.ones(out_channels, device=self.weight.device))
         self.eps = eps
@@ -230,12 +250,12 @@ class ScaledStdConv2d(PaddedConv2d):
 
 def he_conv2d(
     in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
-    bias: bool = True, padding: str = "symmetric", gain: float = math.sqrt(2.0),
+    bias: bool = True, gain: float = math.sqrt(2.0),
 ) -> nn.Conv2d:
     """Plain conv with fan-in normal init, std gain/sqrt(fan_in): He (gain sqrt(2), the
     default) for the unstandardized control; gain 1 where no ReLU precedes the conv."""
     conv = PaddedConv2d(
-        in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias, padding=padding
+        in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias
     )
     nn.init.normal_(conv.weight, 0.0, gain / math.sqrt(conv.weight[0].numel()))
     if bias:

@@ -13,6 +13,7 @@ from sigprop.layers import (
     MaxPool2dPadded,
     PaddedConv2d,
     ScaledStdConv2d,
+    apply_padding,
     he_conv2d,
     same_padding,
 )
@@ -52,7 +53,7 @@ def test_same_conv_equals_explicit_pad_reference(size, kernel, stride):
     got = conv(x)
     assert got.shape[-2:] == tuple(math.ceil(n / stride) for n in x.shape[-2:])
     torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
-    plain = he_conv2d(3, 4, kernel, stride, padding="same")
+    plain = apply_padding(he_conv2d(3, 4, kernel, stride), "same")  # as the families do
     torch.testing.assert_close(plain(x), reference_conv(x, plain, plain.weight, pads),
                                rtol=0, atol=1e-6)
 
@@ -72,6 +73,9 @@ def test_symmetric_and_same_differ_only_where_the_padding_is_asymmetric():
     # stride 1: "same" is the static kernel_size // 2 padding, no per-call work
     assert not PaddedConv2d(3, 4, 3, 1, padding="same").same_dynamic
     assert PaddedConv2d(3, 4, 3, 2, padding="same").same_dynamic
+    # a conv built with its own explicit padding keeps it whatever the model's mode
+    assert not apply_padding(PaddedConv2d(3, 4, 3, 2, padding=0), "same").same_dynamic
+    assert not apply_padding(PaddedConv2d(3, 4, 3, 2, padding="same"), "symmetric").same_dynamic
 
 
 @pytest.mark.parametrize("size", [8, 9, 32, 33])

@@ -17,7 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sigprop.layers import MaxPool2dPadded, SqueezeExcite, get_activation, he_conv2d
+from sigprop.layers import (
+    MaxPool2dPadded,
+    SqueezeExcite,
+    apply_padding,
+    get_activation,
+    he_conv2d,
+)
 from sigprop.models.base import ResidualNet, check_config, scaled
 from sigprop.models.nf_resnet import RESNET_DEPTHS, RESNET_WIDTHS, STAGE_STRIDES
 from sigprop.models.registry import ModelSpec, register
@@ -60,9 +66,7 @@ def make_norm(cfg: BNResNetConfig, channels: int) -> nn.Module:
 def make_conv(cfg: BNResNetConfig, in_ch: int, out_ch: int, k: int, stride: int = 1) -> nn.Conv2d:
     # Without BN there is no BN bias, so the conv keeps its own.
     gain = 1.0 if cfg.order == "act_bn_conv" else 2.0**0.5
-    return he_conv2d(
-        in_ch, out_ch, k, stride, bias=cfg.norm == "none", padding=cfg.padding, gain=gain
-    )
+    return he_conv2d(in_ch, out_ch, k, stride, bias=cfg.norm == "none", gain=gain)
 
 
 class BNBottleneck(nn.Module):
@@ -117,14 +121,13 @@ class BNResNet(ResidualNet):
         ch = max(1, widths[0] // 4)
         imagenet = cfg.stem == "imagenet"
         layers: OrderedDict[str, nn.Module] = OrderedDict(
-            conv=he_conv2d(cfg.in_chans, ch, 7 if imagenet else 3, 2 if imagenet else 1,
-                           bias=False, padding=cfg.padding)
+            conv=he_conv2d(cfg.in_chans, ch, 7 if imagenet else 3, 2 if imagenet else 1, bias=False)
         )
         if cfg.version == "v1":
             layers["bn"] = make_norm(cfg, ch)
             layers["act"] = get_activation(cfg.activation, scaled=False)
         if imagenet:
-            layers["pool"] = MaxPool2dPadded(3, 2, cfg.padding)
+            layers["pool"] = MaxPool2dPadded(3, 2)
         self.stem = nn.Sequential(layers)
 
         stages = []
@@ -146,6 +149,7 @@ class BNResNet(ResidualNet):
         self.fc = nn.Linear(ch, cfg.num_classes)
         nn.init.zeros_(self.fc.weight)  # the authors' baseline head init
         nn.init.zeros_(self.fc.bias)
+        apply_padding(self, cfg.padding)  # every strided conv and the stem max-pool
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

@@ -5,7 +5,6 @@ h_{i+1} = h_i + alpha * skip_gain * f_i(h_i / beta_i), beta_i = sqrt(expected Va
 
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -17,6 +16,7 @@ from sigprop.layers import (
     ScaledStdConv2d,
     SqueezeExcite,
     StochasticDepth,
+    apply_padding,
     get_activation,
     he_conv2d,
 )
@@ -61,9 +61,10 @@ class NFResNetConfig:
         check_config(self)
 
 
-def make_conv(ws: bool, padding: str = "symmetric"):
-    conv = ScaledStdConv2d if ws else he_conv2d
-    return functools.partial(conv, padding=padding)
+def make_conv(ws: bool):
+    if ws:
+        return ScaledStdConv2d
+    return he_conv2d
 
 
 class NFBottleneck(nn.Module):
@@ -78,7 +79,7 @@ class NFBottleneck(nn.Module):
         stochdepth_rate: float,
     ):
         super().__init__()
-        conv = make_conv(cfg.ws, cfg.padding)
+        conv = make_conv(cfg.ws)
         width = max(1, int(out_ch * cfg.bottleneck_ratio))
         self.beta, self.alpha = beta, cfg.alpha
         self.expected_var = expected_var
@@ -110,7 +111,7 @@ class NFResNet(ResidualNet):
         super().__init__()
         cfg = cfg or NFResNetConfig(**overrides)
         self.cfg = cfg
-        conv = make_conv(cfg.ws, cfg.padding)
+        conv = make_conv(cfg.ws)
         widths = [scaled(w, cfg.width_mult) for w in cfg.widths]
         ch = max(1, widths[0] // 4)
         # The stem conv has a bias (zero at init), as every conv of the authors' (and timm's).
@@ -118,7 +119,7 @@ class NFResNet(ResidualNet):
             self.stem = nn.Sequential(
                 OrderedDict(
                     conv=conv(cfg.in_chans, ch, 7, 2),
-                    pool=MaxPool2dPadded(3, 2, cfg.padding),
+                    pool=MaxPool2dPadded(3, 2),
                 )
             )
         else:
@@ -147,6 +148,7 @@ class NFResNet(ResidualNet):
         self.fc = nn.Linear(ch, cfg.num_classes)
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc.bias)
+        apply_padding(self, cfg.padding)  # every strided conv and the stem max-pool
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
-import functools
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from sigprop.layers import ScaledStdConv2d, SqueezeExcite, StochasticDepth, get_activation
+from sigprop.layers import (
+    ScaledStdConv2d,
+    SqueezeExcite,
+    StochasticDepth,
+    apply_padding,
+    get_activation,
+)
 from sigprop.models.base import ResidualNet, check_config, scaled
 from sigprop.models.registry import ModelSpec, register
 
@@ -89,14 +94,14 @@ class NFBlock(nn.Module):
         self.beta, self.alpha = beta, cfg.alpha
         self.expected_var = expected_var
         self.act = get_activation(cfg.activation)
-        conv = functools.partial(ScaledStdConv2d, padding=cfg.padding)
-        self.conv0 = conv(in_ch, width, 1)
-        self.conv1 = conv(width, width, 3, stride, groups=groups)
-        self.conv1b = conv(width, width, 3, 1, groups=groups) if cfg.use_two_convs else None
-        self.conv2 = conv(width, out_ch, 1)
+        self.conv0 = ScaledStdConv2d(in_ch, width, 1)
+        self.conv1 = ScaledStdConv2d(width, width, 3, stride, groups=groups)
+        self.conv1b = (
+            ScaledStdConv2d(width, width, 3, 1, groups=groups) if cfg.use_two_convs else None
+        )
+        self.conv2 = ScaledStdConv2d(width, out_ch, 1)
         projected = stride > 1 or in_ch != out_ch
-        # ResNet-D shortcut: average-pool first, then a stride-1 1x1 conv. At odd sizes ceil
-        # mode averages the last row / column alone, as Haiku's SAME avg_pool (valid counts).
+        # ResNet-D shortcut: average-pool first, then a stride-1 1x1 conv
         self.pool = (
             nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if stride > 1 else None
         )
@@ -132,7 +137,7 @@ class NFNet(ResidualNet):
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         ch = cfg.in_chans
         for i, (width, stride) in enumerate(zip(stem_widths, stem_strides)):
-            layers[f"conv{i}"] = ScaledStdConv2d(ch, width, 3, stride, padding=cfg.padding)
+            layers[f"conv{i}"] = ScaledStdConv2d(ch, width, 3, stride)
             if i < 3:
                 layers[f"act{i}"] = get_activation(cfg.activation)
             ch = width
@@ -163,6 +168,9 @@ class NFNet(ResidualNet):
         self.fc = nn.Linear(self.num_features, cfg.num_classes)
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc.bias)
+        # every strided conv; the transition avg-pool (ceil mode, valid counts) already
+        # averages a lone last row / column at odd sizes, as Haiku's SAME avg_pool
+        apply_padding(self, cfg.padding)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
