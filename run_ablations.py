@@ -53,15 +53,51 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def cmd_spp(args: argparse.Namespace) -> int:
-    from sigprop.spp import DEFAULT_INPUT_SHAPE, write_spp
+    from sigprop.spp import (
+        DEFAULT_INPUT_SHAPE,
+        DEFAULT_SEEDS,
+        check_input,
+        preset,
+        preset_caption,
+        write_spp,
+    )
 
-    shape = DEFAULT_INPUT_SHAPE if args.input_shape is None else parse_shape(args.input_shape)
+    check_input(args.input)
+    overrides = parse_overrides(args.set)
+    caption = None
+    if args.preset is not None:
+        if args.model:
+            raise UserError("give --model or --preset, not both")
+        chosen = preset(args.preset)
+        shape = chosen.full_input_shape if args.full_size else chosen.input_shape
+        overrides = {**(chosen.full_overrides if args.full_size else chosen.overrides),
+                     **overrides}
+        models = list(chosen.models)
+        seeds = chosen.seeds if args.seeds is None else args.seeds
+    else:
+        if not args.model:
+            raise UserError("name a model (--model NAME) or a preset (--preset NAME)")
+        if args.full_size:
+            raise UserError("--full-size goes with --preset")
+        shape = DEFAULT_INPUT_SHAPE
+        models = [parse_model_arg(text) for text in args.model]
+        seeds = DEFAULT_SEEDS if args.seeds is None else args.seeds
+    if args.input_shape is not None:
+        shape = parse_shape(args.input_shape)
+    if args.preset is not None:
+        caption = preset_caption(args.preset, args.full_size, overrides, shape,
+                                 list(range(seeds)),
+                                 args.input)
     paths = write_spp(
-        models=[parse_model_arg(text) for text in args.model],
-        overrides=parse_overrides(args.set),
+        models=models,
+        overrides=overrides,
         input_shape=shape,
-        seeds=args.seeds,
+        seeds=seeds,
         out_dir=args.out,
+        input=args.input,
+        data_dir=args.data_dir,
+        caption=caption,
+        warn=lambda line: print(f"sigprop: warning: {line}", file=sys.stderr),
     )
     for kind, path in paths.items():
         print(f"{kind:<8} {path}")
@@ -80,22 +116,34 @@ def build_parser() -> argparse.ArgumentParser:
         "spp",
         help="signal-propagation plot at init (frame as parquet + csv, plot as png)",
         description="Measure the average channel squared mean, variance and residual variance "
-        "at the stem and every block at initialization (N(0,1) inputs, batch-norm statistics "
-        "of the batch, nothing dropped). NF models get skipinit_gain=1.0 unless --set says "
-        "otherwise. Each --set applies to the models that have that option; options after "
-        "a model name apply to that model only, e.g. --model nf_resnet50 "
-        "--model nf_resnet50:ws=False.",
+        "at the stem and every block at initialization (N(0,1) noise or a data set's images, "
+        "batch-norm statistics of the batch, nothing dropped). NF models get "
+        "skipinit_gain=1.0 unless --set says otherwise. Each --set applies to the models that "
+        "have that option; options after a model name apply to that model only, e.g. --model "
+        "nf_resnet50 --model nf_resnet50:ws=False. Padding is the authors' TF 'SAME' unless "
+        "--set padding=symmetric.",
     )
-    p.add_argument("--model", action="append", required=True, metavar="NAME[:KEY=VALUE...]",
+    p.add_argument("--model", action="append", default=[], metavar="NAME[:KEY=VALUE...]",
                    help="registered model name, optionally with its own overrides (repeat "
                    "for several lines in the plot)")
+    p.add_argument("--preset", default=None, metavar="NAME",
+                   help="a named figure instead of --model: paper-a-fig1 (ResNet-600: NF with "
+                   "and without WS, BN-ReLU-Conv and ReLU-BN-Conv; width_mult 0.25 at 512 px "
+                   "unless --full-size)")
+    p.add_argument("--full-size", action="store_true",
+                   help="with --preset: the paper's widths (slow on CPU, see BENCHMARKS.md)")
+    p.add_argument("--input", default="noise", metavar="KIND",
+                   help="noise (i.i.d. N(0,1), default), synthetic, digits or cifar10 (a batch "
+                   "of training images, normalised per channel)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="data set directory (default $SIGPROP_DATA or ~/.cache/sigprop/data)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="model option override, e.g. width_mult=0.25 or depths=[8,8,8,8]")
     p.add_argument("--input-shape", default=None, metavar="N,C,H,W",
-                   help="shape of the N(0,1) input batch (default 8,3,128,128: about ten "
-                   "seconds on two CPU cores for a ResNet-50 pair)")
-    p.add_argument("--seeds", type=int, default=3,
-                   help="fresh init + fresh batch per seed (default 3)")
+                   help="shape of the input batch (default 8,3,128,128: about ten seconds on "
+                   "two CPU cores for a ResNet-50 pair; a preset has its own)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="fresh init + fresh batch per seed (default 3; a preset: its own)")
     p.add_argument("--out", default="spp_out", metavar="DIR", help="output directory")
     p.set_defaults(func=cmd_spp)
 

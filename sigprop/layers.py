@@ -85,7 +85,121 @@ def get_activation(name: str, scaled: bool = True) -> ScaledActivation:
     return ScaledActivation(name, None if scaled else 1.0)
 
 
-class ScaledStdConv2d(nn.Conv2d):
+# ----------------------------------------------------------------------------- padding
+# "same": TensorFlow / Haiku 'SAME' (the authors' code, timm's dm_nfnet_*): the output has
+# ceil(size / stride) positions and the padding this needs is split with the smaller half
+# before, so a stride-2 layer on an even size pads 0/1 (3x3) or 2/3 (7x7).
+# "symmetric": PyTorch / timm style, kernel_size // 2 on both sides whatever the input size.
+# The two coincide at stride 1 (odd kernels) and, for stride 2, at odd input sizes.
+PADDING_MODES = ("same", "symmetric")
+
+
+def check_padding(padding: str) -> str:
+    if padding not in PADDING_MODES:
+        raise ValueError(f"padding must be one of {', '.join(PADDING_MODES)}; got {padding!r}")
+    return padding
+
+
+def same_padding(size: int, kernel_size: int, stride: int, dilation: int = 1) -> tuple[int, int]:
+    """(before, after) padding of TF 'SAME' along one axis of length ``size``."""
+    span = (kernel_size - 1) * dilation + 1
+    total = max((math.ceil(size / stride) - 1) * stride + span - size, 0)
+    return total // 2, total - total // 2
+
+
+def _same_pads(x: torch.Tensor, kernel, stride, dilation) -> tuple[int, int, int, int] | None:
+    """F.pad amounts (left, right, top, bottom) for 'SAME', or None when they are symmetric."""
+    top, bottom = same_padding(x.shape[-2], kernel[0], stride[0], dilation[0])
+    left, right = same_padding(x.shape[-1], kernel[1], stride[1], dilation[1])
+    if top == bottom and left == right:
+        return None
+    return left, right, top, bottom
+
+
+def _pair(value) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+class PaddedConv2d(nn.Conv2d):
+    """``nn.Conv2d`` whose padding is "same" (TF, dynamic for strided convs), "symmetric"
+    (kernel_size // 2) or an explicit int. Only strided "same" convs pad per call, and only
+    when the input size makes the padding asymmetric; otherwise the conv pads itself.
+    :func:`apply_padding` switches a built model's convs between the two modes."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, stride: int = 1,
+        padding: int | str = "symmetric", groups: int = 1, bias: bool = True,
+    ):
+        mode = padding if isinstance(padding, str) else None
+        static = kernel_size // 2 if mode is not None else padding
+        if mode is not None:
+            check_padding(mode)
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, static, groups=groups, bias=bias
+        )
+        self.same_dynamic = False
+        if mode is not None:
+            self.set_padding(mode)
+
+    def set_padding(self, mode: str) -> None:
+        """TF SAME or symmetric; a conv built with another explicit padding keeps it."""
+        check_padding(mode)
+        symmetric = self.padding == tuple(k // 2 for k in self.kernel_size)
+        needs_work = max(self.stride) > 1 or any(k % 2 == 0 for k in self.kernel_size)
+        self.same_dynamic = mode == "same" and symmetric and needs_work
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias):
+        if not self.same_dynamic:
+            return super()._conv_forward(x, weight, bias)
+        pads = _same_pads(x, self.kernel_size, self.stride, self.dilation)
+        if pads is None:
+            padding = tuple(
+                same_padding(n, k, s, d)[0] for n, k, s, d in
+                zip(x.shape[-2:], self.kernel_size, self.stride, self.dilation)
+            )
+        else:
+            x, padding = F.pad(x, pads), (0, 0)
+        return F.conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+
+class MaxPool2dPadded(nn.MaxPool2d):
+    """Max pool with "same" (TF: asymmetric at even sizes, padded with -inf, so padding never
+    wins) or "symmetric" (kernel_size // 2, PyTorch style) padding."""
+
+    def __init__(self, kernel_size: int, stride: int, padding: str = "symmetric"):
+        super().__init__(kernel_size, stride, kernel_size // 2)
+        self.set_padding(padding)
+
+    def set_padding(self, mode: str) -> None:
+        self.same = check_padding(mode) == "same"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.same:
+            return super().forward(x)
+        kernel, stride = _pair(self.kernel_size), _pair(self.stride)
+        pads = _same_pads(x, kernel, stride, (1, 1))
+        if pads is None:
+            padding = tuple(same_padding(n, k, s)[0]
+                            for n, k, s in zip(x.shape[-2:], kernel, stride))
+            return F.max_pool2d(x, kernel, stride, padding)
+        return F.max_pool2d(F.pad(x, pads, value=-math.inf), kernel, stride, 0)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (", padding_mode=same" if self.same else "")
+
+
+def apply_padding(model: nn.Module, mode: str) -> nn.Module:
+    """Set every :class:`PaddedConv2d` (ScaledStdConv2d and the He-init convs included) and
+    :class:`MaxPool2dPadded` of ``model`` to "same" or "symmetric"; returns ``model``. The
+    families call this once at the end of construction, so the layers are built as usual."""
+    check_padding(mode)
+    for module in model.modules():
+        if isinstance(module, (PaddedConv2d, MaxPool2dPadded)):
+            module.set_padding(mode)
+    return model
+
+
+class ScaledStdConv2d(PaddedConv2d):
     """Conv2d with scaled weight standardization and an affine gain, as the authors' WSConv2D.
 
     W_hat = gain * (W - mean) * rsqrt(max(var * fan_in, eps)), per output channel, biased
@@ -136,13 +250,14 @@ class ScaledStdConv2d(nn.Conv2d):
 
 def he_conv2d(
     in_channels: int, out_channels: int, kernel_size: int, stride: int = 1, groups: int = 1,
-    bias: bool = True,
+    bias: bool = True, gain: float = math.sqrt(2.0),
 ) -> nn.Conv2d:
-    """Plain conv with He (fan-in, gain sqrt(2)) normal init: the unstandardized control."""
-    conv = nn.Conv2d(
-        in_channels, out_channels, kernel_size, stride, kernel_size // 2, groups=groups, bias=bias
+    """Plain conv with fan-in normal init, std gain/sqrt(fan_in): He (gain sqrt(2), the
+    default) for the unstandardized control; gain 1 where no ReLU precedes the conv."""
+    conv = PaddedConv2d(
+        in_channels, out_channels, kernel_size, stride, groups=groups, bias=bias
     )
-    nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+    nn.init.normal_(conv.weight, 0.0, gain / math.sqrt(conv.weight[0].numel()))
     if bias:
         nn.init.zeros_(conv.bias)
     return conv

@@ -41,9 +41,11 @@ def synthetic_frame(models: dict[str, float | None], seeds: int = 2) -> pd.DataF
                     stats["res_var"] = 0.9 * jitter
                 for stat, value in stats.items():
                     rows.append({
-                        "model": name, "seed": seed, "block": block, "stage": stage,
-                        "index": index, "stat": stat, "value": value,
-                        "expected_var": expected_var, "rel_dev": np.nan,
+                        "model": name, "input": "noise", "seed": seed, "block": block,
+                        "stage": stage, "index": index, "stat": stat, "value": value,
+                        "expected_var": np.nan if index < 0 else expected_var,
+                        "rel_dev": np.nan, "map_size": 32 >> max(stage, 0),
+                        "tiny_map": False, "pool_factor": np.nan,
                     })
     return pd.DataFrame(rows, columns=SPP_COLUMNS)
 
@@ -72,11 +74,15 @@ def test_three_panels_one_line_per_model_and_a_dashed_theory_line():
     np.testing.assert_allclose(nf_line.get_ydata(), 10.0 ** (np.arange(-1, 6) - 3) * 1.005)
     theory = lines(var_ax, "--")
     assert len(theory) == 1 and to_rgb(theory[0].get_color()) == (0.0, 0.0, 0.0)
-    np.testing.assert_allclose(theory[0].get_ydata(), [1, 1.04, 1.08, 1.12, 1.04, 1.08, 1.12])
+    # from the first block on: the stem is no residual block and has no expectation
+    assert list(theory[0].get_xdata()) == [1, 2, 3, 4, 5, 6]
+    np.testing.assert_allclose(theory[0].get_ydata(), [1.04, 1.08, 1.12, 1.04, 1.08, 1.12])
     assert not lines(sq_ax, "--") and not lines(res_ax, "--")
     assert [ax.get_yscale() for ax in fig.axes] == ["log", "linear", "linear"]
     assert {t.get_text() for t in var_ax.get_legend().get_texts()} >= {"nf", "bn"}
     assert fig.get_suptitle() == "t"
+    assert "Input: i.i.d. N(0,1) noise." in fig._supxlabel.get_text()
+    assert not [p for ax in fig.axes for p in ax.patches]  # no tiny maps, nothing shaded
 
 
 def test_different_expectations_get_one_dashed_line_per_model_in_its_colour():
@@ -146,6 +152,15 @@ def test_cli_writes_parquet_csv_and_png(tmp_path, capsys):
         (["--model", "nf_resnet26", "--input-shape", "4,3,16"], "four positive integers"),
         (["--model", "nf_resnet26", "--input-shape", "4,3,a,16"], "N,C,H,W integers"),
         (["--model", "nf_resnet26", "--seeds", "0"], "seeds must be >= 1"),
+        (["--model", "nf_resnet26", "--input", "imagenet"], "unknown input 'imagenet'"),
+        (["--preset", "paper-a-fig9"], "unknown preset 'paper-a-fig9'"),
+        (["--model", "nf_resnet26", "--set", "padding=valid"],
+         "padding must be one of same, symmetric"),
+        (["--model", "nf_resnet26:padding=SAME"], "padding must be one of same, symmetric"),
+        (["--preset", "paper-a-fig1", "--model", "nf_resnet26"], "not both"),
+        (["--model", "nf_resnet26", "--full-size"], "--full-size goes with --preset"),
+        (["--model", "nf_resnet26", "--input", "synthetic", "--input-shape", "4,3,16,12"],
+         "needs C=3 and H=W"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
@@ -163,7 +178,7 @@ def test_cli_per_model_overrides_make_separate_lines(tmp_path, capsys):
                *SMALL, "--seeds", "1", "--out", str(out)])
     assert rc == 0
     frame = pd.read_parquet(out / "spp.parquet")
-    labels = ["nf_resnet26", "nf_resnet26:ws=False:alpha=0.5"]
+    labels = ["nf_resnet26", "nf_resnet26 ws=False alpha=0.5"]  # legend text, no quoting
     assert list(dict.fromkeys(frame["model"])) == labels
     transition = frame[(frame["block"] == "stages.0.0") & (frame["stat"] == "var")]
     assert transition["expected_var"].tolist() == pytest.approx([1.04, 1.25])
@@ -180,11 +195,10 @@ def test_cli_unwritable_out_dir_is_one_line_and_exit_2(tmp_path, capsys):
     assert rc == 2 and err.count("\n") == 1 and "cannot write to output directory" in err
 
 
-def test_cli_missing_model_is_an_argparse_error(capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["spp"])
-    assert exit_info.value.code == 2
-    assert capsys.readouterr().err.count("\n") == 1
+def test_cli_missing_model_is_one_line_and_exit_2(capsys):
+    assert main(["spp"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "name a model (--model NAME) or a preset" in err
 
 
 def test_set_values_are_parsed_as_literals_or_strings():
@@ -192,3 +206,57 @@ def test_set_values_are_parsed_as_literals_or_strings():
     assert parse_value("[8, 8]") == [8, 8] and parse_value("(1,2)") == [1, 2]
     assert parse_value("True") is True and parse_value("false") is False
     assert parse_value("cifar") == "cifar" and parse_value("'v2'") == "v2"
+
+
+def test_tiny_maps_are_shaded_captioned_and_warned_once(tmp_path, capsys):
+    out = tmp_path / "tiny"
+    rc = main(["spp", "--model", "nf_resnet26", "--set", "width_mult=0.125", "--set",
+               "stem=cifar", "--input-shape", "4,3,16,16", "--seeds", "1", "--out", str(out)])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("sigprop: warning: feature maps down to 2x2")
+    frame = pd.read_parquet(out / "spp.parquet")
+    fig = plot_spp(frame)
+    shaded = [p for p in fig.axes[1].patches]
+    first_tiny = frame.loc[frame["tiny_map"] & (frame["index"] >= 0), "index"].min() + 1
+    assert len(shaded) == 1 and shaded[0].get_x() == pytest.approx(first_tiny - 0.5)
+    caption = fig._supxlabel.get_text()
+    assert "feature maps under 8x8 (down to 2x2)" in caption
+
+
+def test_nfnet_caption_says_why_the_expectation_is_left_out(tmp_path, capsys):
+    from sigprop.spp import signal_propagation
+
+    frame = signal_propagation("nfnet_f0", (4, 3, 32, 32), seeds=1,
+                               overrides={"depths": (1, 1, 1, 1), "width_mult": 0.125,
+                                          "stem": "cifar"})
+    fig = plot_spp(frame)
+    theory = lines(fig.axes[1], "--")
+    assert len(theory) == 1 and np.isnan(theory[0].get_ydata()[1:]).all()  # stage 0 only
+    caption = fig._supxlabel.get_text()
+    assert "nfnet_f0: no expectation from block 2 on: its 2x2 avg-pool shortcuts keep 0.2" in \
+        caption
+
+
+def test_preset_runs_four_models_with_a_caption(tmp_path, capsys):
+    out = tmp_path / "preset"
+    rc = main(["spp", "--preset", "paper-a-fig1", "--set", "depths=[1,1]", "--set",
+               "widths=[256,512]", "--set", "width_mult=0.0625", "--input-shape", "2,3,33,33",
+               "--seeds", "1", "--out", str(out)])
+    assert rc == 0
+    frame = pd.read_parquet(out / "spp.parquet")
+    assert list(dict.fromkeys(frame["model"])) == [
+        "nf_resnet600", "nf_resnet600 ws=False", "bn_resnet600_v2",
+        "bn_resnet600_v2 order=act_bn_conv",
+    ]
+    assert frame["block"].nunique() == 3  # the --set depths replaced the preset's 50 x 4
+    assert (out / "spp.png").stat().st_size > 0
+
+
+def test_frames_stored_before_the_new_columns_still_plot():
+    frame = synthetic_frame({"nf": 0.2}, seeds=1)
+    old = frame[["model", "seed", "block", "stage", "index", "stat", "value", "expected_var",
+                 "rel_dev"]]
+    fig = plot_spp(old)
+    assert len(fig.axes) == 3 and fig._supxlabel is None  # nothing to caption
+    assert len(lines(fig.axes[1], "--")) == 1

@@ -3,7 +3,8 @@
 Networks are deep but narrow: depths [8, 8, 8, 8] at width_mult 0.125 (bottleneck widths 8 to
 64) with the CIFAR stem on 64x64 inputs, so the last stage still has 8x8 maps: on 2x2 or 4x4
 maps the zero padding of the 3x3 convs removes a visible part of the branch variance and the
-measurement drifts below 1 + k*alpha^2 for reasons that have nothing to do with the bookkeeping.
+measurement drifts below 1 + k*alpha^2 for reasons that have nothing to do with the bookkeeping
+(even 8x8 loses about 15% of the branch variance: the bookkeeping test allows for it there).
 """
 
 from __future__ import annotations
@@ -17,7 +18,10 @@ import sigprop
 from sigprop.errors import UserError
 from sigprop.spp import (
     SPP_COLUMNS,
+    TINY_MAP,
     check_overrides,
+    input_batches,
+    model_label,
     signal_propagation,
     spp_overrides,
     summarize_spp,
@@ -35,7 +39,9 @@ def spp(name: str = "nf_resnet50", seeds: int = 2, **overrides) -> pd.DataFrame:
     )
     blocks = frame[frame["block"] != "stem"]
     wide = blocks.pivot(index="index", columns="stat", values="mean")
-    meta = blocks.drop_duplicates("index").set_index("index")[["stage", "expected_var"]]
+    meta = blocks.drop_duplicates("index").set_index("index")[
+        ["stage", "expected_var", "map_size"]
+    ]
     return wide.join(meta)
 
 
@@ -80,17 +86,26 @@ def test_frame_layout_and_relative_deviation():
 
 
 def test_nf_resnet_with_scaled_ws_follows_the_bookkeeping(nf_ws):
-    # measured within 4% of 1 + k*alpha^2 everywhere for these seeds; 10% would still catch a
-    # missing reset (+24% by the end of a stage) or a wrong beta (variance compounding)
+    # measured within 8% of 1 + k*alpha^2 on maps of 16x16 and up (seeds spread about 5% at
+    # this width), 11% on the 8x8 stage where zero padding takes its share; 10% / 15% would
+    # still catch a missing reset (+24% by the end of a stage) or a wrong beta (compounding)
     rel_dev = (nf_ws["var"] - nf_ws["expected_var"]) / nf_ws["expected_var"]
-    assert rel_dev.abs().max() < 0.10
+    large = nf_ws["map_size"] >= 16
+    assert rel_dev[large].abs().max() < 0.10
+    assert rel_dev[~large].abs().max() < 0.15
     transitions = nf_ws.groupby("stage").head(1)
     assert transitions["var"].to_numpy() == pytest.approx(1 + ALPHA**2, rel=0.10)
     last = nf_ws.groupby("stage").tail(1)
-    assert (last["var"].to_numpy() > 1.25).all()  # about 1 + 8 alpha^2 = 1.32 before each reset
+    # 1 + 8 alpha^2 = 1.32 before each reset; measured 1.18-1.25 for these seeds (two seeds
+    # of 8-channel bottlenecks spread about 5%, and zero padding costs a few % more), far
+    # above the 1.04 a reset gives
+    assert (last["var"].to_numpy() > 1.15).all()
     for slope in within_stage_slopes(nf_ws):
         assert slope == pytest.approx(ALPHA**2, rel=0.2)
-    assert nf_ws["res_var"].mean() == pytest.approx(1.0, abs=0.1)
+    # a zero-padded 3x3 conv on an s x s map sees ((3s - 2) / 3s)^2 of its taps on average:
+    # the residual variance is 1 times that (0.84 at 8x8 ... 0.98 at 64x64)
+    padding_share = ((3 * nf_ws["map_size"] - 2) / (3 * nf_ws["map_size"])) ** 2
+    assert (nf_ws["res_var"] / padding_share).mean() == pytest.approx(1.0, abs=0.06)
     assert nf_ws["res_var"].between(0.7, 1.35).all()
     assert (nf_ws["sq_mean"] < 0.05 * nf_ws["var"]).all()
 
@@ -172,3 +187,71 @@ def test_bad_input_is_a_user_error():
     with pytest.raises(UserError, match="unknown option.*alpah"):
         check_overrides(["nf_resnet26", "bn_resnet26_v2"], {"alpah": 0.3})
     check_overrides(["nf_resnet26", "bn_resnet26_v2"], {"alpha": 0.3})  # one model has it
+
+
+def test_bn_resnet_orderings_of_paper_a_figure_1():
+    # BN-ReLU-Conv: the ReLU's mean goes into the channel means, the branch variance is
+    # 1 - 1/pi; ReLU-BN-Conv: BN hands the conv zero-mean unit-variance input, variance 1
+    bn_relu = spp("bn_resnet50_v2", seeds=1)
+    relu_bn = spp("bn_resnet50_v2", seeds=1, order="act_bn_conv")
+    assert bn_relu["res_var"].mean() == pytest.approx(1 - 1 / np.pi, rel=0.1)
+    assert relu_bn["res_var"].mean() == pytest.approx(1.0, rel=0.1)
+    assert relu_bn["res_var"].mean() > 1.2 * bn_relu["res_var"].mean()
+    assert bn_relu["expected_var"].isna().all() and relu_bn["expected_var"].isna().all()
+    with pytest.raises(UserError, match="pre-activation"):
+        signal_propagation("bn_resnet26_v1", (2, 3, 8, 8), seeds=1,
+                           overrides={"order": "act_bn_conv"})
+
+
+def test_nfnet_avg_pool_factor_is_measured_and_the_theory_left_out_where_it_fails():
+    small = {"depths": (2, 2, 2, 1), "width_mult": 0.125, "stem": "cifar"}
+    frame = signal_propagation("nfnet_f0", (8, 3, 32, 32), seeds=1, overrides=small)
+    var = frame[frame["stat"] == "var"].set_index("block")
+    strided = ["stages.1.0", "stages.2.0", "stages.3.0"]
+    # 2x2 averaging of spatially uncorrelated activations keeps a quarter of the variance
+    assert var.loc[strided, "pool_factor"].to_numpy() == pytest.approx(0.25, rel=0.15)
+    assert var.drop(strided)["pool_factor"].isna().all()
+    assert np.isnan(var.loc["stem", "expected_var"])  # theory starts at the first block
+    assert var.loc[["stages.0.0", "stages.0.1"], "expected_var"].tolist() == pytest.approx(
+        [1.04, 1.08])
+    later = var[var["stage"] >= 1]
+    assert later["expected_var"].isna().all() and later["rel_dev"].isna().all()
+    # the measured variance does fall about 4x at each avg-pool transition
+    assert var.loc["stages.1.0", "value"] < 0.4 * var.loc["stages.0.1", "value"]
+
+
+def test_map_sizes_and_tiny_map_flags():
+    frame = signal_propagation("nf_resnet26", (4, 3, 16, 16), seeds=1,
+                               overrides={"width_mult": 0.125, "stem": "cifar"})
+    sizes = frame.drop_duplicates("block").set_index("block")["map_size"]
+    assert sizes["stem"] == 16
+    assert [sizes[f"stages.{s}.0"] for s in range(4)] == [16, 8, 4, 2]
+    tiny = frame.drop_duplicates("block").set_index("block")["tiny_map"]
+    assert tiny[sizes < TINY_MAP].all() and not tiny[sizes >= TINY_MAP].any()
+
+
+def test_data_set_inputs_are_normalised_per_channel_and_drawn_per_seed():
+    batches = input_batches("synthetic", (6, 3, 16, 16), [0, 1])
+    for x in batches.values():
+        var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False)
+        assert torch.allclose(mean, torch.zeros(3), atol=1e-5)
+        assert torch.allclose(var, torch.ones(3), atol=1e-4)
+        assert x.shape == (6, 3, 16, 16)
+    assert not torch.equal(batches[0], batches[1])
+    assert torch.equal(input_batches("synthetic", (6, 3, 16, 16), [1])[1], batches[1])
+    noise = input_batches("noise", (2, 3, 4, 4), [7])[7]
+    assert torch.equal(noise, torch.randn(2, 3, 4, 4, generator=torch.Generator().manual_seed(7)))
+    frame = signal_propagation("nf_resnet26", (6, 3, 16, 16), seeds=[0], input="synthetic",
+                               overrides={"width_mult": 0.125, "stem": "cifar"})
+    assert set(frame["input"]) == {"synthetic"}
+    with pytest.raises(UserError, match="unknown input 'imagenet'; valid inputs: noise"):
+        signal_propagation("nf_resnet26", (2, 3, 8, 8), seeds=1, input="imagenet")
+    with pytest.raises(UserError, match="C=3 and H=W"):
+        input_batches("synthetic", (2, 1, 8, 8), [0])
+
+
+def test_model_labels_are_plain_text():
+    assert model_label("nf_resnet50") == "nf_resnet50"
+    assert model_label("nf_resnet50", {"activation": "gelu", "depths": [2, 2]}) == (
+        "nf_resnet50 activation=gelu depths=[2,2]"
+    )

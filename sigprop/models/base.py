@@ -76,7 +76,7 @@ class ResidualNet(nn.Module):
 
 def check_config(cfg) -> None:
     """Validate the fields the families share; raises ValueError naming the field."""
-    from sigprop.layers import ACTIVATIONS
+    from sigprop.layers import ACTIVATIONS, PADDING_MODES
 
     cfg.depths = tuple(int(d) for d in cfg.depths)
     cfg.widths = tuple(int(w) for w in cfg.widths)
@@ -102,6 +102,10 @@ def check_config(cfg) -> None:
         raise ValueError(f"alpha must be >= 0, got {cfg.alpha}")
     if not 0.0 <= getattr(cfg, "stochdepth_rate", 0.0) < 1.0:
         raise ValueError(f"stochdepth_rate must be in [0, 1), got {cfg.stochdepth_rate}")
+    if cfg.padding not in PADDING_MODES:
+        raise ValueError(
+            f"padding must be one of {', '.join(PADDING_MODES)}, got {cfg.padding!r}"
+        )
 
 def scaled(width: int, mult: float) -> int:
     return max(1, int(width * mult))

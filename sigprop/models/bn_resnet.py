@@ -1,6 +1,12 @@
 """BatchNorm ResNet baseline (the authors' resnet.py): v2 pre-activation by default, v1 option.
 
 ``norm="none"`` removes every normalization layer: the unnormalized ResNet ablation.
+``order`` (v2 only) picks paper A Figure 1's two orderings of the pre-activation branch:
+"bn_act_conv" (BN-ReLU-Conv, the authors' v2) or "act_bn_conv" (ReLU-BN-Conv). He init
+(gain sqrt(2)) assumes a ReLU right before the conv; in ReLU-BN-Conv the conv sees BN's
+zero-mean unit-variance output instead, so its convs get the variance-preserving fan-in init
+(gain 1). Then the residual branch variance is about 1 for ReLU-BN-Conv and 1 - 1/pi for
+BN-ReLU-Conv (the ReLU's mean 1/sqrt(2 pi) goes into the channel means, not the variance).
 """
 
 from __future__ import annotations
@@ -11,7 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sigprop.layers import SqueezeExcite, get_activation, he_conv2d
+from sigprop.layers import (
+    MaxPool2dPadded,
+    SqueezeExcite,
+    apply_padding,
+    get_activation,
+    he_conv2d,
+)
 from sigprop.models.base import ResidualNet, check_config, scaled
 from sigprop.models.nf_resnet import RESNET_DEPTHS, RESNET_WIDTHS, STAGE_STRIDES
 from sigprop.models.registry import ModelSpec, register
@@ -23,6 +35,7 @@ class BNResNetConfig:
     widths: tuple[int, ...] = RESNET_WIDTHS
     width_mult: float = 1.0
     version: str = "v2"  # "v2": BN-act-conv (pre-activation); "v1": conv-BN-act
+    order: str = "bn_act_conv"  # v2 only: or "act_bn_conv" (ReLU-BN-Conv, paper A Fig. 1)
     norm: str = "batch"  # or "none"
     activation: str = "relu"
     use_se: bool = False
@@ -32,10 +45,15 @@ class BNResNetConfig:
     in_chans: int = 3
     drop_rate: float = 0.0
     bottleneck_ratio: float = 0.25
+    padding: str = "same"  # the authors' TF SAME; "symmetric": PyTorch / torchvision style
 
     def __post_init__(self) -> None:
         if self.version not in ("v1", "v2"):
             raise ValueError(f"version must be 'v1' or 'v2', got {self.version!r}")
+        if self.order not in ("bn_act_conv", "act_bn_conv"):
+            raise ValueError(f"order must be 'bn_act_conv' or 'act_bn_conv', got {self.order!r}")
+        if self.order == "act_bn_conv" and self.version != "v2":
+            raise ValueError("order='act_bn_conv' is a pre-activation (v2) ordering")
         if self.norm not in ("batch", "none"):
             raise ValueError(f"norm must be 'batch' or 'none', got {self.norm!r}")
         check_config(self)
@@ -47,7 +65,8 @@ def make_norm(cfg: BNResNetConfig, channels: int) -> nn.Module:
 
 def make_conv(cfg: BNResNetConfig, in_ch: int, out_ch: int, k: int, stride: int = 1) -> nn.Conv2d:
     # Without BN there is no BN bias, so the conv keeps its own.
-    return he_conv2d(in_ch, out_ch, k, stride, bias=cfg.norm == "none")
+    gain = 1.0 if cfg.order == "act_bn_conv" else 2.0**0.5
+    return he_conv2d(in_ch, out_ch, k, stride, bias=cfg.norm == "none", gain=gain)
 
 
 class BNBottleneck(nn.Module):
@@ -55,6 +74,7 @@ class BNBottleneck(nn.Module):
         super().__init__()
         width = max(1, int(out_ch * cfg.bottleneck_ratio))
         self.preact = cfg.version == "v2"
+        self.act_first = cfg.order == "act_bn_conv"
         self.act = get_activation(cfg.activation, scaled=False)
         self.bn0 = make_norm(cfg, in_ch if self.preact else width)
         self.conv0 = make_conv(cfg, in_ch, width, 1)
@@ -70,11 +90,11 @@ class BNBottleneck(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.preact:
-            out = self.act(self.bn0(x))
+            out = self.pre(self.bn0, x)
             shortcut = x if self.conv_shortcut is None else self.conv_shortcut(out)
             out = self.conv0(out)
-            out = self.conv1(self.act(self.bn1(out)))
-            out = self.conv2(self.act(self.bn2(out)))
+            out = self.conv1(self.pre(self.bn1, out))
+            out = self.conv2(self.pre(self.bn2, out))
         else:
             shortcut = x
             if self.conv_shortcut is not None:
@@ -86,6 +106,10 @@ class BNBottleneck(nn.Module):
             out = self.se(out)
         out = self.branch_out(out) + shortcut
         return out if self.preact else self.act(out)
+
+    def pre(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The pre-activation of a v2 conv: BN-act or act-BN."""
+        return norm(self.act(x)) if self.act_first else self.act(norm(x))
 
 
 class BNResNet(ResidualNet):
@@ -103,7 +127,7 @@ class BNResNet(ResidualNet):
             layers["bn"] = make_norm(cfg, ch)
             layers["act"] = get_activation(cfg.activation, scaled=False)
         if imagenet:
-            layers["pool"] = nn.MaxPool2d(3, 2, 1)
+            layers["pool"] = MaxPool2dPadded(3, 2)
         self.stem = nn.Sequential(layers)
 
         stages = []
@@ -125,6 +149,7 @@ class BNResNet(ResidualNet):
         self.fc = nn.Linear(ch, cfg.num_classes)
         nn.init.zeros_(self.fc.weight)  # the authors' baseline head init
         nn.init.zeros_(self.fc.bias)
+        apply_padding(self, cfg.padding)  # every strided conv and the stem max-pool
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

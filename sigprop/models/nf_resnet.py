@@ -12,9 +12,11 @@ import torch
 from torch import nn
 
 from sigprop.layers import (
+    MaxPool2dPadded,
     ScaledStdConv2d,
     SqueezeExcite,
     StochasticDepth,
+    apply_padding,
     get_activation,
     he_conv2d,
 )
@@ -52,6 +54,8 @@ class NFResNetConfig:
     in_chans: int = 3
     drop_rate: float = 0.0
     bottleneck_ratio: float = 0.25
+    # "same": the authors' TF SAME (asymmetric at even sizes); "symmetric": timm's nf_resnet*
+    padding: str = "same"
 
     def __post_init__(self) -> None:
         check_config(self)
@@ -110,15 +114,16 @@ class NFResNet(ResidualNet):
         conv = make_conv(cfg.ws)
         widths = [scaled(w, cfg.width_mult) for w in cfg.widths]
         ch = max(1, widths[0] // 4)
+        # The stem conv has a bias (zero at init), as every conv of the authors' (and timm's).
         if cfg.stem == "imagenet":
             self.stem = nn.Sequential(
                 OrderedDict(
-                    conv=conv(cfg.in_chans, ch, 7, 2, bias=False),
-                    pool=nn.MaxPool2d(3, 2, 1),
+                    conv=conv(cfg.in_chans, ch, 7, 2),
+                    pool=MaxPool2dPadded(3, 2),
                 )
             )
         else:
-            self.stem = nn.Sequential(OrderedDict(conv=conv(cfg.in_chans, ch, 3, 1, bias=False)))
+            self.stem = nn.Sequential(OrderedDict(conv=conv(cfg.in_chans, ch, 3, 1)))
 
         num_blocks, index, expected_var = sum(cfg.depths), 0, 1.0
         stages = []
@@ -143,6 +148,7 @@ class NFResNet(ResidualNet):
         self.fc = nn.Linear(ch, cfg.num_classes)
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc.bias)
+        apply_padding(self, cfg.padding)  # every strided conv and the stem max-pool
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)

@@ -8,7 +8,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sigprop.layers import ScaledStdConv2d, SqueezeExcite, StochasticDepth, get_activation
+from sigprop.layers import (
+    ScaledStdConv2d,
+    SqueezeExcite,
+    StochasticDepth,
+    apply_padding,
+    get_activation,
+)
 from sigprop.models.base import ResidualNet, check_config, scaled
 from sigprop.models.registry import ModelSpec, register
 
@@ -50,6 +56,8 @@ class NFNetConfig:
     stem: str = "imagenet"  # or "cifar": the same four convs, all stride 1
     num_classes: int = 1000
     in_chans: int = 3
+    # "same": the authors' TF SAME (asymmetric at even sizes); "symmetric": timm's nfnet_*
+    padding: str = "same"
 
     def __post_init__(self) -> None:
         if self.variant not in NFNET_VARIANTS:
@@ -160,6 +168,9 @@ class NFNet(ResidualNet):
         self.fc = nn.Linear(self.num_features, cfg.num_classes)
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
         nn.init.zeros_(self.fc.bias)
+        # every strided conv; the transition avg-pool (ceil mode, valid counts) already
+        # averages a lone last row / column at odd sizes, as Haiku's SAME avg_pool
+        apply_padding(self, cfg.padding)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
