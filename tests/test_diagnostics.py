@@ -38,6 +38,7 @@ SHAPE = {k: v for k, v in TINY.items() if k != "name"}
     ("nfnet_f0", {}, "NFNet-F0"),
     ("nfnet_f1", {"depths": [1, 2, 6, 3]}, "NFNet [1,2,6,3]"),
     ("nf_resnet50", {"ws": False}, "NF-ResNet-50 (no WS)"),
+    ("bn_resnet50_v2", {"order": "act_bn_conv"}, "BN-ResNet-50 v2 (ReLU-BN-Conv)"),
 ])
 def test_models_are_named_by_what_was_built(name, overrides, label):
     assert model_label(name, overrides) == label

@@ -38,6 +38,8 @@ def model_label(name: str, overrides: Mapping[str, Any] | None = None) -> str:
         text += f" {built.version}"
     if getattr(built, "ws", True) is False:
         text += " (no WS)"
+    if getattr(built, "order", "bn_act_conv") == "act_bn_conv":
+        text += " (ReLU-BN-Conv)"
     return text
 
 
