@@ -11,7 +11,7 @@ import pandas as pd
 
 from ablations.executors import LocalExecutor
 from ablations.spec import GridSpec, Run, expand
-from ablations.store import FINISHED, GridStore, load_results
+from ablations.store import FINISHED, DamagedFile, GridStore, load_results
 
 
 @dataclass
@@ -24,10 +24,19 @@ class GridOutcome:
     duration_s: float = 0.0
 
 
-def runs_to_execute(store: GridStore, runs: list[Run], retry_failed: bool) -> list[str]:
+def runs_to_execute(store: GridStore, runs: list[Run], retry_failed: bool,
+                    stream=None) -> list[str]:
+    """The runs not finished; a damaged run is repaired (its unreadable files kept aside) and
+    counts as not finished."""
     todo = []
     for run in runs:
-        state = store.state(run.run_id)
+        note = store.repair(run)
+        if note and stream is not None:
+            print(f"run {run.run_id}: {note}; it runs again", file=stream, flush=True)
+        try:
+            state = store.state(run.run_id)
+        except DamagedFile:  # held by another runner, which rewrites it
+            state = "queued"
         if state in FINISHED or (state == "failed" and not retry_failed):
             continue
         todo.append(run.run_id)
@@ -126,7 +135,7 @@ def run_grid(
     runs = expand(spec)
     store = GridStore(out, spec.name)
     store.prepare(spec.to_toml_dict(), runs)
-    todo = runs_to_execute(store, runs, retry_failed)
+    todo = runs_to_execute(store, runs, retry_failed, stream)
     outcome = GridOutcome(store.dir, total=len(runs), skipped=len(runs) - len(todo))
     # describing a Ray executor starts Ray: only worth it when there is something to run
     where = f" on {executor.describe()}" if todo else ""

@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from ablations.store import FINISHED, GridStore, environment
+from ablations.store import FINISHED, DamagedFile, GridStore, environment, set_aside
 
 PROGRESS_INTERVAL_S = 0.5
 
@@ -57,10 +57,15 @@ def execute_run(
 def _execute_locked(store: GridStore, run_id: str, device: str, events: Any, slot: int) -> dict:
     from sigprop.train import TrainConfig, train
 
-    status = store.status(run_id)
+    try:
+        status = store.status(run_id)
+    except DamagedFile as err:  # kept aside; the run starts over as queued
+        set_aside(err.path)
+        status = {"state": "queued", "attempts": 0}
     if status.get("state") in FINISHED:  # finished by another process meanwhile
         return {"run_id": run_id, "state": status["state"], "summary": status.get("summary", {})}
     record = store.config(run_id)
+    remove_stale_temporaries(store.run_dir(run_id))
     started, clock = time.time(), time.monotonic()  # wall clock for stamps, monotonic for spans
     store.update_status(
         run_id, state="running", started_at=started, attempts=status.get("attempts", 0) + 1,
@@ -75,12 +80,20 @@ def _execute_locked(store: GridStore, run_id: str, device: str, events: Any, slo
             last_post[0] = now
             events.put(("step", slot, run_id, step, total))
 
+    checkpoint = store.run_dir(run_id) / "checkpoint.pt"
     try:
         config = TrainConfig.from_dict({**record["config"], "device": device})
-        result = train(
-            config, progress=progress, checkpoint_path=store.run_dir(run_id) / "checkpoint.pt",
-            resume=True,
-        )
+        try:
+            result = train(config, progress=progress, checkpoint_path=checkpoint, resume=True)
+        except Exception:
+            why = checkpoint_damage(checkpoint)
+            if why is None:
+                raise
+            kept = set_aside(checkpoint)
+            note = (f"checkpoint {checkpoint} was damaged ({why}); kept as {kept.name}, "
+                    f"restarted from step 0")
+            store.update_status(run_id, restarted=note)
+            result = train(config, progress=progress, checkpoint_path=checkpoint, resume=True)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the status write finish
         store.update_status(run_id, state="queued", interrupted_at=time.time())
@@ -102,6 +115,29 @@ def _execute_locked(store: GridStore, run_id: str, device: str, events: Any, slo
         duration_s=duration, summary=summary,
     )
     return {"run_id": run_id, "state": result.status, "summary": summary}
+
+
+def remove_stale_temporaries(run_dir) -> None:
+    """Temporary files of atomic writes cut short by a kill (``.checkpoint.pt.*.tmp``...).
+
+    Only called under the run's lock: nobody else can be writing them."""
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def checkpoint_damage(path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be loaded, or None (absent or loadable)."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any load error means an unusable file
+        return (f"{type(err).__name__}: {err}".splitlines() or ["unreadable"])[0]
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, not a training state"
+    return None
 
 
 def step_metrics(result: Any) -> pd.DataFrame:
