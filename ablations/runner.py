@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 
 from ablations.executors import LocalExecutor
-from ablations.spec import GridSpec, Run, expand
+from ablations.spec import MAX_RUNS, GridSpec, Run, expand
 from ablations.store import FINISHED, DamagedFile, GridStore, load_results
 
 
@@ -41,6 +41,42 @@ def runs_to_execute(store: GridStore, runs: list[Run], retry_failed: bool,
             continue
         todo.append(run.run_id)
     return todo
+
+
+def check_data(runs: list[Run], download: bool = False) -> None:
+    """Every data set the grid needs is there, checked once before anything is written.
+
+    CIFAR counts as there when its extracted batches or its tarball (checked and extracted by
+    the first run) are in the run's data_dir; otherwise ``download`` fetches it now, once, and
+    without it the grid stops naming where the files go (runs would each fail on their own).
+    """
+    from sigprop.data import SOURCES, default_data_dir, load_dataset
+    from sigprop.errors import UserError
+
+    needed = sorted({(r.config["data"], r.config.get("data_dir") or "") for r in runs})
+    for name, data_dir in needed:
+        if name == "digits":
+            try:
+                import sklearn.datasets  # noqa: F401
+            except ImportError:
+                raise UserError("data set 'digits' needs scikit-learn: pip install "
+                                "'sigprop[digits]'") from None
+        if name not in SOURCES:
+            continue
+        source = SOURCES[name]
+        folder = Path(data_dir) if data_dir else default_data_dir()
+        files = source.train_files + source.test_files
+        if all((folder / source.folder / f).is_file() for f in files):
+            continue
+        if (folder / source.filename).is_file():
+            continue
+        if download:
+            load_dataset(name, folder, train_size=1, test_size=1, download=True)
+            continue
+        raise UserError(
+            f"data set {name} not found: put {source.folder}/ (extracted from "
+            f"{source.filename}, {source.url}) under {folder}, or pass --download to fetch it"
+        )
 
 
 def describe_run(run: Run) -> str:
@@ -124,6 +160,8 @@ def run_grid(
     executor: LocalExecutor | None = None,
     retry_failed: bool = False,
     stream=None,
+    max_runs: int | None = MAX_RUNS,
+    download: bool = False,
 ) -> GridOutcome:
     """Expand ``spec`` into ``out/<name>`` and execute every run that is not finished.
 
@@ -132,7 +170,8 @@ def run_grid(
     """
     stream = stream or sys.stdout
     executor = executor or LocalExecutor()
-    runs = expand(spec)
+    runs = expand(spec, max_runs)
+    check_data(runs, download)
     store = GridStore(out, spec.name)
     store.prepare(spec.to_toml_dict(), runs)
     todo = runs_to_execute(store, runs, retry_failed, stream)
