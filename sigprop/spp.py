@@ -32,7 +32,7 @@ from torch import nn
 from sigprop.errors import UserError
 from sigprop.files import writable_dir_error
 from sigprop.layers import StochasticDepth
-from sigprop.models import create_model, model_options
+from sigprop.models import create_model, model_options, resolve_config
 from sigprop.probes import Probe
 
 SPP_STATS = ("sq_mean", "var", "res_var")
@@ -258,6 +258,8 @@ def write_spp(
     check_overrides([name for name, _ in entries], overrides)
     shape = check_input_shape(input_shape)
     seed_list = _seed_list(seeds)
+    for name, own in entries:  # bad option values fail before the output folder is made
+        resolve_config(name, **spp_overrides(name, {**(overrides or {}), **own}))
     path = _writable_dir(out_dir)
 
     frame = pd.concat(
