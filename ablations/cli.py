@@ -111,7 +111,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     outcome = execute(spec, args)
     if not args.no_report and not outcome.interrupted:
         write_report(outcome.grid_dir)
-    return 130 if outcome.interrupted else 0
+    return exit_code(outcome)
+
+
+def exit_code(outcome) -> int:
+    """0, or 128 + the signal that interrupted the grid (130 Ctrl-C, 143 SIGTERM)."""
+    if not outcome.interrupted:
+        return 0
+    return 143 if outcome.signal == "SIGTERM" else 130
 
 
 # paper A's Figure 1 trio: NF-ResNet, the same without scaled WS (mean shift), BN-ResNet v2
@@ -128,7 +135,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     spec = load_spec(GRIDS_DIR / "quickstart.toml", args.set)
     outcome = execute(spec, args)
     if outcome.interrupted:
-        return 130
+        return exit_code(outcome)
     spp = write_spp(QUICKSTART_SPP_MODELS, out_dir=outcome.grid_dir / "spp")
     print(f"signal propagation at init: {spp['png']}")
     if not args.no_report:

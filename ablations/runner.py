@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,28 @@ class GridOutcome:
     skipped: int  # already finished before this invocation
     counts: dict = field(default_factory=dict)  # state -> runs ended in this invocation
     interrupted: bool = False
+    signal: str | None = None  # SIGINT or SIGTERM when interrupted
     duration_s: float = 0.0
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C: in-flight runs are stored as queued and resume later."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def install_sigterm():
+    """Handle SIGTERM like Ctrl-C while runs execute (main thread only; else leave it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def runs_to_execute(store: GridStore, runs: list[Run], retry_failed: bool,
@@ -87,6 +110,7 @@ def dry_run_table(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame([{"run_id": r.run_id, **r.axes} for r in runs])
 
 
+ELSEWHERE = "done by another runner"
 MAX_STEP_BARS = 8  # a Ray cluster can have hundreds of slots
 
 
@@ -125,8 +149,12 @@ class Progress:
         state = result["state"]
         if state in ("busy",):
             return
-        self.counts[state] = self.counts.get(state, 0) + 1
-        if state != "interrupted":
+        counted = state not in ("interrupted", "requeued")
+        if result.get("elsewhere"):  # finished by another runner on the same store
+            state = ELSEWHERE
+        if state != "requeued":
+            self.counts[state] = self.counts.get(state, 0) + 1
+        if counted:
             self.done += 1
         rid = result["run_id"]
         summary = result.get("summary") or {}
@@ -134,15 +162,18 @@ class Progress:
         detail = f"acc={acc:.3f}" if acc is not None else ""
         if state == "diverged":
             detail = f"diverged at step {summary.get('diverged_step')}"
-        if state == "failed":
+        if state in ("failed", "requeued"):
             detail = result.get("error", "")
+        if result.get("store_error"):
+            detail += (f" (the store could not record it: {result['store_error']}; `status` "
+                       f"shows the run as interrupted)")
         line = f"[{self.done}/{self.total}] {rid} {state:9s} {self.labels.get(rid, '')} {detail}"
         if self.tty:
-            self.grid_bar.update(0 if state == "interrupted" else 1)
+            self.grid_bar.update(1 if counted else 0)
             self.grid_bar.set_postfix(
                 diverged=self.counts.get("diverged", 0), failed=self.counts.get("failed", 0)
             )
-            if state in ("failed", "diverged"):
+            if state in ("failed", "diverged", "requeued") or result.get("store_error"):
                 self.grid_bar.write(line, file=self.stream)
         else:
             print(line, file=self.stream, flush=True)
@@ -188,11 +219,14 @@ def run_grid(
     labels = {r.run_id: describe_run(r) for r in runs}
     progress = Progress(len(runs), outcome.skipped, labels, len(executor.slots()), stream)
     started = time.monotonic()
+    previous = install_sigterm()
     try:
         executor.run(str(store.root), store.grid, todo, progress.result, progress.step)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         outcome.interrupted = True
+        outcome.signal = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
     finally:
+        restore_sigterm(previous)
         progress.close()
         outcome.counts = dict(progress.counts)
         outcome.duration_s = time.monotonic() - started
