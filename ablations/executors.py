@@ -28,7 +28,7 @@ from sigprop.files import atomic_path
 ResultCallback = Callable[[dict], None]
 StepCallback = Callable[[int, str, int, int], None]
 BUSY_RETRY_S = 1.0
-MAX_WORKER_DEATHS = 3  # a run in flight when this many workers died is stored as failed
+MAX_WORKER_DEATHS = 3  # a run whose worker died this many times is stored as failed
 # glibc otherwise hands every large activation buffer back to the OS after each step and
 # page-faults it in again on the next: half of a small CPU run's time went to the kernel
 # (BENCHMARKS.md). Keeping freed memory in the heap makes the same run 2x faster, bit-identical.
@@ -207,13 +207,21 @@ class LocalExecutor:
 
         def pool_broke() -> None:
             # a worker died (killed, out of memory): the pool is unusable, every run it held
-            # goes back to the queue and resumes from its checkpoint in a fresh pool
+            # goes back to the queue and resumes from its checkpoint in a fresh pool; only
+            # the run of the worker that died counts towards MAX_WORKER_DEATHS
             nonlocal pool, free
+            workers = dict(getattr(pool, "_processes", None) or {})
             pool.shutdown(wait=False, cancel_futures=True)
+            culprits = dead_workers(workers)
             pool = new_pool()
+            held = {rid: run_pid(root, grid, rid) for _, rid in running.values()}
+            # no culprit known (exit codes not read): every run it held is suspect
+            blamed = set(held)
+            if culprits:
+                blamed = {rid for rid, pid in held.items() if pid in culprits}
             for _, rid in running.values():
-                deaths[rid] = deaths.get(rid, 0) + 1
-                if deaths[rid] > MAX_WORKER_DEATHS:
+                deaths[rid] = deaths.get(rid, 0) + (rid in blamed)
+                if deaths[rid] >= MAX_WORKER_DEATHS:
                     on_result(worker_died(root, grid, rid, deaths[rid]))
                 else:
                     pending.appendleft(rid)
@@ -299,6 +307,26 @@ class LocalExecutor:
                 os.kill(process.pid, signal.SIGINT)
             except (ProcessLookupError, OSError):
                 pass
+
+
+def dead_workers(workers: dict) -> set[int]:
+    """Pids of pool processes that died of something other than the pool's own SIGTERM."""
+    out = set()
+    for pid, process in workers.items():
+        process.join(timeout=2)
+        if process.exitcode not in (None, 0, -signal.SIGTERM):
+            out.add(pid)
+    return out
+
+
+def run_pid(root: str, grid: str, run_id: str) -> int | None:
+    """The pid of the process that last started ``run_id`` (from its status)."""
+    from ablations.store import DamagedFile, GridStore
+
+    try:
+        return GridStore(root, grid).status(run_id).get("pid")
+    except DamagedFile:
+        return None
 
 
 def worker_died(root: str, grid: str, run_id: str, times: int) -> dict:

@@ -13,7 +13,7 @@ import pandas as pd
 
 from ablations.executors import LocalExecutor
 from ablations.spec import MAX_RUNS, GridSpec, Run, expand
-from ablations.store import FINISHED, DamagedFile, GridStore, load_results
+from ablations.store import FINISHED, DamagedFile, GridStore, differing_base_keys, load_results
 
 
 @dataclass
@@ -204,6 +204,12 @@ def run_grid(
     runs = expand(spec, max_runs)
     check_data(runs, download)
     store = GridStore(out, spec.name)
+    differing = differing_base_keys(store, runs)
+    if differing:
+        print(f"warning: {store.dir} already holds runs made with another value of "
+              f"{', '.join(differing)}; both sets stay, `status` and the report show "
+              f"{'that key' if len(differing) == 1 else 'those keys'} as a column "
+              f"(use another --out to keep them apart)", file=stream, flush=True)
     store.prepare(spec.to_toml_dict(), runs)
     todo = runs_to_execute(store, runs, retry_failed, stream)
     outcome = GridOutcome(store.dir, total=len(runs), skipped=len(runs) - len(todo))

@@ -355,21 +355,23 @@ def flatten_config(config: dict, prefix: str = "") -> dict:
     return out
 
 
-def mark_differing_keys(rows: list[dict]) -> list[dict]:
+def mark_differing_keys(rows: list[dict], configs: dict[str, dict]) -> list[dict]:
     """Add to every run's ``axes`` the config keys that differ between runs of one grid folder
     but are no axis: runs stored by an earlier spec with another base value. Without this they
-    would look like duplicates in ``status`` and the report."""
-    ignored = {"grid", "run_id", "status", "error", "axes", *SUMMARY_COLUMNS, "device"}
-    keys = {k for row in rows for k in row} - ignored
-    axes = {a for row in rows for a in row.get("axes", ())}
-    differing = []
-    for key in sorted(keys - axes):
-        values = {repr(row.get(key)) for row in rows if row["status"] != DAMAGED}
-        if len(values) > 1:
-            differing.append(key)
+    would look like duplicates in ``status`` and the report. ``configs``: run id -> flattened
+    config of the readable runs."""
+    axes = sorted({a for row in rows for a in row.get("axes", ())})
+    groups: dict[str, list[dict]] = {}  # runs whose axis values look the same
+    for config in configs.values():
+        groups.setdefault(repr([config.get(a) for a in axes]), []).append(config)
+    differing: set[str] = set()
+    for group in groups.values():
+        for key in {k for config in group for k in config} - set(axes) - {"device"}:
+            if len({repr(config[key]) for config in group if key in config}) > 1:
+                differing.add(key)
     if differing:
         for row in rows:
-            if row["status"] != DAMAGED:
+            if row["run_id"] in configs:
                 row["axes"] = tuple(sorted({*row["axes"], *differing}))
     return rows
 
@@ -385,10 +387,11 @@ def differing_base_keys(store: GridStore, runs: list) -> list[str]:
         if rid in ours:
             continue
         try:
-            theirs = flatten_config(store.config(rid).get("config", {}))
+            record = store.config(rid)
         except DamagedFile:
             continue
-        for key in set(theirs) - axes - {"device"}:
+        theirs = flatten_config(record["config"])
+        for key in set(theirs) - axes - set(record.get("axes", {})) - {"device"}:
             if all(m.get(key) != theirs[key] for m in mine if key in m):
                 found.add(key)
     return sorted(found)
@@ -420,7 +423,7 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
             specs[grid_dir.name] = spec_path.read_text() if spec_path.exists() else ""
         except (OSError, UnicodeDecodeError):
             specs[grid_dir.name] = ""
-        grid_rows = []
+        grid_rows, configs = [], {}
         for rid in store.run_ids():
             row = {"grid": grid_dir.name, "run_id": rid}
             try:
@@ -435,7 +438,8 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
             summary = status.get("summary", {})
             row.update({"status": state, "error": status.get("error"),
                         "axes": tuple(sorted(cfg.get("axes", {})))})
-            row.update(flatten_config(cfg["config"]))
+            configs[rid] = flatten_config(cfg["config"])
+            row.update(configs[rid])
             row.update({k: summary.get(k) for k in SUMMARY_COLUMNS})
             if state in FINISHED:
                 run_dir = store.run_dir(rid)
@@ -460,7 +464,7 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
                     for sink, frame in frames:
                         sink.append(frame)
             grid_rows.append(row)
-        rows += mark_differing_keys(grid_rows)
+        rows += mark_differing_keys(grid_rows, configs)
     runs = pd.DataFrame(rows)
     return Results(
         runs,
