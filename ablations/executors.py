@@ -28,7 +28,7 @@ from sigprop.files import atomic_path
 ResultCallback = Callable[[dict], None]
 StepCallback = Callable[[int, str, int, int], None]
 BUSY_RETRY_S = 1.0
-MAX_WORKER_DEATHS = 3  # a run whose worker died this many times is stored as failed
+MAX_WORKER_DEATHS = 3  # requeues of a run whose worker died; one more death: failed
 # glibc otherwise hands every large activation buffer back to the OS after each step and
 # page-faults it in again on the next: half of a small CPU run's time went to the kernel
 # (BENCHMARKS.md). Keeping freed memory in the heap makes the same run 2x faster, bit-identical.
@@ -221,7 +221,7 @@ class LocalExecutor:
                 blamed = {rid for rid, pid in held.items() if pid in culprits}
             for _, rid in running.values():
                 deaths[rid] = deaths.get(rid, 0) + (rid in blamed)
-                if deaths[rid] >= MAX_WORKER_DEATHS:
+                if deaths[rid] > MAX_WORKER_DEATHS:
                     on_result(worker_died(root, grid, rid, deaths[rid]))
                 else:
                     pending.appendleft(rid)
