@@ -47,6 +47,16 @@ def restore_sigterm(previous) -> None:
         signal.signal(signal.SIGTERM, previous)
 
 
+def will_run(store: GridStore, run_id: str, retry_failed: bool) -> bool:
+    """Whether ``run_id`` is left to run, read without writing anything (damaged: yes)."""
+    try:
+        state = store.state(run_id) if (store.run_dir(run_id) / "config.json").exists() \
+            else "queued"
+    except DamagedFile:
+        return True
+    return not (state in FINISHED or (state == "failed" and not retry_failed))
+
+
 def runs_to_execute(store: GridStore, runs: list[Run], retry_failed: bool,
                     stream=None) -> list[str]:
     """The runs not finished; a damaged run is repaired (its unreadable files kept aside) and
@@ -56,18 +66,14 @@ def runs_to_execute(store: GridStore, runs: list[Run], retry_failed: bool,
         note = store.repair(run)
         if note and stream is not None:
             print(f"run {run.run_id}: {note}; it runs again", file=stream, flush=True)
-        try:
-            state = store.state(run.run_id)
-        except DamagedFile:  # held by another runner, which rewrites it
-            state = "queued"
-        if state in FINISHED or (state == "failed" and not retry_failed):
-            continue
-        todo.append(run.run_id)
+        if will_run(store, run.run_id, retry_failed):  # damaged and held elsewhere: yes
+            todo.append(run.run_id)
     return todo
 
 
 def check_data(runs: list[Run], download: bool = False) -> None:
-    """Every data set the grid needs is there, checked once before anything is written.
+    """Every data set the runs left to run need is there, checked once before anything is
+    written.
 
     CIFAR counts as there when its extracted batches or its tarball (checked and extracted by
     the first run) are in the run's data_dir; otherwise ``download`` fetches it now, once, and
@@ -202,8 +208,8 @@ def run_grid(
     stream = stream or sys.stdout
     executor = executor or LocalExecutor()
     runs = expand(spec, max_runs)
-    check_data(runs, download)
     store = GridStore(out, spec.name)
+    check_data([r for r in runs if will_run(store, r.run_id, retry_failed)], download)
     differing = differing_base_keys(store, runs)
     if differing:
         print(f"warning: {store.dir} already holds runs made with another value of "
