@@ -14,6 +14,7 @@ import pandas as pd
 from ablations.executors import LocalExecutor
 from ablations.spec import MAX_RUNS, GridSpec, Run, expand
 from ablations.store import FINISHED, DamagedFile, GridStore, differing_base_keys, load_results
+from sigprop.errors import UserError
 
 
 @dataclass
@@ -63,7 +64,11 @@ def runs_to_execute(store: GridStore, runs: list[Run], retry_failed: bool,
     counts as not finished."""
     todo = []
     for run in runs:
-        note = store.repair(run)
+        try:
+            note = store.repair(run)
+        except OSError as err:
+            raise UserError(f"cannot repair run {run.run_id} in {store.dir}: "
+                            f"{err.strerror or err}") from None
         if note and stream is not None:
             print(f"run {run.run_id}: {note}; it runs again", file=stream, flush=True)
         if will_run(store, run.run_id, retry_failed):  # damaged and held elsewhere: yes
@@ -80,7 +85,6 @@ def check_data(runs: list[Run], download: bool = False) -> None:
     without it the grid stops naming where the files go (runs would each fail on their own).
     """
     from sigprop.data import SOURCES, default_data_dir, load_dataset
-    from sigprop.errors import UserError
 
     needed = sorted({(r.config["data"], r.config.get("data_dir") or "") for r in runs})
     for name, data_dir in needed:

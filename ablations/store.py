@@ -174,7 +174,13 @@ class GridStore:
         why = writable_dir_error(self.runs_dir)
         if why:
             raise UserError(f"cannot write results to {self.dir}: {why}")
-        text = tomli_w.dumps(spec_toml)
+        try:
+            self._write_entries(tomli_w.dumps(spec_toml), runs)
+        except OSError as err:  # a full disk: what is written stays valid (atomic writes)
+            raise UserError(f"cannot write results to {self.dir}: "
+                            f"{err.strerror or err}") from None
+
+    def _write_entries(self, text: str, runs: list) -> None:
         spec_path = self.dir / "spec.toml"
         if spec_path.exists() and spec_path.read_bytes() != text.encode():
             stamp = time.strftime("%Y%m%d-%H%M%S")

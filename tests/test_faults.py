@@ -349,6 +349,18 @@ def test_a_failed_status_write_is_said_on_the_console_and_shows_as_interrupted(
     assert list(status_table(tmp_path / "out")["status"]) == ["interrupted"]
 
 
+def test_a_full_disk_while_storing_the_grid_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    from ablations import store as store_module
+
+    def full_disk(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module, "write_json", full_disk)
+    assert main(["run", str(write_spec(tmp_path)), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("No space left on device\n")
+
+
 def test_a_changed_base_value_warns_first_and_shows_the_differing_key(grid):
     spec = grid.parent.parent / "tiny.toml"
     outcome, text = run_inline(spec, grid.parent, ["base_lr=0.2", "seed=0"])
