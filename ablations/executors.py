@@ -189,12 +189,15 @@ class LocalExecutor:
         threads = self.threads_per_worker()
         worker_environment()
         ctx = mp.get_context("spawn")
-        # No Manager process: the queue reaches the workers when they start, so nothing but
-        # the workers (each with a parent-death signal) outlives a killed runner.
-        events = ctx.Queue()
-        events.cancel_join_thread()
+        events: Any = None
 
         def new_pool() -> ProcessPoolExecutor:
+            # No Manager process: the queue reaches the workers when they start, so nothing
+            # but the workers (each with a parent-death signal) outlives a killed runner. A
+            # fresh queue per pool: a worker killed while writing may leave its lock taken.
+            nonlocal events
+            events = ctx.Queue()
+            events.cancel_join_thread()
             return ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_init_worker,
                                        initargs=(os.getpid(), events))
 
