@@ -351,19 +351,33 @@ def worker_died(root: str, grid: str, run_id: str, times: int) -> dict:
     return result
 
 
+# Set on a Ray node (``ray start --env-vars``/its environment), this makes the node refuse the
+# results folder: how the multi-node test stands in for a node that does not mount it.
+UNWRITABLE_ENV = "SIGPROP_STORE_UNWRITABLE"
+
+
 def store_check_task(root: str) -> tuple[str, str | None]:
-    """On one node: (hostname, None) if ``root`` is writable there, else (hostname, reason)."""
+    """On one node: (node, None) if ``root`` is writable there, else (node, reason); node is
+    the hostname and the Ray node id (several nodes can share a host)."""
     import socket
+
+    import ray
 
     from sigprop.files import writable_dir_error
 
-    return socket.gethostname(), writable_dir_error(root)
+    node = f"{socket.gethostname()} (node {ray.get_runtime_context().get_node_id()[:12]})"
+    if os.environ.get(UNWRITABLE_ENV):
+        return node, f"{UNWRITABLE_ENV} is set on this node"
+    return node, writable_dir_error(root)
 
 
 def ray_run_task(root: str, grid: str, run_id: str, gpus: float, threads: int,
                  events: Any) -> dict:
+    import ray
+
     # Ray sets CUDA_VISIBLE_DEVICES for tasks that asked for GPUs, so "cuda" is the right one.
-    return execute_run(root, grid, run_id, "cuda" if gpus > 0 else "cpu", threads, events, 0)
+    result = execute_run(root, grid, run_id, "cuda" if gpus > 0 else "cpu", threads, events, 0)
+    return {**result, "node": ray.get_runtime_context().get_node_id()}
 
 
 class RayExecutor:

@@ -1,5 +1,6 @@
 """Fault campaign (issue #13): damaged stores, non-finite values, unreadable specs, huge grids,
-missing data, signals, killed runners and workers, full disks, stale debris.
+missing data, signals, killed runners and workers, full disks, stale debris, and Ray over
+several nodes on one machine (``ray.cluster_utils.Cluster``, marked ``ray``).
 
 Most tests run a tiny grid in this process (``InlineExecutor``); the signal and kill tests
 start the real command line, tag it with an environment variable and look for every process
@@ -17,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import typing
 import uuid
@@ -553,3 +555,85 @@ def test_spec_examples_still_expand():
 def test_readme_documents_the_damaged_state_and_the_limit():
     text = (ROOT / "README.md").read_text()
     assert "`damaged`" in text and "--max-runs" in text and "10,000" in text
+
+
+# ----------------------------------------------------------------------------- Ray, several nodes
+
+
+def node_of(pid: int) -> str | None:
+    """The SIGPROP_TEST_NODE label a Ray worker inherited from its node's raylet."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in environ:
+        if item.startswith(b"SIGPROP_TEST_NODE="):
+            return item.split(b"=", 1)[1].decode()
+    return None
+
+
+@linux_only
+@pytest.mark.ray
+def test_ray_cluster_spreads_runs_retries_a_removed_node_and_names_an_unwritable_one(tmp_path):
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    from ray.cluster_utils import Cluster
+
+    from ablations.executors import UNWRITABLE_ENV, RayExecutor
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "env_vars": {"SIGPROP_TEST_NODE": "head"}})
+    try:
+        nodes = {label: cluster.add_node(num_cpus=1, env_vars={"SIGPROP_TEST_NODE": label})
+                 for label in ("a", "b")}
+        bad = cluster.add_node(num_cpus=1, env_vars={"SIGPROP_TEST_NODE": "c",
+                                                     UNWRITABLE_ENV: "1"})
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        spec = load_spec(write_spec(tmp_path, steps=40, seeds="[0, 1]"))
+        out = tmp_path / "out"
+        executor = RayExecutor(cluster.address, cpus_per_run=1, max_retries=3)
+        with pytest.raises(UserError, match=f"not writable from Ray node .*{UNWRITABLE_ENV}"):
+            run_grid(spec, out, executor, stream=io.StringIO())
+        assert set(states(out)) == {"queued"}  # named before anything ran
+        cluster.remove_node(bad)
+
+        outcome = {}
+
+        def run() -> None:
+            outcome["grid"] = run_grid(spec, out, RayExecutor(cluster.address, 1, 0, 3),
+                                       stream=io.StringIO())
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        store = GridStore(out, "tiny")
+
+        def placed() -> dict[str, str]:  # run -> node label, for runs training with a checkpoint
+            found = {}
+            for rid in store.run_ids():
+                try:
+                    status = store.status(rid)
+                except Exception:  # noqa: BLE001 - polled while being written
+                    continue
+                ckpt = store.run_dir(rid) / "checkpoint.pt"
+                if status.get("state") == "running" and ckpt.exists():
+                    label = node_of(status["pid"])
+                    if label:
+                        found[rid] = label
+            return found
+
+        wait_for(lambda: len(placed()) == 2, timeout=90)
+        where = placed()
+        assert sorted(where.values()) == ["a", "b"]  # spread over both nodes
+        victim = next(rid for rid, label in where.items() if label == "b")
+        cluster.remove_node(nodes["b"])
+        thread.join(timeout=180)
+        assert not thread.is_alive()
+        assert outcome["grid"].counts == {"completed": 2}
+        final = {rid: store.status(rid) for rid in store.run_ids()}
+        assert final[victim]["attempts"] == 2  # retried on node a, from its checkpoint
+        steps = load_results(out).metrics.dropna(subset=["loss"]).groupby("run_id")["step"]
+        assert [list(s) for _, s in steps] == [list(range(40))] * 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
