@@ -481,7 +481,7 @@ def training_worker(out: Path, runner: subprocess.Popen) -> int | None:
 def test_killing_workers_repeatedly_requeues_their_runs_every_time(tmp_path):
     tag = uuid.uuid4().hex
     spec, out = write_spec(tmp_path, steps=12, seeds="[0, 1]"), tmp_path / "out"
-    runner = start_runner(spec, out, tag, "--workers", "1")
+    runner = start_runner(spec, out, tag, "--workers", "2")  # one torch thread each
     killed = []
     for _ in range(3):  # each time mid-run: the worker has written its pid into the status
         wait_for(lambda: training_worker(out, runner) not in (None, *killed), timeout=120)
@@ -490,7 +490,7 @@ def test_killing_workers_repeatedly_requeues_their_runs_every_time(tmp_path):
         killed.append(pid)
     stdout, stderr = runner.communicate(timeout=240)
     assert runner.returncode == 0, stderr
-    assert stdout.count("requeued") == 3 and "Traceback" not in stderr
+    assert stdout.count("requeued") >= 3 and "Traceback" not in stderr
     assert list(status_table(out)["status"]) == ["completed", "completed"]
     steps = load_results(out).metrics.dropna(subset=["loss"]).groupby("run_id")["step"]
     assert [list(s) for _, s in steps] == [list(range(12))] * 2  # every step once, resumed
@@ -515,6 +515,8 @@ class FlakyPool(ThreadPoolExecutor):
 def test_a_pool_broken_at_submit_is_replaced_and_its_runs_requeued(tmp_path, monkeypatch):
     monkeypatch.setattr(executors, "ProcessPoolExecutor", FlakyPool)
     monkeypatch.setattr(FlakyPool, "broken_once", [])
+    # runs execute in this process's threads: keep its torch thread count as the suite set it
+    monkeypatch.setattr(LocalExecutor, "threads_per_worker", lambda self: 1)
     stream = io.StringIO()
     spec = load_spec(write_spec(tmp_path, steps=1, seeds="[0, 1]"))
     outcome = run_grid(spec, tmp_path / "out", LocalExecutor(1, "cpu"), stream=stream)
