@@ -576,13 +576,20 @@ def node_of(pid: int) -> str | None:
 
 @linux_only
 @pytest.mark.ray
-def test_ray_cluster_spreads_runs_retries_a_removed_node_and_names_an_unwritable_one(tmp_path):
+def test_ray_cluster_spreads_runs_retries_a_removed_node_and_names_an_unwritable_one(
+        tmp_path, monkeypatch):
     ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    from ray._common import utils as common_utils
+    from ray._private import utils as private_utils
     from ray.cluster_utils import Cluster
 
     from ablations.executors import UNWRITABLE_ENV, RayExecutor
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # The test cluster must not publish itself in /tmp/ray/ray_current_cluster: every
+    # ray.init() without an address on this machine (other tests, other users) would join it.
+    monkeypatch.setattr(private_utils, "write_ray_address", lambda *a, **k: None)
+    monkeypatch.setattr(common_utils, "reset_ray_address", lambda *a, **k: None)
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 0, "include_dashboard": False, "env_vars": {"SIGPROP_TEST_NODE": "head"}})
     try:
