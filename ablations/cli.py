@@ -68,24 +68,59 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs", help="results root (default: runs/)")
     p.add_argument("--retry-failed", action="store_true", help="rerun failed runs")
     p.add_argument("--no-report", action="store_true", help="do not write the report")
+    p.add_argument("--download", action="store_true",
+                   help="fetch missing CIFAR data into its data_dir before running (default: "
+                        "stop and say where to put the files)")
+    p.add_argument("--max-runs", type=int, default=None, metavar="N",
+                   help="refuse grids with more combinations than this (default 10000)")
+
+
+DRY_RUN_ROWS = 50  # a dry run of a bigger grid shows its count and its first rows only
+
+
+def max_runs(args: argparse.Namespace) -> int:
+    from ablations.spec import MAX_RUNS
+
+    limit = MAX_RUNS if getattr(args, "max_runs", None) is None else args.max_runs
+    if limit < 1:
+        raise UserError(f"--max-runs must be >= 1, got {limit}")
+    return limit
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import itertools
+
     from ablations.runner import dry_run_table
-    from ablations.spec import expand, load_spec
+    from ablations.spec import expand, grid_size, iter_runs, load_spec
 
     spec = load_spec(spec_path(args.spec), args.set)
     if args.dry_run:
-        runs = expand(spec)
-        print(dry_run_table(runs).to_string(index=False))
-        print(f"{len(runs)} runs in grid {spec.name}")
-        for line in spec.untested_claims:
-            print(f"claim {line}")
+        size, limit = grid_size(spec), max_runs(args)
+        if size <= DRY_RUN_ROWS:
+            runs = expand(spec, max_runs=None)  # checks the claims against the runs too
+            print(dry_run_table(runs).to_string(index=False))
+            print(f"{len(runs)} runs in grid {spec.name}")
+            for line in spec.untested_claims:
+                print(f"claim {line}")
+            return 0
+        print(f"grid {spec.name}: {size:,} combinations (fewer runs where an axis does not "
+              f"apply); the first {DRY_RUN_ROWS}:", flush=True)
+        print(dry_run_table(list(itertools.islice(iter_runs(spec), DRY_RUN_ROWS)))
+              .to_string(index=False))
+        if size > limit:
+            print(f"over the limit of {limit:,} runs: `run` needs --max-runs {size}")
         return 0
     outcome = execute(spec, args)
     if not args.no_report and not outcome.interrupted:
         write_report(outcome.grid_dir)
-    return 130 if outcome.interrupted else 0
+    return exit_code(outcome)
+
+
+def exit_code(outcome) -> int:
+    """0, or 128 + the signal that interrupted the grid (130 Ctrl-C, 143 SIGTERM)."""
+    if not outcome.interrupted:
+        return 0
+    return 143 if outcome.signal == "SIGTERM" else 130
 
 
 # paper A's Figure 1 trio: NF-ResNet, the same without scaled WS (mean shift), BN-ResNet v2
@@ -102,7 +137,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     spec = load_spec(GRIDS_DIR / "quickstart.toml", args.set)
     outcome = execute(spec, args)
     if outcome.interrupted:
-        return 130
+        return exit_code(outcome)
     spp = write_spp(QUICKSTART_SPP_MODELS, out_dir=outcome.grid_dir / "spp")
     print(f"signal propagation at init: {spp['png']}")
     if not args.no_report:
@@ -134,7 +169,8 @@ def execute(spec, args: argparse.Namespace):
     from ablations.runner import run_grid
 
     executor = make_executor(args)
-    outcome = run_grid(spec, args.out, executor, retry_failed=args.retry_failed)
+    outcome = run_grid(spec, args.out, executor, retry_failed=args.retry_failed,
+                       max_runs=max_runs(args), download=args.download)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
     if outcome.interrupted:
         print(f"interrupted after {outcome.duration_s:.0f}s ({counts or 'nothing finished'}); "

@@ -7,6 +7,7 @@ An executor takes the ids of stored runs and calls ``execute_run`` for each, rep
 from __future__ import annotations
 
 import collections
+import contextlib
 import ctypes
 import multiprocessing as mp
 import os
@@ -14,17 +15,20 @@ import queue
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 from typing import Any
 
 from ablations.worker import execute_run, resolve_device
 from sigprop.errors import UserError
+from sigprop.files import atomic_path
 
 ResultCallback = Callable[[dict], None]
 StepCallback = Callable[[int, str, int, int], None]
 BUSY_RETRY_S = 1.0
+MAX_WORKER_DEATHS = 3  # requeues of a run whose worker died; one more death: failed
 # glibc otherwise hands every large activation buffer back to the OS after each step and
 # page-faults it in again on the next: half of a small CPU run's time went to the kernel
 # (BENCHMARKS.md). Keeping freed memory in the heap makes the same run 2x faster, bit-identical.
@@ -37,14 +41,104 @@ def worker_environment() -> None:
         os.environ.setdefault(key, value)
 
 
-def _init_worker() -> None:
-    # Die with the runner (kill -9 included) instead of training on as an orphan; the run's
-    # checkpoint lets the next invocation continue it.
+def set_parent_death_signal(parent_pid: int) -> None:
+    """Die with the runner (kill -9 included) instead of training on as an orphan; the run's
+    checkpoint lets the next invocation continue it. If the runner died before this line
+    (while this process was starting), exit now."""
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except OSError:
             pass
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+# The spawn "executable" of the worker processes on Linux: sets the parent-death signal as its
+# first instruction, then execs the real interpreter (the signal survives exec). Without it a
+# worker still importing torch when the runner is killed (seconds on a busy machine) would
+# live on until it reached the pool's initializer.
+DEATHSIG_LAUNCHER = """#!{python} -SE
+import ctypes, os, signal, sys
+ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+if str(os.getppid()) != os.environ.get("SIGPROP_RUNNER_PID"):
+    os._exit(1)  # the runner died before the line above
+os.execv({python!r}, [{python!r}, *sys.argv[1:]])
+"""
+
+
+def deathsig_launcher() -> str | None:
+    """Path of the launcher script for this interpreter (written once, in the temp folder)."""
+    if not sys.platform.startswith("linux"):
+        return None
+    import hashlib
+    import tempfile
+
+    text = DEATHSIG_LAUNCHER.format(python=sys.executable)
+    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
+    path = Path(tempfile.gettempdir()) / f"sigprop-launcher-{os.getuid()}-{digest}"
+    if not path.is_file() or path.read_text() != text:
+        try:
+            with atomic_path(path) as tmp:
+                tmp.write_text(text)
+                tmp.chmod(0o755)
+        except OSError:
+            return None
+    return str(path)
+
+
+@contextlib.contextmanager
+def deathsig_spawning() -> Iterator[None]:
+    """Processes spawned inside start through :func:`deathsig_launcher`."""
+    from multiprocessing import spawn
+
+    launcher = deathsig_launcher()
+    if launcher is None:
+        yield
+        return
+    previous = spawn.get_executable()
+    os.environ["SIGPROP_RUNNER_PID"] = str(os.getpid())
+    spawn.set_executable(launcher)
+    try:
+        yield
+    finally:
+        spawn.set_executable(previous)
+
+
+_EVENTS: Any = None  # this worker's end of the progress queue (set by _init_worker)
+_STOPPED = False  # Ctrl-C / SIGTERM arrived while this worker was starting
+STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
+
+
+@contextlib.contextmanager
+def stop_signals_blocked() -> Iterator[None]:
+    """Block SIGINT/SIGTERM in this thread: processes started meanwhile inherit the mask, so
+    a Ctrl-C while they import torch stays pending (no traceback) until they are ready."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _init_worker(parent_pid: int, events: Any) -> None:
+    global _EVENTS, _STOPPED
+    set_parent_death_signal(parent_pid)
+    _STOPPED = bool(signal.sigpending() & STOP_SIGNALS)
+    for sig in STOP_SIGNALS:  # ignoring a blocked pending signal discards it
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    for sig in STOP_SIGNALS:  # SIGTERM like Ctrl-C: the run stores itself as queued
+        signal.signal(sig, signal.default_int_handler)
+    events.cancel_join_thread()  # progress events are best effort: never block an exit
+    _EVENTS = events
+
+
+def _pool_task(root: str, grid: str, run_id: str, device: str, threads: int,
+               slot: int) -> dict:
+    if _STOPPED:
+        return {"run_id": run_id, "state": "interrupted"}
+    return execute_run(root, grid, run_id, device, threads, _EVENTS, slot)
 
 
 class LocalExecutor:
@@ -95,56 +189,97 @@ class LocalExecutor:
         threads = self.threads_per_worker()
         worker_environment()
         ctx = mp.get_context("spawn")
-        with ctx.Manager() as manager:
-            events = manager.Queue()
-            pool = ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_init_worker)
-            pending = collections.deque(run_ids)
-            running: dict[Future, tuple[int, str]] = {}
+        events: Any = None
+
+        def new_pool() -> ProcessPoolExecutor:
+            # No Manager process: the queue reaches the workers when they start, so nothing
+            # but the workers (each with a parent-death signal) outlives a killed runner. A
+            # fresh queue per pool: a worker killed while writing may leave its lock taken.
+            nonlocal events
+            events = ctx.Queue()
+            events.cancel_join_thread()
+            return ProcessPoolExecutor(len(slots), mp_context=ctx, initializer=_init_worker,
+                                       initargs=(os.getpid(), events))
+
+        pool = new_pool()
+        pending = collections.deque(run_ids)
+        running: dict[Future, tuple[int, str]] = {}
+        free = list(range(len(slots)))
+        retry_at: dict[str, float] = {}
+        deaths: dict[str, int] = {}
+
+        def pool_broke() -> None:
+            # a worker died (killed, out of memory): the pool is unusable, every run it held
+            # goes back to the queue and resumes from its checkpoint in a fresh pool; only
+            # the run of the worker that died counts towards MAX_WORKER_DEATHS
+            nonlocal pool, free
+            workers = dict(getattr(pool, "_processes", None) or {})
+            pool.shutdown(wait=False, cancel_futures=True)
+            culprits = dead_workers(workers)
+            pool = new_pool()
+            held = {rid: run_pid(root, grid, rid) for _, rid in running.values()}
+            # no culprit known (exit codes not read): every run it held is suspect
+            blamed = set(held)
+            if culprits:
+                blamed = {rid for rid, pid in held.items() if pid in culprits}
+            for _, rid in running.values():
+                deaths[rid] = deaths.get(rid, 0) + (rid in blamed)
+                if deaths[rid] > MAX_WORKER_DEATHS:
+                    on_result(worker_died(root, grid, rid, deaths[rid]))
+                else:
+                    pending.appendleft(rid)
+                    on_result({"run_id": rid, "state": "requeued",
+                               "error": "its worker process died; it resumes from its checkpoint"})
+            running.clear()
             free = list(range(len(slots)))
-            retry_at: dict[str, float] = {}
-            try:
-                while pending or running:
-                    while free and pending:
-                        rid = pending.popleft()
-                        if retry_at.get(rid, 0) > time.monotonic():
-                            pending.append(rid)
-                            if all(retry_at.get(r, 0) > time.monotonic() for r in pending):
-                                break
-                            continue
-                        slot = free.pop(0)
-                        future = pool.submit(execute_run, root, grid, rid, slots[slot], threads,
-                                             events, slot)
-                        running[future] = (slot, rid)
-                    if not running:
-                        time.sleep(0.2)  # only runs held by another runner are left
-                    done, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
-                    self._drain(events, on_step)
-                    for future in done:
-                        if future not in running:  # requeued after a broken pool
-                            continue
-                        slot, rid = running.pop(future)
+
+        try:
+            while pending or running:
+                while free and pending:
+                    rid = pending.popleft()
+                    if retry_at.get(rid, 0) > time.monotonic():
+                        pending.append(rid)
+                        if all(retry_at.get(r, 0) > time.monotonic() for r in pending):
+                            break
+                        continue
+                    slot = free.pop(0)
+                    try:
+                        with stop_signals_blocked(), deathsig_spawning():
+                            future = pool.submit(_pool_task, root, grid, rid, slots[slot],
+                                                 threads, slot)
+                    except BrokenProcessPool:
+                        pending.appendleft(rid)
                         free.append(slot)
-                        result = self._result(future, rid)
-                        if result["state"] == "busy":  # another runner holds it: come back later
-                            retry_at[rid] = time.monotonic() + BUSY_RETRY_S
-                            pending.append(rid)
-                            continue
-                        if isinstance(result.pop("_exception", None), BrokenProcessPool):
-                            # every worker is gone: requeue the other runs in flight
-                            pool.shutdown(wait=False, cancel_futures=True)
-                            pool = ProcessPoolExecutor(len(slots), mp_context=ctx,
-                                                       initializer=_init_worker)
-                            pending.extendleft(r for _, r in running.values())
-                            free = list(range(len(slots)))
-                            running.clear()
-                        on_result(result)
-            except KeyboardInterrupt:
-                self._interrupt(pool)
-                for future, (_, rid) in running.items():
-                    on_result(self._result(future, rid))
-                raise
-            finally:
-                pool.shutdown(wait=True, cancel_futures=True)
+                        pool_broke()
+                        continue
+                    running[future] = (slot, rid)
+                if not running:
+                    time.sleep(0.2)  # only runs held by another runner are left
+                done, _ = wait(running, timeout=0.2, return_when=FIRST_COMPLETED)
+                self._drain(events, on_step)
+                broken = False
+                for future in done:
+                    if isinstance(future.exception(), BrokenProcessPool):
+                        broken = True  # requeued below with the other runs of the pool
+                        continue
+                    slot, rid = running.pop(future)
+                    free.append(slot)
+                    result = self._result(future, rid)
+                    if result["state"] == "busy":  # another runner holds it: come back later
+                        retry_at[rid] = time.monotonic() + BUSY_RETRY_S
+                        pending.append(rid)
+                        continue
+                    on_result(result)
+                if broken:
+                    pool_broke()
+        except KeyboardInterrupt:
+            self._interrupt(pool)
+            for future, (_, rid) in running.items():
+                on_result(self._result(future, rid))
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            events.close()
 
     @staticmethod
     def _drain(events, on_step: StepCallback | None) -> None:
@@ -160,9 +295,8 @@ class LocalExecutor:
     def _result(future: Future, rid: str) -> dict:
         try:
             return future.result()
-        except BrokenProcessPool as err:
-            line = "worker process died (killed or out of memory); rerun to resume the run"
-            return {"run_id": rid, "state": "failed", "error": line, "_exception": err}
+        except (BrokenProcessPool, KeyboardInterrupt):  # stopped: resumes next time
+            return {"run_id": rid, "state": "interrupted"}
         except BaseException as err:  # noqa: BLE001 - reported as the run's failure
             line = f"{type(err).__name__}: {err}".splitlines()[0]
             return {"run_id": rid, "state": "failed", "error": line}
@@ -178,19 +312,72 @@ class LocalExecutor:
                 pass
 
 
+def dead_workers(workers: dict) -> set[int]:
+    """Pids of pool processes that died of something other than the pool's own SIGTERM."""
+    out = set()
+    for pid, process in workers.items():
+        process.join(timeout=2)
+        if process.exitcode not in (None, 0, -signal.SIGTERM):
+            out.add(pid)
+    return out
+
+
+def run_pid(root: str, grid: str, run_id: str) -> int | None:
+    """The pid of the process that last started ``run_id`` (from its status)."""
+    from ablations.store import DamagedFile, GridStore
+
+    try:
+        return GridStore(root, grid).status(run_id).get("pid")
+    except DamagedFile:
+        return None
+
+
+def worker_died(root: str, grid: str, run_id: str, times: int) -> dict:
+    """Store ``run_id`` as failed after its worker process died ``times`` times."""
+    from ablations.store import GridStore
+
+    line = (f"worker process died {times} times while running it (killed or out of memory); "
+            f"--retry-failed resumes it from its checkpoint")
+    store = GridStore(root, grid)
+    lock = store.lock(run_id)
+    result = {"run_id": run_id, "state": "failed", "error": line}
+    if lock.acquire():
+        try:
+            store.update_status(run_id, state="failed", error=line, finished_at=time.time())
+        except OSError as err:
+            result["store_error"] = err.strerror or str(err)
+        finally:
+            lock.release()
+    return result
+
+
+# Set on a Ray node (``ray start --env-vars``/its environment), this makes the node refuse the
+# results folder: how the multi-node test stands in for a node that does not mount it.
+UNWRITABLE_ENV = "SIGPROP_STORE_UNWRITABLE"
+
+
 def store_check_task(root: str) -> tuple[str, str | None]:
-    """On one node: (hostname, None) if ``root`` is writable there, else (hostname, reason)."""
+    """On one node: (node, None) if ``root`` is writable there, else (node, reason); node is
+    the hostname and the Ray node id (several nodes can share a host)."""
     import socket
+
+    import ray
 
     from sigprop.files import writable_dir_error
 
-    return socket.gethostname(), writable_dir_error(root)
+    node = f"{socket.gethostname()} (node {ray.get_runtime_context().get_node_id()[:12]})"
+    if os.environ.get(UNWRITABLE_ENV):
+        return node, f"{UNWRITABLE_ENV} is set on this node"
+    return node, writable_dir_error(root)
 
 
 def ray_run_task(root: str, grid: str, run_id: str, gpus: float, threads: int,
                  events: Any) -> dict:
+    import ray
+
     # Ray sets CUDA_VISIBLE_DEVICES for tasks that asked for GPUs, so "cuda" is the right one.
-    return execute_run(root, grid, run_id, "cuda" if gpus > 0 else "cpu", threads, events, 0)
+    result = execute_run(root, grid, run_id, "cuda" if gpus > 0 else "cpu", threads, events, 0)
+    return {**result, "node": ray.get_runtime_context().get_node_id()}
 
 
 class RayExecutor:

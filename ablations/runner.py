@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,8 +12,9 @@ from pathlib import Path
 import pandas as pd
 
 from ablations.executors import LocalExecutor
-from ablations.spec import GridSpec, Run, expand
-from ablations.store import FINISHED, GridStore, load_results
+from ablations.spec import MAX_RUNS, GridSpec, Run, expand
+from ablations.store import FINISHED, DamagedFile, GridStore, differing_base_keys, load_results
+from sigprop.errors import UserError
 
 
 @dataclass
@@ -21,17 +24,92 @@ class GridOutcome:
     skipped: int  # already finished before this invocation
     counts: dict = field(default_factory=dict)  # state -> runs ended in this invocation
     interrupted: bool = False
+    signal: str | None = None  # SIGINT or SIGTERM when interrupted
     duration_s: float = 0.0
 
 
-def runs_to_execute(store: GridStore, runs: list[Run], retry_failed: bool) -> list[str]:
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C: in-flight runs are stored as queued and resume later."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def install_sigterm():
+    """Handle SIGTERM like Ctrl-C while runs execute (main thread only; else leave it)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+def restore_sigterm(previous) -> None:
+    if previous is not None:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def will_run(store: GridStore, run_id: str, retry_failed: bool) -> bool:
+    """Whether ``run_id`` is left to run, read without writing anything (damaged: yes)."""
+    try:
+        state = store.state(run_id) if (store.run_dir(run_id) / "config.json").exists() \
+            else "queued"
+    except DamagedFile:
+        return True
+    return not (state in FINISHED or (state == "failed" and not retry_failed))
+
+
+def runs_to_execute(store: GridStore, runs: list[Run], retry_failed: bool,
+                    stream=None) -> list[str]:
+    """The runs not finished; a damaged run is repaired (its unreadable files kept aside) and
+    counts as not finished."""
     todo = []
     for run in runs:
-        state = store.state(run.run_id)
-        if state in FINISHED or (state == "failed" and not retry_failed):
-            continue
-        todo.append(run.run_id)
+        try:
+            note = store.repair(run)
+        except OSError as err:
+            raise UserError(f"cannot repair run {run.run_id} in {store.dir}: "
+                            f"{err.strerror or err}") from None
+        if note and stream is not None:
+            print(f"run {run.run_id}: {note}; it runs again", file=stream, flush=True)
+        if will_run(store, run.run_id, retry_failed):  # damaged and held elsewhere: yes
+            todo.append(run.run_id)
     return todo
+
+
+def check_data(runs: list[Run], download: bool = False) -> None:
+    """Every data set the runs left to run need is there, checked once before anything is
+    written.
+
+    CIFAR counts as there when its extracted batches or its tarball (checked and extracted by
+    the first run) are in the run's data_dir; otherwise ``download`` fetches it now, once, and
+    without it the grid stops naming where the files go (runs would each fail on their own).
+    """
+    from sigprop.data import SOURCES, default_data_dir, load_dataset
+
+    needed = sorted({(r.config["data"], r.config.get("data_dir") or "") for r in runs})
+    for name, data_dir in needed:
+        if name == "digits":
+            try:
+                import sklearn.datasets  # noqa: F401
+            except ImportError:
+                raise UserError("data set 'digits' needs scikit-learn: pip install "
+                                "'sigprop[digits]'") from None
+        if name not in SOURCES:
+            continue
+        source = SOURCES[name]
+        folder = Path(data_dir) if data_dir else default_data_dir()
+        files = source.train_files + source.test_files
+        if all((folder / source.folder / f).is_file() for f in files):
+            continue
+        if (folder / source.filename).is_file():
+            continue
+        if download:
+            load_dataset(name, folder, train_size=1, test_size=1, download=True)
+            continue
+        raise UserError(
+            f"data set {name} not found: put {source.folder}/ (extracted from "
+            f"{source.filename}, {source.url}) under {folder}, or pass --download to fetch it"
+        )
 
 
 def describe_run(run: Run) -> str:
@@ -42,6 +120,7 @@ def dry_run_table(runs: list[Run]) -> pd.DataFrame:
     return pd.DataFrame([{"run_id": r.run_id, "model": r.label, **r.axes} for r in runs])
 
 
+ELSEWHERE = "done by another runner"
 MAX_STEP_BARS = 8  # a Ray cluster can have hundreds of slots
 
 
@@ -80,8 +159,12 @@ class Progress:
         state = result["state"]
         if state in ("busy",):
             return
-        self.counts[state] = self.counts.get(state, 0) + 1
-        if state != "interrupted":
+        counted = state not in ("interrupted", "requeued")
+        if result.get("elsewhere"):  # finished by another runner on the same store
+            state = ELSEWHERE
+        if state != "requeued":
+            self.counts[state] = self.counts.get(state, 0) + 1
+        if counted:
             self.done += 1
         rid = result["run_id"]
         summary = result.get("summary") or {}
@@ -89,15 +172,18 @@ class Progress:
         detail = f"acc={acc:.3f}" if acc is not None else ""
         if state == "diverged":
             detail = f"diverged at step {summary.get('diverged_step')}"
-        if state == "failed":
+        if state in ("failed", "requeued"):
             detail = result.get("error", "")
+        if result.get("store_error"):
+            detail += (f" (the store could not record it: {result['store_error']}; `status` "
+                       f"shows the run as interrupted)")
         line = f"[{self.done}/{self.total}] {rid} {state:9s} {self.labels.get(rid, '')} {detail}"
         if self.tty:
-            self.grid_bar.update(0 if state == "interrupted" else 1)
+            self.grid_bar.update(1 if counted else 0)
             self.grid_bar.set_postfix(
                 diverged=self.counts.get("diverged", 0), failed=self.counts.get("failed", 0)
             )
-            if state in ("failed", "diverged"):
+            if state in ("failed", "diverged", "requeued") or result.get("store_error"):
                 self.grid_bar.write(line, file=self.stream)
         else:
             print(line, file=self.stream, flush=True)
@@ -115,6 +201,8 @@ def run_grid(
     executor: LocalExecutor | None = None,
     retry_failed: bool = False,
     stream=None,
+    max_runs: int | None = MAX_RUNS,
+    download: bool = False,
 ) -> GridOutcome:
     """Expand ``spec`` into ``out/<name>`` and execute every run that is not finished.
 
@@ -123,10 +211,17 @@ def run_grid(
     """
     stream = stream or sys.stdout
     executor = executor or LocalExecutor()
-    runs = expand(spec)
+    runs = expand(spec, max_runs)
     store = GridStore(out, spec.name)
+    check_data([r for r in runs if will_run(store, r.run_id, retry_failed)], download)
+    differing = differing_base_keys(store, runs)
+    if differing:
+        print(f"warning: {store.dir} already holds runs made with another value of "
+              f"{', '.join(differing)}; both sets stay, `status` and the report show "
+              f"{'that key' if len(differing) == 1 else 'those keys'} as a column "
+              f"(use another --out to keep them apart)", file=stream, flush=True)
     store.prepare(spec.to_toml_dict(), runs)
-    todo = runs_to_execute(store, runs, retry_failed)
+    todo = runs_to_execute(store, runs, retry_failed, stream)
     outcome = GridOutcome(store.dir, total=len(runs), skipped=len(runs) - len(todo))
     # describing a Ray executor starts Ray: only worth it when there is something to run
     where = f" on {executor.describe()}" if todo else ""
@@ -142,11 +237,14 @@ def run_grid(
     labels = {r.run_id: describe_run(r) for r in runs}
     progress = Progress(len(runs), outcome.skipped, labels, len(executor.slots()), stream)
     started = time.monotonic()
+    previous = install_sigterm()
     try:
         executor.run(str(store.root), store.grid, todo, progress.result, progress.step)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as err:
         outcome.interrupted = True
+        outcome.signal = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
     finally:
+        restore_sigterm(previous)
         progress.close()
         outcome.counts = dict(progress.counts)
         outcome.duration_s = time.monotonic() - started

@@ -40,6 +40,8 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -99,7 +101,12 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> GridSpec:
     if not path.is_file():
         raise SpecError(f"spec file not found: {path}")
     try:
-        raw = tomllib.loads(path.read_text())
+        raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except OSError as err:
+        raise SpecError(f"cannot read spec file {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: not UTF-8 text (byte {err.start}); save the spec as "
+                        f"UTF-8") from None
     except tomllib.TOMLDecodeError as err:
         raise SpecError(f"{path}: invalid TOML: {err}") from None
     spec = spec_from_dict(raw, default_name=path.stem)
@@ -280,12 +287,11 @@ def get_dotted(table: dict, key: str, default: Any = None) -> Any:
 
 # ----------------------------------------------------------------------------- expansion
 
-def expand(spec: GridSpec) -> list[Run]:
-    """Every run of the grid, deduplicated, validated, in a stable order."""
-    from sigprop.models.labels import model_departures, model_label
-    from sigprop.train import TrainConfig
+MAX_RUNS = 10_000  # refuse bigger grids unless --max-runs says otherwise (README, store)
 
-    check_keys(spec)
+
+def _units(spec: GridSpec) -> list[list[dict]]:
+    """The factors of the product: one per tie group (zipped axes), one per other axis."""
     units: list[list[dict]] = []
     tied = {k for keys in spec.tie.values() for k in keys}
     for keys in spec.tie.values():
@@ -293,8 +299,44 @@ def expand(spec: GridSpec) -> list[Run]:
     for key, values in spec.grid.items():
         if key not in tied:
             units.append([{key: v} for v in values])
+    return units
 
-    runs: dict[str, Run] = {}
+
+def grid_size(spec: GridSpec) -> int:
+    """The number of combinations, from the axis lengths alone (nothing is built). Runs that
+    an axis does not apply to collapse into one, so the grid can hold fewer runs."""
+    return math.prod(len(unit) for unit in _units(spec))
+
+
+def check_size(spec: GridSpec, max_runs: int | None) -> int:
+    size = grid_size(spec)
+    if max_runs is not None and size > max_runs:
+        raise SpecError(
+            f"grid {spec.name} has {size:,} combinations, over the limit of {max_runs:,} runs; "
+            f"shrink an axis, or pass --max-runs {size} to run it anyway"
+        )
+    return size
+
+
+def expand(spec: GridSpec, max_runs: int | None = MAX_RUNS) -> list[Run]:
+    """Every run of the grid, deduplicated, validated, in a stable order.
+
+    Grids with more than ``max_runs`` combinations are refused before anything is built."""
+    check_size(spec, max_runs)
+    runs = list(iter_runs(spec))
+    check_run_claims(spec, runs)
+    return runs
+
+
+def iter_runs(spec: GridSpec) -> Iterator[Run]:
+    """The runs of :func:`expand` one by one, as they are built (first rows at once); the
+    claims are checked by :func:`expand` once all runs exist."""
+    from sigprop.models.labels import model_departures, model_label
+    from sigprop.train import TrainConfig
+
+    check_keys(spec)
+    units = _units(spec)
+    seen: set[str] = set()
     for combo in itertools.product(*units) if units else [()]:
         axes: dict = {}
         for part in combo:
@@ -312,12 +354,11 @@ def expand(spec: GridSpec) -> list[Run]:
             where = ", ".join(f"{k}={v!r}" for k, v in axes.items())
             raise SpecError(f"{err}" + (f" (in the run with {where})" if where else "")) from None
         rid = run_id(canonical)
-        if rid not in runs:
+        if rid not in seen:
+            seen.add(rid)
             model = canonical["model"]
-            runs[rid] = Run(rid, canonical, axes, model_label(model["name"], model),
-                            model_departures(model["name"], model))
-    check_run_claims(spec, list(runs.values()))
-    return list(runs.values())
+            yield Run(rid, canonical, axes, model_label(model["name"], model),
+                      model_departures(model["name"], model))
 
 
 def check_run_claims(spec: GridSpec, runs: list[Run]) -> None:

@@ -12,6 +12,11 @@ Layout under the output root (``runs/`` by default)::
 
 Every file is written atomically (temporary file in the same folder, fsync, rename), and the
 status is written last: a run is a result only when its status says completed or diverged.
+
+A file that cannot be read (cut short, random bytes, not JSON / parquet) makes its run
+``damaged``: ``status`` and the report show the file and the reason and go on with the other
+runs; the next ``run`` moves the file aside to ``<name>.damaged-<time>`` (never deleting it)
+and runs the run again.
 A per-run lock (an flock on ``.lock``, released by the OS when its process dies, the file never
 removed so no two processes can lock different inodes) makes sure two runner processes never
 execute the same run at once.
@@ -36,6 +41,16 @@ from sigprop.files import atomic_path, writable_dir_error
 
 STATES = ("queued", "running", "completed", "diverged", "failed")
 FINISHED = ("completed", "diverged")
+DAMAGED = "damaged"  # shown by status/report for a run whose files cannot be read
+RESULT_FILES = ("metrics.parquet", "blocks.parquet")
+
+
+class DamagedFile(Exception):
+    """A stored file exists but cannot be read; ``path`` and ``reason`` say which and why."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = Path(path), reason
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -54,10 +69,60 @@ def write_parquet(path: Path, frame: pd.DataFrame) -> None:
 
 
 def read_json(path: Path) -> dict | None:
+    """The JSON object in ``path``; None if there is no file; :class:`DamagedFile` if it
+    cannot be read as one."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_bytes().decode("utf-8"))
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError:
+        raise DamagedFile(path, "not UTF-8 text") from None
+    except json.JSONDecodeError as err:
+        raise DamagedFile(path, f"not valid JSON ({err.msg}: line {err.lineno} column "
+                                 f"{err.colno})") from None
+    except OSError as err:
+        raise DamagedFile(path, f"cannot be read ({err.strerror or err})") from None
+    if not isinstance(data, dict):
+        raise DamagedFile(path, f"holds a {type(data).__name__}, not a JSON object")
+    return data
+
+
+def parquet_damage(path: Path) -> str | None:
+    """Why ``path`` is not a readable parquet file (footer and schema), or None."""
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+    except FileNotFoundError:
+        return "missing"
+    except Exception as err:  # noqa: BLE001 - ArrowInvalid, OSError...: all mean unreadable
+        return _parquet_reason(path, err)
+    return None
+
+
+def _parquet_reason(path: Path, err: Exception) -> str:
+    text = (str(err).splitlines() or [type(err).__name__])[0]
+    text = text.replace(f"Could not open Parquet input source '{path}': ", "")
+    return f"not a readable parquet file ({text.split('. ')[0].rstrip('.')})"
+
+
+def read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except Exception as err:  # noqa: BLE001 - see parquet_damage
+        raise DamagedFile(path, _parquet_reason(path, err)) from None
+
+
+def set_aside(path: Path) -> Path:
+    """Rename a damaged file to ``<name>.damaged-<time>`` beside it (kept, never deleted)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    n = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+        n += 1
+    os.replace(path, target)
+    return target
 
 
 def environment(device: str | None = None) -> dict:
@@ -110,9 +175,15 @@ class GridStore:
         why = writable_dir_error(self.runs_dir)
         if why:
             raise UserError(f"cannot write results to {self.dir}: {why}")
-        text = tomli_w.dumps(spec_toml)
+        try:
+            self._write_entries(tomli_w.dumps(spec_toml), runs)
+        except OSError as err:  # a full disk: what is written stays valid (atomic writes)
+            raise UserError(f"cannot write results to {self.dir}: "
+                            f"{err.strerror or err}") from None
+
+    def _write_entries(self, text: str, runs: list) -> None:
         spec_path = self.dir / "spec.toml"
-        if spec_path.exists() and spec_path.read_text() != text:
+        if spec_path.exists() and spec_path.read_bytes() != text.encode():
             stamp = time.strftime("%Y%m%d-%H%M%S")
             write_bytes(self.dir / f"spec.{stamp}.toml", spec_path.read_bytes())
         write_bytes(spec_path, text.encode())
@@ -138,16 +209,71 @@ class GridStore:
         return sorted(p.name for p in self.runs_dir.iterdir() if (p / "config.json").exists())
 
     def config(self, run_id: str) -> dict:
-        data = read_json(self.run_dir(run_id) / "config.json")
+        path = self.run_dir(run_id) / "config.json"
+        data = read_json(path)
         if data is None:
             raise UserError(f"run {run_id} has no config.json in {self.runs_dir}")
+        if not isinstance(data.get("config"), dict):
+            raise DamagedFile(path, "has no 'config' table")
         return data
 
     def status(self, run_id: str) -> dict:
+        """The run's status; raises :class:`DamagedFile` when status.json cannot be read."""
         return read_json(self.run_dir(run_id) / "status.json") or {"state": "queued", "attempts": 0}
 
     def state(self, run_id: str) -> str:
         return self.status(run_id).get("state", "queued")
+
+    def damage(self, run_id: str, status: dict | None = None) -> DamagedFile | None:
+        """The first unreadable file of a run (config, status, and a finished run's results)."""
+        run_dir = self.run_dir(run_id)
+        try:
+            if (run_dir / "config.json").exists():
+                self.config(run_id)
+            status = self.status(run_id) if status is None else status
+        except DamagedFile as err:
+            return err
+        if status.get("state") in FINISHED:
+            for name in RESULT_FILES:
+                why = parquet_damage(run_dir / name)
+                if why:
+                    return DamagedFile(run_dir / name, why)
+        return None
+
+    def repair(self, run: Any) -> str | None:
+        """Make a damaged run runnable again: move its unreadable files aside, rewrite its
+        config (from the spec's run) and a queued status. Returns what was done, or None if
+        the run was not damaged or is held by another process (it repairs it then)."""
+        found = self.damage(run.run_id)
+        if found is None:
+            return None
+        lock = self.lock(run.run_id)
+        if not lock.acquire():
+            return None
+        try:
+            run_dir = self.run_dir(run.run_id)
+            moved = []
+            for name in ("config.json", "status.json", *RESULT_FILES):
+                path = run_dir / name
+                damaged = (parquet_damage(path) not in (None, "missing") if name in RESULT_FILES
+                           else _json_damaged(path))
+                if damaged:
+                    moved.append(set_aside(path).name)
+            if not (run_dir / "config.json").exists():
+                write_json(run_dir / "config.json", {"run_id": run.run_id, "grid": self.grid,
+                                                     "axes": run.axes, "config": run.config})
+            try:
+                previous = self.status(run.run_id)
+            except DamagedFile:
+                previous = {}
+            note = f"{found.path.name} was damaged ({found.reason}); kept as {', '.join(moved)}"
+            write_json(run_dir / "status.json", {
+                "state": "queued", "attempts": previous.get("attempts", 0),
+                "queued_at": time.time(), "repaired": note,
+            })
+            return note
+        finally:
+            lock.release()
 
     # -- writing
     def update_status(self, run_id: str, **fields: Any) -> dict:
@@ -171,6 +297,15 @@ class GridStore:
             return True
         lock.release()
         return False
+
+
+def _json_damaged(path: Path) -> bool:
+    try:
+        data = read_json(path)
+    except DamagedFile:
+        return True
+    return path.name == "config.json" and data is not None and not isinstance(
+        data.get("config"), dict)
 
 
 class RunLock:
@@ -228,6 +363,48 @@ def flatten_config(config: dict, prefix: str = "") -> dict:
     return out
 
 
+def mark_differing_keys(rows: list[dict], configs: dict[str, dict]) -> list[dict]:
+    """Add to every run's ``axes`` the config keys that differ between runs of one grid folder
+    but are no axis: runs stored by an earlier spec with another base value. Without this they
+    would look like duplicates in ``status`` and the report. ``configs``: run id -> flattened
+    config of the readable runs."""
+    axes = sorted({a for row in rows for a in row.get("axes", ())})
+    groups: dict[str, list[dict]] = {}  # runs whose axis values look the same
+    for config in configs.values():
+        groups.setdefault(repr([config.get(a) for a in axes]), []).append(config)
+    differing: set[str] = set()
+    for group in groups.values():
+        for key in {k for config in group for k in config} - set(axes) - {"device"}:
+            if len({repr(config[key]) for config in group if key in config}) > 1:
+                differing.add(key)
+    if differing:
+        for row in rows:
+            if row["run_id"] in configs:
+                row["axes"] = tuple(sorted({*row["axes"], *differing}))
+    return rows
+
+
+def differing_base_keys(store: GridStore, runs: list) -> list[str]:
+    """Config keys in which runs already in the grid folder differ from every run of ``runs``
+    although no axis varies them (a changed base value rerun into the same --out)."""
+    ours = {r.run_id for r in runs}
+    mine = [flatten_config(r.config) for r in runs]
+    axes = {a for r in runs for a in r.axes}
+    found: set[str] = set()
+    for rid in store.run_ids():
+        if rid in ours:
+            continue
+        try:
+            record = store.config(rid)
+        except DamagedFile:
+            continue
+        theirs = flatten_config(record["config"])
+        for key in set(theirs) - axes - set(record.get("axes", {})) - {"device"}:
+            if all(m.get(key) != theirs[key] for m in mine if key in m):
+                found.add(key)
+    return sorted(found)
+
+
 def grid_dirs(path: Path) -> list[Path]:
     if (path / "runs").is_dir():
         return [path]
@@ -255,32 +432,57 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
     for grid_dir in grids:
         store = GridStore(grid_dir.parent, grid_dir.name)
         spec_path = grid_dir / "spec.toml"
-        specs[grid_dir.name] = spec_path.read_text() if spec_path.exists() else ""
+        try:
+            specs[grid_dir.name] = spec_path.read_text() if spec_path.exists() else ""
+        except (OSError, UnicodeDecodeError):
+            specs[grid_dir.name] = ""
+        grid_rows, configs = [], {}
         for rid in store.run_ids():
-            cfg, status = store.config(rid), store.status(rid)
+            row = {"grid": grid_dir.name, "run_id": rid}
+            try:
+                cfg, status = store.config(rid), store.status(rid)
+            except DamagedFile as err:
+                grid_rows.append({**row, "status": DAMAGED, "axes": (),
+                                  "error": f"{err.path.name}: {err.reason}"})
+                continue
             state = status.get("state", "queued")
             if state == "running" and not store.is_locked(rid):
                 state = "interrupted"  # its process is gone; resumable from the checkpoint
             summary = status.get("summary", {})
             if "steps" in summary and "steps_done" not in summary:  # stores before the rename
                 summary = {**summary, "steps_done": summary["steps"]}
-            row = {"grid": grid_dir.name, "run_id": rid, "status": state,
-                   "error": status.get("error"), "axes": tuple(sorted(cfg.get("axes", {}))),
-                   "model_label": cfg.get("label") or None,
-                   "model_departures": cfg.get("model_departures") or {}}
-            row.update(flatten_config(cfg["config"]))
+            row.update({"status": state, "error": status.get("error"),
+                        "axes": tuple(sorted(cfg.get("axes", {}))),
+                        "model_label": cfg.get("label") or None,
+                        "model_departures": cfg.get("model_departures") or {}})
+            configs[rid] = flatten_config(cfg["config"])
+            row.update(configs[rid])
             row.update({k: summary.get(k) for k in SUMMARY_COLUMNS})
             row["warnings"] = tuple(status.get("warnings") or ())
-            rows.append(row)
-            if with_frames and state in FINISHED:
+            if state in FINISHED:
                 run_dir = store.run_dir(rid)
-                for name, sink in (("metrics", metrics), ("blocks", blocks)):
-                    file = run_dir / f"{name}.parquet"
-                    if file.exists():
-                        frame = pd.read_parquet(file)
-                        frame.insert(0, "run_id", rid)
-                        frame.insert(0, "grid", grid_dir.name)
+                frames = []
+                try:
+                    for name, sink in (("metrics", metrics), ("blocks", blocks)):
+                        file = run_dir / f"{name}.parquet"
+                        if not with_frames:
+                            why = parquet_damage(file)
+                            if why:
+                                raise DamagedFile(file, why)
+                        elif file.exists():
+                            frame = read_parquet(file)
+                            frame.insert(0, "run_id", rid)
+                            frame.insert(0, "grid", grid_dir.name)
+                            frames.append((sink, frame))
+                        else:
+                            raise DamagedFile(file, "missing")
+                except DamagedFile as err:
+                    row.update(status=DAMAGED, error=f"{err.path.name}: {err.reason}")
+                else:
+                    for sink, frame in frames:
                         sink.append(frame)
+            grid_rows.append(row)
+        rows += mark_differing_keys(grid_rows, configs)
     runs = pd.DataFrame(rows)
     return Results(
         runs,

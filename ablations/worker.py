@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from ablations.store import FINISHED, GridStore, environment
+from ablations.store import FINISHED, DamagedFile, GridStore, environment, set_aside
 
 PROGRESS_INTERVAL_S = 0.5
 
@@ -55,15 +55,48 @@ def execute_run(
 
 
 def _execute_locked(store: GridStore, run_id: str, device: str, events: Any, slot: int) -> dict:
+    try:
+        status = store.status(run_id)
+    except DamagedFile as err:  # kept aside; the run starts over as queued
+        set_aside(err.path)
+        status = {"state": "queued", "attempts": 0}
+    if status.get("state") in FINISHED:  # finished by another process meanwhile
+        return {"run_id": run_id, "state": status["state"], "summary": status.get("summary", {}),
+                "elsewhere": True}
+    record = store.config(run_id)
+    remove_stale_temporaries(store.run_dir(run_id))
+    try:
+        return _train_and_store(store, run_id, status, record, device, events, slot)
+    except StoreWriteError as err:
+        # the console must not claim what the store does not say: a run whose status stays
+        # "running" shows as interrupted in `status` and resumes from its checkpoint
+        return {**err.result, "store_error": err.reason}
+
+
+class StoreWriteError(Exception):
+    """A status or result write failed (full disk...): ``result`` is what could not be stored."""
+
+    def __init__(self, result: dict, reason: str):
+        super().__init__(reason)
+        self.result, self.reason = result, reason
+
+
+def _record(store: GridStore, run_id: str, result: dict, write, *args: Any, **fields: Any) -> dict:
+    try:
+        write(run_id, *args, **fields)
+    except OSError as err:
+        raise StoreWriteError(result, err.strerror or str(err)) from None
+    return result
+
+
+def _train_and_store(store: GridStore, run_id: str, status: dict, record: dict, device: str,
+                     events: Any, slot: int) -> dict:
     from sigprop.train import TrainConfig, train
 
-    status = store.status(run_id)
-    if status.get("state") in FINISHED:  # finished by another process meanwhile
-        return {"run_id": run_id, "state": status["state"], "summary": status.get("summary", {})}
-    record = store.config(run_id)
     started, clock = time.time(), time.monotonic()  # wall clock for stamps, monotonic for spans
-    store.update_status(
-        run_id, state="running", started_at=started, attempts=status.get("attempts", 0) + 1,
+    _record(
+        store, run_id, {"run_id": run_id, "state": "interrupted"}, store.update_status,
+        state="running", started_at=started, attempts=status.get("attempts", 0) + 1,
         pid=os.getpid(), device=device, environment=environment(device), error=None,
         traceback=None,
     )
@@ -75,33 +108,65 @@ def _execute_locked(store: GridStore, run_id: str, device: str, events: Any, slo
             last_post[0] = now
             events.put(("step", slot, run_id, step, total))
 
+    checkpoint = store.run_dir(run_id) / "checkpoint.pt"
     try:
         config = TrainConfig.from_dict({**record["config"], "device": device})
-        result = train(
-            config, progress=progress, checkpoint_path=store.run_dir(run_id) / "checkpoint.pt",
-            resume=True,
-        )
+        try:
+            result = train(config, progress=progress, checkpoint_path=checkpoint, resume=True)
+        except Exception:
+            why = checkpoint_damage(checkpoint)
+            if why is None:
+                raise
+            kept = set_aside(checkpoint)
+            note = (f"checkpoint {checkpoint} was damaged ({why}); kept as {kept.name}, "
+                    f"restarted from step 0")
+            store.update_status(run_id, restarted=note)
+            result = train(config, progress=progress, checkpoint_path=checkpoint, resume=True)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the status write finish
-        store.update_status(run_id, state="queued", interrupted_at=time.time())
-        return {"run_id": run_id, "state": "interrupted"}
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        return _record(store, run_id, {"run_id": run_id, "state": "interrupted"},
+                       store.update_status, state="queued", interrupted_at=time.time())
     except Exception as err:  # a failing run is a result of the grid, not its end
         line = (f"{type(err).__name__}: {err}".strip().splitlines() or ["error"])[0]
-        store.update_status(
-            run_id, state="failed", error=line, traceback=traceback.format_exc(),
+        return _record(
+            store, run_id, {"run_id": run_id, "state": "failed", "error": line},
+            store.update_status, state="failed", error=line, traceback=traceback.format_exc(),
             finished_at=time.time(), duration_s=time.monotonic() - clock,
         )
-        return {"run_id": run_id, "state": "failed", "error": line}
 
     duration = time.monotonic() - clock
     metrics = step_metrics(result)
     summary = summarize(result, metrics, duration)
     blocks = result.blocks if isinstance(result.blocks, pd.DataFrame) else pd.DataFrame()
-    store.write_results(
-        run_id, metrics, blocks, state=result.status, finished_at=time.time(),
+    return _record(
+        store, run_id, {"run_id": run_id, "state": result.status, "summary": summary},
+        store.write_results, metrics, blocks, state=result.status, finished_at=time.time(),
         duration_s=duration, summary=summary, warnings=list(getattr(result, "warnings", [])),
     )
-    return {"run_id": run_id, "state": result.status, "summary": summary}
+
+
+def remove_stale_temporaries(run_dir) -> None:
+    """Temporary files of atomic writes cut short by a kill (``.checkpoint.pt.*.tmp``...).
+
+    Only called under the run's lock: nobody else can be writing them."""
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def checkpoint_damage(path) -> str | None:
+    """Why the checkpoint at ``path`` cannot be loaded, or None (absent or loadable)."""
+    import torch
+
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any load error means an unusable file
+        return (f"{type(err).__name__}: {err}".splitlines() or ["unreadable"])[0]
+    if not isinstance(state, dict):
+        return f"holds a {type(state).__name__}, not a training state"
+    return None
 
 
 def step_metrics(result: Any) -> pd.DataFrame:

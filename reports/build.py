@@ -29,7 +29,7 @@ from matplotlib.figure import Figure
 
 from ablations.claims import ClaimError, Verdict, evaluate_claims, parse_claims, verdict_counts
 from ablations.spec import THRESHOLD_MODES
-from ablations.store import FINISHED, GridStore, load_results, write_bytes
+from ablations.store import DAMAGED, FINISHED, DamagedFile, GridStore, load_results, write_bytes
 from reports import plots as gp
 from sigprop.errors import UserError
 
@@ -128,7 +128,7 @@ def build_report(grid_dir: str | Path, out: str | Path | None = None) -> dict[st
                         f"{err.strerror or err}") from None
 
     store = GridStore(grid_dir.parent, grid_dir.name)
-    statuses = {rid: store.status(rid) for rid in runs["run_id"]}
+    statuses = {rid: readable_status(store, rid) for rid in runs["run_id"]}
     spec = parse_spec(results.specs.get(grid_dir.name, ""))
     sections = assemble(grid_dir, runs, results.metrics, results.blocks, statuses, spec)
     title = f"Ablation report: {grid_dir.name}"
@@ -155,6 +155,13 @@ def write_files(html_path: Path, md_path: Path, files_dir: Path, title: str,
     write_bytes(md_path, render_markdown(title, sections, files_dir.name).encode())
     for path in (html_path, md_path, *(files_dir / name for name in written)):
         path.chmod(0o644)  # the atomic writer's temporary files are private; a report is not
+
+
+def readable_status(store: GridStore, run_id: str) -> dict:
+    try:
+        return store.status(run_id)
+    except DamagedFile:  # listed as damaged by damaged_section
+        return {}
 
 
 def output_paths(grid_dir: Path, out: str | Path | None) -> tuple[Path, Path]:
@@ -195,8 +202,22 @@ def assemble(grid_dir: Path, runs: pd.DataFrame, metrics: pd.DataFrame, blocks: 
     problems = problems_section(frame, statuses)
     if problems is not None:
         sections.append(problems)
+    damaged = damaged_section(frame)
+    if damaged is not None:
+        sections.append(damaged)
     sections.append(environment_section(statuses))
     return sections
+
+
+def damaged_section(frame: pd.DataFrame) -> Section | None:
+    bad = frame[frame["status"] == DAMAGED]
+    if bad.empty:
+        return None
+    items = [f"`{row['run_id']}`: {row['error']}" for _, row in bad.iterrows()]
+    return Section("Damaged runs", [
+        f"{len(bad)} run(s) have a file that cannot be read; the report leaves them out. The "
+        "next `run` of the grid keeps the file as `<name>.damaged-<time>` and runs them again.",
+        Bullets(items)])
 
 
 def counts_line(frame: pd.DataFrame) -> str:

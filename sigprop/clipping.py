@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -318,6 +319,8 @@ def _require_number(value, what: str, allow_none: bool = False) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise UserError(f"clip.{what} must be a number, got {value!r}")
+    if not math.isfinite(value):  # inf would never clip, nan would clip everything to nan
+        raise UserError(f"clip.{what} must be a finite number, got {value!r}")
 
 
 @dataclass(frozen=True)

@@ -490,6 +490,8 @@ def write_spp(
         resolve_config(name, **spp_overrides(name, {**(overrides or {}), **own}))
     shape = check_input_shape(input_shape)
     seed_list = _seed_list(seeds)
+    for name, own in entries:  # bad option values fail before the output folder is made
+        resolve_config(name, **spp_overrides(name, {**(overrides or {}), **own}))
     path = _writable_dir(out_dir)
     batches = input_batches(input, shape, seed_list, data_dir)
 

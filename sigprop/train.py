@@ -192,6 +192,10 @@ class TrainConfig:
         self._check_model()
 
     def _check_values(self) -> None:
+        for name in self.field_names():  # inf / nan pass every "x > 0" style check below
+            value = getattr(self, name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{name} must be a finite number, got {value!r}")
         if self.data not in dataset_names():
             raise UserError(
                 f"data: unknown data set {self.data!r}; valid: {', '.join(dataset_names())}"

@@ -183,7 +183,7 @@ def test_grid_report_shows_claims_settings_gains_and_the_warning(tmp_path):
     text = paths["md"].read_text()
     assert "## Claims" in text and "| G1 |" in text
     verdict = next(line for line in text.splitlines() if line.startswith("| G1 |"))
-    assert verdict.split(" | ")[4] in ("holds", "does not hold", "inconclusive")
+    assert verdict.split(" | ")[2] in ("holds", "does not hold", "inconclusive")
     assert "What the runs show: of 1 claim(s) this grid tests" in text
     assert "2 of 4 runs: AGC (lambda=0.01) bounds 4 scalar gain(s) that start at 0" in text
     assert "## Scalar gains" in text and (outcome.grid_dir / "report_files/gains.png").is_file()

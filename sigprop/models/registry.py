@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from sigprop.errors import UserError
+from sigprop.models.base import check_values
 
 
 class ModelError(UserError):
@@ -61,8 +62,9 @@ def resolve_config(name: str, **overrides):
             f"{', '.join(valid)}"
         )
     try:
-        return spec.config_cls(**{**spec.defaults, **overrides})
-    except (TypeError, ValueError) as err:
+        values = check_values(spec.config_cls, {**spec.defaults, **overrides})
+        return spec.config_cls(**values)
+    except (TypeError, ValueError, ArithmeticError) as err:
         raise ModelError(f"bad option for model {name!r}: {err}") from None
 
 

@@ -1,0 +1,648 @@
+"""Fault campaign (issue #13): damaged stores, non-finite values, unreadable specs, huge grids,
+missing data, signals, killed runners and workers, full disks, stale debris, and Ray over
+several nodes on one machine (``ray.cluster_utils.Cluster``, marked ``ray``).
+
+Most tests run a tiny grid in this process (``InlineExecutor``); the signal and kill tests
+start the real command line, tag it with an environment variable and look for every process
+carrying the tag afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import io
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import typing
+import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ablations import executors
+from ablations.executors import LocalExecutor
+from ablations.runner import Progress, run_grid, status_table
+from ablations.spec import GridSpec, expand, grid_size, load_spec, spec_from_dict
+from ablations.store import GridStore, load_results
+from ablations.worker import execute_run
+from reports.build import build_report
+from run_ablations import main
+from sigprop.clipping import ClipConfig
+from sigprop.errors import UserError
+from sigprop.models import model_spec, resolve_config
+from sigprop.train import TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPEC = """
+name = "tiny"
+[base]
+data = "synthetic"
+train_size = 32
+test_size = 16
+steps = {steps}
+batch_size = 16
+eval_every = 0
+checkpoint_every = 1
+probe_every = 1
+seed = 0
+[base.model]
+name = "nf_resnet26"
+stem = "cifar"
+width_mult = 0.125
+depths = [1, 1, 1, 1]
+[grid]
+seed = {seeds}
+"""
+
+
+class InlineExecutor:
+    """Runs in this process, one after the other: the store logic without process start-up."""
+
+    def slots(self) -> list[str]:
+        return ["cpu"]
+
+    def describe(self) -> str:
+        return "this process"
+
+    def run(self, root, grid, run_ids, on_result, on_step=None) -> None:
+        for rid in run_ids:
+            on_result(execute_run(root, grid, rid, "cpu", 1))
+
+
+def write_spec(folder: Path, steps: int = 2, seeds: str = "[0, 1]") -> Path:
+    path = folder / "tiny.toml"
+    path.write_text(SPEC.format(steps=steps, seeds=seeds))
+    return path
+
+
+def run_inline(spec_path: Path, out: Path, overrides: list[str] | None = None):
+    stream = io.StringIO()
+    outcome = run_grid(load_spec(spec_path, overrides), out, InlineExecutor(), stream=stream)
+    return outcome, stream.getvalue()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """An output root holding the tiny grid, both runs completed."""
+    folder = tmp_path_factory.mktemp("finished")
+    outcome, _ = run_inline(write_spec(folder), folder / "out")
+    assert outcome.counts == {"completed": 2}
+    return folder / "out"
+
+
+@pytest.fixture
+def grid(finished, tmp_path) -> Path:
+    """A fresh copy of the finished grid folder."""
+    shutil.copytree(finished, tmp_path / "out")
+    write_spec(tmp_path)
+    return tmp_path / "out" / "tiny"
+
+
+def run_dirs(grid_dir: Path) -> list[Path]:
+    return sorted(p for p in (grid_dir / "runs").iterdir())
+
+
+DAMAGE = {
+    "status.json cut in half": ("status.json", lambda b: b[: len(b) // 2]),
+    "status.json random bytes": ("status.json", lambda b: os.urandom(len(b)) + b"\xff"),
+    "config.json garbled": ("config.json", lambda b: b.replace(b"{", b"[", 1)),
+    "config.json without config": ("config.json", lambda b: b'{"run_id": "x"}'),
+    "metrics.parquet truncated": ("metrics.parquet", lambda b: b[: len(b) // 2]),
+    "blocks.parquet truncated": ("blocks.parquet", lambda b: b[:100]),
+}
+
+
+def damage(run_dir: Path, name: str, how) -> bytes:
+    path = run_dir / name
+    bad = how(path.read_bytes())
+    path.write_bytes(bad)
+    return bad
+
+
+# ----------------------------------------------------------------------------- damaged store
+
+
+@pytest.mark.parametrize("case", list(DAMAGE))
+def test_damaged_file_shows_in_status_and_report_and_rerun_repairs_it(grid, case, capsys):
+    name, how = DAMAGE[case]
+    bad_dir, good_dir = run_dirs(grid)
+    expected = pd.read_parquet(bad_dir / "metrics.parquet")
+    bad = damage(bad_dir, name, how)
+
+    table = status_table(grid).set_index("run_id")
+    assert table.loc[bad_dir.name, "status"] == "damaged"
+    assert table.loc[bad_dir.name, "error"].startswith(f"{name}: ")
+    assert table.loc[good_dir.name, "status"] == "completed"
+    assert main(["status", str(grid)]) == 0
+    assert "1 damaged" in capsys.readouterr().out
+
+    if case in ("status.json cut in half", "metrics.parquet truncated"):  # ~3 s each
+        report = build_report(grid)["md"].read_text()
+        assert "## Damaged runs" in report and f"`{bad_dir.name}`: {name}" in report
+    assert len(load_results(grid).metrics.groupby("run_id")) == 1  # the readable run
+
+    outcome, text = run_inline(grid.parent.parent / "tiny.toml", grid.parent)
+    assert outcome.counts == {"completed": 1} and outcome.skipped == 1
+    assert f"run {bad_dir.name}: {name} was damaged" in text
+    kept = list(bad_dir.glob(f"{name}.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == bad  # kept aside, never deleted
+    assert set(status_table(grid)["status"]) == {"completed"}
+    got = pd.read_parquet(bad_dir / "metrics.parquet")
+    pd.testing.assert_frame_equal(got.drop(columns="step_time"),
+                                  expected.drop(columns="step_time"))
+
+
+def test_damaged_checkpoint_restarts_the_run_from_step_0(grid):
+    run_dir = run_dirs(grid)[0]
+    expected = pd.read_parquet(run_dir / "metrics.parquet").drop(columns="step_time")
+    store = GridStore(grid.parent, grid.name)
+    store.update_status(run_dir.name, state="failed")
+    (run_dir / "checkpoint.pt").write_bytes(b"PK\x03\x04 not a checkpoint")
+
+    result = execute_run(str(grid.parent), grid.name, run_dir.name, "cpu", 1)
+    assert result["state"] == "completed"
+    status = store.status(run_dir.name)
+    assert str(run_dir / "checkpoint.pt") in status["restarted"]
+    assert "restarted from step 0" in status["restarted"]
+    assert len(list(run_dir.glob("checkpoint.pt.damaged-*"))) == 1
+    got = pd.read_parquet(run_dir / "metrics.parquet").drop(columns="step_time")
+    pd.testing.assert_frame_equal(got, expected)
+
+
+def test_stale_temporaries_of_a_killed_save_are_removed_on_resume(grid):
+    run_dir = run_dirs(grid)[0]
+    GridStore(grid.parent, grid.name).update_status(run_dir.name, state="queued")
+    stale = run_dir / ".checkpoint.pt.k1ll3d.tmp"
+    stale.write_bytes(b"")
+    execute_run(str(grid.parent), grid.name, run_dir.name, "cpu", 1)
+    assert not list(run_dir.glob(".*.tmp"))
+
+
+# ----------------------------------------------------------------------------- non-finite values
+
+
+def float_fields(cls) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls)
+            if float in (typing.get_args(hints[f.name]) or (hints[f.name],))]
+
+
+NON_FINITE = [math.inf, -math.inf, math.nan]
+MODELS = ["nf_resnet26", "nfnet_f0", "bn_resnet26_v2"]
+
+
+@pytest.mark.parametrize("value", NON_FINITE, ids=["inf", "-inf", "nan"])
+def test_every_float_field_rejects_non_finite_values(value):
+    fields = float_fields(TrainConfig)
+    assert {"base_lr", "lr", "momentum", "weight_decay", "diverge_loss"} <= set(fields)
+    for name in fields:
+        with pytest.raises(UserError, match=rf"^{name} must be a finite number"):
+            TrainConfig.from_dict({name: value})
+    clip = float_fields(ClipConfig)
+    assert {"threshold", "eps"} <= set(clip)
+    for name in clip:
+        with pytest.raises(UserError, match=rf"clip\.{name} must be a finite number"):
+            TrainConfig.from_dict({"clip.mode": "agc", "clip.threshold": 0.1, f"clip.{name}":
+                                   value})
+    for model in MODELS:
+        names = float_fields(model_spec(model).config_cls)
+        assert "width_mult" in names
+        for name in names:
+            with pytest.raises(UserError, match=rf"{name} must be a finite number"):
+                TrainConfig.from_dict({"model": {"name": model, name: value}})
+            with pytest.raises(UserError, match=rf"{name} must be a finite number"):
+                resolve_config(model, **{name: value})
+
+
+def test_model_option_of_the_wrong_type_names_the_field():
+    with pytest.raises(UserError, match=r"alpha must be a number, got 'abc'"):
+        TrainConfig.from_dict({"model.alpha": "abc"})
+    with pytest.raises(UserError, match=r"depth_mult must be a number, got 'x'"):
+        resolve_config("nfnet_f0", depth_mult="x")
+    with pytest.raises(UserError, match=r"use_se must be true/false"):
+        resolve_config("nf_resnet26", use_se=1)
+
+
+# ----------------------------------------------------------------------------- spec input
+
+
+def test_non_utf8_spec_is_one_line_exit_2(tmp_path, capsys):
+    spec = tmp_path / "latin1.toml"
+    spec.write_bytes('name = "caf\xe9"\n'.encode("latin-1"))
+    assert main(["run", str(spec), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not UTF-8" in err and str(spec) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_spec_is_one_line_exit_2(tmp_path, capsys, monkeypatch):
+    spec = write_spec(tmp_path)
+    real = Path.read_bytes
+
+    def denied(self):  # chmod 000 does not stop root: fake what a user would get
+        if self == spec:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "read_bytes", denied)
+    assert main(["run", str(spec), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"sigprop: error: cannot read spec file {spec}: Permission denied\n"
+
+
+HUGE = ["seed=" + ",".join(map(str, range(10))), "batch_size=" + ",".join(map(str, range(1, 11))),
+        "steps=" + ",".join(map(str, range(1, 11))), "data_seed=" + ",".join(map(str, range(10))),
+        "test_size=" + ",".join(map(str, range(1, 11))),
+        "train_size=" + ",".join(map(str, range(16, 26))),
+        "image_size=" + ",".join(map(str, range(32, 42)))]
+
+
+def test_huge_grid_is_counted_first_and_refused_with_the_flag_to_raise_the_limit(
+        tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    args = ["run", str(spec), "--out", str(tmp_path / "out")]
+    for item in HUGE:
+        args += ["--set", item]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "10,000,000 combinations" in err and "--max-runs 10000000" in err
+    assert not (tmp_path / "out").exists()
+
+    assert main([*args, "--dry-run"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "10,000,000 combinations" in out[0]
+    assert len(out) == 1 + 1 + 50 + 1  # count, header, the first rows, the limit
+    assert "--max-runs 10000000" in out[-1]
+
+
+def test_grid_size_counts_ties_once_and_bounds_the_runs():
+    spec = spec_from_dict({
+        "base": {"steps": 1, "clip": {"mode": "agc", "threshold": 0.1}},
+        "grid": {"clip.mode": ["none", "agc"], "clip.threshold": [0.1, 0.2], "seed": [0, 1, 2],
+                 "batch_size": [16, 32], "base_lr": [0.1, 0.2]},
+        "tie": {"batch": ["batch_size", "base_lr"]},
+    })
+    assert grid_size(spec) == 2 * 2 * 3 * 2
+    assert len(expand(spec)) == (1 + 2) * 3 * 2  # no threshold for mode none
+    with pytest.raises(UserError, match="24 combinations, over the limit of 23 runs"):
+        expand(spec, max_runs=23)
+    assert grid_size(GridSpec(name="g", base={}, grid={})) == 1
+
+
+def test_missing_data_is_found_before_anything_runs(tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    out = tmp_path / "out"
+    args = ["run", str(spec), "--out", str(out), "--set", "data=cifar10", "--set",
+            f"data_dir={tmp_path / 'nodata'}"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert f"under {tmp_path / 'nodata'}" in err and "cifar-10-batches-py" in err
+    assert "--download" in err
+    assert not out.exists()
+
+
+def test_spp_validates_before_it_creates_the_output_folder(tmp_path, capsys):
+    out = tmp_path / "spp"
+    assert main(["spp", "--model", "nf_resnet26", "--set", "width_mult=-1", "--out",
+                 str(out)]) == 2
+    assert "width_mult must be > 0" in capsys.readouterr().err
+    assert main(["spp", "--model", "nf_resnet26:alpha=abc", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "alpha must be a number, got 'abc'" in err and "not supported" not in err
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- console vs store
+
+
+def test_runs_finished_by_another_runner_are_counted_apart(grid):
+    store = GridStore(grid.parent, grid.name)
+    results = [execute_run(str(grid.parent), grid.name, rid, "cpu", 1)
+               for rid in store.run_ids()]
+    assert all(r.get("elsewhere") for r in results)
+    stream = io.StringIO()
+    progress = Progress(2, 0, {}, 1, stream)
+    for result in results:
+        progress.result(result)
+    assert progress.counts == {"done by another runner": 2}
+    assert stream.getvalue().count("done by another runner") == 2
+
+
+def test_a_failed_status_write_is_said_on_the_console_and_shows_as_interrupted(
+        tmp_path, monkeypatch):
+    def full_disk(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(GridStore, "write_results", full_disk)
+    outcome, text = run_inline(write_spec(tmp_path, seeds="[0]"), tmp_path / "out")
+    assert "the store could not record it: No space left on device" in text
+    assert list(status_table(tmp_path / "out")["status"]) == ["interrupted"]
+
+
+def test_a_full_disk_while_storing_the_grid_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
+    from ablations import store as store_module
+
+    def full_disk(path, obj):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_module, "write_json", full_disk)
+    assert main(["run", str(write_spec(tmp_path)), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.endswith("No space left on device\n")
+
+
+def test_a_changed_base_value_warns_first_and_shows_the_differing_key(grid):
+    spec = grid.parent.parent / "tiny.toml"
+    outcome, text = run_inline(spec, grid.parent, ["base_lr=0.2", "seed=0"])
+    assert text.splitlines()[0].startswith(f"warning: {grid} already holds runs made with "
+                                           f"another value of base_lr")
+    table = status_table(grid)
+    assert len(table) == 3 and sorted(table["base_lr"]) == [0.1, 0.1, 0.2]
+    report = build_report(grid)["md"].read_text()
+    header = next(line for line in report.splitlines() if line.startswith("| run_id"))
+    assert "base_lr" in header
+
+
+# ----------------------------------------------------------------------------- processes
+
+TOKEN = "SIGPROP_FAULT_TEST"
+
+
+def start_runner(spec: Path, out: Path, tag: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run_ablations.py"), "run", str(spec), "--out", str(out),
+         "--device", "cpu", "--no-report", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, TOKEN: tag},
+    )
+
+
+def tagged(tag: str) -> list[int]:
+    """Pids of live processes started with ``TOKEN=tag`` in their environment."""
+    found = []
+    needle = f"{TOKEN}={tag}".encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if needle in (entry / "environ").read_bytes().split(b"\0"):
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_for(condition, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def states(out: Path) -> list[str]:
+    store = GridStore(out, "tiny")
+    try:
+        return [store.state(rid) for rid in store.run_ids()]
+    except Exception:  # noqa: BLE001 - polled while being written
+        return []
+
+
+def workers_of(pid: int) -> list[int]:
+    out = subprocess.run(["pgrep", "-P", str(pid), "-f", "spawn_main"], capture_output=True,
+                         text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="uses /proc")
+
+
+@linux_only
+def test_sigterm_requeues_runs_prints_one_line_and_exits_143(tmp_path):
+    tag = uuid.uuid4().hex
+    spec, out = write_spec(tmp_path, steps=400, seeds="[0, 1]"), tmp_path / "out"
+    runner = start_runner(spec, out, tag, "--workers", "1")
+    wait_for(lambda: "running" in states(out))
+    runner.send_signal(signal.SIGTERM)
+    stdout, stderr = runner.communicate(timeout=60)
+    assert runner.returncode == 143, stderr
+    assert stderr.startswith("interrupted after") and stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stdout + stderr
+    assert "running" not in states(out) and "queued" in states(out)
+    wait_for(lambda: not tagged(tag), timeout=5)
+
+
+@linux_only
+@pytest.mark.parametrize("when", ["starting", "training"])
+def test_no_process_outlives_a_killed_runner(tmp_path, when):
+    tag = uuid.uuid4().hex
+    spec, out = write_spec(tmp_path, steps=400, seeds="[0, 1]"), tmp_path / "out"
+    runner = start_runner(spec, out, tag, "--workers", "2" if when == "starting" else "1")
+    if when == "starting":  # workers spawned, still importing
+        wait_for(lambda: len(workers_of(runner.pid)) >= 1)
+    else:
+        wait_for(lambda: "running" in states(out))
+    runner.kill()
+    runner.wait(timeout=10)
+    killed_at = time.monotonic()
+    while tagged(tag) and time.monotonic() - killed_at < 5:
+        time.sleep(0.1)
+    assert not tagged(tag)
+
+
+def training_worker(out: Path, runner: subprocess.Popen) -> int | None:
+    """The pid of a worker of ``runner`` that is training a run (its status names it)."""
+    workers = set(workers_of(runner.pid))
+    store = GridStore(out, "tiny")
+    for rid in store.run_ids():
+        try:
+            status = store.status(rid)
+        except Exception:  # noqa: BLE001 - polled while being written
+            continue
+        if status.get("state") == "running" and status.get("pid") in workers:
+            return status["pid"]
+    return None
+
+
+@linux_only
+def test_killing_workers_repeatedly_requeues_their_runs_every_time(tmp_path):
+    tag = uuid.uuid4().hex
+    spec, out = write_spec(tmp_path, steps=12, seeds="[0, 1]"), tmp_path / "out"
+    runner = start_runner(spec, out, tag, "--workers", "2")  # one torch thread each
+    killed = []
+    for _ in range(3):  # each time mid-run: the worker has written its pid into the status
+        wait_for(lambda: training_worker(out, runner) not in (None, *killed), timeout=120)
+        pid = training_worker(out, runner)
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+    stdout, stderr = runner.communicate(timeout=240)
+    assert runner.returncode == 0, stderr
+    assert stdout.count("requeued") >= 3 and "Traceback" not in stderr
+    assert list(status_table(out)["status"]) == ["completed", "completed"]
+    steps = load_results(out).metrics.dropna(subset=["loss"]).groupby("run_id")["step"]
+    assert [list(s) for _, s in steps] == [list(range(12))] * 2  # every step once, resumed
+
+
+class FlakyPool(ThreadPoolExecutor):
+    """Stands in for the process pool (threads, no start-up): the first submit finds the pool
+    broken, as when a worker died while the pool was idle."""
+
+    broken_once: list = []
+
+    def __init__(self, workers, mp_context=None, initializer=None, initargs=()):
+        super().__init__(workers)
+
+    def submit(self, *args, **kwargs):
+        if not FlakyPool.broken_once:
+            FlakyPool.broken_once.append(True)
+            raise executors.BrokenProcessPool("a worker died while the pool was idle")
+        return super().submit(*args, **kwargs)
+
+
+def test_a_pool_broken_at_submit_is_replaced_and_its_runs_requeued(tmp_path, monkeypatch):
+    monkeypatch.setattr(executors, "ProcessPoolExecutor", FlakyPool)
+    monkeypatch.setattr(FlakyPool, "broken_once", [])
+    # runs execute in this process's threads: keep its torch thread count as the suite set it
+    monkeypatch.setattr(LocalExecutor, "threads_per_worker", lambda self: 1)
+    stream = io.StringIO()
+    spec = load_spec(write_spec(tmp_path, steps=1, seeds="[0, 1]"))
+    outcome = run_grid(spec, tmp_path / "out", LocalExecutor(1, "cpu"), stream=stream)
+    assert FlakyPool.broken_once and outcome.counts == {"completed": 2}, stream.getvalue()
+
+
+class DyingPool(ThreadPoolExecutor):
+    """Every task's worker dies: the run must end as failed after MAX_WORKER_DEATHS requeues."""
+
+    def __init__(self, workers, mp_context=None, initializer=None, initargs=()):
+        super().__init__(workers)
+
+    def submit(self, *args, **kwargs):
+        future = Future()
+        future.set_exception(executors.BrokenProcessPool("worker killed"))
+        return future
+
+
+def test_a_run_whose_worker_keeps_dying_is_stored_as_failed(tmp_path, monkeypatch):
+    monkeypatch.setattr(executors, "ProcessPoolExecutor", DyingPool)
+    stream = io.StringIO()
+    spec = load_spec(write_spec(tmp_path, steps=1, seeds="[0]"))
+    outcome = run_grid(spec, tmp_path / "out", LocalExecutor(1, "cpu"), stream=stream)
+    assert outcome.counts == {"failed": 1}
+    assert stream.getvalue().count("requeued") == executors.MAX_WORKER_DEATHS
+    table = status_table(tmp_path / "out")
+    assert list(table["status"]) == ["failed"]
+    assert table["error"][0].startswith("worker process died 4 times")
+
+
+def test_spec_examples_still_expand():
+    # the shipped grids stay under the limit and expand exactly to their counted size bound
+    for path in (ROOT / "ablations" / "grids").glob("*.toml"):
+        spec = load_spec(path)
+        assert len(expand(spec)) <= grid_size(spec)
+
+
+def test_readme_documents_the_damaged_state_and_the_limit():
+    text = (ROOT / "README.md").read_text()
+    assert "`damaged`" in text and "--max-runs" in text and "10,000" in text
+
+
+# ----------------------------------------------------------------------------- Ray, several nodes
+
+
+def node_of(pid: int) -> str | None:
+    """The SIGPROP_TEST_NODE label a Ray worker inherited from its node's raylet."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for item in environ:
+        if item.startswith(b"SIGPROP_TEST_NODE="):
+            return item.split(b"=", 1)[1].decode()
+    return None
+
+
+@linux_only
+@pytest.mark.ray
+def test_ray_cluster_spreads_runs_retries_a_removed_node_and_names_an_unwritable_one(
+        tmp_path, monkeypatch):
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    from ray._common import utils as common_utils
+    from ray._private import utils as private_utils
+    from ray.cluster_utils import Cluster
+
+    from ablations.executors import UNWRITABLE_ENV, RayExecutor
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # The test cluster must not publish itself in /tmp/ray/ray_current_cluster: every
+    # ray.init() without an address on this machine (other tests, other users) would join it.
+    monkeypatch.setattr(private_utils, "write_ray_address", lambda *a, **k: None)
+    monkeypatch.setattr(common_utils, "reset_ray_address", lambda *a, **k: None)
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 0, "include_dashboard": False, "env_vars": {"SIGPROP_TEST_NODE": "head"}})
+    try:
+        nodes = {label: cluster.add_node(num_cpus=1, env_vars={"SIGPROP_TEST_NODE": label})
+                 for label in ("a", "b")}
+        bad = cluster.add_node(num_cpus=1, env_vars={"SIGPROP_TEST_NODE": "c",
+                                                     UNWRITABLE_ENV: "1"})
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+        spec = load_spec(write_spec(tmp_path, steps=40, seeds="[0, 1]"))
+        out = tmp_path / "out"
+        executor = RayExecutor(cluster.address, cpus_per_run=1, max_retries=3)
+        with pytest.raises(UserError, match=f"not writable from Ray node .*{UNWRITABLE_ENV}"):
+            run_grid(spec, out, executor, stream=io.StringIO())
+        assert set(states(out)) == {"queued"}  # named before anything ran
+        cluster.remove_node(bad)
+
+        outcome = {}
+
+        def run() -> None:
+            outcome["grid"] = run_grid(spec, out, RayExecutor(cluster.address, 1, 0, 3),
+                                       stream=io.StringIO())
+
+        thread = threading.Thread(target=run)
+        thread.start()
+        store = GridStore(out, "tiny")
+
+        def placed() -> dict[str, str]:  # run -> node label, for runs training with a checkpoint
+            found = {}
+            for rid in store.run_ids():
+                try:
+                    status = store.status(rid)
+                except Exception:  # noqa: BLE001 - polled while being written
+                    continue
+                ckpt = store.run_dir(rid) / "checkpoint.pt"
+                if status.get("state") == "running" and ckpt.exists():
+                    label = node_of(status["pid"])
+                    if label:
+                        found[rid] = label
+            return found
+
+        wait_for(lambda: len(placed()) == 2, timeout=90)
+        where = placed()
+        assert sorted(where.values()) == ["a", "b"]  # spread over both nodes
+        victim = next(rid for rid, label in where.items() if label == "b")
+        cluster.remove_node(nodes["b"])
+        thread.join(timeout=180)
+        assert not thread.is_alive()
+        assert outcome["grid"].counts == {"completed": 2}
+        final = {rid: store.status(rid) for rid in store.run_ids()}
+        assert final[victim]["attempts"] == 2  # retried on node a, from its checkpoint
+        steps = load_results(out).metrics.dropna(subset=["loss"]).groupby("run_id")["step"]
+        assert [list(s) for _, s in steps] == [list(range(40))] * 2
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
