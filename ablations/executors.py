@@ -466,13 +466,17 @@ class RayExecutor:
         import ray
         from ray.exceptions import RayError, TaskCancelledError
         from ray.util.queue import Empty, Queue
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         self.check_store(root)
         task = ray.remote(ray_run_task).options(
             num_cpus=self.cpus_per_run, num_gpus=self.gpus_per_run,
             max_retries=self.max_retries, retry_exceptions=False,
         )
-        events = Queue(actor_options={"num_cpus": 0})
+        # the progress queue lives on the driver's node: a worker node leaving the cluster
+        # must not take it along (its death would fail the runs that report to it)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
         threads = max(1, int(self.cpus_per_run))
         submit = lambda rid: task.remote(root, grid, rid, self.gpus_per_run, threads, events)  # noqa: E731
         refs = {submit(rid): rid for rid in run_ids}
@@ -490,6 +494,9 @@ class RayExecutor:
                     try:
                         _, _, step_rid, step, total = events.get_nowait()
                     except Empty:
+                        break
+                    except RayError:  # progress is best effort; the results still arrive
+                        on_step = None
                         break
                     on_step(0, step_rid, step, total)
                 for ref in ready:
@@ -515,4 +522,7 @@ class RayExecutor:
                     on_result({"run_id": rid, "state": "interrupted"})
             raise
         finally:
-            ray.kill(events.actor)
+            try:
+                ray.kill(events.actor)
+            except RayError:
+                pass

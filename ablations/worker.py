@@ -103,10 +103,14 @@ def _train_and_store(store: GridStore, run_id: str, status: dict, record: dict, 
     last_post = [0.0]
 
     def progress(step: int, total: int, loss: float | None = None) -> None:
+        nonlocal events
         now = time.monotonic()
         if events is not None and (now - last_post[0] > PROGRESS_INTERVAL_S or step == total):
             last_post[0] = now
-            events.put(("step", slot, run_id, step, total))
+            try:
+                events.put(("step", slot, run_id, step, total))
+            except Exception:  # noqa: BLE001 - a lost progress queue must not fail the run
+                events = None
 
     checkpoint = store.run_dir(run_id) / "checkpoint.pt"
     try:
