@@ -87,53 +87,47 @@ def get_activation(name: str, scaled: bool = True) -> ScaledActivation:
 
 
 class _ScaledWeightStandardization(torch.autograd.Function):
-    """W_hat = (W - mean) * rsqrt(max(var * fan_in, eps)) * gain, per output row, float32.
+    """W_hat = (W - mean) * rsqrt(max(var * fan_in, eps)) * gain, per output row.
 
-    Forward: one Welford reduction (``var_mean``) and one fused multiply-add over the weight.
-    Backward: one call of ATen's batch-norm backward on the weight viewed as
-    (1, out, fan_in), whose fused kernel reduces sum(g) and sum(g * x_hat) in one pass and
-    writes the input gradient in another, instead of autograd's chain through var_mean.
+    Forward: the row means, the centred rows d = W - mean (kept for the backward), their norms
+    (var = ||d||^2 / fan_in: two passes, as stable as Welford, but on CPU ~5x faster than
+    ``var_mean``, whose Welford kernel does not vectorize) and one multiply. Backward, with
+    s = rsqrt(max(var * fan_in, eps)) and a = gain * s:
 
-    With x_hat = (W - mean) * rsqrt(max(var, eps / fan_in)) the output is exactly
-    x_hat * (gain / sqrt(fan_in)), a batch norm with affine weight gain / sqrt(fan_in), so the
-    batch-norm backward is the exact gradient wherever var * fan_in >= eps. Where the floor is
-    active the scale is a constant (the max passes no gradient to var, as in the authors' JAX
-    code), and the x_hat * mean(g * x_hat) term batch norm adds is taken back out.
+        dL/dgain = s * sum(g * d)
+        dL/dW    = a * (g - mean(g)) - gain * s^3 * sum(g * d) * d
+
+    two row reductions and three passes over the weight, instead of autograd's chain through
+    var_mean. Where the floor is active the last term is dropped: the max passes no gradient to
+    var, as in the authors' JAX code.
     """
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, gain: torch.Tensor, fan_in: int, eps: float):
         ctx.channels_last = _is_channels_last(weight)
         w = _rows(weight, ctx.channels_last)
-        var, mean = torch.var_mean(w, dim=1, unbiased=False)
-        scale = torch.rsqrt(torch.clamp(var * fan_in, min=eps))
-        scale_gain = scale * gain
-        out = torch.addcmul((mean * scale_gain).neg_().unsqueeze(1), w, scale_gain.unsqueeze(1))
-        invstd = scale * math.sqrt(fan_in)  # = rsqrt(max(var, eps / fan_in))
-        ctx.save_for_backward(w, gain, mean, invstd, var * fan_in < eps)
-        ctx.fan_in = fan_in
+        centred = w - w.mean(dim=1, keepdim=True)
+        var_n = torch.linalg.vector_norm(centred, dim=1).square()  # var * fan_in
+        scale = torch.rsqrt(torch.clamp(var_n, min=eps))
+        out = centred * (scale * gain).unsqueeze(1)
+        ctx.save_for_backward(centred, gain, scale, var_n < eps)
         return _unrows(out, weight.shape, ctx.channels_last)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
-        w, gain, mean, invstd, floored = ctx.saved_tensors
-        fan_in = ctx.fan_in
-        bn_weight = gain / math.sqrt(fan_in)
-        grad = _rows(grad_out, ctx.channels_last).contiguous()
-        grad_w, grad_bn_weight, _ = torch.ops.aten.native_batch_norm_backward(
-            grad.unsqueeze(0), w.unsqueeze(0), bn_weight, None, None, mean, invstd, True, 0.0,
-            [ctx.needs_input_grad[0], True, False],
-        )
-        grad_gain = grad_bn_weight / math.sqrt(fan_in)
-        if grad_w is None:
+        centred, gain, scale, floored = ctx.saved_tensors
+        grad = _rows(grad_out, ctx.channels_last)
+        grad_dot_centred = torch.linalg.vecdot(grad, centred, dim=1)
+        grad_gain = scale * grad_dot_centred
+        if not ctx.needs_input_grad[0]:
             return None, grad_gain, None, None
-        grad_w = grad_w.squeeze(0)
-        # a host check is free on CPU; elsewhere the masked correction avoids a sync
-        if (w.device.type != "cpu" or torch.compiler.is_compiling()
-                or bool(floored.any())):
-            coef = torch.where(floored, invstd.square() * bn_weight * grad_bn_weight / fan_in, 0.0)
-            grad_w = grad_w + coef.unsqueeze(1) * (w - mean.unsqueeze(1))
+        a = gain * scale
+        c = torch.where(floored, 0.0, -gain * scale.pow(3) * grad_dot_centred)
+        shift = -a * grad.mean(dim=1)
+        # (addcmul with a broadcast first operand is several times slower on CPU)
+        grad_w = centred * c.unsqueeze(1)
+        grad_w.addcmul_(grad, a.unsqueeze(1)).add_(shift.unsqueeze(1))
         return _unrows(grad_w, grad_out.shape, ctx.channels_last), grad_gain, None, None
 
 

@@ -192,3 +192,30 @@ def test_fused_ws_on_cuda_equals_reference_under_bf16():
     for mine, theirs in zip(fused, ref):
         assert mine.dtype == torch.float32
         assert float((mine - theirs).abs().max()) <= 1e-5 * max(float(theirs.abs().max()), 1.0)
+
+
+@pytest.mark.parametrize("name, overrides", [
+    ("nf_resnet26", {"stem": "imagenet", "width_mult": 0.125, "depths": [1, 1, 1, 1]}),
+    ("nfnet_f0", {"stem": "imagenet", "width_mult": 0.125, "depths": [1, 1, 1, 1]}),
+    ("nf_resnet26", {"stem": "cifar", "width_mult": 0.125, "depths": [1, 2, 1, 1],
+                     "activation": "silu"}),
+])
+def test_models_with_gamma_folded_match_the_activation_form(name, overrides):
+    from sigprop import create_model
+
+    common = {**overrides, "skipinit_gain": 1.0, "stochdepth_rate": 0.0, "drop_rate": 0.0,
+              "num_classes": 10}
+    torch.manual_seed(0)
+    plain = create_model(name, **common)
+    torch.manual_seed(0)
+    folded = create_model(name, **common, fold_gamma=True)
+    folded.load_state_dict(plain.state_dict())
+    gammas = {m.gamma for m in folded.modules() if isinstance(m, ScaledStdConv2d)}
+    assert len(gammas) == 2  # the image-reading stem conv keeps 1.0
+    x = torch.randn(2, 3, 33, 33)
+    out_plain, out_folded = plain(x), folded(x)
+    torch.testing.assert_close(out_folded, out_plain, rtol=1e-4, atol=1e-5)
+    out_plain.square().sum().backward()
+    out_folded.square().sum().backward()
+    for (n, a), b in zip(plain.named_parameters(), folded.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=1e-3, atol=1e-6, msg=n)
