@@ -4,7 +4,9 @@ The step: forward, cross-entropy, backward, AGC at lambda 0.01 (each library's o
 final classifier weight left out), Nesterov SGD; on a fixed random batch. Pairs:
 nf_resnet26 / nf_resnet50 against timm's models of the same names, nfnet_f0 against timm's
 dm_nfnet_f0, bn_resnet50_v1 against timm's resnet50. Stochastic depth and dropout are off on both
-sides (their masks are random, and timm's defaults have them off). The two models of a pair take
+sides (their masks are random, and timm's defaults have them off); sigprop's NF models fold gamma
+into the convs as timm's do (``fold_gamma=True``; ``--activation-gamma`` keeps the authors'
+layout). The two models of a pair take
 turns in blocks of ``--block`` steps, in a shuffled order every round; the ratio is paired per
 round (sigprop's block time / timm's in the same round) and reported as the median with its
 interquartile range and extremes.
@@ -53,6 +55,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--block", type=int, default=2, help="steps per timed block")
     p.add_argument("--warmup", type=int, default=1, help="untimed blocks per variant")
     p.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
+    p.add_argument("--activation-gamma", action="store_true",
+                   help="keep gamma on the activations (sigprop's default layout) instead of "
+                   "folding it into the convs as timm does")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -159,13 +164,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = StepSettings(batch=args.batch, px=args.px)
+    layout = "on the activations" if args.activation_gamma else "folded into the convs"
     print(f"batch {args.batch}, {args.px}px, {torch.get_num_threads()} threads, "
-          f"{args.rounds} rounds x {args.block} steps, AGC {AGC_LAMBDA}, Nesterov SGD")
+          f"{args.rounds} rounds x {args.block} steps, AGC {AGC_LAMBDA}, Nesterov SGD, "
+          f"sigprop's gamma {layout}")
     print("| pair | sigprop ms/step | timm ms/step | sigprop / timm, median [IQR] (min-max) |")
     print("|---|---|---|---|")
     ratios = {}
     for label in args.pairs.split(","):
         ours_name, ours_kw, theirs_name, theirs_kw = PAIRS[label]
+        if not args.activation_gamma and not ours_name.startswith("bn_"):
+            ours_kw = {**ours_kw, "fold_gamma": True}
         torch.manual_seed(args.seed)
         ours = training_step(*sigprop_model(ours_name, ours_kw), settings, args.seed)
         theirs = training_step(*timm_model(theirs_name, theirs_kw), settings, args.seed)
