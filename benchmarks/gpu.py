@@ -111,6 +111,8 @@ def section_agc(ctx: Context) -> dict:
         adaptive_clip_grad_(fused_params, 0.01, fused=True)
         ctx.sync()
         result["fused_first_call_s"] = time.perf_counter() - start  # includes compiling
+        fused = fused_agc_available(ctx.device)  # False if compiling failed (eager fallback)
+        result["fused_compiled"] = fused
         adaptive_clip_grad_(eager_params, 0.01, fused=False)
         worst = max(float((f.grad - e.grad).abs().max() / e.grad.abs().max().clamp_min(1e-30))
                     for f, e in zip(fused_params, eager_params))

@@ -13,7 +13,6 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 
 # gamma = 1/sqrt(Var(g(x))), x ~ N(0, 1): the authors' published sampling estimates.
 GAMMA: dict[str, float] = {
@@ -115,7 +114,6 @@ class _ScaledWeightStandardization(torch.autograd.Function):
         return _unrows(out, weight.shape, ctx.channels_last)
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: torch.Tensor):
         centred, gain, scale, floored = ctx.saved_tensors
         fan_in = centred.shape[1]
