@@ -107,7 +107,15 @@ class _ScaledWeightStandardization(torch.autograd.Function):
         ctx.channels_last = _is_channels_last(weight)
         w = _rows(weight, ctx.channels_last)
         centred = w - w.mean(dim=1, keepdim=True)
-        var_n = torch.linalg.vector_norm(centred, dim=1).square()  # var * fan_in
+        # corrected two-pass: the rounding error of the mean (it matters when |mean| >> std)
+        # comes back as the centred rows' own mean and is taken out of the variance and, when
+        # it exceeds 1e-6 std anywhere (checked on the host only where that is free), the rows
+        residual = centred.mean(dim=1)
+        var_n = torch.linalg.vector_norm(centred, dim=1).square() - fan_in * residual.square()
+        var_n = var_n.clamp_min(0.0)  # var * fan_in
+        if (centred.device.type != "cpu" or torch.compiler.is_compiling()
+                or bool((residual.square() * fan_in > 1e-12 * var_n).any())):
+            centred.sub_(residual.unsqueeze(1))
         scale = torch.rsqrt(torch.clamp(var_n, min=eps))
         out = centred * (scale * gain).unsqueeze(1)
         ctx.save_for_backward(centred, gain, scale, var_n < eps)
@@ -229,7 +237,7 @@ class ScaledStdConv2d(nn.Conv2d):
         records_grad = torch.is_grad_enabled() and (
             self.weight.requires_grad or self.gain.requires_grad
         )
-        if self.training or records_grad:
+        if self.training or records_grad or self.weight.is_meta:
             self._cache = None
             return self.standardized_weight().to(dtype)
         key = (

@@ -81,7 +81,9 @@ class TrainConfig:
     whole batch's gradient, so an NF model trains as with the full batch (to float32 rounding).
     A BatchNorm model then normalizes with each slice's statistics, not the batch's: its
     trajectory changes with ``micro_batch``, which is why the field is part of the run's config.
-    A last slice smaller than ``micro_batch`` is weighted by its size.
+    A last slice smaller than ``micro_batch`` is weighted by its size. A probe then records the
+    activation statistics (and block-output gradient norms) of the step's last slice, and the
+    parameter-gradient statistics of the accumulated gradient.
     """
 
     model: dict = field(default_factory=lambda: dict(DEFAULT_MODEL))
