@@ -7,15 +7,15 @@ Within about ten minutes on one GPU it writes ``DIR/gpu_report.json`` and
 2. ``agc``: AGC on NFNet-F0's parameter set: the ``_foreach_mul_`` floor, the eager path, the
    compiled (fused) path and the per-parameter loop, plus the fused-vs-eager difference
    (``benchmarks/bench_agc.py``);
-3. ``step``: a training step of sigprop's NF-ResNet-50 (gamma folded), its BN-ResNet-50 and,
-   where timm is importable, timm's nf_resnet50 and resnet50, in float32 and bf16, with
-   channels_last off and on, and compiled (``benchmarks/bench_timm.py``'s step);
+3. ``memory``: peak GPU memory of one training step of each distinct batch-4096 run of the
+   shipped grids (synthetic data at the run's image size), without and with ``micro_batch``;
 4. ``probe``: the probe's overhead recording every 10 steps and every step
    (``benchmarks/bench_probe.py``);
 5. ``grid``: the shipped quickstart grid (synthetic data, 1 epoch) at 1, 2 and 4 runs per GPU,
    in runs per hour (the grid runner, as ``benchmarks/bench_runner.py`` drives it);
-6. ``memory``: peak GPU memory of one training step of each distinct batch-4096 run of the
-   shipped grids (synthetic data at the run's image size), without and with ``micro_batch``.
+6. ``step``: a training step of sigprop's NF-ResNet-50 (gamma folded), its BN-ResNet-50 and,
+   where timm is importable, timm's nf_resnet50 and resnet50, in float32 and bf16, with
+   channels_last off and on, and compiled (``benchmarks/bench_timm.py``'s step).
 
 Sections run in that order while the time budget (``--budget-s``) lasts; a section that does
 not fit is recorded as skipped, one that fails as its error (the others still run). Without
@@ -44,6 +44,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+SECTION_ORDER = ("tests", "agc", "memory", "probe", "grid", "step")
 MICRO_BATCH = 512
 
 
@@ -52,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", required=True, help="folder for gpu_report.json / gpu_report.md")
     p.add_argument("--budget-s", type=float, default=540.0,
                    help="stop starting sections once this much time has gone (default 540)")
-    p.add_argument("--sections", default="tests,agc,step,probe,grid,memory",
-                   help="comma-separated subset, in this order")
+    p.add_argument("--sections", default=",".join(SECTION_ORDER),
+                   help="comma-separated subset (run in the order given)")
     p.add_argument("--allow-cpu", action="store_true", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -104,6 +105,8 @@ def section_agc(ctx: Context) -> dict:
     device = str(ctx.device)
     fused = fused_agc_available(ctx.device)
     result: dict = {"model": model, "lambda": 0.01, "fused_available": fused}
+    if fused and ctx.left() < 240:  # compiling F0's clip can take minutes
+        fused, result["fused_skipped"] = False, "time budget"
     if fused:
         # equality first, on fresh copies: fused against eager
         eager_params, fused_params = materialize(model, 1, device), materialize(model, 1, device)
@@ -309,13 +312,14 @@ def section_memory(ctx: Context) -> dict:
     return {"micro_batch": MICRO_BATCH, "rows": rows}
 
 
+# the step matrix goes last: it is the longest, and checks the budget between its settings
 SECTIONS: dict[str, Callable[[Context], dict]] = {
     "tests": section_tests,
     "agc": section_agc,
-    "step": section_step,
+    "memory": section_memory,
     "probe": section_probe,
     "grid": section_grid,
-    "memory": section_memory,
+    "step": section_step,
 }
 MIN_SECONDS = {"tests": 30, "agc": 60, "step": 60, "probe": 40, "grid": 60, "memory": 30}
 

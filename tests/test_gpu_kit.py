@@ -18,6 +18,10 @@ def test_without_cuda_prints_one_line_and_exits_2(monkeypatch, tmp_path, capsys)
     assert not out.exists()  # nothing measured, nothing written
 
 
+def test_sections_run_in_the_documented_order():
+    assert tuple(gpu.SECTIONS) == gpu.SECTION_ORDER
+
+
 def test_unknown_section_is_a_one_line_error(tmp_path, capsys):
     assert gpu.main(["--out", str(tmp_path), "--sections", "agc,nope", "--allow-cpu"]) == 2
     assert capsys.readouterr().err.count("\n") == 1
