@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 from collections import defaultdict
 
 import torch
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def materialize(model_name: str, seed: int) -> list[nn.Parameter]:
+def materialize(model_name: str, seed: int, device: str = "cpu") -> list[nn.Parameter]:
     """Parameters of ``model_name`` with realistic scales: weights N(0, 1/fan_in), gains 1,
     biases 0; gradients at about 1% of the weights, so AGC at 0.01 clips a good share."""
     with torch.device("meta"):
@@ -65,8 +66,8 @@ def materialize(model_name: str, seed: int) -> list[nn.Parameter]:
             weight, scale = torch.zeros(shape), 1e-3
         else:
             weight, scale = torch.ones(shape), 1.0
-        p = nn.Parameter(weight)
-        p.grad = torch.randn(shape, generator=gen) * (0.01 * scale)
+        p = nn.Parameter(weight.to(device))
+        p.grad = (torch.randn(shape, generator=gen) * (0.01 * scale)).to(device)
         params.append(p)
     return params
 
@@ -104,15 +105,51 @@ def stacked_agc(params: list[nn.Parameter], groups: dict, clip: float, eps: floa
     torch._foreach_mul_([p.grad for p in params], scales)
 
 
+def synced(fn, device: torch.device):
+    """``fn`` timed as a variant, synchronizing CUDA before and after."""
+    if device.type != "cuda":
+        return timed(fn)
+
+    def run() -> float:
+        torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize(device)
+        return time.perf_counter() - start
+
+    return run
+
+
+def measure(
+    params: list[nn.Parameter], clip: float, rounds: int, warmup: int, seed: int,
+    stack: bool = True, fused: bool = False,
+) -> dict[str, list[float]]:
+    """Every variant's times (seconds, one per round), interleaved. ``fused`` adds the
+    compiled CUDA path ("sigprop AGC fused"); its compile happens in the warm-up."""
+    grads = [p.grad for p in params]
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        groups[tuple(p.shape)].append(i)
+    variants = {
+        "foreach_mul_ floor": lambda: torch._foreach_mul_(grads, 1.0),
+        "sigprop AGC": lambda: adaptive_clip_grad_(params, clip, fused=False),
+        "per-param loop": lambda: per_param_agc(params, clip),
+        "stack by shape": lambda: stacked_agc(params, groups, clip),
+    }
+    if fused:
+        variants["sigprop AGC fused"] = lambda: adaptive_clip_grad_(params, clip, fused=True)
+    if not stack:
+        variants.pop("stack by shape")
+    device = params[0].device
+    return interleaved_rounds({name: synced(fn, device) for name, fn in variants.items()},
+                              rounds, max(1, warmup), seed)
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     params = materialize(args.model, args.seed)
-    grads = [p.grad for p in params]
-    groups: dict[tuple, list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        groups[tuple(p.shape)].append(i)
     if args.check:
         shadow = [nn.Parameter(p.detach().clone()) for p in params]
         for s, p in zip(shadow, params):
@@ -124,17 +161,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         print(f"check: largest relative difference to the per-param loop {worst:.2e}")
         del shadow
 
-    variants = {
-        "foreach_mul_ floor": lambda: torch._foreach_mul_(grads, 1.0),
-        "sigprop AGC": lambda: adaptive_clip_grad_(params, args.clip),
-        "per-param loop": lambda: per_param_agc(params, args.clip),
-        "stack by shape": lambda: stacked_agc(params, groups, args.clip),
-    }
-    if args.skip_stack:
-        variants.pop("stack by shape")
     # warm-up: allocator, plan cache, first touch of the pages
-    times = interleaved_rounds({name: timed(fn) for name, fn in variants.items()},
-                               args.rounds, args.warmup, args.seed)
+    times = measure(params, args.clip, args.rounds, args.warmup, args.seed,
+                    stack=not args.skip_stack)
+    variants = list(times)
 
     medians = {name: statistics.median(t) for name, t in times.items()}
     n_values = sum(p.numel() for p in params)

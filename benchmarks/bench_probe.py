@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="torch intra-op threads (default 1: on a shared 2-core machine more threads "
         "oversubscribe the cores and the timings become noise; 0 keeps torch's default)",
     )
+    p.add_argument("--device", default="cpu",
+                   help="cpu or cuda (on CUDA the wall ratio is the one to quote)")
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
@@ -113,8 +115,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         args.model, width_mult=args.width_mult, stem="cifar", num_classes=10,
         skipinit_gain=1.0, stochdepth_rate=0.0,
     )
-    x = torch.randn(args.batch, 3, args.px, args.px)
-    y = torch.randint(0, 10, (args.batch,))
+    device = torch.device(args.device)
+    base = base.to(device)
+    x = torch.randn(args.batch, 3, args.px, args.px).to(device)
+    y = torch.randint(0, 10, (args.batch,)).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     runs = {}
     for name in VARIANTS:
@@ -124,6 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         runs[name] = {"model": model, "opt": opt, "probe": probe, "step": 0}
 
     def run_block(run: dict) -> tuple[float, float]:
+        sync()
         start, start_cpu = time.perf_counter(), time.process_time()
         for _ in range(args.block):
             if run["probe"] is not None:
@@ -133,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             loss.backward()
             run["opt"].step()
             run["step"] += 1
+        sync()
         wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
         return wall / args.block, cpu / args.block
 
@@ -161,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         }
         q1, cpu_ratio, q3 = _quartiles(paired["cpu"])
         result[name] = cpu_ratio
+        result[f"{name} wall"] = statistics.median(paired["wall"])
         probe = runs[name]["probe"]
         recorded = "-" if probe is None else str(probe.records()["step"].nunique())
         target = f"{TARGETS[name]:.2f}" if name in TARGETS else "-"

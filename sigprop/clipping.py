@@ -24,13 +24,24 @@ in one kernel copies every weight and gradient first, which measured 3-9x slower
 CPU (``benchmarks/bench_agc.py``). The buffer layout depends only on the parameters' shapes and
 is cached (the cached buffers make concurrent calls from several threads unsafe). Statistics
 come back as device tensors: nothing here synchronizes with the host.
+
+On CUDA a fused path is available: the whole clip of one device's parameters compiled with
+``torch.compile`` (Inductor's Triton kernels: each parameter's weight and gradient unit norms
+and the rescale in as few kernels as the compiler can fuse), compiled once per parameter-shape
+set. It is opt-in (``fused=True``, or ``SIGPROP_FUSED_AGC=1`` for the default ``fused=None``)
+because the first call compiles for tens of seconds; it equals the eager path to float32
+rounding (a ``cuda``-marked test), and it falls back to the eager path, with a warning, when
+compiling fails. The eager path stays the reference and the CPU path.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import importlib.util
 import math
+import os
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -199,8 +210,72 @@ def _agc_device(
     return sq_norm, clipped_f.sum(), per_param / plan.units, plan.units.sum()
 
 
+def _agc_fused_body(
+    weights: list[torch.Tensor], grads: list[torch.Tensor], clip: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The clip written tensor by tensor for the compiler to fuse (plain eager code too)."""
+    sq_norms, clipped_counts, units = [], [], []
+    for w, g in zip(weights, grads):
+        dims = tuple(range(1, w.dim())) if w.dim() > 1 else None
+        w_norm = torch.linalg.vector_norm(w.float(), dim=dims, keepdim=True)
+        g_norm = torch.linalg.vector_norm(g.float(), dim=dims, keepdim=True)
+        max_norm = w_norm.clamp_min(eps) * clip
+        clipped = g_norm > max_norm
+        scale = torch.where(clipped, max_norm / g_norm.clamp_min(GRAD_NORM_FLOOR), 1.0)
+        g.mul_(scale.to(g.dtype))
+        sq_norms.append(g_norm.square().sum())
+        clipped_counts.append(clipped.sum().float())
+        units.append(float(w.shape[0]) if w.dim() > 1 else 1.0)
+    counts = torch.stack(clipped_counts)
+    unit_counts = torch.tensor(units, device=counts.device)
+    return torch.stack(sq_norms).sum(), counts.sum(), counts / unit_counts, unit_counts.sum()
+
+
+_FUSED_STATE: dict = {"compiled": None, "failed": False}
+
+
+def fused_agc_available(device: torch.device) -> bool:
+    """Whether the compiled AGC can run on ``device``: CUDA with Triton importable, and no
+    earlier compile failure in this process."""
+    return (
+        device.type == "cuda"
+        and not _FUSED_STATE["failed"]
+        and importlib.util.find_spec("triton") is not None
+    )
+
+
+def _agc_device_fused(
+    params: list[torch.Tensor], clip: float, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_agc_device`'s contract, computed by the compiled :func:`_agc_fused_body`."""
+    if _FUSED_STATE["compiled"] is None:
+        _FUSED_STATE["compiled"] = torch.compile(_agc_fused_body, dynamic=False)
+    weights = [p.detach() for p in params]
+    grads = [p.grad for p in params]
+    return _FUSED_STATE["compiled"](weights, grads, clip, eps)
+
+
+def _use_fused(device: torch.device, fused: bool | None) -> bool:
+    if fused is None:
+        fused = os.environ.get("SIGPROP_FUSED_AGC", "") == "1"
+    return bool(fused) and fused_agc_available(device)
+
+
+def _agc_device_auto(
+    params: list[torch.Tensor], clip: float, eps: float, fused: bool | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if _use_fused(params[0].device, fused):
+        try:
+            return _agc_device_fused(params, clip, eps)
+        except Exception as err:  # a compiler failure must not stop training: eager is exact
+            _FUSED_STATE["failed"] = True
+            warnings.warn(f"fused AGC failed to compile ({type(err).__name__}: {err}); "
+                          "using the eager path", stacklevel=3)
+    return _agc_device(params, clip, eps)
+
+
 def adaptive_clip_grad_(
-    parameters: ParamsArg, clip: float, eps: float = AGC_EPS
+    parameters: ParamsArg, clip: float, eps: float = AGC_EPS, fused: bool | None = None
 ) -> ClipStats:
     """Adaptive gradient clipping in place (see the module docstring for the formula).
 
@@ -209,6 +284,8 @@ def adaptive_clip_grad_(
             tensors without a gradient are skipped.
         clip: lambda, the largest allowed ratio ||G_i|| / max(||W_i||, eps).
         eps: floor on the weight norm, so zero-initialised units can still move.
+        fused: the compiled path on CUDA (see the module docstring); None: only when the
+            environment sets ``SIGPROP_FUSED_AGC=1``. Ignored (eager) off CUDA.
 
     Returns:
         :class:`ClipStats` (device tensors, no host sync); ``grad_norm`` covers these
@@ -229,7 +306,7 @@ def adaptive_clip_grad_(
     units = torch.zeros((), device=home)
     fractions = torch.zeros(len(params), device=home)
     for idx in by_device.values():
-        s, c, frac, u = _agc_device([params[k] for k in idx], clip, eps)
+        s, c, frac, u = _agc_device_auto([params[k] for k in idx], clip, eps, fused)
         sq_norm = sq_norm + s.to(home)
         clipped = clipped + c.to(home)
         units = units + u.to(home)

@@ -66,6 +66,9 @@ METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "clip_fraction", "
 EVAL_COLUMNS = ["step", "epoch", "test_acc", "test_loss", "train_loss"]
 # Fields a resumed run may change without changing the trajectory.
 RESUME_FREE_FIELDS = ("checkpoint_every", "device", "compile", "eval_batch_size", "data_dir")
+# Left out of ``to_dict`` while unset, so the configs (and run ids) written before they existed
+# stay the same.
+UNSET_OMITTED_FIELDS = ("micro_batch",)
 
 
 @dataclass
@@ -83,7 +86,15 @@ class TrainConfig:
     CUDA) autocasts to ``amp_dtype`` (float16 adds a GradScaler, unscaled before clipping);
     ``channels_last`` (None: on for CUDA). ``diverge_loss``: a training loss above it (or not
     finite) ends the run as diverged. ``checkpoint_every``: steps between checkpoints (0: only
-    at the end) when ``train`` gets a ``checkpoint_path``.
+    at the end) when ``train`` gets a ``checkpoint_path``. ``micro_batch`` (None: off): run
+    each step's forward and backward in slices of this many examples and accumulate the
+    gradient, so a large batch fits in memory; clipping, weight decay and the update act on the
+    whole batch's gradient, so an NF model trains as with the full batch (to float32 rounding).
+    A BatchNorm model then normalizes with each slice's statistics, not the batch's: its
+    trajectory changes with ``micro_batch``, which is why the field is part of the run's config.
+    A last slice smaller than ``micro_batch`` is weighted by its size. A probe then records the
+    activation statistics (and block-output gradient norms) of the step's last slice, and the
+    parameter-gradient statistics of the accumulated gradient.
     """
 
     model: dict = field(default_factory=lambda: dict(DEFAULT_MODEL))
@@ -117,6 +128,7 @@ class TrainConfig:
     probe_every: int = 0
     diverge_loss: float = 100.0
     checkpoint_every: int = 0
+    micro_batch: int | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -169,6 +181,8 @@ class TrainConfig:
         out = {}
         for name in self.field_names():
             value = getattr(self, name)
+            if name in UNSET_OMITTED_FIELDS and value is None:
+                continue
             if name == "clip":
                 value = value.to_dict()
             elif name == "model":
@@ -189,7 +203,15 @@ class TrainConfig:
         for name in self.field_names():
             setattr(self, name, _check_type(name, getattr(self, name), hints[name]))
         self._check_values()
+        self._check_micro_batch()
         self._check_model()
+
+    def _check_micro_batch(self) -> None:
+        if self.micro_batch is not None and not 0 < self.micro_batch <= self.batch_size:
+            raise UserError(
+                f"micro_batch must be a positive integer no larger than batch_size "
+                f"({self.batch_size}), or unset; got {self.micro_batch!r}"
+            )
 
     def _check_values(self) -> None:
         for name in self.field_names():  # inf / nan pass every "x > 0" style check below
@@ -499,6 +521,26 @@ class _Run:
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.use_amp)
 
+    def forward_backward(self, xb: torch.Tensor, yb: torch.Tensor) -> torch.Tensor:
+        """The batch's mean loss (detached), its gradient accumulated into ``.grad``: in one
+        pass, or in ``micro_batch`` slices whose losses are weighted by their share of the
+        batch (the label-smoothed loss is a mean over examples, so the sum is the full mean)."""
+        size = self.config.micro_batch
+        if size is None or size >= len(yb):
+            pieces = [(xb, yb)]
+        else:
+            pieces = list(zip(xb.split(size), yb.split(size)))
+        total = None
+        for xs, ys in pieces:
+            with self.autocast():
+                logits = self.forward(xs)
+            loss = F.cross_entropy(logits.float(), ys, label_smoothing=self.config.label_smoothing)
+            if len(pieces) > 1:
+                loss = loss * (len(ys) / len(yb))
+            (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
+
     def train_step(self) -> None:
         config, step = self.config, self.step
         start = time.perf_counter()
@@ -507,14 +549,9 @@ class _Run:
             xb = xb.contiguous(memory_format=torch.channels_last)
         if self.probe is not None:
             self.probe.start_step(step)
-        with self.autocast():
-            logits = self.forward(xb)
-        loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
+        loss = self.forward_backward(xb, yb)
         if self.scaler is not None:
-            self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)  # clip the unscaled gradient
-        else:
-            loss.backward()
         self.gain_check.observe(step)
         stats = self.clipper()
         if config.weight_decay:

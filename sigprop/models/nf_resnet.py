@@ -7,11 +7,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
 from sigprop.layers import (
+    GAMMA,
     MaxPool2dPadded,
     ScaledStdConv2d,
     SqueezeExcite,
@@ -49,6 +51,10 @@ class NFResNetConfig:
     use_se: bool = False
     se_ratio: float = 0.25
     ws: bool = True  # False: plain He-init convs and plain activation (paper A's control)
+    # True: each activation's gamma moves into the scale of the convs it feeds (timm's layout,
+    # same maths, fewer passes over the activations); the activations inside the blocks are then
+    # the unscaled ones. Off: gamma multiplies the activation (the authors' layout).
+    fold_gamma: bool = False
     stem: str = "imagenet"  # or "cifar": 3x3/1 conv, no pool, for 32x32 inputs
     num_classes: int = 1000
     in_chans: int = 3
@@ -61,9 +67,9 @@ class NFResNetConfig:
         check_config(self)
 
 
-def make_conv(ws: bool):
+def make_conv(ws: bool, gamma: float = 1.0):
     if ws:
-        return ScaledStdConv2d
+        return ScaledStdConv2d if gamma == 1.0 else partial(ScaledStdConv2d, gamma=gamma)
     return he_conv2d
 
 
@@ -79,11 +85,13 @@ class NFBottleneck(nn.Module):
         stochdepth_rate: float,
     ):
         super().__init__()
-        conv = make_conv(cfg.ws)
+        fold = cfg.ws and cfg.fold_gamma
+        # every conv of the block reads an activation's output
+        conv = make_conv(cfg.ws, GAMMA[cfg.activation] if fold else 1.0)
         width = max(1, int(out_ch * cfg.bottleneck_ratio))
         self.beta, self.alpha = beta, cfg.alpha
         self.expected_var = expected_var
-        self.act = get_activation(cfg.activation, scaled=cfg.ws)
+        self.act = get_activation(cfg.activation, scaled=cfg.ws and not fold)
         self.conv0 = conv(in_ch, width, 1)
         self.conv1 = conv(width, width, 3, stride)
         self.conv2 = conv(width, out_ch, 1)

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from sigprop.layers import (
+    GAMMA,
     ScaledStdConv2d,
     SqueezeExcite,
     StochasticDepth,
@@ -58,6 +59,9 @@ class NFNetConfig:
     in_chans: int = 3
     # "same": the authors' TF SAME (asymmetric at even sizes); "symmetric": timm's nfnet_*
     padding: str = "same"
+    # True: each activation's gamma moves into the scale of the convs it feeds (timm's layout,
+    # same maths, fewer passes over the activations); off: gamma multiplies the activation.
+    fold_gamma: bool = False
 
     def __post_init__(self) -> None:
         if self.variant not in NFNET_VARIANTS:
@@ -93,19 +97,21 @@ class NFBlock(nn.Module):
         width = min(width, group_width) * groups  # round to whole groups, as the authors
         self.beta, self.alpha = beta, cfg.alpha
         self.expected_var = expected_var
-        self.act = get_activation(cfg.activation)
-        self.conv0 = ScaledStdConv2d(in_ch, width, 1)
-        self.conv1 = ScaledStdConv2d(width, width, 3, stride, groups=groups)
+        gamma = GAMMA[cfg.activation] if cfg.fold_gamma else 1.0  # every conv reads an act
+        self.act = get_activation(cfg.activation, scaled=not cfg.fold_gamma)
+        self.conv0 = ScaledStdConv2d(in_ch, width, 1, gamma=gamma)
+        self.conv1 = ScaledStdConv2d(width, width, 3, stride, groups=groups, gamma=gamma)
         self.conv1b = (
-            ScaledStdConv2d(width, width, 3, 1, groups=groups) if cfg.use_two_convs else None
+            ScaledStdConv2d(width, width, 3, 1, groups=groups, gamma=gamma)
+            if cfg.use_two_convs else None
         )
-        self.conv2 = ScaledStdConv2d(width, out_ch, 1)
+        self.conv2 = ScaledStdConv2d(width, out_ch, 1, gamma=gamma)
         projected = stride > 1 or in_ch != out_ch
         # ResNet-D shortcut: average-pool first, then a stride-1 1x1 conv
         self.pool = (
             nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if stride > 1 else None
         )
-        self.conv_shortcut = ScaledStdConv2d(in_ch, out_ch, 1) if projected else None
+        self.conv_shortcut = ScaledStdConv2d(in_ch, out_ch, 1, gamma=gamma) if projected else None
         self.se = SqueezeExcite(out_ch, out_ch, cfg.se_ratio)
         self.branch_out = nn.Identity()
         self.stoch_depth = StochasticDepth(stochdepth_rate, cfg.scale_by_keep)
@@ -136,10 +142,12 @@ class NFNet(ResidualNet):
         stem_strides = (2, 1, 1, 2) if cfg.stem == "imagenet" else (1, 1, 1, 1)
         layers: OrderedDict[str, nn.Module] = OrderedDict()
         ch = cfg.in_chans
+        gamma = GAMMA[cfg.activation] if cfg.fold_gamma else 1.0
         for i, (width, stride) in enumerate(zip(stem_widths, stem_strides)):
-            layers[f"conv{i}"] = ScaledStdConv2d(ch, width, 3, stride)
+            # conv0 reads the image; the others read the previous act's output
+            layers[f"conv{i}"] = ScaledStdConv2d(ch, width, 3, stride, gamma=gamma if i else 1.0)
             if i < 3:
-                layers[f"act{i}"] = get_activation(cfg.activation)
+                layers[f"act{i}"] = get_activation(cfg.activation, scaled=not cfg.fold_gamma)
             ch = width
         self.stem = nn.Sequential(layers)
 
