@@ -22,7 +22,7 @@ demo: $(STAMP)
 	$(PY) run_ablations.py quickstart
 
 test: $(STAMP)
-	$(PY) -m pytest -n 2 tests
+	$(PY) -m pytest -n 2 --dist loadgroup tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

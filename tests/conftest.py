@@ -14,3 +14,11 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    # Ray tests start local clusters; two at once on one machine join each other's sessions
+    # (`make test` runs with --dist loadgroup, so one xdist worker runs them in turn).
+    for item in items:
+        if item.get_closest_marker("ray"):
+            item.add_marker(pytest.mark.xdist_group("ray"))
