@@ -409,6 +409,8 @@ class ClipConfig:
     ``clip_classifier`` makes AGC clip the final classifier weight too (off, as paper B).
     """
 
+    type_description = "a table of clip settings (mode, threshold, ...)"  # not a field
+
     mode: str = "none"
     threshold: float | None = None
     eps: float = AGC_EPS

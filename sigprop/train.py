@@ -32,7 +32,6 @@ import io
 import math
 import os
 import time
-import types
 import typing
 import warnings
 from collections.abc import Callable, Mapping
@@ -55,6 +54,7 @@ from sigprop.data import (
     load_dataset,
 )
 from sigprop.errors import UserError
+from sigprop.fields import check_field
 from sigprop.files import atomic_path
 from sigprop.gains import ZeroGainCheck
 
@@ -201,7 +201,7 @@ class TrainConfig:
         if isinstance(self.augment, bool):  # earlier configs: true meant "augment as usual"
             self.augment = None if self.augment else "none"
         for name in self.field_names():
-            setattr(self, name, _check_type(name, getattr(self, name), hints[name]))
+            setattr(self, name, check_field(name, getattr(self, name), hints[name]))
         self._check_values()
         self._check_micro_batch()
         self._check_model()
@@ -214,10 +214,6 @@ class TrainConfig:
             )
 
     def _check_values(self) -> None:
-        for name in self.field_names():  # inf / nan pass every "x > 0" style check below
-            value = getattr(self, name)
-            if isinstance(value, float) and not math.isfinite(value):
-                raise UserError(f"{name} must be a finite number, got {value!r}")
         if self.data not in dataset_names():
             raise UserError(
                 f"data: unknown data set {self.data!r}; valid: {', '.join(dataset_names())}"
@@ -301,37 +297,6 @@ def _jsonable(value):
     if isinstance(value, Mapping):
         return {str(k): _jsonable(v) for k, v in value.items()}
     return value
-
-
-def _type_name(hint) -> str:
-    args = typing.get_args(hint)
-    if args:
-        return " or ".join(_type_name(a) for a in args)
-    if hint is type(None):
-        return "unset (null)"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string",
-            dict: "a table", ClipConfig: "a table of clip settings (mode, threshold, ...)"
-            }.get(hint, getattr(hint, "__name__", str(hint)))
-
-
-def _check_type(name: str, value, hint):
-    """``value`` if it fits ``hint`` (ints are accepted, and converted, for floats; bools are
-    never numbers); raises UserError naming the field otherwise."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for option in options:
-        if option is type(None) and value is None:
-            return None
-        if option is bool and isinstance(value, bool):
-            return value
-        if isinstance(value, bool):
-            continue
-        if option is int and isinstance(value, int):
-            return value
-        if option is float and isinstance(value, int | float):
-            return float(value)
-        if option in (str, dict, ClipConfig) and isinstance(value, option):
-            return value
-    raise UserError(f"{name} must be {_type_name(hint)}, got {value!r}")
 
 
 @dataclass

@@ -8,13 +8,13 @@ name, so they never need to know a block's code.
 from __future__ import annotations
 
 import dataclasses
-import math
-import types
 import typing
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from sigprop.fields import check_field
 
 
 @dataclass(frozen=True)
@@ -77,41 +77,11 @@ class ResidualNet(nn.Module):
         return dataclasses.asdict(self.cfg)
 
 
-def _field_value(name: str, value, hint):
-    """``value`` if it fits the field's type ``hint`` (ints become floats for float fields,
-    lists tuples for tuple fields; bools are never numbers; floats must be finite), else
-    ValueError naming the field."""
-    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    for option in options:
-        if option is type(None) and value is None:
-            return None
-        if option is bool and isinstance(value, bool):
-            return value
-        if isinstance(value, bool):
-            continue
-        if option is int and isinstance(value, int):
-            return value
-        if option is float and isinstance(value, int | float):
-            if not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value!r}")
-            return float(value)
-        if option is str and isinstance(value, str):
-            return value
-        if typing.get_origin(option) is tuple and isinstance(value, list | tuple) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
-            return tuple(value)
-    names = {bool: "true/false", int: "an integer", float: "a number", str: "a string",
-             type(None): "unset"}
-    wanted = " or ".join(names.get(o, "a list of integers") for o in options)
-    raise ValueError(f"{name} must be {wanted}, got {value!r}")
-
-
 def check_values(config_cls: type, values: dict) -> dict:
     """Type-check override ``values`` for ``config_cls`` before it is built, so a family's own
     arithmetic on them (NFNet's depth_mult) never meets a string or an infinity."""
     hints = typing.get_type_hints(config_cls)
-    return {k: _field_value(k, v, hints[k]) if k in hints else v for k, v in values.items()}
+    return {k: check_field(k, v, hints[k]) if k in hints else v for k, v in values.items()}
 
 
 def check_config(cfg) -> None:
@@ -120,7 +90,7 @@ def check_config(cfg) -> None:
 
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
-        setattr(cfg, f.name, _field_value(f.name, getattr(cfg, f.name), hints[f.name]))
+        setattr(cfg, f.name, check_field(f.name, getattr(cfg, f.name), hints[f.name]))
     cfg.depths = tuple(int(d) for d in cfg.depths)
     cfg.widths = tuple(int(w) for w in cfg.widths)
     if not cfg.depths or any(d < 1 for d in cfg.depths):
