@@ -107,6 +107,7 @@ def deathsig_spawning() -> Iterator[None]:
 
 _EVENTS: Any = None  # this worker's end of the progress queue (set by _init_worker)
 _STOPPED = False  # Ctrl-C / SIGTERM arrived while this worker was starting
+_IN_TASK = False  # a run is executing in this worker
 STOP_SIGNALS = {signal.SIGINT, signal.SIGTERM}
 
 
@@ -129,16 +130,30 @@ def _init_worker(parent_pid: int, events: Any) -> None:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     for sig in STOP_SIGNALS:  # SIGTERM like Ctrl-C: the run stores itself as queued
-        signal.signal(sig, signal.default_int_handler)
+        signal.signal(sig, _on_stop_signal)
     events.cancel_join_thread()  # progress events are best effort: never block an exit
     _EVENTS = events
 
 
+def _on_stop_signal(signum: int, frame: Any) -> None:
+    # During a run: KeyboardInterrupt, so the run stores itself as queued. Idle (waiting for a
+    # task, e.g. the survivors of a pool broken by a killed worker, which the pool ends with
+    # SIGTERM): nothing to store, so leave quietly instead of printing a traceback.
+    if _IN_TASK:
+        raise KeyboardInterrupt
+    os._exit(0)
+
+
 def _pool_task(root: str, grid: str, run_id: str, device: str, threads: int,
                slot: int) -> dict:
+    global _IN_TASK
     if _STOPPED:
         return {"run_id": run_id, "state": "interrupted"}
-    return execute_run(root, grid, run_id, device, threads, _EVENTS, slot)
+    _IN_TASK = True
+    try:
+        return execute_run(root, grid, run_id, device, threads, _EVENTS, slot)
+    finally:
+        _IN_TASK = False
 
 
 class LocalExecutor:
