@@ -264,26 +264,27 @@ def check_claims(claims: Sequence[Claim], frame: pd.DataFrame, known_keys: set[s
                     raise UntestableClaim(f"claim {claim.id}: selection {name} asks for "
                                           f"{key}={extremes[0]}, which needs two or more {key} "
                                           "values in the grid")
-            if select(frame, selection, frame).empty:
+            if select(frame, selection).empty:
                 shown = ", ".join(f"{k}={v if len(v) > 1 else v[0]}"
                                   for k, v in selection.items())
                 raise UntestableClaim(f"claim {claim.id}: selection {name} ({shown}) matches "
                                       "no run of the grid")
         if claim.check == "trend":
-            chosen = select(frame, claim.selections["select"], frame)
+            chosen = select(frame, claim.selections["select"])
             for key in (claim.over, claim.choose):
                 if chosen[key].nunique(dropna=True) < 2:
                     raise UntestableClaim(f"claim {claim.id}: a trend needs two or more values of "
                                           f"{key} among the selected runs")
 
 
-def select(frame: pd.DataFrame, selection: Mapping[str, list], grid: pd.DataFrame) -> pd.DataFrame:
-    """Rows of ``frame`` matching ``selection``; ``@min``/``@max`` resolve over ``grid``."""
+def select(frame: pd.DataFrame, selection: Mapping[str, list]) -> pd.DataFrame:
+    """Rows of ``frame`` matching ``selection``; ``@min``/``@max`` resolve over all of
+    ``frame`` (the grid's runs, whatever their state)."""
     mask = pd.Series(True, index=frame.index)
     for key, values in selection.items():
         if key not in frame:
             return frame.iloc[0:0]
-        wanted = [resolve_extreme(grid, key, v) for v in values]
+        wanted = [resolve_extreme(frame, key, v) for v in values]
         mask &= frame[key].map(lambda v, w=wanted: any(same(v, x) for x in w))
     return frame[mask]
 
@@ -336,7 +337,7 @@ def selection_text(runs: pd.DataFrame, selection: Mapping[str, list]) -> str:
 
 
 def finished(runs: pd.DataFrame, selection: Mapping[str, list]) -> tuple[pd.DataFrame, int]:
-    chosen = select(runs, selection, runs)
+    chosen = select(runs, selection)
     done = chosen[chosen["status"].isin(FINISHED)] if "status" in chosen else chosen
     return done, len(chosen)
 

@@ -43,6 +43,8 @@ from pathlib import Path
 
 import torch
 
+from sigprop.files import writable_dir_error
+
 ROOT = Path(__file__).resolve().parent.parent
 SECTION_ORDER = ("tests", "agc", "memory", "probe", "grid", "step")
 MICRO_BATCH = 512
@@ -385,13 +387,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{', '.join(SECTIONS)}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe_file = out / ".writable"
-        probe_file.write_text("")
-        probe_file.unlink()
-    except OSError as err:
-        print(f"benchmarks.gpu: cannot write to {out}: {err.strerror or err}", file=sys.stderr)
+    why = writable_dir_error(out)
+    if why:
+        print(f"benchmarks.gpu: cannot write to {out}: {why}", file=sys.stderr)
         return 2
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     ctx = Context(device, args.budget_s)

@@ -32,6 +32,7 @@ from ablations.spec import THRESHOLD_MODES
 from ablations.store import DAMAGED, FINISHED, DamagedFile, GridStore, load_results, write_bytes
 from reports import plots as gp
 from sigprop.errors import UserError
+from sigprop.files import writable_dir_error
 
 SUMMARY_METRICS = ["final_acc", "best_acc", "diverged_step", "max_grad_norm", "clip_fraction",
                    "steps_done", "duration_s"]
@@ -118,14 +119,9 @@ def build_report(grid_dir: str | Path, out: str | Path | None = None) -> dict[st
         grid_dir = grid_dir / grids[0]
     html_path, md_path = output_paths(grid_dir, out)
     files_dir = html_path.parent / f"{html_path.stem}_files"
-    try:
-        files_dir.mkdir(parents=True, exist_ok=True)
-        probe = files_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"cannot write the report to {html_path.parent}: "
-                        f"{err.strerror or err}") from None
+    why = writable_dir_error(files_dir)
+    if why:
+        raise UserError(f"cannot write the report to {html_path.parent}: {why}")
 
     store = GridStore(grid_dir.parent, grid_dir.name)
     statuses = {rid: readable_status(store, rid) for rid in runs["run_id"]}
@@ -312,18 +308,15 @@ def run_warnings(frame: pd.DataFrame) -> list[str]:
     """One line per distinct kind of run warning, with how many runs raised it."""
     if "warnings" not in frame:
         return []
-    kinds: dict[str, list[str]] = {}
-    for run_id, lines in zip(frame["run_id"], frame["warnings"]):
+    kinds: dict[str, tuple[str, int]] = {}  # kind -> (its first line, runs raising it)
+    for lines in frame["warnings"]:
         for line in lines if isinstance(lines, tuple | list) else ():
-            kinds.setdefault(line.split(":", 1)[0], []).append(run_id)
-    out = []
-    for head, run_ids in kinds.items():
-        example = next(line for lines in frame["warnings"] if isinstance(lines, tuple | list)
-                       for line in lines if line.startswith(head))
-        out.append(f"{len(run_ids)} of {len(frame)} runs: {example}" + (
-            " (numbers of one run; the Runs table has each run's gain clip ratio)"
-            if len(run_ids) > 1 else ""))
-    return out
+            head = line.split(":", 1)[0]
+            example, count = kinds.get(head, (line, 0))
+            kinds[head] = (example, count + 1)
+    return [f"{count} of {len(frame)} runs: {example}" + (
+        " (numbers of one run; the Runs table has each run's gain clip ratio)"
+        if count > 1 else "") for example, count in kinds.values()]
 
 
 # Settings a reader needs to judge a short run, in the order they are shown.
@@ -344,7 +337,6 @@ def settings_section(frame: pd.DataFrame) -> Section:
         if key not in frame or key in varied:
             continue
         values = frame[key].dropna()
-        values = values[values.map(lambda v: v is not None)]
         if values.empty or values.map(repr).nunique() != 1:
             continue
         value = values.iloc[0]

@@ -380,6 +380,13 @@ DATASETS: dict[str, DatasetInfo] = {
 }
 
 
+def check_augment(augment: str) -> str:
+    """``augment`` if it is one of ``AUGMENTATIONS``, else a :class:`UserError`."""
+    if augment not in AUGMENTATIONS:
+        raise UserError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}")
+    return augment
+
+
 def default_augment(name: str) -> str:
     """The augmentation data set ``name`` uses unless a run says otherwise."""
     return dataset_info(name).augment
@@ -500,10 +507,8 @@ class BatchStream:
             raise UserError(
                 f"batch_size {batch_size} is larger than the training set ({len(y)} samples)"
             )
-        if augment not in AUGMENTATIONS:
-            raise UserError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}")
         self.x, self.y = x, y
-        self.batch_size, self.augment = batch_size, augment
+        self.batch_size, self.augment = batch_size, check_augment(augment)
         self.pad = crop_padding(x.shape[-1]) if pad is None else pad
         self.generator = torch.Generator().manual_seed(seed)
         self.perm: torch.Tensor | None = None

@@ -45,8 +45,8 @@ from torch import nn
 
 from sigprop.clipping import ClipConfig, GradClipper
 from sigprop.data import (
-    AUGMENTATIONS,
     BatchStream,
+    check_augment,
     dataset_info,
     dataset_names,
     default_augment,
@@ -220,10 +220,7 @@ class TrainConfig:
             )
         if self.augment is None:
             self.augment = default_augment(self.data)
-        if self.augment not in AUGMENTATIONS:
-            raise UserError(
-                f"augment must be one of {', '.join(AUGMENTATIONS)}; got {self.augment!r}"
-            )
+        self.augment = check_augment(self.augment)
         positive = ("batch_size", "image_size", "eval_batch_size", "base_lr", "diverge_loss")
         for name in positive:
             if not getattr(self, name) > 0:
