@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
-from ablations.spec import parse_value
+from ablations.spec import GRIDS_DIR, parse_value, spec_path
 from sigprop.errors import UserError
 
 
@@ -104,6 +105,171 @@ def cmd_spp(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_grid_commands(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("run", help="run an ablation grid (resumes what is stored)")
+    p.add_argument("spec", help="a spec TOML file or a shipped grid name")
+    add_run_options(p)
+    p.add_argument("--dry-run", action="store_true", help="list the runs and their count")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="table of a grid's runs and their states")
+    p.add_argument("dir", help="a grid folder, or an output root holding grids")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("report", help="write report.html and report.md for a grid")
+    p.add_argument("dir", help="a grid folder (<out>/<grid>)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="report.html path (report.md goes beside it); default: in the grid")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("quickstart", help="the built-in demo (also: no arguments)")
+    add_run_options(p)
+    p.set_defaults(func=cmd_quickstart, workers=2)
+
+
+def add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
+                   help="override a key or make it an axis (repeatable)")
+    p.add_argument("--executor", choices=["local", "ray"], default="local",
+                   help="local worker processes (default) or Ray tasks")
+    p.add_argument("--workers", type=int, default=1, help="local worker processes (CPU)")
+    p.add_argument("--runs-per-gpu", type=int, default=1, help="local: runs sharing each GPU")
+    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+    p.add_argument("--address", default=None,
+                   help="ray: cluster address (auto or HOST:PORT; default $RAY_ADDRESS or a "
+                        "local instance)")
+    p.add_argument("--cpus-per-run", type=float, default=1, help="ray: CPUs per run")
+    p.add_argument("--gpus-per-run", type=float, default=0, help="ray: GPUs per run (0.25...)")
+    p.add_argument("--max-retries", type=int, default=3, help="ray: retries of crashed workers")
+    p.add_argument("--out", default="runs", help="results root (default: runs/)")
+    p.add_argument("--retry-failed", action="store_true", help="rerun failed runs")
+    p.add_argument("--no-report", action="store_true", help="do not write the report")
+    p.add_argument("--download", action="store_true",
+                   help="fetch missing CIFAR data into its data_dir before running (default: "
+                        "stop and say where to put the files)")
+    p.add_argument("--max-runs", type=int, default=None, metavar="N",
+                   help="refuse grids with more combinations than this (default 10000)")
+
+
+DRY_RUN_ROWS = 50  # a dry run of a bigger grid shows its count and its first rows only
+
+
+def max_runs(args: argparse.Namespace) -> int:
+    from ablations.spec import MAX_RUNS
+
+    limit = MAX_RUNS if getattr(args, "max_runs", None) is None else args.max_runs
+    if limit < 1:
+        raise UserError(f"--max-runs must be >= 1, got {limit}")
+    return limit
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import itertools
+
+    from ablations.runner import dry_run_table
+    from ablations.spec import expand, grid_size, iter_runs, load_spec
+
+    spec = load_spec(spec_path(args.spec), args.set)
+    if args.dry_run:
+        size, limit = grid_size(spec), max_runs(args)
+        if size <= DRY_RUN_ROWS:
+            runs = expand(spec, max_runs=None)  # checks the claims against the runs too
+            print(dry_run_table(runs).to_string(index=False))
+            print(f"{len(runs)} runs in grid {spec.name}")
+            for line in spec.untested_claims:
+                print(f"claim {line}")
+            return 0
+        print(f"grid {spec.name}: {size:,} combinations (fewer runs where an axis does not "
+              f"apply); the first {DRY_RUN_ROWS}:", flush=True)
+        print(dry_run_table(list(itertools.islice(iter_runs(spec), DRY_RUN_ROWS)))
+              .to_string(index=False))
+        if size > limit:
+            print(f"over the limit of {limit:,} runs: `run` needs --max-runs {size}")
+        return 0
+    outcome = execute(spec, args)
+    if not args.no_report and not outcome.interrupted:
+        write_report(outcome.grid_dir)
+    return exit_code(outcome)
+
+
+def exit_code(outcome) -> int:
+    """0, or 128 + the signal that interrupted the grid (130 Ctrl-C, 143 SIGTERM)."""
+    if not outcome.interrupted:
+        return 0
+    return 143 if outcome.signal == "SIGTERM" else 130
+
+
+# paper A's Figure 1 trio: NF-ResNet, the same without scaled WS (mean shift), BN-ResNet v2
+QUICKSTART_SPP_MODELS = [
+    "nf_resnet50", ("nf_resnet50", {"ws": False}), "bn_resnet50_v2",
+]
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """The quickstart grid on digits, the SPPs of the models at init, the report."""
+    from ablations.spec import load_spec
+    from sigprop.spp import write_spp
+
+    spec = load_spec(GRIDS_DIR / "quickstart.toml", args.set)
+    outcome = execute(spec, args)
+    if outcome.interrupted:
+        return exit_code(outcome)
+    spp = write_spp(QUICKSTART_SPP_MODELS, out_dir=outcome.grid_dir / "spp")
+    print(f"signal propagation at init: {spp['png']}")
+    if not args.no_report:
+        write_report(outcome.grid_dir)
+    return 0
+
+
+def write_report(grid_dir: Path, out: str | None = None) -> None:
+    from reports.build import build_report
+
+    paths = build_report(grid_dir, out)
+    print(f"report: {paths['html']} (markdown: {paths['md']})")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    write_report(Path(args.dir), args.out)
+    return 0
+
+
+def make_executor(args: argparse.Namespace):
+    from ablations.executors import LocalExecutor, RayExecutor
+
+    if args.executor == "ray":
+        return RayExecutor(args.address, args.cpus_per_run, args.gpus_per_run, args.max_retries)
+    return LocalExecutor(args.workers, args.device, args.runs_per_gpu)
+
+
+def execute(spec, args: argparse.Namespace):
+    from ablations.runner import run_grid
+
+    executor = make_executor(args)
+    outcome = run_grid(spec, args.out, executor, retry_failed=args.retry_failed,
+                       max_runs=max_runs(args), download=args.download)
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
+    if outcome.interrupted:
+        print(f"interrupted after {outcome.duration_s:.0f}s ({counts or 'nothing finished'}); "
+              f"finished runs are stored, run the same command to resume", file=sys.stderr)
+    elif counts:
+        print(f"grid {spec.name} done in {outcome.duration_s:.0f}s: {counts}")
+    print(f"results: {outcome.grid_dir}")
+    return outcome
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import pandas as pd
+
+    from ablations.runner import status_table
+
+    table = status_table(args.dir)
+    with pd.option_context("display.width", 200, "display.max_colwidth", 60):
+        print(table.to_string(index=False))
+    counts = table["status"].value_counts().to_dict()
+    print(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="sigprop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
@@ -146,8 +312,6 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fresh init + fresh batch per seed (default 3; a preset: its own)")
     p.add_argument("--out", default="spp_out", metavar="DIR", help="output directory")
     p.set_defaults(func=cmd_spp)
-
-    from ablations.cli import add_grid_commands
 
     add_grid_commands(sub)
     return parser

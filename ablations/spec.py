@@ -51,6 +51,27 @@ import tomllib
 from sigprop.clipping import THRESHOLD_MODES
 from sigprop.errors import UserError
 
+GRIDS_DIR = Path(__file__).resolve().parent / "grids"
+
+
+def shipped_grids() -> list[str]:
+    return sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
+
+
+def spec_path(name_or_path: str) -> Path:
+    """A spec file, or the name of a shipped grid (``agc_batch``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = GRIDS_DIR / f"{name_or_path.removesuffix('.toml')}.toml"
+    if shipped.is_file():
+        return shipped
+    raise UserError(
+        f"spec not found: {name_or_path} (a TOML file, or a shipped grid: "
+        f"{', '.join(shipped_grids())})"
+    )
+
+
 SPEC_KEYS = {
     "name", "description", "intended_for", "base", "fixed", "grid", "tie", "when", "data_profiles",
     "claims", "untested_claims",

@@ -3,8 +3,16 @@ from pathlib import Path
 
 import pytest
 
-from ablations.cli import GRIDS_DIR, shipped_grids
-from ablations.spec import SpecError, apply_overrides, expand, load_spec, run_id, spec_from_dict
+from ablations.spec import (
+    GRIDS_DIR,
+    SpecError,
+    apply_overrides,
+    expand,
+    load_spec,
+    run_id,
+    shipped_grids,
+    spec_from_dict,
+)
 from run_ablations import main
 
 BASE = {
