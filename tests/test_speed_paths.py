@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from sigprop.clipping import adaptive_clip_grad_, fused_agc_available
-from sigprop.layers import ScaledStdConv2d, get_activation, scaled_weight_standardization
+from sigprop.layers import GAMMA, ScaledStdConv2d, get_activation, scaled_weight_standardization
 
 cuda = pytest.mark.cuda
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -210,8 +210,15 @@ def test_models_with_gamma_folded_match_the_activation_form(name, overrides):
     torch.manual_seed(0)
     folded = create_model(name, **common, fold_gamma=True)
     folded.load_state_dict(plain.state_dict())
-    gammas = {m.gamma for m in folded.modules() if isinstance(m, ScaledStdConv2d)}
-    assert len(gammas) == 2  # the image-reading stem conv keeps 1.0
+    act_gamma = GAMMA[folded.cfg.activation]
+    for block in (m for m in folded.modules() if hasattr(m, "skip_gain")):
+        # the convs that read the block's input carry its beta too; the others gamma alone
+        for conv in (block.conv0, block.conv_shortcut):
+            if conv is not None:
+                assert conv.gamma == pytest.approx(act_gamma * block.beta, rel=1e-12)
+        assert block.conv2.gamma == act_gamma
+    stem_conv = folded.stem[0]  # the image-reading stem conv keeps 1.0
+    assert isinstance(stem_conv, ScaledStdConv2d) and stem_conv.gamma == 1.0
     x = torch.randn(2, 3, 33, 33)
     out_plain, out_folded = plain(x), folded(x)
     torch.testing.assert_close(out_folded, out_plain, rtol=1e-4, atol=1e-5)

@@ -51,9 +51,10 @@ class NFResNetConfig:
     use_se: bool = False
     se_ratio: float = 0.25
     ws: bool = True  # False: plain He-init convs and plain activation (paper A's control)
-    # True: each activation's gamma moves into the scale of the convs it feeds (timm's layout,
-    # same maths, fewer passes over the activations); the activations inside the blocks are then
-    # the unscaled ones. Off: gamma multiplies the activation (the authors' layout).
+    # True: each activation's gamma, and each block's input scale beta, move into the scale of
+    # the convs they feed (same maths, two fewer passes over the activations per block); the
+    # activations inside the blocks are then the unscaled ones. Off: gamma and beta multiply the
+    # activations (the authors' layout).
     fold_gamma: bool = False
     stem: str = "imagenet"  # or "cifar": 3x3/1 conv, no pool, for 32x32 inputs
     num_classes: int = 1000
@@ -86,24 +87,30 @@ class NFBottleneck(nn.Module):
     ):
         super().__init__()
         fold = cfg.ws and cfg.fold_gamma
-        # every conv of the block reads an activation's output
-        conv = make_conv(cfg.ws, GAMMA[cfg.activation] if fold else 1.0)
+        # every conv of the block reads an activation's output; conv0 and the shortcut conv
+        # read the block's input, scaled by beta
+        gamma = GAMMA[cfg.activation] if fold else 1.0
+        conv = make_conv(cfg.ws, gamma)
+        input_conv = make_conv(cfg.ws, gamma * beta if fold else 1.0)
         width = max(1, int(out_ch * cfg.bottleneck_ratio))
         self.beta, self.alpha = beta, cfg.alpha
+        self.input_scale = 1.0 if fold else beta
         self.expected_var = expected_var
         self.act = get_activation(cfg.activation, scaled=cfg.ws and not fold)
-        self.conv0 = conv(in_ch, width, 1)
+        self.conv0 = input_conv(in_ch, width, 1)
         self.conv1 = conv(width, width, 3, stride)
         self.conv2 = conv(width, out_ch, 1)
         projected = stride > 1 or in_ch != out_ch
-        self.conv_shortcut = conv(in_ch, out_ch, 1, stride) if projected else None
+        self.conv_shortcut = input_conv(in_ch, out_ch, 1, stride) if projected else None
         self.se = SqueezeExcite(out_ch, out_ch, cfg.se_ratio) if cfg.use_se else None
         self.branch_out = nn.Identity()
         self.stoch_depth = StochasticDepth(stochdepth_rate, cfg.scale_by_keep)
         self.skip_gain = nn.Parameter(torch.tensor(float(cfg.skipinit_gain)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act(x) * self.beta
+        out = self.act(x)
+        if self.input_scale != 1.0:
+            out = out * self.input_scale
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(out)
         out = self.conv0(out)
         out = self.conv1(self.act(out))
@@ -111,7 +118,7 @@ class NFBottleneck(nn.Module):
         if self.se is not None:
             out = self.se(out)
         out = self.stoch_depth(self.branch_out(out))
-        return out * (self.skip_gain * self.alpha) + shortcut
+        return torch.addcmul(shortcut, out, self.skip_gain * self.alpha)  # one pass, not two
 
 
 class NFResNet(ResidualNet):

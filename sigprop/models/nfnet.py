@@ -59,8 +59,9 @@ class NFNetConfig:
     in_chans: int = 3
     # "same": the authors' TF SAME (asymmetric at even sizes); "symmetric": timm's nfnet_*
     padding: str = "same"
-    # True: each activation's gamma moves into the scale of the convs it feeds (timm's layout,
-    # same maths, fewer passes over the activations); off: gamma multiplies the activation.
+    # True: each activation's gamma, and each block's input scale beta, move into the scale of
+    # the convs they feed (same maths, fewer passes over the activations); off: gamma and beta
+    # multiply the activations (the authors' layout).
     fold_gamma: bool = False
 
     def __post_init__(self) -> None:
@@ -98,8 +99,11 @@ class NFBlock(nn.Module):
         self.beta, self.alpha = beta, cfg.alpha
         self.expected_var = expected_var
         gamma = GAMMA[cfg.activation] if cfg.fold_gamma else 1.0  # every conv reads an act
+        # conv0 and the shortcut conv read the block's input, scaled by beta
+        input_gamma = gamma * beta if cfg.fold_gamma else 1.0
+        self.input_scale = 1.0 if cfg.fold_gamma else beta
         self.act = get_activation(cfg.activation, scaled=not cfg.fold_gamma)
-        self.conv0 = ScaledStdConv2d(in_ch, width, 1, gamma=gamma)
+        self.conv0 = ScaledStdConv2d(in_ch, width, 1, gamma=input_gamma)
         self.conv1 = ScaledStdConv2d(width, width, 3, stride, groups=groups, gamma=gamma)
         self.conv1b = (
             ScaledStdConv2d(width, width, 3, 1, groups=groups, gamma=gamma)
@@ -111,14 +115,18 @@ class NFBlock(nn.Module):
         self.pool = (
             nn.AvgPool2d(2, 2, ceil_mode=True, count_include_pad=False) if stride > 1 else None
         )
-        self.conv_shortcut = ScaledStdConv2d(in_ch, out_ch, 1, gamma=gamma) if projected else None
+        self.conv_shortcut = (
+            ScaledStdConv2d(in_ch, out_ch, 1, gamma=input_gamma) if projected else None
+        )
         self.se = SqueezeExcite(out_ch, out_ch, cfg.se_ratio)
         self.branch_out = nn.Identity()
         self.stoch_depth = StochasticDepth(stochdepth_rate, cfg.scale_by_keep)
         self.skip_gain = nn.Parameter(torch.tensor(float(cfg.skipinit_gain)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act(x) * self.beta
+        out = self.act(x)
+        if self.input_scale != 1.0:
+            out = out * self.input_scale
         shortcut = x
         if self.conv_shortcut is not None:
             shortcut = self.conv_shortcut(out if self.pool is None else self.pool(out))
@@ -128,7 +136,7 @@ class NFBlock(nn.Module):
             out = self.conv1b(self.act(out))
         out = self.se(self.conv2(self.act(out)))
         out = self.stoch_depth(self.branch_out(out))
-        return out * (self.skip_gain * self.alpha) + shortcut
+        return torch.addcmul(shortcut, out, self.skip_gain * self.alpha)  # one pass, not two
 
 
 class NFNet(ResidualNet):
