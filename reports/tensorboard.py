@@ -118,7 +118,8 @@ class ExportResult:
     rewritten: bool = False
 
     def line(self) -> str:
-        parts = [f"{len(self.added)} runs added", f"{self.kept} already there"]
+        added = len(self.added)
+        parts = [f"{added} run{'' if added == 1 else 's'} added", f"{self.kept} already there"]
         if self.waiting:
             parts.append(f"{self.waiting} not finished yet")
         parts += [f"{n} {state} (no results)" for state, n in sorted(self.left_out.items())]

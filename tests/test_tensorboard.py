@@ -198,7 +198,7 @@ def test_export_again_and_live_add_only_new_runs(grid, tmp_path):
     result = watch_tensorboard(grid, out, 5, say=lines.append, sleep=sleep)
     assert sleeps == [5]
     assert "3 runs added" in lines[0] and "1 not finished yet" in lines[0]
-    assert "1 runs added, 3 already there" in lines[1]
+    assert "1 run added, 3 already there" in lines[1] and len(lines) == 2
     assert len(result.added) == 1 and result.added[0].endswith(pending.name)
 
     again = export_tensorboard(grid, out)
