@@ -291,3 +291,17 @@ def test_cli_bad_input_is_one_line(grid, tmp_path, capsys, monkeypatch):
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # the extra is not installed
     assert "pip install sigprop[tensorboard]" in one_line_error(capsys, [*export, str(grid)])
+
+
+def test_a_damaged_run_is_left_out_and_exported_once_repaired(grid, tmp_path):
+    out = tmp_path / "tb"
+    run_dir = sorted((grid / "runs").iterdir())[0]
+    good = (run_dir / "metrics.parquet").read_bytes()
+    (run_dir / "metrics.parquet").write_bytes(good[: len(good) // 2])
+    result = export_tensorboard(grid, out)
+    assert len(result.added) == 3 and result.left_out == {"damaged": 1}
+    assert "1 damaged (no results)" in result.line()
+    assert run_dir.name not in run_folders(out)
+    (run_dir / "metrics.parquet").write_bytes(good)
+    assert export_tensorboard(grid, out).added[0].endswith(run_dir.name)
+    assert len(run_folders(out)) == 4
