@@ -17,7 +17,8 @@ Exporting again into the same folder adds the runs that finished since and leave
 as they are (a finished run never changes), so nothing is duplicated; this is also what
 ``--live`` repeats. Only when the grid's axes change (a new axis, or one whose values change
 type) are all run folders written again. A folder holding another grid's export, or anything
-that is no export, is refused.
+that is no export, is refused, and so is a second export while another one holds the folder's
+lock (``.sigprop-export.lock``, an flock released when its process ends).
 
 Values that do not apply are left out, never invented: an axis value that is None/NaN for a run
 (``clip.threshold`` of an unclipped run) is a blank cell in the HParams table, a metric that is
@@ -51,6 +52,7 @@ from ablations.store import (
     FINISHED,
     DamagedFile,
     GridStore,
+    RunLock,
     grid_dirs,
     load_results,
     read_json,
@@ -62,6 +64,7 @@ from sigprop.files import writable_dir_error
 
 MANIFEST = "sigprop-export.json"
 RUN_MARK = "sigprop-run.json"
+LOCK = ".sigprop-export.lock"
 EXPORT_FORMAT = "sigprop tensorboard export 1"
 # The four HParams metrics (summary/<name> in every run), with their descriptions.
 METRICS = {
@@ -333,7 +336,7 @@ def _claim_out(out: Path, grid: Path) -> dict:
         raise UserError(f"{err.path} is unreadable ({err.reason}); remove {out} and export "
                         "again") from None
     if manifest is None:
-        if out.is_dir() and any(out.iterdir()):
+        if out.is_dir() and any(p.name != LOCK for p in out.iterdir()):
             raise UserError(f"--out {out} is not empty and holds no sigprop export; choose a "
                             "new or empty folder")
         manifest = {}
@@ -372,11 +375,16 @@ def export_tensorboard(grid_dir: str | Path, out_dir: str | Path | None = None) 
     grid = resolve_grid(grid_dir)
     out = Path(out_dir) if out_dir is not None else grid / "tensorboard"
     manifest = _claim_out(out, grid)
+    lock = RunLock(out / LOCK)  # a second export into the folder would take our half-written runs
+    if not lock.acquire():
+        raise UserError(f"another export is writing to {out}; wait for it or stop it")
     try:
         return _export(grid, out, manifest)
     except OSError as err:  # a full disk mid-way: the next export redoes the unfinished run
         raise UserError(f"cannot write the TensorBoard export to {out}: "
                         f"{err.strerror or err}") from None
+    finally:
+        lock.release()
 
 
 def _export(grid: Path, out: Path, manifest: dict) -> ExportResult:

@@ -25,9 +25,10 @@ from tensorboard.plugins.hparams import api_pb2, metadata  # noqa: E402
 
 from ablations.runner import run_grid  # noqa: E402
 from ablations.spec import load_spec  # noqa: E402
-from ablations.store import load_results  # noqa: E402
+from ablations.store import RunLock, load_results  # noqa: E402
 from reports.tensorboard import (  # noqa: E402
     EVAL_METRIC_COLUMNS,
+    LOCK,
     MANIFEST,
     METRICS,
     RUN_MARK,
@@ -288,6 +289,13 @@ def test_cli_bad_input_is_one_line(grid, tmp_path, capsys, monkeypatch):
     assert "holds the export of" in one_line_error(
         capsys, [*export, str(grid), "--out", str(tmp_path / "tb")])
     assert "--live wants" in one_line_error(capsys, [*export, str(grid), "--live", "0"])
+    lock = RunLock(tmp_path / "tb" / LOCK)  # another export holds the folder
+    assert lock.acquire()
+    try:
+        assert "another export is writing" in one_line_error(
+            capsys, [*export, str(other), "--out", str(tmp_path / "tb")])
+    finally:
+        lock.release()
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # the extra is not installed
     assert "pip install sigprop[tensorboard]" in one_line_error(capsys, [*export, str(grid)])
