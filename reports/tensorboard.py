@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import time
@@ -340,13 +341,21 @@ def _claim_out(out: Path, grid: Path) -> dict:
             raise UserError(f"--out {out} is not empty and holds no sigprop export; choose a "
                             "new or empty folder")
         manifest = {}
-    elif manifest.get("grid") != str(grid.resolve()):
+    elif manifest.get("grid") != _where(grid, out)["grid"] and (
+            manifest.get("grid_from_out") != _where(grid, out)["grid_from_out"]):
         raise UserError(f"--out {out} holds the export of {manifest.get('grid')}; choose "
                         "another folder for this grid")
     why = writable_dir_error(out)
     if why:
         raise UserError(f"cannot write the TensorBoard export to {out}: {why}")
     return manifest
+
+
+def _where(grid: Path, out: Path) -> dict[str, str]:
+    """The grid as the manifest names it: its absolute path, and its path from the export (so a
+    grid copied or moved together with its export, the default GRID/tensorboard, still is it)."""
+    return {"grid": str(grid.resolve()),
+            "grid_from_out": os.path.relpath(grid.resolve(), out.resolve())}
 
 
 def _exported_runs(out: Path) -> dict[str, Path]:
@@ -398,7 +407,7 @@ def _export(grid: Path, out: Path, manifest: dict) -> ExportResult:
         for folder in _exported_runs(out).values():  # old sessions lack or mistype an axis
             shutil.rmtree(folder)
         result.rewritten = True
-    write_json(out / MANIFEST, {"format": EXPORT_FORMAT, "grid": str(grid.resolve()),
+    write_json(out / MANIFEST, {"format": EXPORT_FORMAT, **_where(grid, out),
                                 "hparams": previous})
     root_files = [p for p in out.iterdir() if p.is_file() and "tfevents" in p.name]
     if previous != record or not root_files:
@@ -406,7 +415,7 @@ def _export(grid: Path, out: Path, manifest: dict) -> ExportResult:
             path.unlink()
         _write_events(out, [event_pb2.Event(wall_time=time.time(), step=0,
                                             summary=experiment_summary(axes))])
-        write_json(out / MANIFEST, {"format": EXPORT_FORMAT, "grid": str(grid.resolve()),
+        write_json(out / MANIFEST, {"format": EXPORT_FORMAT, **_where(grid, out),
                                     "hparams": record})
 
     done = _exported_runs(out)

@@ -264,6 +264,9 @@ def test_cli_exports_and_prints_the_tensorboard_command(grid, tmp_path, capsys):
     assert main(["export", "tensorboard", str(grid)]) == 0  # default: inside the grid
     assert f"tensorboard --logdir {grid / 'tensorboard'}" in capsys.readouterr().out
     assert len(run_folders(grid / "tensorboard")) == 4
+    moved = Path(shutil.move(grid, tmp_path / "moved" / "tb"))  # the export moves with it
+    assert main(["export", "tensorboard", str(moved)]) == 0
+    assert "0 runs added, 4 already there" in capsys.readouterr().out
 
 
 def test_cli_bad_input_is_one_line(grid, tmp_path, capsys, monkeypatch):
