@@ -15,7 +15,7 @@ $(PY):
 # torch==2.13.0 is the CPU wheel available offline here; plain `torch` would pull CUDA packages.
 $(STAMP): pyproject.toml | $(PY)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev,ray]"
+	$(PY) -m pip install -q -e ".[dev,ray,tensorboard]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -270,6 +270,39 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """A grid as a TensorBoard log dir (scalars per run + the HParams dashboard)."""
+    try:
+        import tensorboard  # noqa: F401 - an optional extra; say how to get it
+    except ImportError:
+        raise UserError("export tensorboard needs the tensorboard package: pip install "
+                        "sigprop[tensorboard] (in a checkout: pip install -e '.[tensorboard]')"
+                        ) from None
+    from reports.tensorboard import export_tensorboard, resolve_grid, watch_tensorboard
+
+    out = Path(args.out) if args.out else resolve_grid(args.dir) / "tensorboard"
+    if args.live is None:
+        print(export_tensorboard(args.dir, out).line())
+        print(f"open it with: tensorboard --logdir {out}")
+        return 0
+    opened = []
+
+    def say(line: str) -> None:  # the command to open it once the log dir exists
+        print(line, flush=True)
+        if not opened:
+            opened.append(line)
+            print(f"open it with: tensorboard --logdir {out}  (exporting again every "
+                  f"{args.live:g}s while runs are queued or running; Ctrl-C stops)", flush=True)
+
+    try:
+        watch_tensorboard(args.dir, out, args.live, say=say)
+    except KeyboardInterrupt:
+        print("stopped watching; what was exported stays", file=sys.stderr)
+        return 0
+    print("no run left to wait for")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="sigprop", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
@@ -314,6 +347,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_spp)
 
     add_grid_commands(sub)
+
+    p = sub.add_parser("export", help="export a grid to TensorBoard (scalars + HParams)")
+    p.add_argument("format", choices=["tensorboard"], help="the export format")
+    p.add_argument("dir", metavar="GRID", help="a grid folder (<out>/<grid>)")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="TensorBoard log dir (default: GRID/tensorboard); exporting again "
+                        "adds the runs finished since")
+    p.add_argument("--live", type=float, default=None, metavar="SECONDS",
+                   help="export again every SECONDS while runs are queued or running")
+    p.set_defaults(func=cmd_export)
     return parser
 
 
