@@ -30,7 +30,24 @@ from matplotlib.figure import Figure
 from ablations.claims import ClaimError, Verdict, evaluate_claims, parse_claims, verdict_counts
 from ablations.spec import THRESHOLD_MODES
 from ablations.store import DAMAGED, FINISHED, DamagedFile, GridStore, load_results, write_bytes
-from reports import plots as gp
+from reports.figures.accuracy import plot_accuracy_vs_batch
+from reports.figures.alpha import plot_alpha_sweep
+from reports.figures.clipping import plot_agc_clip_fraction
+from reports.figures.curves import plot_training_curves
+from reports.figures.frames import (
+    PENDING,
+    dependent_on,
+    ordered_values,
+    seed_summary,
+    setting_axes,
+    sort_frame,
+    varied_axes,
+    with_derived,
+)
+from reports.figures.gains import GAIN_PREFIX, plot_gains
+from reports.figures.gradients import plot_gradient_heatmap
+from reports.figures.stability import plot_stability_heatmap
+from reports.figures.style import figure_png, fmt_value, is_number, label
 from sigprop.errors import UserError
 from sigprop.files import writable_dir_error
 
@@ -183,7 +200,7 @@ def parse_spec(text: str) -> dict:
 
 def assemble(grid_dir: Path, runs: pd.DataFrame, metrics: pd.DataFrame, blocks: pd.DataFrame,
              statuses: dict[str, dict], spec: dict) -> list[Section]:
-    frame = gp.with_derived(runs)
+    frame = with_derived(runs)
     figures, skipped = figure_sections(grid_dir, frame, metrics, blocks)
     verdicts = claim_verdicts(spec, runs)
     sections = [summary_section(frame, spec, skipped, verdicts)]
@@ -226,8 +243,8 @@ def axis_values(frame: pd.DataFrame, axis: str) -> str:
     if axis not in frame:
         return "?"
     uses = frame[[axis in tuple(a) for a in frame["axes"]]] if "axes" in frame else frame
-    values = gp.ordered_values(uses if len(uses) else frame, axis)
-    return ", ".join(gp.fmt_value(v) for v in values)
+    values = ordered_values(uses if len(uses) else frame, axis)
+    return ", ".join(fmt_value(v) for v in values)
 
 
 def claim_verdicts(spec: dict, runs: pd.DataFrame) -> list[Verdict] | None:
@@ -263,7 +280,7 @@ def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str],
     if flagged:
         section.parts.append("Warnings raised by the runs:")
         section.parts.append(Bullets(flagged))
-    axes = gp.varied_axes(frame)
+    axes = varied_axes(frame)
     items = [f"`{axis}`: {axis_values(frame, axis)}" for axis in axes]
     section.parts.append("What varied:" if items else "No axis varied: a single configuration.")
     if items:
@@ -271,7 +288,7 @@ def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str],
     section.parts.append(f"Runs: {len(frame)} ({counts_line(frame)}).")
     finished = frame["status"].isin(FINISHED)
     missing = []
-    pending = frame[frame["status"].isin(gp.PENDING)]
+    pending = frame[frame["status"].isin(PENDING)]
     if len(pending):
         missing.append(f"{len(pending)} run(s) not finished yet ("
                        f"{counts_line(pending)}): run the grid again to complete them")
@@ -330,7 +347,7 @@ SETTING_KEYS = [
 def settings_section(frame: pd.DataFrame) -> Section:
     """Every setting the runs share (what varied is listed in the summary), with the model
     options that depart from the registry's (the authors') defaults."""
-    varied = set(gp.varied_axes(frame))
+    varied = set(varied_axes(frame))
     rows = []
     model_keys = sorted(c for c in frame if c.startswith("model.") and c != "model.name")
     for key in [*SETTING_KEYS, *model_keys]:
@@ -342,11 +359,11 @@ def settings_section(frame: pd.DataFrame) -> Section:
         value = values.iloc[0]
         default = departure_default(frame, key)
         if isinstance(default, list):
-            default = f"[{', '.join(gp.fmt_value(v) for v in default)}]"
-        shown = (f"[{', '.join(gp.fmt_value(v) for v in value)}]"
-                 if isinstance(value, tuple | list) else gp.fmt_value(value))
+            default = f"[{', '.join(fmt_value(v) for v in default)}]"
+        shown = (f"[{', '.join(fmt_value(v) for v in value)}]"
+                 if isinstance(value, tuple | list) else fmt_value(value))
         rows.append({"setting": key, "value": shown,
-                     "authors' default": "" if default is None else gp.fmt_value(default)})
+                     "authors' default": "" if default is None else fmt_value(default)})
     if "base_lr" in frame and "lr" not in varied and frame.get("lr", pd.Series()).isna().all():
         rows.append({"setting": "peak lr", "value": "base_lr × batch size / 256",
                      "authors' default": ""})
@@ -375,10 +392,10 @@ def key_results(frame: pd.DataFrame) -> Section | None:
     """Setting x batch size table of mean final accuracy and divergences: the answer in text."""
     if "final_acc" not in frame:
         return None
-    settings = gp.setting_axes(frame)
+    settings = setting_axes(frame)
     columns = ["batch_size"] if "batch_size" in settings else []
-    rows = gp.dependent_on(frame, columns, [s for s in settings if s not in columns])
-    summary = gp.seed_summary(frame, [*rows, *columns], "final_acc")
+    rows = dependent_on(frame, columns, [s for s in settings if s not in columns])
+    summary = seed_summary(frame, [*rows, *columns], "final_acc")
     if summary.empty:
         return None
     summary["best"] = False
@@ -391,16 +408,16 @@ def key_results(frame: pd.DataFrame) -> Section | None:
     summary["cell"] = [f"**{result_cell(r)}**" if r["best"] else result_cell(r)
                        for _, r in summary.iterrows()]
     summary["setting"] = (summary[rows].apply(
-        lambda r: ", ".join(gp.fmt_value(r[c]) for c in rows), axis=1) if rows else "all runs")
+        lambda r: ", ".join(fmt_value(r[c]) for c in rows), axis=1) if rows else "all runs")
     settings_order = list(dict.fromkeys(summary["setting"]))
     if columns:
         table = summary.pivot(index="setting", columns="batch_size", values="cell")
         table = table.reindex(index=settings_order,
-                              columns=gp.ordered_values(summary, "batch_size"))
-        table.columns = [f"batch {gp.fmt_value(c)}" for c in table.columns]
+                              columns=ordered_values(summary, "batch_size"))
+        table.columns = [f"batch {fmt_value(c)}" for c in table.columns]
     else:
         table = summary.set_index("setting")[["cell"]].rename(columns={"cell": "final accuracy"})
-    table.index.name = " / ".join(gp.label(c) for c in rows) or "setting"
+    table.index.name = " / ".join(label(c) for c in rows) or "setting"
     return Section("Key results", [
         "Mean final test accuracy over completed seeds (min to max in brackets); ✗ counts "
         "diverged runs; the best setting of each column (fewest divergences, then highest "
@@ -428,7 +445,7 @@ def result_cell(row: pd.Series) -> str:
 def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
                     blocks: pd.DataFrame) -> tuple[list[Section], list[str]]:
     """The figures that fit this grid, and one line per figure that does not, saying why."""
-    axes = gp.varied_axes(frame)
+    axes = varied_axes(frame)
     finished = frame[frame["status"].isin(FINISHED)]
     sections: list[Section] = []
     skipped: list[str] = []
@@ -451,16 +468,16 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
             "Mean final test accuracy over completed seeds (band: min to max). Lines with "
             "diverged runs get a row in a strip under the plot: a cross where k of n finished "
             "runs diverged.",
-            lambda: gp.plot_accuracy_vs_batch(frame))
+            lambda: plot_accuracy_vs_batch(frame))
     else:
-        others = [a for a in gp.setting_axes(finished) if a != "model.alpha"]
+        others = [a for a in setting_axes(finished) if a != "model.alpha"]
         if others and len(finished):
-            x = next((a for a in others if all(gp.is_number(v) for v in
+            x = next((a for a in others if all(is_number(v) for v in
                                                finished[a].dropna().unique())), others[0])
-            add(f"Accuracy by {gp.label(x)}", "accuracy-by-setting",
+            add(f"Accuracy by {label(x)}", "accuracy-by-setting",
                 "Mean final test accuracy over completed seeds (band: min to max); the strip "
                 "below marks where runs diverged (k of n).",
-                lambda: gp.plot_accuracy_vs_batch(frame, x=x))
+                lambda: plot_accuracy_vs_batch(frame, x=x))
         elif "model.alpha" not in axes:
             skipped.append("accuracy plot: no axis other than the seed varied")
 
@@ -468,7 +485,7 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
         add("Stability: clipping threshold × batch size", "stability-heatmap",
             "Mean final accuracy per clipping threshold λ and batch size; hatched cells: every "
             "seed diverged; ×k/n: k of n runs diverged; boxed: the best λ for each batch size.",
-            lambda: gp.plot_stability_heatmap(frame))
+            lambda: plot_stability_heatmap(frame))
     else:
         skipped.append("stability heatmap: needs at least two clipping thresholds of one "
                        "clipping mode, and two batch sizes, among finished runs")
@@ -478,7 +495,7 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
             "Left: variance of each block's output at the first recorded step (dotted: the "
             "expected 1 + k·α²). Middle: variance gained per block within a stage against α. "
             "Right: final accuracy against α.",
-            lambda: gp.plot_alpha_sweep(frame, blocks))
+            lambda: plot_alpha_sweep(frame, blocks))
     else:
         skipped.append("alpha sweep: model.alpha was not varied")
 
@@ -486,7 +503,7 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
         add("Training curves", "training-curves",
             "Training loss (rolling mean over 1/40 of the run) and test accuracy at each "
             "evaluation, one line per run; crosses mark where runs diverged.",
-            lambda: gp.plot_training_curves(metrics, frame))
+            lambda: plot_training_curves(metrics, frame))
     else:
         skipped.append("training curves: no run has stored metrics yet")
 
@@ -496,21 +513,21 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
             "Gradient norm of each block's parameters over training (log colour scale), one "
             "run per setting at the largest batch size (NF models first); a dashed line marks "
             "divergence.",
-            lambda: gp.plot_gradient_heatmap(blocks, frame))
+            lambda: plot_gradient_heatmap(blocks, frame))
     else:
         skipped.append("gradient propagation: no block gradient statistics were recorded "
                        "(probe_every = 0)")
-    if any(str(stat).startswith(gp.GAIN_PREFIX) for stat in stats):
+    if any(str(stat).startswith(GAIN_PREFIX) for stat in stats):
         add("Scalar gains", "gains",
             "Mean |gain| over each run's blocks (SkipInit gains and other 0-d block parameters), "
             "as recorded by the probe every probe_every steps. A gain that stays at its start "
             "value 0 leaves its residual branch switched off.",
-            lambda: gp.plot_gains(blocks, frame))
+            lambda: plot_gains(blocks, frame))
     if "agc_frac_above" in stats:
         add("AGC clip fraction", "agc-clip-fraction",
             "Fraction of each block's units whose gradient-to-weight norm ratio exceeds the "
             "probe's λ (the units AGC clips), over training; dashed: the mean over blocks.",
-            lambda: gp.plot_agc_clip_fraction(blocks, frame))
+            lambda: plot_agc_clip_fraction(blocks, frame))
 
     spp_file = grid_dir / "spp" / "spp.parquet"
     if spp_file.is_file():
@@ -535,9 +552,9 @@ def heatmap_fits(finished: pd.DataFrame) -> bool:
 
 def spp_section(spp_file: Path, sections: list[Section], skipped: list[str]) -> None:
     try:
-        from reports.plots import plot_spp
+        from reports.figures.spp import plot_spp
     except ImportError as err:
-        skipped.append(f"signal propagation plot: reports.plots.plot_spp unavailable ({err})")
+        skipped.append(f"signal propagation plot: reports.figures.spp.plot_spp unavailable ({err})")
         return
     try:
         drawn = plot_spp(pd.read_parquet(spp_file))
@@ -554,7 +571,7 @@ def spp_section(spp_file: Path, sections: list[Section], skipped: list[str]) -> 
 
 
 def figure_bytes(fig: Any) -> bytes:
-    png = gp.figure_png(fig)
+    png = figure_png(fig)
     if not isinstance(fig, Figure) or fig.canvas.manager is not None:
         import matplotlib.pyplot as plt
 
@@ -563,11 +580,11 @@ def figure_bytes(fig: Any) -> bytes:
 
 
 def runs_section(frame: pd.DataFrame) -> Section:
-    axes = [a for a in gp.varied_axes(frame) if a in frame]
+    axes = [a for a in varied_axes(frame) if a in frame]
     columns = ["run_id", "status", *axes, *[m for m in SUMMARY_METRICS if m in frame]]
     if "model.name" in axes and "model" in frame:  # the model as built, not its registry name
         columns[columns.index("model.name")] = "model"
-    table = gp.sort_frame(frame, axes)[columns].copy()
+    table = sort_frame(frame, axes)[columns].copy()
     for column in ("final_acc", "best_acc", "clip_fraction"):
         if column in table:
             table[column] = [f"{v:.1%}" if np.isfinite(v) else "" for v in table[column]]
@@ -579,14 +596,14 @@ def runs_section(frame: pd.DataFrame) -> Section:
                                   for v in table["max_grad_norm"]]
     if "duration_s" in table:
         table["duration_s"] = [f"{v:.0f}" if np.isfinite(v) else "" for v in table["duration_s"]]
-    run_axes = gp.sort_frame(frame, axes)["axes"] if "axes" in frame else None
+    run_axes = sort_frame(frame, axes)["axes"] if "axes" in frame else None
     for axis in axes:
         if axis not in table:
             continue
         # a value the run's config holds but its grid point does not set (the threshold of an
         # unclipped run) is not applicable to it
         table[axis] = [
-            gp.fmt_value(v) if not (isinstance(v, float) and np.isnan(v))
+            fmt_value(v) if not (isinstance(v, float) and np.isnan(v))
             and (run_axes is None or axis in tuple(a)) else ""
             for v, a in zip(table[axis], run_axes if run_axes is not None else table[axis])
         ]
@@ -596,7 +613,7 @@ def runs_section(frame: pd.DataFrame) -> Section:
 
 
 def problems_section(frame: pd.DataFrame, statuses: dict[str, dict]) -> Section | None:
-    bad = gp.sort_frame(frame[frame["status"].isin(["diverged", "failed"])], ["status"])
+    bad = sort_frame(frame[frame["status"].isin(["diverged", "failed"])], ["status"])
     if bad.empty:
         return None
     section = Section("Diverged and failed runs")
@@ -606,7 +623,7 @@ def problems_section(frame: pd.DataFrame, statuses: dict[str, dict]) -> Section 
         error = error if isinstance(error, str) and error else None
         if row["status"] == "diverged":
             step = row.get("diverged_step")
-            detail = f"diverged at step {int(step)}" if gp.is_number(step) else "diverged"
+            detail = f"diverged at step {int(step)}" if is_number(step) else "diverged"
             if error:
                 detail += f": {error}"
         else:
@@ -621,9 +638,9 @@ def problems_section(frame: pd.DataFrame, statuses: dict[str, dict]) -> Section 
 
 def describe(frame: pd.DataFrame, row: pd.Series) -> str:
     own = row.get("axes")  # only the keys this run's grid point sets (no stale thresholds)
-    axes = [a for a in gp.varied_axes(frame) if a in row
+    axes = [a for a in varied_axes(frame) if a in row
             and (not isinstance(own, tuple | list) or a in own)]
-    return ", ".join(f"{a}={gp.fmt_value(row[a])}" for a in axes
+    return ", ".join(f"{a}={fmt_value(row[a])}" for a in axes
                      if not (isinstance(row[a], float) and np.isnan(row[a]))) or "base config"
 
 

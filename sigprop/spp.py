@@ -467,7 +467,7 @@ def write_spp(
     called with one line when some block sees a tiny feature map. Input errors raise
     :class:`UserError` before any model runs.
     """
-    from reports.plots import plot_spp  # matplotlib is only needed here
+    from reports.figures.spp import plot_spp  # matplotlib is only needed here
 
     if not models:
         raise UserError("name at least one model")

@@ -9,7 +9,7 @@ import seaborn as sns
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
-from reports.plots import plot_spp
+from reports.figures.spp import plot_spp
 from run_ablations import main, parse_value
 from sigprop.spp import SPP_COLUMNS
 

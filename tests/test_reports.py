@@ -1,4 +1,4 @@
-"""Grid figures (reports.plots) and the grid report (reports.build).
+"""Grid figures (reports.figures) and the grid report (reports.build).
 
 Frames are built here in the documented ``load_results`` schema, and a tiny grid is written
 on disk in the exact store layout, so nothing here depends on the trainer.
@@ -22,8 +22,21 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
 from ablations.store import load_results
-from reports import plots as gp
 from reports.build import build_report
+from reports.figures.accuracy import plot_accuracy_vs_batch
+from reports.figures.alpha import plot_alpha_sweep, spp_slopes
+from reports.figures.clipping import plot_agc_clip_fraction
+from reports.figures.curves import plot_training_curves
+from reports.figures.frames import (
+    ordered_values,
+    seed_summary,
+    setting_axes,
+    varied_axes,
+    with_derived,
+)
+from reports.figures.gradients import plot_gradient_heatmap
+from reports.figures.stability import plot_stability_heatmap
+from reports.figures.style import figure_png, palette_for, pretty_model
 from sigprop.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -229,7 +242,7 @@ def data_axes(fig: Figure) -> list:
 
 
 def assert_png(fig: Figure) -> None:
-    png = gp.figure_png(fig)
+    png = figure_png(fig)
     assert png.startswith(PNG_MAGIC) and len(png) > 5000
 
 
@@ -238,23 +251,23 @@ def assert_png(fig: Figure) -> None:
 
 def test_defaults_come_from_the_varied_axes():
     runs = agc_batch_runs()
-    assert gp.varied_axes(runs) == ["batch_size", "clip.mode", "clip.threshold", "model.name",
+    assert varied_axes(runs) == ["batch_size", "clip.mode", "clip.threshold", "model.name",
                                     "seed"]
-    derived = gp.with_derived(runs)
-    assert gp.setting_axes(derived) == ["batch_size", "clipping", "model"]
+    derived = with_derived(runs)
+    assert setting_axes(derived) == ["batch_size", "clipping", "model"]
     # a raw threshold axis keeps the mode raw too
-    assert gp.setting_axes(derived, exclude=["clip.threshold"]) == [
+    assert setting_axes(derived, exclude=["clip.threshold"]) == [
         "batch_size", "clip.mode", "model"]
     assert set(derived["clipping"]) == {"no clipping", "global norm λ=1", "AGC λ=0.01"}
-    assert gp.pretty_model("bn_resnet50_v2") == "BN-ResNet-50 v2"
-    assert gp.pretty_model("nfnet_f3") == "NFNet-F3"
-    assert gp.ordered_values(derived, "clipping") == ["no clipping", "global norm λ=1",
+    assert pretty_model("bn_resnet50_v2") == "BN-ResNet-50 v2"
+    assert pretty_model("nfnet_f3") == "NFNet-F3"
+    assert ordered_values(derived, "clipping") == ["no clipping", "global norm λ=1",
                                                       "AGC λ=0.01"]
 
 
 def test_seed_summary_averages_completed_runs_and_counts_the_rest():
     runs = lambda_batch_runs()
-    summary = gp.seed_summary(runs, ["clip.threshold", "batch_size"])
+    summary = seed_summary(runs, ["clip.threshold", "batch_size"])
     cell = summary[(summary["clip.threshold"] == 0.04) & (summary["batch_size"] == 4096)].iloc[0]
     assert (cell["n_completed"], cell["n_diverged"], cell["n_runs"]) == (1, 1, 2)
     assert cell["mean"] == pytest.approx(0.9 - 0.2 - 0.04)  # seed 0 only
@@ -265,7 +278,7 @@ def test_seed_summary_averages_completed_runs_and_counts_the_rest():
 
 
 def test_stability_heatmap_marks_divergence_and_the_best_threshold():
-    fig = gp.plot_stability_heatmap(lambda_batch_runs())
+    fig = plot_stability_heatmap(lambda_batch_runs())
     (ax,) = data_axes(fig)
     assert [t.get_text() for t in ax.get_xticklabels()] == ["256", "1024", "4096"]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["0.01", "0.04", "0.16"]
@@ -290,7 +303,7 @@ def test_heatmap_best_box_prefers_fewer_divergences_and_shows_missing_cells():
     runs.loc[runs["run_id"] == "t0.04-b4096-s0", "final_acc"] = 0.99
     runs.loc[runs["run_id"] == "t0.01-b256-s0", "status"] = "queued"
     runs.loc[runs["run_id"] == "t0.01-b256-s1", "status"] = "failed"
-    fig = gp.plot_stability_heatmap(runs)
+    fig = plot_stability_heatmap(runs)
     best = {r.get_xy()[0]: r.get_xy()[1] for r in gids(fig, "best")}
     assert best[1.5] == -0.5  # lambda 0.01 at batch 4096, not the more accurate 0.04
     assert best[-0.5] == 0.5  # lambda 0.04 at batch 256: the 0.01 cell has no result
@@ -303,10 +316,10 @@ def test_heatmap_explicit_columns_make_panels():
                                                  run_id=lambda f, n=name: f["run_id"] + n)
                       for name in ("nf_resnet26", "nf_resnet50")], ignore_index=True)
     runs["axes"] = [tuple(sorted({*a, "model.name"})) for a in runs["axes"]]
-    fig = gp.plot_stability_heatmap(runs)  # the model varies too: one panel per model
+    fig = plot_stability_heatmap(runs)  # the model varies too: one panel per model
     titles = [ax.get_title().splitlines()[0] for ax in data_axes(fig)]
     assert titles == ["NF-ResNet-26", "NF-ResNet-50"]
-    fig = gp.plot_stability_heatmap(runs, x="clip.threshold", y="batch_size", col="model.name")
+    fig = plot_stability_heatmap(runs, x="clip.threshold", y="batch_size", col="model.name")
     ax = data_axes(fig)[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["256", "1024", "4096"]
     assert data_axes(fig)[1].get_title().startswith("model = nf_resnet50")
@@ -314,7 +327,7 @@ def test_heatmap_explicit_columns_make_panels():
 
 def test_accuracy_vs_batch_lines_bands_and_diverged_marks():
     runs = agc_batch_runs()
-    fig = gp.plot_accuracy_vs_batch(runs)
+    fig = plot_accuracy_vs_batch(runs)
     ax, strip = data_axes(fig)  # the accuracy panel and the diverged-runs strip under it
     lines = gids(fig, "mean")
     assert len(lines) == 4  # NF none / norm / AGC and BN unclipped
@@ -338,23 +351,23 @@ def test_accuracy_vs_batch_lines_bands_and_diverged_marks():
     assert [t.get_text() for t in gids(fig, "diverged-count")] == ["3/3", "1/3"]
     agc = next(ln for ln in lines if np.allclose(
         ln.get_ydata(), [0.86 - 0.05 * np.log2(b / 64) / 6 for b in (64, 256, 1024, 4096)]))
-    assert agc.get_color() == gp.palette_for(
-        gp.ordered_values(gp.with_derived(runs), "clipping"))["AGC λ=0.01"]
+    assert agc.get_color() == palette_for(
+        ordered_values(with_derived(runs), "clipping"))["AGC λ=0.01"]
     assert_png(fig)
     # one seed and no divergence: no band key, no strip, no diverged key
     calm = runs[(runs["seed"] == 0) & (runs["batch_size"] < 4096)]
-    fig = gp.plot_accuracy_vs_batch(calm)
+    fig = plot_accuracy_vs_batch(calm)
     assert len(data_axes(fig)) == 1
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "min–max over seeds" not in legend and "diverged run" not in legend
 
 
 def test_accuracy_plot_takes_explicit_hue_and_facets_the_rest():
-    fig = gp.plot_accuracy_vs_batch(agc_batch_runs(), hue="model")
+    fig = plot_accuracy_vs_batch(agc_batch_runs(), hue="model")
     titles = [ax.get_title() for ax in data_axes(fig)]
     assert titles == ["no clipping", "global norm λ=1", "AGC λ=0.01", "", "", ""]  # + strips
     assert len(gids(fig, "mean")) == 4  # BN only exists unclipped
-    fig = gp.plot_accuracy_vs_batch(agc_batch_runs(), x="clipping", hue="batch_size",
+    fig = plot_accuracy_vs_batch(agc_batch_runs(), x="clipping", hue="batch_size",
                                     col="model")
     main, _, first_strip, second_strip = data_axes(fig)
     assert main.get_xscale() == "linear"  # categorical x
@@ -375,7 +388,7 @@ def test_training_curves_panels_per_batch_and_divergence_points():
     metrics = pd.concat([fake_metrics("a", final_acc=0.8), fake_metrics("b", final_acc=0.7),
                          fake_metrics("c", final_acc=0.75),
                          fake_metrics("d", diverged_step=30)], ignore_index=True)
-    fig = gp.plot_training_curves(metrics, runs)
+    fig = plot_training_curves(metrics, runs)
     axes = data_axes(fig)
     assert len(axes) == 4  # loss and accuracy rows x two batch sizes
     assert [axes[i].get_title() for i in (0, 1)] == ["batch size (examples) = 64",
@@ -395,7 +408,7 @@ def test_training_curves_panels_per_batch_and_divergence_points():
     assert_png(fig)
     # a loss blowing up before the divergence step needs a log axis
     metrics.loc[(metrics["run_id"] == "d") & (metrics["step"] > 20), "loss"] *= 40
-    fig = gp.plot_training_curves(metrics, runs, hue="batch_size", x="epoch")
+    fig = plot_training_curves(metrics, runs, hue="batch_size", x="epoch")
     assert data_axes(fig)[0].get_yscale() == "log"
     assert len(data_axes(fig)) == 2
     assert data_axes(fig)[1].get_xlabel() == "epoch"
@@ -415,7 +428,7 @@ def test_gradient_heatmap_blocks_by_steps_on_a_log_scale():
     blocks.loc[(blocks["run_id"] == "agc") & (blocks["step"] == 0), "value"] = 0.0
     missing = (blocks["run_id"] == "none") & (blocks["step"] == 10) & (blocks["block"] == "stem")
     blocks = blocks[~missing]
-    fig = gp.plot_gradient_heatmap(blocks, runs)
+    fig = plot_gradient_heatmap(blocks, runs)
     axes = data_axes(fig)
     # one run per clipping setting, at the largest batch size, NF model
     assert len(axes) == 2
@@ -437,16 +450,16 @@ def test_gradient_heatmap_blocks_by_steps_on_a_log_scale():
     assert len(diverged) == 1 and diverged[0].get_xdata()[0] == 25
     assert mesh.get_array()[1, 2] == pytest.approx(0.1 * 2 * 21)  # stages.0.0 at step 20
     assert_png(fig)
-    fig = gp.plot_gradient_heatmap(blocks, runs, run_ids=["agc-small"])
+    fig = plot_gradient_heatmap(blocks, runs, run_ids=["agc-small"])
     assert len(data_axes(fig)) == 1
     with pytest.raises(UserError, match="no block statistics for run"):
-        gp.plot_gradient_heatmap(blocks, runs, run_ids=["nope"])
+        plot_gradient_heatmap(blocks, runs, run_ids=["nope"])
 
 
 def test_agc_clip_fraction_one_line_per_block_or_parameter():
     runs = pd.DataFrame([run_row("r", {"batch_size": 256})])
     blocks = fake_blocks("r", params=True)
-    fig = gp.plot_agc_clip_fraction(blocks, runs)
+    fig = plot_agc_clip_fraction(blocks, runs)
     (ax,) = data_axes(fig)
     assert len(gids(fig, "unit-line")) == len(BLOCKS)
     mean = gids(fig, "mean")[0]
@@ -454,10 +467,10 @@ def test_agc_clip_fraction_one_line_per_block_or_parameter():
     assert isinstance(ax.yaxis.get_major_formatter(), PercentFormatter)
     assert "‖G‖/‖W‖" in ax.get_ylabel()
     assert_png(fig)
-    fig = gp.plot_agc_clip_fraction(blocks, runs, level="param")
+    fig = plot_agc_clip_fraction(blocks, runs, level="param")
     assert len(gids(fig, "unit-line")) == 2 * (len(BLOCKS) - 1)
     with pytest.raises(UserError, match="no per-parameter rows"):
-        gp.plot_agc_clip_fraction(fake_blocks("r"), runs, level="param")
+        plot_agc_clip_fraction(fake_blocks("r"), runs, level="param")
 
 
 def alpha_sweep_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -476,7 +489,7 @@ def alpha_sweep_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
 
 def test_spp_slopes_recover_alpha_squared():
     runs, blocks = alpha_sweep_frames()
-    slopes = gp.spp_slopes(blocks, runs)
+    slopes = spp_slopes(blocks, runs)
     assert len(slopes) == 8 * 2  # runs x stages
     per_alpha = slopes.groupby("model.alpha")["slope"].mean()
     assert np.allclose(per_alpha.to_numpy(), [a**2 for a in per_alpha.index], rtol=0.1, atol=1e-3)
@@ -485,7 +498,7 @@ def test_spp_slopes_recover_alpha_squared():
 
 def test_alpha_sweep_three_panels():
     runs, blocks = alpha_sweep_frames()
-    fig = gp.plot_alpha_sweep(runs, blocks)
+    fig = plot_alpha_sweep(runs, blocks)
     profile, slope, acc = data_axes(fig)
     assert len(gids(fig, "profile")) == 4 and len(gids(fig, "expected")) == 5
     assert slope.get_xscale() == "log" and slope.get_yscale() == "log"
@@ -494,16 +507,16 @@ def test_alpha_sweep_three_panels():
     assert np.allclose(mean.get_ydata(), [0.9 - a / 4 for a in (0.1, 0.2, 0.4, 0.8)])
     assert len(gids(fig, "diverged")) == 1
     assert_png(fig)
-    only_accuracy = gp.plot_alpha_sweep(runs)
+    only_accuracy = plot_alpha_sweep(runs)
     assert len(data_axes(only_accuracy)) == 1
 
 
 def test_plots_reject_frames_without_their_columns():
     runs = agc_batch_runs().drop(columns=["clip.threshold"])
     with pytest.raises(UserError, match="clip.threshold"):
-        gp.plot_stability_heatmap(runs)
+        plot_stability_heatmap(runs)
     with pytest.raises(UserError, match="no 'agc_frac_above' rows"):
-        gp.plot_agc_clip_fraction(fake_blocks("r").query("stat != 'agc_frac_above'"),
+        plot_agc_clip_fraction(fake_blocks("r").query("stat != 'agc_frac_above'"),
                                   agc_batch_runs())
 
 
@@ -612,13 +625,14 @@ def test_report_includes_the_spp_section_when_plot_spp_exists(tmp_path, monkeypa
         fig.subplots().plot(frame["index"], frame["value"])
         return fig
 
-    monkeypatch.setitem(sys.modules, "reports.plots", types.SimpleNamespace(plot_spp=plot_spp))
+    fake = types.SimpleNamespace(plot_spp=plot_spp)
+    monkeypatch.setitem(sys.modules, "reports.figures.spp", fake)
     page = build_report(grid_dir)["html"].read_text()
     assert len(seen) == 1 and list(seen[0]["value"]) == [1.0, 1.04]
     assert 'alt="spp"' in page and "Signal propagation at initialization" in page
     assert (grid_dir / "report_files" / "spp.png").is_file()
 
-    monkeypatch.setitem(sys.modules, "reports.plots", None)  # import fails: section skipped
+    monkeypatch.setitem(sys.modules, "reports.figures.spp", None)  # import fails: section skipped
     page = build_report(grid_dir)["html"].read_text()
     assert 'alt="spp"' not in page and "plot_spp unavailable" in page
     assert not (grid_dir / "report_files" / "spp.png").exists()
