@@ -465,9 +465,10 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
     batch_sizes = finished["batch_size"].nunique() if "batch_size" in finished else 0
     if "batch_size" in axes and batch_sizes >= 2:
         add("Accuracy vs batch size", "accuracy-vs-batch",
-            "Mean final test accuracy over completed seeds (band: min to max). Lines with "
-            "diverged runs get a row in a strip under the plot: a cross where k of n finished "
-            "runs diverged.",
+            "Mean final test accuracy over completed seeds (band: min to max; the title gives "
+            "the seed count), on an axis from 0 with chance level dotted. Lines with diverged "
+            "runs get a row in a strip under the plot: a cross where k of n finished runs "
+            "diverged.",
             lambda: plot_accuracy_vs_batch(frame))
     else:
         others = [a for a in setting_axes(finished) if a != "model.alpha"]
@@ -475,8 +476,9 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
             x = next((a for a in others if all(is_number(v) for v in
                                                finished[a].dropna().unique())), others[0])
             add(f"Accuracy by {label(x)}", "accuracy-by-setting",
-                "Mean final test accuracy over completed seeds (band: min to max); the strip "
-                "below marks where runs diverged (k of n).",
+                "Mean final test accuracy over completed seeds (band: min to max), on an axis "
+                "from 0 with chance level dotted; the strip below marks where runs diverged "
+                "(k of n).",
                 lambda: plot_accuracy_vs_batch(frame, x=x))
         elif "model.alpha" not in axes:
             skipped.append("accuracy plot: no axis other than the seed varied")
@@ -493,16 +495,19 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
     if "model.alpha" in axes:
         add("Alpha sweep", "alpha-sweep",
             "Left: variance of each block's output at the first recorded step (dotted: the "
-            "expected 1 + k·α²). Middle: variance gained per block within a stage against α. "
-            "Right: final accuracy against α.",
+            "expected 1 + k·α², drawn only for runs whose SkipInit gains start non-zero). "
+            "Middle, when some stage has two or more blocks: variance gained per block within "
+            "a stage against α. Right: final accuracy against α (chance dotted).",
             lambda: plot_alpha_sweep(frame, blocks))
     else:
         skipped.append("alpha sweep: model.alpha was not varied")
 
     if not metrics.empty and "loss" in metrics:
         add("Training curves", "training-curves",
-            "Training loss (rolling mean over 1/40 of the run) and test accuracy at each "
-            "evaluation, one line per run; crosses mark where runs diverged.",
+            "Training loss (centred rolling mean; the note under the figure gives the window) "
+            "and test accuracy at each evaluation (chance dotted): one line per setting, the "
+            "mean over its completed seeds with a min–max band; each diverged run is drawn "
+            "alone and ends in a cross. Curves identical to another are dashed and named.",
             lambda: plot_training_curves(metrics, frame))
     else:
         skipped.append("training curves: no run has stored metrics yet")
@@ -510,9 +515,10 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
     stats = set(blocks["stat"].unique()) if not blocks.empty and "stat" in blocks else set()
     if "grad_norm" in stats:
         add("Gradient propagation", "gradient-heatmap",
-            "Gradient norm of each block's parameters over training (log colour scale), one "
-            "run per setting at the largest batch size (NF models first); a dashed line marks "
-            "divergence.",
+            "Gradient norm of each block's parameters over training (log colour scale): a row "
+            "per model (normalizer-free first, then BN where the grid has it), a column per "
+            "clipping setting, each the lowest seed at the largest batch size. `head`: the "
+            "classifier and any layer after the last block. A dashed line marks divergence.",
             lambda: plot_gradient_heatmap(blocks, frame))
     else:
         skipped.append("gradient propagation: no block gradient statistics were recorded "
@@ -526,7 +532,10 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
     if "agc_frac_above" in stats:
         add("AGC clip fraction", "agc-clip-fraction",
             "Fraction of each block's units whose gradient-to-weight norm ratio exceeds the "
-            "probe's λ (the units AGC clips), over training; dashed: the mean over blocks.",
+            "probe's λ (the units AGC at that λ clips), over training, one colour per block; "
+            "dashed: the mean over blocks. The probe's λ is the run's AGC threshold, or 0.01 "
+            "for runs without AGC; the panel titles give the run's own clipping. Panels as in "
+            "Gradient propagation.",
             lambda: plot_agc_clip_fraction(blocks, frame))
 
     spp_file = grid_dir / "spp" / "spp.parquet"
@@ -566,7 +575,8 @@ def spp_section(spp_file: Path, sections: list[Section], skipped: list[str]) -> 
         skipped.append(f"signal propagation plot: drawing failed ({line})")
         return
     sections.append(Section("Signal propagation at initialization", [Plot(
-        "spp", "Average channel squared mean, variance and residual variance per block "
+        "spp", "Average channel squared mean, variance and residual variance per block; the "
+        "title gives the input, its shape and the seeds (band: min to max over seeds) "
         f"(from {spp_file.parent.name}/{spp_file.name}).", png)]))
 
 
@@ -676,20 +686,96 @@ body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
 h1 { font-size: 26px; margin-bottom: 4px; } h2 { font-size: 20px; margin-top: 34px;
      border-bottom: 1px solid #ddd; padding-bottom: 4px; }
 code { background: #f3f3f3; padding: 1px 4px; border-radius: 3px; font-size: 13px; }
-table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
+table { border-collapse: collapse; font-size: 13px; margin: 0; }
 th, td { border: 1px solid #d9d9d9; padding: 4px 8px; text-align: left; vertical-align: top;
          white-space: nowrap; }
 th { background: #f0f0f0; } tr:nth-child(even) td { background: #fafafa; }
+th button { font: inherit; font-weight: 600; background: none; border: 0; padding: 0;
+            cursor: pointer; color: inherit; text-align: left; }
+th button::after { content: " \\2195"; color: #999; }
+th[aria-sort=ascending] button::after { content: " \\25B2"; color: #222; }
+th[aria-sort=descending] button::after { content: " \\25BC"; color: #222; }
 td.diverged { color: #8a3b00; font-weight: 600; } td.failed { color: #a00; font-weight: 600; }
-figure { margin: 12px 0 20px; } figure img { max-width: 100%; height: auto; }
+figure { margin: 12px 0 20px; }
+.figure-scroll { overflow-x: auto; max-width: 100%; }
+/* a figure shrinks with the page down to FIGURE_MIN_SCALE of its size (its text stays
+   readable), then scrolls sideways; it never grows past its own size */
+figure img { width: 100%; max-width: var(--natural, 100%); min-width: var(--least, 0);
+             height: auto; display: block; }
 figcaption { color: #555; font-size: 13px; margin-top: 4px; }
 pre { background: #f6f6f6; padding: 8px; overflow-x: auto; font-size: 12px; }
-nav a { margin-right: 12px; } .scroll { overflow-x: auto; }
+nav a { margin-right: 12px; display: inline-block; }
+.scroll { overflow-x: auto; max-width: 100%; margin: 8px 0; }
+.table-tools { margin: 8px 0 4px; font-size: 13px; color: #555; }
+.table-tools input { font: inherit; padding: 3px 6px; width: 16em; max-width: 60%; }
 table.wrap td { white-space: normal; min-width: 6em; }
 table.wrap td:nth-child(2) { min-width: 16em; }
 td.holds { color: #006d2c; font-weight: 600; } td.does-not-hold { color: #a00; font-weight: 600; }
 td.inconclusive { color: #8a5a00; font-weight: 600; }
+@media (max-width: 900px) {
+  body { margin: 12px auto; padding: 0 10px; }
+  h1 { font-size: 22px; } h2 { font-size: 18px; }
+}
 """
+# Figures shrink with the page to this fraction of their pixel size, then scroll sideways:
+# their 10-11 pt text at 110 dpi stays at 10 px or more.
+FIGURE_MIN_SCALE = 0.65
+# Sorting (click a header; numbers by value, blanks last) and filtering (rows containing the
+# typed text) of every table with a header, in plain DOM code: the report needs no network.
+SCRIPT = """
+document.querySelectorAll("table.sortable").forEach((table) => {
+  const body = table.tBodies[0];
+  const rows = () => Array.from(body.rows);
+  const value = (row, i) => row.cells[i] ? row.cells[i].textContent.trim() : "";
+  const number = (text) => {
+    const match = text.replace(/,/g, "").match(/^[-+]?(\\d+\\.?\\d*|\\.\\d+)(e[-+]?\\d+)?/i);
+    return match ? parseFloat(match[0]) : NaN;
+  };
+  table.querySelectorAll("thead th").forEach((th, i) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = th.textContent;
+    button.title = "sort by " + th.textContent;
+    th.textContent = "";
+    th.appendChild(button);
+    button.addEventListener("click", () => {
+      const up = th.getAttribute("aria-sort") !== "ascending";
+      table.querySelectorAll("thead th").forEach((o) => o.removeAttribute("aria-sort"));
+      th.setAttribute("aria-sort", up ? "ascending" : "descending");
+      const sorted = rows().sort((a, b) => {
+        const x = value(a, i), y = value(b, i);
+        if (!x || !y) return (!x) - (!y);  // blanks last either way
+        const nx = number(x), ny = number(y);
+        const order = !isNaN(nx) && !isNaN(ny) && nx !== ny ? nx - ny
+          : x.localeCompare(y, undefined, {numeric: true});
+        return up ? order : -order;
+      });
+      sorted.forEach((row) => body.appendChild(row));
+    });
+  });
+  const tools = table.closest(".scroll").previousElementSibling;
+  const input = tools && tools.classList.contains("table-tools") && tools.querySelector("input");
+  if (!input) return;
+  const count = tools.querySelector("span");
+  input.addEventListener("input", () => {
+    const words = input.value.toLowerCase().split(/\\s+/).filter(Boolean);
+    let shown = 0;
+    rows().forEach((row) => {
+      const text = row.textContent.toLowerCase();
+      const keep = words.every((w) => text.includes(w));
+      row.hidden = !keep;
+      shown += keep;
+    });
+    count.textContent = words.length ? `${shown} of ${rows().length} rows` : "";
+  });
+});
+"""
+FILTER_ROWS = 6  # tables with more rows than this get a filter box
+
+
+def png_width(png: bytes) -> int:
+    """Pixel width from the PNG header (IHDR comes first; width at bytes 16-19)."""
+    return int.from_bytes(png[16:20], "big") if png[12:16] == b"IHDR" else 0
 
 
 def anchor(title: str) -> str:
@@ -711,13 +797,19 @@ def table_html(frame: pd.DataFrame, wrap: bool = False) -> str:
             shown = html.escape(text[2:-2] if bold else text)
             cells.append(f"<td{css}>{f'<b>{shown}</b>' if bold else shown}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
-    css = ' class="wrap"' if wrap else ""
-    return (f'<div class="scroll"><table{css}><thead><tr>{head}</tr></thead>'
+    css = ' class="sortable wrap"' if wrap else ' class="sortable"'
+    tools = ""
+    if len(frame) > FILTER_ROWS:
+        tools = ('<div class="table-tools"><label>Filter rows: <input type="search" '
+                 'placeholder="e.g. diverged 512" aria-label="filter rows"></label> '
+                 '<span aria-live="polite"></span></div>')
+    return (f'{tools}<div class="scroll"><table{css}><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
 def render_html(title: str, sections: list[Section]) -> str:
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>{html.escape(title)}</title>", f"<style>{CSS}</style></head><body>",
            f"<h1>{html.escape(title)}</h1>",
            "<nav>" + "".join(f'<a href="#{anchor(s.title)}">{html.escape(s.title)}</a>'
@@ -734,12 +826,16 @@ def render_html(title: str, sections: list[Section]) -> str:
                 out.append(table_html(part.frame, part.wrap))
             elif isinstance(part, Plot):
                 data = base64.b64encode(part.png).decode()
-                out.append(f'<figure><img alt="{html.escape(part.name)}" '
-                           f'src="data:image/png;base64,{data}">'
+                width = png_width(part.png)
+                size = (f' style="--natural: {width}px; --least: '
+                        f'{round(width * FIGURE_MIN_SCALE)}px"' if width else "")
+                out.append(f'<figure><div class="figure-scroll"><img alt="{html.escape(part.name)}"'
+                           f'{size} src="data:image/png;base64,{data}"></div>'
                            f"<figcaption>{inline_html(part.caption)}</figcaption></figure>")
             elif isinstance(part, Details):
                 out.append(f"<details><summary>{html.escape(part.summary)}</summary>"
                            f"<pre>{html.escape(part.text)}</pre></details>")
+    out.append(f"<script>{SCRIPT}</script>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 

@@ -13,18 +13,24 @@ from matplotlib.patches import Patch
 
 from reports.figures.frames import (
     add_panel_column,
+    chance_level,
     dependent_on,
     ordered_values,
     require,
     seed_summary,
+    seeds_text,
     setting_axes,
     with_derived,
 )
 from reports.figures.style import (
     DIVERGED_MARK,
+    FRACTION_COLUMNS,
     LINESTYLES,
     MARKERS,
+    accuracy_limits,
+    chance_handle,
     diverged_handle,
+    draw_chance,
     fmt_value,
     label,
     new_figure,
@@ -65,6 +71,7 @@ def plot_accuracy_vs_batch(
     if col is None:
         col = dependent_on(frame, chosen, setting_axes(frame, exclude=chosen))
     panels = add_panel_column(frame, col)
+    chance = chance_level(frame)
     xs = ordered_values(frame, x)
     to_pos, scale = positions(xs)
     hues = ordered_values(frame, hue) if hue else [None]
@@ -80,7 +87,9 @@ def plot_accuracy_vs_batch(
         return part[part[style] == sv] if style else part
 
     strip_rows = [(h, s) for h, s in lines if select(summary, h, s)["n_diverged"].sum()]
-    width = panel_width(len(panels), 5.2, 3.0)
+    # the strip's row names sit left of the first panel: room for them, not a squeezed panel
+    names = [", ".join(fmt_value(v) for v in row if v is not None) for row in strip_rows]
+    width = panel_width(len(panels), 5.2, 3.0) + 0.075 * max(map(len, names), default=0)
     if strip_rows:
         fig = Figure(figsize=(width, 4.4 + 0.26 * len(strip_rows) + 0.3), layout="constrained")
         grid = fig.subplots(2, len(panels), squeeze=False, sharex="col", sharey="row",
@@ -107,7 +116,11 @@ def plot_accuracy_vs_batch(
                 ax.fill_between(px, line["low"], line["high"], color=colour, alpha=0.18,
                                 linewidth=0, gid="band")
         set_value_axis(ax, y)
-        ax.margins(y=0.1)
+        if y in FRACTION_COLUMNS:
+            draw_chance(ax, chance)
+            accuracy_limits(ax, summary["high"].max())
+        else:
+            ax.margins(y=0.1)
         if panel:
             ax.set_title(panel)
         if ax is not axes[0][0]:
@@ -131,9 +144,13 @@ def plot_accuracy_vs_batch(
         handles.append(Patch(facecolor="grey", alpha=0.3, label="min–max over seeds"))
     if strip_rows:
         handles.append(diverged_handle())
+    if chance is not None and y in FRACTION_COLUMNS:
+        handles.append(chance_handle(chance))
     title = " / ".join(label(c) for c in (hue, style) if c) or None
     fig.legend(handles=handles, loc="outside right upper", title=title, frameon=False)
-    fig.suptitle(f"{label(y).capitalize()} vs {label(x)}", fontsize=12)
+    seeds = seeds_text(frame)
+    fig.suptitle(f"{label(y).capitalize()} vs {label(x).split(' (')[0]}"
+                 + (f"\n(mean over {seeds})" if seeds else ""), fontsize=12)
     return fig
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -205,38 +206,76 @@ def block_rows(blocks: pd.DataFrame, stat: str, level: str = "block") -> pd.Data
     return rows
 
 
-def pick_runs(runs: pd.DataFrame, candidates: Sequence[str], col: str | None,
-              max_panels: int) -> list[str]:
-    """One run per value of ``col`` (default: the first non-batch setting), so that panels
-    differ in ``col`` only: the other settings are those of the preferred run, which has the
-    largest batch size (where clipping matters most), a normalizer-free model (what AGC is
-    for) and the lowest seed."""
+@dataclass
+class PanelGrid:
+    """Which run each panel of a per-run figure shows: ``cells[r][c]`` is a run id, or None
+    where the grid has no run of that row and column setting."""
+
+    row: str | None
+    col: str | None
+    row_values: list
+    col_values: list
+    cells: list[list[str | None]]
+
+    @property
+    def run_ids(self) -> list[str]:
+        return [run for line in self.cells for run in line if run is not None]
+
+
+def pick_panels(runs: pd.DataFrame, candidates: Sequence[str], col: str | None = None,
+                row: str | None = None, max_panels: int = 4) -> PanelGrid:
+    """One run per (``row``, ``col``) setting, so that panels differ in those only.
+
+    Defaults: ``col`` the first setting that is neither the batch size nor the model
+    (clipping), ``row`` the model when the candidates have several (normalizer-free models
+    first). The other settings are those of the preferred run, which has the largest batch
+    size (where clipping matters most), a normalizer-free model (what AGC is for) and the
+    lowest seed; a cell without such a run takes any run of its setting.
+    """
     frame = with_derived(runs)
     frame = frame[frame["run_id"].isin(candidates)].copy()
     if frame.empty:
-        return []
+        return PanelGrid(row, col, [], [], [])
+    settings = setting_axes(frame, exclude=["batch_size"])
     if col is None:
-        col = next(iter(setting_axes(frame, exclude=["batch_size"])), None)
+        col = next((s for s in settings if s != "model"), None)
+    if row is None and col != "model" and "model" in settings:
+        row = "model"
     frame["_batch"] = -frame["batch_size"] if "batch_size" in frame else 0
     frame["_bn"] = (frame["model.name"].astype(str).str.startswith("bn_")
                     if "model.name" in frame else False)
     frame = frame.sort_values([c for c in ("_batch", "_bn", "seed") if c in frame],
                               kind="stable")
-    if not col or col not in frame:
-        return list(frame["run_id"][:max_panels])
-    others = [c for c in setting_axes(frame, exclude=[col]) if c in frame]
+    for key in (col, row):
+        if key is not None and key not in frame:
+            raise UserError(f"no column {key!r} to choose panels by; have {sorted(frame)}")
+    col_values = ordered_values(frame, col)[:max_panels] if col else [None]
+    row_values = list(dict.fromkeys(frame[row])) if row else [None]  # NF models first
+    others = [c for c in setting_axes(frame, exclude=[c for c in (col, row) if c])
+              if c in frame]
     preferred = frame.iloc[0]
-    chosen = []
-    for value in ordered_values(frame, col):
-        matching = frame[frame[col] == value]
-        alike = matching
-        for other in others:
-            alike = alike[alike[other] == preferred[other]]
-        chosen.append((alike if len(alike) else matching)["run_id"].iloc[0])
-    return chosen[:max_panels]
+    cells = []
+    for row_value in row_values:
+        line = []
+        for col_value in col_values:
+            matching = frame
+            if row:
+                matching = matching[matching[row] == row_value]
+            if col:
+                matching = matching[matching[col] == col_value]
+            alike = matching
+            for other in others:
+                alike = alike[alike[other] == preferred[other]]
+            pool = alike if len(alike) else matching
+            line.append(pool["run_id"].iloc[0] if len(pool) else None)
+        cells.append(line)
+    return PanelGrid(row, col, row_values, col_values, cells)
 
 
-def run_title(runs: pd.DataFrame, run_id: str) -> str:
+def run_title(runs: pd.DataFrame, run_id: str, grid: PanelGrid | None = None) -> str:
+    """A panel's title: the run's settings, then where it sits in the grid (batch size,
+    seed), then its divergence. In a ``grid`` the row setting is left to the row label, and
+    settings every panel shares are left out, so that titles stay short enough to read."""
     frame = with_derived(runs)
     row = frame.loc[frame["run_id"] == run_id].iloc[0]
     def part(column: str) -> str:
@@ -244,24 +283,50 @@ def run_title(runs: pd.DataFrame, run_id: str) -> str:
             return fmt_value(row[column])
         return f"{label(column).split(' (')[0]} {fmt_value(row[column])}"
 
-    # settings on the first line, where the run sits in the grid on the second
     where = [c for c in ("batch_size", "seed") if c in row]
-    lines = [", ".join(part(c) for c in setting_axes(frame, exclude=where) if c in row),
-             ", ".join(part(c) for c in where)]
+    settings = [c for c in setting_axes(frame, exclude=where) if c in row]
+    if grid is not None:
+        shown = frame[frame["run_id"].isin(grid.run_ids)]
+        settings = [c for c in settings if c != grid.row and (
+            c == grid.col or shown[c].nunique(dropna=False) > 1)]
+    lines = [", ".join(part(c) for c in settings), ", ".join(part(c) for c in where)]
     if row["status"] == "diverged" and is_number(row.get("diverged_step")):
         lines.append(f"diverged at step {int(row['diverged_step'])}")
     return "\n".join(line for line in lines if line) or run_id
 
 
-def selected_runs(blocks: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence[str] | None,
-                  col: str | None, max_panels: int) -> list[str]:
+def selected_panels(blocks: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence[str] | None,
+                    col: str | None, row: str | None, max_panels: int) -> PanelGrid:
+    """``run_ids`` in one row, or :func:`pick_panels` among the runs with block statistics."""
     have = list(dict.fromkeys(blocks["run_id"]))
     if run_ids is not None:
         missing = [r for r in run_ids if r not in have]
         if missing:
             raise UserError(f"no block statistics for run(s) {', '.join(missing)}")
-        return list(run_ids)
-    chosen = pick_runs(runs, have, col, max_panels)
-    if not chosen:
+        return PanelGrid(None, None, [None], list(run_ids), [list(run_ids)])
+    grid = pick_panels(runs, have, col, row, max_panels)
+    if not grid.run_ids:
         raise UserError("no run in the runs frame has block statistics")
-    return chosen
+    return grid
+
+
+def chance_level(runs: pd.DataFrame) -> float | None:
+    """Accuracy of guessing, 1 / num_classes, when every run has the same class count."""
+    if "model.num_classes" not in runs:
+        return None
+    counts = pd.to_numeric(runs["model.num_classes"], errors="coerce").dropna().unique()
+    return 1.0 / float(counts[0]) if len(counts) == 1 and counts[0] >= 2 else None
+
+
+def seeds_text(runs: pd.DataFrame) -> str:
+    """How many seeds each setting has among finished runs: "3 seeds", "1-3 seeds"."""
+    frame = runs[runs["status"].isin(("completed", "diverged"))] if "status" in runs else runs
+    if frame.empty or "seed" not in frame:
+        return ""
+    settings = [c for c in setting_axes(frame) if c in frame]
+    groups = frame.groupby(settings, dropna=False) if settings else [((), frame)]
+    counts = sorted({int(group["seed"].nunique()) for _, group in groups})
+    if not counts:
+        return ""
+    span = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"{span} seed{'' if counts == [1] else 's'}"

@@ -88,7 +88,8 @@ def plot_spp(
     ``mean`` column): columns ``hue, index, stage, stat`` and ``value``, optionally
     ``expected_var``, ``input``, ``tiny_map``, ``map_size`` and ``pool_factor``. Blocks on tiny
     feature maps are shaded grey; a caption under the panels says which input was used, where
-    maps are tiny and where the expectation is left out and why, then ``caption``.
+    maps are tiny and where the expectation is left out and why, then ``caption``. ``title``
+    defaults to :func:`spp_title` (input, input shape and seeds, from the frame); "" for none.
     """
     value = _value_column(frame)
     names = list(models) if models is not None else list(dict.fromkeys(frame[hue]))
@@ -140,6 +141,7 @@ def plot_spp(
         ax.set_ylabel(heading.lower())
         ax.grid(alpha=0.3, lw=0.5)
     axes[1].legend(fontsize="small", frameon=False)
+    title = spp_title(frame) if title is None else title
     if title:
         fig.suptitle(title)
     text = spp_caption(frame, hue, names) + ([caption] if caption else [])
@@ -149,6 +151,28 @@ def plot_spp(
         wrapped = [textwrap.fill(line, SPP_CAPTION_CHARS) for line in text]
         fig.supxlabel("\n".join(wrapped), fontsize="small", ha="left", x=0.01, ma="left")
     return fig
+
+
+def spp_title(frame: pd.DataFrame) -> str | None:
+    """"Signal propagation at init on i.i.d. N(0,1) noise, input 8x3x128x128, 3 seeds (band:
+    min-max)" from what the frame holds; None when it holds none of it (older frames)."""
+    parts = []
+    if "input" in frame and frame["input"].notna().any():
+        from sigprop.spp import INPUT_TITLES
+
+        kinds = [INPUT_TITLES.get(k, str(k)) for k in dict.fromkeys(frame["input"].dropna())]
+        parts.append(f"Signal propagation at init on {', '.join(kinds)}")
+    if "input_shape" in frame and frame["input_shape"].notna().any():
+        parts.append(f"input {', '.join(map(str, dict.fromkeys(frame['input_shape'].dropna())))}")
+    if "seed" in frame and frame["seed"].nunique() > 1:
+        parts.append(f"{frame['seed'].nunique()} seeds (band: min-max)")
+    elif "seed" in frame and frame["seed"].nunique() == 1:
+        parts.append("1 seed")
+    if not parts:
+        return None
+    if not parts[0].startswith("Signal"):
+        parts.insert(0, "Signal propagation at init")
+    return ", ".join(parts)
 
 
 def _tiny_threshold() -> int:

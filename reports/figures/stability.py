@@ -15,10 +15,12 @@ from matplotlib.patches import Rectangle
 from ablations.spec import THRESHOLD_MODES
 from reports.figures.frames import (
     add_panel_column,
+    chance_level,
     dependent_on,
     ordered_values,
     require,
     seed_summary,
+    seeds_text,
     setting_axes,
     with_derived,
 )
@@ -115,11 +117,17 @@ def plot_stability_heatmap(
         n_done = int((part["n_completed"] + part["n_diverged"]).sum())
         ax.set_title((f"{panel}\n" if panel else "") + f"diverged: {n_div} of {n_done} runs")
     colourbar = fig.colorbar(image, ax=list(axes[0]), shrink=0.9)
-    colourbar.set_label(f"{label(value)}, mean over seeds"
+    seeds = seeds_text(frame)
+    colourbar.set_label(f"{label(value)}, mean over {seeds or 'seeds'}"
                         + (" (%)" if value in FRACTION_COLUMNS else ""))
     if value in FRACTION_COLUMNS:
         colourbar.formatter = CompactPercent()
         colourbar.update_ticks()
+        chance = chance_level(frame)
+        if chance is not None and norm.vmin <= chance <= norm.vmax:
+            colourbar.ax.axhline(chance, color="black", linestyle=":", linewidth=1.5,
+                                 gid="chance")
+            colourbar.set_label(f"{colourbar.ax.get_ylabel()}; dotted: chance")
     fig.suptitle(f"Stability: {label(value)} by {label(y).split(' (')[0]} and "
                  f"{label(x).split(' (')[0]}\n□ best per column   ×k/n: k of n runs diverged "
                  "(hatched: all)", fontsize=11.5)

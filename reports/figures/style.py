@@ -41,6 +41,9 @@ DIVERGED_GREY = "#bdbdbd"
 DIVERGED_LINE = "#56B4E9"  # sky blue: stands out on every colour of magma
 ZERO_COLOUR = "#009E73"  # bluish green, likewise
 MISSING_COLOUR = "#e0e0e0"
+CHANCE_COLOUR = "#636363"
+CHANCE_STYLE = (0, (1.5, 2.5))  # dotted, distinct from the dashed second grouping
+HEAD_LABEL = "head"  # the probe's "other" group: classifier and final layers after the blocks
 LINESTYLES = ("-", "--", ":", "-.")
 MARKERS = ("o", "s", "^", "D", "v", "P")
 FRACTION_COLUMNS = ("final_acc", "best_acc", "test_acc")
@@ -53,6 +56,7 @@ LABELS = {
     "model.name": "model",
     "model": "model",
     "model.alpha": "α (variance added per block)",
+    "model.skipinit_gain": "SkipInit gain at init",
     "seed": "seed",
     "lr": "learning rate",
     "base_lr": "base learning rate (per 256 examples)",
@@ -184,7 +188,58 @@ def set_x_axis(ax: Any, values: Sequence, scale: str, key: str) -> None:
         ax.xaxis.set_major_locator(FixedLocator([float(v) for v in values]))
     ax.xaxis.set_minor_locator(NullLocator())
     ax.set_xticklabels([fmt_value(v) for v in values])
-    ax.set_xlabel(label(key) + (" (log₂ scale)" if scale == "log2" else ""))
+    ax.set_xlabel(label_with(key, "log₂ scale") if scale == "log2" else label(key))
+
+
+def label_with(key: str, note: str) -> str:
+    """The label with a note in its parentheses: "batch size (examples, log₂ scale)", not
+    "batch size (examples) (log₂ scale)"."""
+    text = label(key)
+    if text.endswith(")") and "(" in text:
+        return f"{text[:-1]}, {note})"
+    return f"{text} ({note})"
+
+
+def draw_chance(ax: Any, chance: float | None) -> None:
+    """A dotted grey line at chance accuracy, on an accuracy axis that starts at 0."""
+    if chance is None:
+        return
+    ax.axhline(chance, color=CHANCE_COLOUR, linestyle=CHANCE_STYLE, linewidth=1.3, zorder=1,
+               gid="chance")
+
+
+def chance_handle(chance: float) -> Line2D:
+    return Line2D([], [], color=CHANCE_COLOUR, linestyle=CHANCE_STYLE, linewidth=1.3,
+                  label=f"chance ({chance:.0%})" if chance * 100 == round(chance * 100)
+                  else f"chance ({chance:.1%})")
+
+
+def accuracy_limits(ax: Any, highest: float | None = None) -> None:
+    """An accuracy axis from 0 (so gaps read as proportions) to just above the best value."""
+    top = 1.0 if highest is None or not np.isfinite(highest) else min(1.0, highest * 1.08)
+    ax.set_ylim(0.0, max(top, 0.1) + 0.02)
+
+
+def log_ticks(vmin: float, vmax: float) -> list[float]:
+    """At least three readable ticks on a log scale: decades when it spans three or more,
+    else 1-2-5 steps, else evenly spaced values rounded to two significant digits."""
+    low, high = math.floor(math.log10(vmin)), math.ceil(math.log10(vmax))
+    for mantissas in ((1.0,), (1.0, 2.0, 5.0), (1.0, 1.5, 2.0, 3.0, 5.0, 7.0)):
+        ticks = [m * 10.0**e for e in range(low, high + 1) for m in mantissas]
+        ticks = [v for v in ticks if vmin <= v <= vmax]
+        if len(ticks) >= 3:
+            return ticks if len(ticks) <= 8 else ticks[:: math.ceil(len(ticks) / 8)]
+    return sorted({float(f"{v:.2g}") for v in np.geomspace(vmin, vmax, 4)})
+
+
+def fmt_tick(value: float) -> str:
+    """0.001, 0.02, 1.5, 20, 3e+04: plain numbers where they stay short."""
+    return f"{value:g}"
+
+
+def block_name(block: Any) -> str:
+    """The probe's "other" group holds the parameters after the last block: the head."""
+    return HEAD_LABEL if block == "other" else str(block)
 
 
 def set_value_axis(ax: Any, value: str, axis: str = "y") -> None:
