@@ -17,16 +17,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.colors import LogNorm
+from matplotlib.colors import LogNorm, to_rgb
 from matplotlib.figure import Figure
 from matplotlib.ticker import PercentFormatter
 
 from ablations.store import load_results
-from reports.build import build_report
+from reports.build import FIGURE_MIN_SCALE, FILTER_ROWS, build_report
 from reports.figures.accuracy import plot_accuracy_vs_batch
 from reports.figures.alpha import plot_alpha_sweep, spp_slopes
 from reports.figures.clipping import plot_agc_clip_fraction
-from reports.figures.curves import plot_training_curves
+from reports.figures.curves import plot_training_curves, smoothed, smoothing_window
 from reports.figures.frames import (
     ordered_values,
     seed_summary,
@@ -36,7 +36,14 @@ from reports.figures.frames import (
 )
 from reports.figures.gradients import HEAD_NOTE, plot_gradient_heatmap
 from reports.figures.stability import plot_stability_heatmap
-from reports.figures.style import figure_png, palette_for, pretty_model
+from reports.figures.style import (
+    figure_png,
+    fmt_tick,
+    label_with,
+    log_ticks,
+    palette_for,
+    pretty_model,
+)
 from sigprop.errors import UserError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -534,6 +541,117 @@ def test_plots_reject_frames_without_their_columns():
                                   agc_batch_runs())
 
 
+def test_accuracy_axis_from_zero_with_chance_and_one_label():
+    runs = agc_batch_runs().assign(**{"model.num_classes": 10})
+    fig = plot_accuracy_vs_batch(runs)
+    ax, strip = data_axes(fig)
+    assert ax.get_ylim()[0] == 0  # gaps read as proportions
+    (chance,) = [ln for ln in ax.get_lines() if ln.get_gid() == "chance"]
+    assert list(chance.get_ydata()) == [0.1, 0.1]  # 1 / num_classes
+    assert strip.get_xlabel() == "batch size (examples, log₂ scale)"  # no ") ("
+    assert "chance (10%)" in [t.get_text() for t in fig.legends[0].get_texts()]
+    assert "mean over 3 seeds" in fig.get_suptitle()
+    # without a class count there is no known chance level, so no line
+    assert not gids(plot_accuracy_vs_batch(agc_batch_runs()), "chance")
+    assert label_with("seed", "x") == "seed (x)"
+
+
+def test_training_curves_average_seeds_and_name_what_would_hide():
+    runs, metrics = [], []
+    for batch, steps in ((64, 40), (1024, 20)):
+        for mode in ("none", "norm"):
+            for seed in (0, 1):
+                run_id = f"{mode}-b{batch}-s{seed}"
+                runs.append(run_row(run_id, {"batch_size": batch, "clip.mode": mode,
+                                             "seed": seed}, **{"clip.mode": mode}))
+                frame = fake_metrics(run_id, steps=steps)
+                frame["loss"] += 0.01 * seed  # seeds differ; the two clipping modes do not
+                metrics.append(frame)
+    runs = pd.DataFrame(runs).assign(**{"model.num_classes": 10})
+    runs["batch_size"] = [int(r.split("-b")[1].split("-")[0]) for r in runs["run_id"]]
+    runs["steps_done"] = np.where(runs["batch_size"] == 64, 40, 20)
+    metrics = pd.concat(metrics, ignore_index=True)
+    fig = plot_training_curves(metrics, runs)
+    loss_64, loss_1024, acc_64, _ = data_axes(fig)
+    curves = [ln for ln in loss_64.get_lines() if ln.get_gid() == "curve"]
+    assert len(curves) == 2  # one per setting, not one per run
+    assert len([c for c in loss_64.collections if c.get_gid() == "band"]) == 2
+    # the line is the mean over seeds of each seed's centred rolling mean
+    window = smoothing_window(39)
+    assert (window, smoothing_window(100), smoothing_window(300), smoothing_window(8)) == (
+        5, 7, 20, 1)
+    seeds = [smoothed(m["loss"].reset_index(drop=True), window) for _, m in metrics[
+        metrics["run_id"].isin(["none-b64-s0", "none-b64-s1"])].groupby("run_id")]
+    assert np.allclose(curves[0].get_ydata(), (seeds[0] + seeds[1]) / 2)
+    # the global-norm curve equals the unclipped one: dashed over it, and named
+    assert [c.get_linestyle() for c in curves] == ["-", "--"]
+    notes = fig._supxlabel.get_text()
+    assert "Identical curves (dashed over each other): global norm λ=0.04 = no clipping " \
+        "(batch size 64)" in notes
+    assert "different step ranges: 40 steps (batch size 64), 20 steps (batch size 1024)" \
+        in notes
+    assert f"rolling mean over {window} steps" in notes
+    assert acc_64.get_ylim()[0] == 0 and gids(fig, "chance")
+    assert "2 seeds" in fig.get_suptitle()
+
+
+@pytest.mark.parametrize("low, high", [(1e-4, 2.0), (0.2, 0.9), (0.41, 0.45), (3.0, 12.0)])
+def test_log_ticks_are_three_or_more_readable_values(low, high):
+    ticks = log_ticks(low, high)
+    assert len(ticks) >= 3 and ticks == sorted(set(ticks))
+    assert all(low * 0.99 <= t <= high * 1.01 for t in ticks)
+    assert all(len(fmt_tick(t)) <= 6 for t in ticks)
+
+
+def test_agc_clip_fraction_legend_per_block_and_the_probes_lambda():
+    runs = pd.DataFrame([
+        run_row("agc", {"clip.mode": "agc", "batch_size": 256}),
+        run_row("norm", {"clip.mode": "norm", "batch_size": 256},
+                **{"clip.mode": "norm", "clip.threshold": 1.0}),
+    ])
+    blocks = pd.concat([fake_blocks("agc"), fake_blocks("norm")], ignore_index=True)
+    fig = plot_agc_clip_fraction(blocks, runs)
+    norm_ax, agc_ax = data_axes(fig)
+    # the run's clipping first, the probe's lambda on a line of its own
+    assert norm_ax.get_title() == "global norm λ=1\nbatch size 256, seed 0\nprobe λ = 0.01"
+    assert agc_ax.get_title() == "AGC λ=0.04\nbatch size 256, seed 0\nprobe λ = 0.04"
+    assert "probe λ" in norm_ax.get_ylabel()
+    names = ["head" if b == "other" else b for b, _, _ in BLOCKS]
+    legend = fig.legends[0]
+    assert [t.get_text() for t in legend.get_texts()][:len(BLOCKS) + 1] == [
+        *names, "mean over blocks"]
+    # one categorical colour per block, the same in the legend and in every panel
+    key_colours = [to_rgb(h.get_color()) for h in legend.legend_handles[:len(BLOCKS)]]
+    assert len(set(key_colours)) == len(BLOCKS)
+    for ax in (norm_ax, agc_ax):
+        lines = [ln for ln in ax.get_lines() if ln.get_gid() == "unit-line"]
+        assert [to_rgb(ln.get_color()) for ln in lines] == key_colours
+    assert not [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+
+
+def test_alpha_sweep_with_one_block_per_stage_and_gain_zero_runs():
+    rows, blocks = [], []
+    for alpha in (0.1, 0.4):
+        for gain in (0.0, 1.0):
+            run_id = f"a{alpha}-g{gain}"
+            rows.append(run_row(run_id, {"model.alpha": alpha, "model.skipinit_gain": gain},
+                                **{"model.skipinit_gain": gain}))
+            frame = fake_blocks(run_id, alpha=alpha, steps=(0, 10))
+            blocks.append(frame[frame["block"].isin(["stem", "stages.0.0", "stages.1.0",
+                                                     "other"])])
+    fig = plot_alpha_sweep(pd.DataFrame(rows), pd.concat(blocks, ignore_index=True))
+    axes = data_axes(fig)
+    assert len(axes) == 2 and all(ax.has_data() for ax in axes)  # no empty slope panel
+    profile = axes[0]
+    assert len(gids(fig, "profile")) == 4
+    expected = gids(fig, "expected")  # for the two gain-1 runs only
+    assert len(expected) == 2
+    assert sorted(round(max(ln.get_ydata()), 4) for ln in expected) == [1.01, 1.16]
+    assert all(float(t).is_integer() for t in profile.get_xticks())
+    keys = [t.get_text() for t in profile.get_legend().get_texts()]
+    assert any(k.startswith("no expectation for SkipInit gain 0") for k in keys)
+
+
 # ----------------------------------------------------------------------------- report
 
 
@@ -650,6 +768,104 @@ def test_report_includes_the_spp_section_when_plot_spp_exists(tmp_path, monkeypa
     page = build_report(grid_dir)["html"].read_text()
     assert 'alt="spp"' not in page and "plot_spp unavailable" in page
     assert not (grid_dir / "report_files" / "spp.png").exists()
+
+
+def test_report_spp_figure_keeps_its_title(tmp_path, monkeypatch):
+    from reports.figures import spp
+
+    grid_dir = small_disk_grid(tmp_path)
+    (grid_dir / "spp").mkdir()
+    pd.DataFrame({"model": ["nf_resnet26"] * 4, "input": "noise", "input_shape": "2x3x16x16",
+                  "seed": [0, 0, 1, 1], "block": ["stem", "b0"] * 2, "stage": [-1, 0] * 2,
+                  "index": [-1, 0] * 2, "stat": "var", "value": [1.0, 1.04, 1.0, 1.05],
+                  "expected_var": [1.0, 1.04] * 2}).to_parquet(grid_dir / "spp" / "spp.parquet")
+    drawn = []
+
+    def plot_spp(frame: pd.DataFrame, **options) -> Figure:
+        drawn.append(spp.plot_spp(frame, **options))
+        return drawn[-1]
+
+    monkeypatch.setitem(sys.modules, "reports.figures.spp",
+                        types.SimpleNamespace(plot_spp=plot_spp))
+    build_report(grid_dir)
+    assert drawn[0].get_suptitle() == ("Signal propagation at init on i.i.d. N(0,1) noise, "
+                                       "input 2x3x16x16, 2 seeds (band: min-max)")
+
+
+def test_report_html_tables_sort_filter_and_scroll_offline(tmp_path):
+    page = build_report(small_disk_grid(tmp_path))["html"].read_text()
+    assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
+    # every table sits in a horizontally scrolling wrapper and is marked sortable
+    assert page.count("<table") == len(re.findall(
+        r'<div class="scroll"><table class="sortable[ "]', page)) == 4
+    assert ".scroll { overflow-x: auto;" in page and "figure img { width: 100%;" in page
+    # tables longer than FILTER_ROWS rows get a filter box right before their wrapper
+    parts = page.split('<div class="scroll">')
+    for before, table in zip(parts[:-1], parts[1:]):
+        rows = table.split("</table>")[0].count("<tr>") - 1
+        has_box = before.endswith("</span></div>") and 'type="search"' in before[-300:]
+        assert has_box == (rows > FILTER_ROWS), (rows, before[-120:])
+    # the script is inline: nothing is fetched, so the page works offline
+    assert 'document.querySelectorAll("table.sortable")' in page
+    assert not re.search(r"<script[^>]+src=", page)
+    assert not re.search(r'(src|href|url)\(?="?(https?:)?//', page)
+    # a figure shrinks with the page to FIGURE_MIN_SCALE of its size, then scrolls
+    for width, least, data in re.findall(r'style="--natural: (\d+)px; --least: (\d+)px" '
+                                         r'src="data:image/png;base64,([^"]+)"', page):
+        png = base64.b64decode(data)
+        assert int(width) == int.from_bytes(png[16:20], "big") > 500
+        assert int(least) == round(int(width) * FIGURE_MIN_SCALE)
+    assert page.count("--natural:") == page.count("<img ") == 5
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed "
+                    "(apt-get install chromium) so the headless sort cannot be checked")
+def test_report_tables_sort_and_filter_in_headless_chromium(tmp_path):
+    grid_dir = small_disk_grid(tmp_path)
+    page = build_report(grid_dir)["html"].read_text()
+    # click the runs table's "final acc" header twice and type into the settings filter,
+    # recording what the page shows after each step
+    probe = page.replace("</body>", """<script>
+addEventListener("load", () => {
+  const runs = [...document.querySelectorAll("table")].find(
+    (t) => t.tHead.textContent.includes("final acc"));
+  const col = [...runs.tHead.rows[0].cells].findIndex((c) => c.textContent.includes("final"));
+  const read = () => [...runs.tBodies[0].rows].map((r) => r.cells[col].textContent).join("|");
+  const button = runs.tHead.rows[0].cells[col].querySelector("button");
+  button.click();
+  document.body.dataset.up = read();
+  button.click();
+  document.body.dataset.down = read();
+  document.body.dataset.sort = runs.tHead.rows[0].cells[col].getAttribute("aria-sort");
+  const box = document.querySelector(".table-tools input");
+  box.value = "lr";
+  box.dispatchEvent(new Event("input"));
+  const table = box.closest(".table-tools").nextElementSibling.querySelector("table");
+  document.body.dataset.shown = [...table.tBodies[0].rows].filter((r) => !r.hidden)
+    .map((r) => r.cells[0].textContent).join("|");
+  document.body.dataset.count = box.closest(".table-tools").querySelector("span").textContent;
+});
+</script></body>""")
+    probe_file = tmp_path / "probe.html"
+    probe_file.write_text(probe)
+    profile = tmp_path / "chromium-profile"
+    profile.mkdir()
+    command = [str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu",
+               "--no-first-run", "--disable-background-networking",
+               "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+               "--virtual-time-budget=5000", "--dump-dom", probe_file.as_uri()]
+    dom = subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
+    found = dict(re.findall(r'data-(up|down|sort|shown|count)="([^"]*)"', dom))
+    assert set(found) == {"up", "down", "sort", "shown", "count"}, dom[-500:]
+    # numbers by value, blanks (failed, queued, diverged runs) last either way
+    up = [v for v in found["up"].split("|") if v]
+    down = [v for v in found["down"].split("|") if v]
+    assert up == sorted(up, key=lambda v: float(v.rstrip("%"))) and down == up[::-1]
+    assert found["up"].endswith("||") and found["down"].endswith("||")
+    assert found["sort"] == "descending"
+    shown = found["shown"].split("|")
+    assert shown and all("lr" in name for name in shown) and "data" not in shown
+    assert found["count"] == f"{len(shown)} of 7 rows"
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed "

@@ -187,7 +187,7 @@ def plot_training_curves(
             if twin is not None:
                 linestyle = IDENTICAL
                 if metric == rows[0]:
-                    identical.append(f"{name} = {twin}" + (f" ({panel})" if panel else ""))
+                    identical.append(f"{name} = {twin}" + (f" ({short(panel)})" if panel else ""))
             ax.plot(band.index, band["mean"], color=colour, linestyle=linestyle, linewidth=1.8,
                     alpha=0.95, gid="curve", **marker)
             if len(curves["completed"]) > 1:
