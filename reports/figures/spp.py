@@ -11,6 +11,7 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.ticker import (
     FuncFormatter,
+    MaxNLocator,
 )
 
 from reports.figures.style import PALETTE
@@ -137,6 +138,7 @@ def plot_spp(
             ax.set_yscale("log")
             _plain_log_labels(ax, values)
         ax.set_title(heading)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # blocks are whole numbers
         ax.set_xlabel("block (0 = stem)")
         ax.set_ylabel(heading.lower())
         ax.grid(alpha=0.3, lw=0.5)
