@@ -9,7 +9,13 @@ import seaborn as sns
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from reports.figures.frames import block_rows, run_title, selected_panels, with_derived
+from reports.figures.frames import (
+    block_rows,
+    run_title,
+    selected_panels,
+    shared_settings,
+    with_derived,
+)
 from reports.figures.gradients import HEAD_NOTE, empty_panel, row_label
 from reports.figures.style import (
     DIVERGED_LINE,
@@ -134,8 +140,10 @@ def plot_agc_clip_fraction(
         handles.append(Line2D([], [], linestyle="none", label=HEAD_NOTE.replace(": ", ":\n")))
     fig.legend(handles=handles, loc="outside right center", frameon=False,
                title="block" if level == "block" else "parameters by block")
+    shared = shared_settings(frame, grid) if run_ids is None else ""
     fig.suptitle(f"AGC clip fraction per {'parameter' if level == 'param' else 'block'}: "
                  "units whose ‖G‖/‖W‖ exceeds the probe's λ\n(probe λ: the run's AGC "
                  f"threshold; {fmt_value(PROBE_DEFAULT_LAMBDA)} for runs without AGC, whatever "
-                 "their own clipping)", fontsize=12)
+                 "their own clipping)" + (f"\nevery panel: {shared}" if shared else ""),
+                 fontsize=12)
     return fig

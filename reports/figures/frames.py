@@ -295,6 +295,21 @@ def run_title(runs: pd.DataFrame, run_id: str, grid: PanelGrid | None = None) ->
     return "\n".join(line for line in lines if line) or run_id
 
 
+def shared_settings(runs: pd.DataFrame, grid: PanelGrid) -> str:
+    """The settings every panel of ``grid`` shares, which :func:`run_title` leaves out of the
+    panel titles: "SkipInit gain at init 0, steps 100" (for the figure's title)."""
+    frame = with_derived(runs)
+    shown = frame[frame["run_id"].isin(grid.run_ids)]
+    if shown.empty:
+        return ""
+    keys = [c for c in setting_axes(shown, exclude=["batch_size", "seed"])
+            if c in shown and c not in (grid.row, grid.col)
+            and shown[c].nunique(dropna=False) == 1]
+    row = shown.iloc[0]
+    return ", ".join(fmt_value(row[c]) if c in ("clipping", "model")
+                     else f"{label(c).split(' (')[0]} {fmt_value(row[c])}" for c in keys)
+
+
 def selected_panels(blocks: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence[str] | None,
                     col: str | None, row: str | None, max_panels: int) -> PanelGrid:
     """``run_ids`` in one row, or :func:`pick_panels` among the runs with block statistics."""

@@ -14,7 +14,14 @@ from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from matplotlib.ticker import NullLocator
 
-from reports.figures.frames import PanelGrid, block_rows, run_title, selected_panels, with_derived
+from reports.figures.frames import (
+    PanelGrid,
+    block_rows,
+    run_title,
+    selected_panels,
+    shared_settings,
+    with_derived,
+)
 from reports.figures.style import (
     DIVERGED_LINE,
     GRADIENT_CMAP,
@@ -149,6 +156,7 @@ def plot_gradient_heatmap(
     if keys:
         fig.legend(handles=keys, loc="outside lower center", ncols=min(len(keys), 4),
                    frameon=False)
-    fig.suptitle(f"Gradient propagation during training: {stat.replace('_', ' ')} per block",
-                 fontsize=12)
+    shared = shared_settings(frame, grid) if run_ids is None else ""
+    fig.suptitle(f"Gradient propagation during training: {stat.replace('_', ' ')} per block"
+                 + (f"\n(every panel: {shared})" if shared else ""), fontsize=12)
     return fig
