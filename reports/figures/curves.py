@@ -85,7 +85,8 @@ def plot_training_curves(
 
     One line per setting (``hue``, default clipping, and ``style``, default model family):
     the mean over its completed seeds with a min-max band. Each diverged run is a thin line of
-    its own, ending in a cross at its divergence step (one cross per step, with a count).
+    its own, ending in a cross at its divergence step (one cross per setting, at its first
+    divergence, counting its diverged runs).
     Curves that coincide with an earlier one are dashed so both colours show, and a note under
     the figure names them; it also gives the seeds, the smoothing window and, when columns
     cover different step ranges, those ranges. ``smooth``: loss points per rolling mean
@@ -128,7 +129,7 @@ def plot_training_curves(
 
     # every run's curves: completed runs are averaged per setting, diverged ones drawn singly
     lines: dict[tuple, dict[str, list[pd.Series]]] = {}
-    crosses: dict[tuple, int] = {}
+    crosses: dict[tuple, tuple[float, int]] = {}
     for run_id, run in data.groupby("run_id", sort=False):
         info = run_frame.loc[run_id]
         setting = (info["_panel"], info[hue] if hue else None, info[style] if style else None)
@@ -161,8 +162,11 @@ def plot_training_curves(
             if diverged:
                 at = run.loc[run["step"] >= diverged_at, x]
                 where = float(at.iloc[0]) if len(at) else float(diverged_at)
-                key = (info["_panel"], metric, where, setting[1])
-                crosses[key] = crosses.get(key, 0) + 1
+                # one cross per setting, at its first divergence, counting its diverged runs:
+                # crosses a step apart would hide each other
+                key = (info["_panel"], metric, setting[1], setting[2])
+                first, count = crosses.get(key, (where, 0))
+                crosses[key] = (min(first, where), count + 1)
 
     fig, axes = new_figure(len(rows), len(panels), panel_width(len(panels), 4.4, 3.0),
                            2.9 * len(rows) + 0.9, sharey="row", sharex="col")
@@ -202,7 +206,7 @@ def plot_training_curves(
                     linewidth=1.0, alpha=0.7, gid="curve", **marker)
             if metric == "loss":
                 plotted_loss.append(curve.to_numpy(dtype=float))
-    for (panel, metric, where, hv), count in crosses.items():
+    for (panel, metric, hv, _), (where, count) in crosses.items():
         ax = axes[rows.index(metric)][panels.index(panel)]
         colour = colours.get(hv, "black") if hue else "black"
         mark_diverged(ax, where, count, colour, "top" if metric == "loss" else "bottom")
