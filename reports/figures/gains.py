@@ -6,7 +6,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from reports.figures.frames import ordered_values, sort_frame, with_derived
+from reports.figures.frames import ordered_values, seeds_text, sort_frame, with_derived
 from reports.figures.style import (
     DIVERGED_MARK,
     fmt_value,
@@ -63,5 +63,7 @@ def plot_gains(blocks: pd.DataFrame, runs: pd.DataFrame, col: str | None = None)
         handles = [Line2D([], [], color=colours[h], linewidth=2, label=fmt_value(h))
                    for h in hues]
         fig.legend(handles=handles, title=label(hue), loc="outside right center", frameon=False)
-    fig.suptitle("Scalar (SkipInit) gains over training, one line per run", fontsize=12)
+    seeds = seeds_text(frame)
+    fig.suptitle("Scalar (SkipInit) gains over training, one line per run"
+                 + (f" ({seeds} per setting)" if seeds else ""), fontsize=12)
     return fig
