@@ -30,7 +30,24 @@ from matplotlib.figure import Figure
 from ablations.claims import ClaimError, Verdict, evaluate_claims, parse_claims, verdict_counts
 from ablations.spec import THRESHOLD_MODES
 from ablations.store import DAMAGED, FINISHED, DamagedFile, GridStore, load_results, write_bytes
-from reports import plots as gp
+from reports.figures.accuracy import plot_accuracy_vs_batch
+from reports.figures.alpha import plot_alpha_sweep
+from reports.figures.clipping import plot_agc_clip_fraction
+from reports.figures.curves import plot_training_curves
+from reports.figures.frames import (
+    PENDING,
+    dependent_on,
+    ordered_values,
+    seed_summary,
+    setting_axes,
+    sort_frame,
+    varied_axes,
+    with_derived,
+)
+from reports.figures.gains import GAIN_PREFIX, plot_gains
+from reports.figures.gradients import plot_gradient_heatmap
+from reports.figures.stability import plot_stability_heatmap
+from reports.figures.style import figure_png, fmt_value, is_number, label
 from sigprop.errors import UserError
 from sigprop.files import writable_dir_error
 
@@ -183,7 +200,7 @@ def parse_spec(text: str) -> dict:
 
 def assemble(grid_dir: Path, runs: pd.DataFrame, metrics: pd.DataFrame, blocks: pd.DataFrame,
              statuses: dict[str, dict], spec: dict) -> list[Section]:
-    frame = gp.with_derived(runs)
+    frame = with_derived(runs)
     figures, skipped = figure_sections(grid_dir, frame, metrics, blocks)
     verdicts = claim_verdicts(spec, runs)
     sections = [summary_section(frame, spec, skipped, verdicts)]
@@ -226,8 +243,8 @@ def axis_values(frame: pd.DataFrame, axis: str) -> str:
     if axis not in frame:
         return "?"
     uses = frame[[axis in tuple(a) for a in frame["axes"]]] if "axes" in frame else frame
-    values = gp.ordered_values(uses if len(uses) else frame, axis)
-    return ", ".join(gp.fmt_value(v) for v in values)
+    values = ordered_values(uses if len(uses) else frame, axis)
+    return ", ".join(fmt_value(v) for v in values)
 
 
 def claim_verdicts(spec: dict, runs: pd.DataFrame) -> list[Verdict] | None:
@@ -263,7 +280,7 @@ def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str],
     if flagged:
         section.parts.append("Warnings raised by the runs:")
         section.parts.append(Bullets(flagged))
-    axes = gp.varied_axes(frame)
+    axes = varied_axes(frame)
     items = [f"`{axis}`: {axis_values(frame, axis)}" for axis in axes]
     section.parts.append("What varied:" if items else "No axis varied: a single configuration.")
     if items:
@@ -271,7 +288,7 @@ def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str],
     section.parts.append(f"Runs: {len(frame)} ({counts_line(frame)}).")
     finished = frame["status"].isin(FINISHED)
     missing = []
-    pending = frame[frame["status"].isin(gp.PENDING)]
+    pending = frame[frame["status"].isin(PENDING)]
     if len(pending):
         missing.append(f"{len(pending)} run(s) not finished yet ("
                        f"{counts_line(pending)}): run the grid again to complete them")
@@ -330,7 +347,7 @@ SETTING_KEYS = [
 def settings_section(frame: pd.DataFrame) -> Section:
     """Every setting the runs share (what varied is listed in the summary), with the model
     options that depart from the registry's (the authors') defaults."""
-    varied = set(gp.varied_axes(frame))
+    varied = set(varied_axes(frame))
     rows = []
     model_keys = sorted(c for c in frame if c.startswith("model.") and c != "model.name")
     for key in [*SETTING_KEYS, *model_keys]:
@@ -342,11 +359,11 @@ def settings_section(frame: pd.DataFrame) -> Section:
         value = values.iloc[0]
         default = departure_default(frame, key)
         if isinstance(default, list):
-            default = f"[{', '.join(gp.fmt_value(v) for v in default)}]"
-        shown = (f"[{', '.join(gp.fmt_value(v) for v in value)}]"
-                 if isinstance(value, tuple | list) else gp.fmt_value(value))
+            default = f"[{', '.join(fmt_value(v) for v in default)}]"
+        shown = (f"[{', '.join(fmt_value(v) for v in value)}]"
+                 if isinstance(value, tuple | list) else fmt_value(value))
         rows.append({"setting": key, "value": shown,
-                     "authors' default": "" if default is None else gp.fmt_value(default)})
+                     "authors' default": "" if default is None else fmt_value(default)})
     if "base_lr" in frame and "lr" not in varied and frame.get("lr", pd.Series()).isna().all():
         rows.append({"setting": "peak lr", "value": "base_lr × batch size / 256",
                      "authors' default": ""})
@@ -375,10 +392,10 @@ def key_results(frame: pd.DataFrame) -> Section | None:
     """Setting x batch size table of mean final accuracy and divergences: the answer in text."""
     if "final_acc" not in frame:
         return None
-    settings = gp.setting_axes(frame)
+    settings = setting_axes(frame)
     columns = ["batch_size"] if "batch_size" in settings else []
-    rows = gp.dependent_on(frame, columns, [s for s in settings if s not in columns])
-    summary = gp.seed_summary(frame, [*rows, *columns], "final_acc")
+    rows = dependent_on(frame, columns, [s for s in settings if s not in columns])
+    summary = seed_summary(frame, [*rows, *columns], "final_acc")
     if summary.empty:
         return None
     summary["best"] = False
@@ -391,16 +408,16 @@ def key_results(frame: pd.DataFrame) -> Section | None:
     summary["cell"] = [f"**{result_cell(r)}**" if r["best"] else result_cell(r)
                        for _, r in summary.iterrows()]
     summary["setting"] = (summary[rows].apply(
-        lambda r: ", ".join(gp.fmt_value(r[c]) for c in rows), axis=1) if rows else "all runs")
+        lambda r: ", ".join(fmt_value(r[c]) for c in rows), axis=1) if rows else "all runs")
     settings_order = list(dict.fromkeys(summary["setting"]))
     if columns:
         table = summary.pivot(index="setting", columns="batch_size", values="cell")
         table = table.reindex(index=settings_order,
-                              columns=gp.ordered_values(summary, "batch_size"))
-        table.columns = [f"batch {gp.fmt_value(c)}" for c in table.columns]
+                              columns=ordered_values(summary, "batch_size"))
+        table.columns = [f"batch {fmt_value(c)}" for c in table.columns]
     else:
         table = summary.set_index("setting")[["cell"]].rename(columns={"cell": "final accuracy"})
-    table.index.name = " / ".join(gp.label(c) for c in rows) or "setting"
+    table.index.name = " / ".join(label(c) for c in rows) or "setting"
     return Section("Key results", [
         "Mean final test accuracy over completed seeds (min to max in brackets); ✗ counts "
         "diverged runs; the best setting of each column (fewest divergences, then highest "
@@ -428,7 +445,7 @@ def result_cell(row: pd.Series) -> str:
 def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
                     blocks: pd.DataFrame) -> tuple[list[Section], list[str]]:
     """The figures that fit this grid, and one line per figure that does not, saying why."""
-    axes = gp.varied_axes(frame)
+    axes = varied_axes(frame)
     finished = frame[frame["status"].isin(FINISHED)]
     sections: list[Section] = []
     skipped: list[str] = []
@@ -448,19 +465,21 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
     batch_sizes = finished["batch_size"].nunique() if "batch_size" in finished else 0
     if "batch_size" in axes and batch_sizes >= 2:
         add("Accuracy vs batch size", "accuracy-vs-batch",
-            "Mean final test accuracy over completed seeds (band: min to max). Lines with "
-            "diverged runs get a row in a strip under the plot: a cross where k of n finished "
-            "runs diverged.",
-            lambda: gp.plot_accuracy_vs_batch(frame))
+            "Mean final test accuracy over completed seeds (band: min to max; the title gives "
+            "the seed count), on an axis from 0 with chance level dotted. Lines with diverged "
+            "runs get a row in a strip under the plot: a cross where k of n finished runs "
+            "diverged.",
+            lambda: plot_accuracy_vs_batch(frame))
     else:
-        others = [a for a in gp.setting_axes(finished) if a != "model.alpha"]
+        others = [a for a in setting_axes(finished) if a != "model.alpha"]
         if others and len(finished):
-            x = next((a for a in others if all(gp.is_number(v) for v in
+            x = next((a for a in others if all(is_number(v) for v in
                                                finished[a].dropna().unique())), others[0])
-            add(f"Accuracy by {gp.label(x)}", "accuracy-by-setting",
-                "Mean final test accuracy over completed seeds (band: min to max); the strip "
-                "below marks where runs diverged (k of n).",
-                lambda: gp.plot_accuracy_vs_batch(frame, x=x))
+            add(f"Accuracy by {label(x)}", "accuracy-by-setting",
+                "Mean final test accuracy over completed seeds (band: min to max), on an axis "
+                "from 0 with chance level dotted; the strip below marks where runs diverged "
+                "(k of n).",
+                lambda: plot_accuracy_vs_batch(frame, x=x))
         elif "model.alpha" not in axes:
             skipped.append("accuracy plot: no axis other than the seed varied")
 
@@ -468,7 +487,7 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
         add("Stability: clipping threshold × batch size", "stability-heatmap",
             "Mean final accuracy per clipping threshold λ and batch size; hatched cells: every "
             "seed diverged; ×k/n: k of n runs diverged; boxed: the best λ for each batch size.",
-            lambda: gp.plot_stability_heatmap(frame))
+            lambda: plot_stability_heatmap(frame))
     else:
         skipped.append("stability heatmap: needs at least two clipping thresholds of one "
                        "clipping mode, and two batch sizes, among finished runs")
@@ -476,41 +495,48 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
     if "model.alpha" in axes:
         add("Alpha sweep", "alpha-sweep",
             "Left: variance of each block's output at the first recorded step (dotted: the "
-            "expected 1 + k·α²). Middle: variance gained per block within a stage against α. "
-            "Right: final accuracy against α.",
-            lambda: gp.plot_alpha_sweep(frame, blocks))
+            "expected 1 + k·α², drawn only for runs whose SkipInit gains start non-zero). "
+            "Middle, when some stage has two or more blocks: variance gained per block within "
+            "a stage against α. Right: final accuracy against α (chance dotted).",
+            lambda: plot_alpha_sweep(frame, blocks))
     else:
         skipped.append("alpha sweep: model.alpha was not varied")
 
     if not metrics.empty and "loss" in metrics:
         add("Training curves", "training-curves",
-            "Training loss (rolling mean over 1/40 of the run) and test accuracy at each "
-            "evaluation, one line per run; crosses mark where runs diverged.",
-            lambda: gp.plot_training_curves(metrics, frame))
+            "Training loss (centred rolling mean; the note under the figure gives the window) "
+            "and test accuracy at each evaluation (chance dotted): one line per setting, the "
+            "mean over its completed seeds with a min–max band; each diverged run is drawn "
+            "alone and ends in a cross. Curves identical to another are dashed and named.",
+            lambda: plot_training_curves(metrics, frame))
     else:
         skipped.append("training curves: no run has stored metrics yet")
 
     stats = set(blocks["stat"].unique()) if not blocks.empty and "stat" in blocks else set()
     if "grad_norm" in stats:
         add("Gradient propagation", "gradient-heatmap",
-            "Gradient norm of each block's parameters over training (log colour scale), one "
-            "run per setting at the largest batch size (NF models first); a dashed line marks "
-            "divergence.",
-            lambda: gp.plot_gradient_heatmap(blocks, frame))
+            "Gradient norm of each block's parameters over training (log colour scale): a row "
+            "per model (normalizer-free first, then BN where the grid has it), a column per "
+            "clipping setting, each the lowest seed at the largest batch size. `head`: the "
+            "classifier and any layer after the last block. A dashed line marks divergence.",
+            lambda: plot_gradient_heatmap(blocks, frame))
     else:
         skipped.append("gradient propagation: no block gradient statistics were recorded "
                        "(probe_every = 0)")
-    if any(str(stat).startswith(gp.GAIN_PREFIX) for stat in stats):
+    if any(str(stat).startswith(GAIN_PREFIX) for stat in stats):
         add("Scalar gains", "gains",
             "Mean |gain| over each run's blocks (SkipInit gains and other 0-d block parameters), "
             "as recorded by the probe every probe_every steps. A gain that stays at its start "
             "value 0 leaves its residual branch switched off.",
-            lambda: gp.plot_gains(blocks, frame))
+            lambda: plot_gains(blocks, frame))
     if "agc_frac_above" in stats:
         add("AGC clip fraction", "agc-clip-fraction",
             "Fraction of each block's units whose gradient-to-weight norm ratio exceeds the "
-            "probe's λ (the units AGC clips), over training; dashed: the mean over blocks.",
-            lambda: gp.plot_agc_clip_fraction(blocks, frame))
+            "probe's λ (the units AGC at that λ clips), over training, one colour per block; "
+            "dashed: the mean over blocks. The probe's λ is the run's AGC threshold, or 0.01 "
+            "for runs without AGC; the panel titles give the run's own clipping. Panels as in "
+            "Gradient propagation.",
+            lambda: plot_agc_clip_fraction(blocks, frame))
 
     spp_file = grid_dir / "spp" / "spp.parquet"
     if spp_file.is_file():
@@ -535,9 +561,9 @@ def heatmap_fits(finished: pd.DataFrame) -> bool:
 
 def spp_section(spp_file: Path, sections: list[Section], skipped: list[str]) -> None:
     try:
-        from reports.plots import plot_spp
+        from reports.figures.spp import plot_spp
     except ImportError as err:
-        skipped.append(f"signal propagation plot: reports.plots.plot_spp unavailable ({err})")
+        skipped.append(f"signal propagation plot: reports.figures.spp.plot_spp unavailable ({err})")
         return
     try:
         drawn = plot_spp(pd.read_parquet(spp_file))
@@ -549,12 +575,13 @@ def spp_section(spp_file: Path, sections: list[Section], skipped: list[str]) -> 
         skipped.append(f"signal propagation plot: drawing failed ({line})")
         return
     sections.append(Section("Signal propagation at initialization", [Plot(
-        "spp", "Average channel squared mean, variance and residual variance per block "
+        "spp", "Average channel squared mean, variance and residual variance per block; the "
+        "title gives the input, its shape and the seeds (band: min to max over seeds) "
         f"(from {spp_file.parent.name}/{spp_file.name}).", png)]))
 
 
 def figure_bytes(fig: Any) -> bytes:
-    png = gp.figure_png(fig)
+    png = figure_png(fig)
     if not isinstance(fig, Figure) or fig.canvas.manager is not None:
         import matplotlib.pyplot as plt
 
@@ -563,11 +590,11 @@ def figure_bytes(fig: Any) -> bytes:
 
 
 def runs_section(frame: pd.DataFrame) -> Section:
-    axes = [a for a in gp.varied_axes(frame) if a in frame]
+    axes = [a for a in varied_axes(frame) if a in frame]
     columns = ["run_id", "status", *axes, *[m for m in SUMMARY_METRICS if m in frame]]
     if "model.name" in axes and "model" in frame:  # the model as built, not its registry name
         columns[columns.index("model.name")] = "model"
-    table = gp.sort_frame(frame, axes)[columns].copy()
+    table = sort_frame(frame, axes)[columns].copy()
     for column in ("final_acc", "best_acc", "clip_fraction"):
         if column in table:
             table[column] = [f"{v:.1%}" if np.isfinite(v) else "" for v in table[column]]
@@ -579,14 +606,14 @@ def runs_section(frame: pd.DataFrame) -> Section:
                                   for v in table["max_grad_norm"]]
     if "duration_s" in table:
         table["duration_s"] = [f"{v:.0f}" if np.isfinite(v) else "" for v in table["duration_s"]]
-    run_axes = gp.sort_frame(frame, axes)["axes"] if "axes" in frame else None
+    run_axes = sort_frame(frame, axes)["axes"] if "axes" in frame else None
     for axis in axes:
         if axis not in table:
             continue
         # a value the run's config holds but its grid point does not set (the threshold of an
         # unclipped run) is not applicable to it
         table[axis] = [
-            gp.fmt_value(v) if not (isinstance(v, float) and np.isnan(v))
+            fmt_value(v) if not (isinstance(v, float) and np.isnan(v))
             and (run_axes is None or axis in tuple(a)) else ""
             for v, a in zip(table[axis], run_axes if run_axes is not None else table[axis])
         ]
@@ -596,7 +623,7 @@ def runs_section(frame: pd.DataFrame) -> Section:
 
 
 def problems_section(frame: pd.DataFrame, statuses: dict[str, dict]) -> Section | None:
-    bad = gp.sort_frame(frame[frame["status"].isin(["diverged", "failed"])], ["status"])
+    bad = sort_frame(frame[frame["status"].isin(["diverged", "failed"])], ["status"])
     if bad.empty:
         return None
     section = Section("Diverged and failed runs")
@@ -606,7 +633,7 @@ def problems_section(frame: pd.DataFrame, statuses: dict[str, dict]) -> Section 
         error = error if isinstance(error, str) and error else None
         if row["status"] == "diverged":
             step = row.get("diverged_step")
-            detail = f"diverged at step {int(step)}" if gp.is_number(step) else "diverged"
+            detail = f"diverged at step {int(step)}" if is_number(step) else "diverged"
             if error:
                 detail += f": {error}"
         else:
@@ -621,9 +648,9 @@ def problems_section(frame: pd.DataFrame, statuses: dict[str, dict]) -> Section 
 
 def describe(frame: pd.DataFrame, row: pd.Series) -> str:
     own = row.get("axes")  # only the keys this run's grid point sets (no stale thresholds)
-    axes = [a for a in gp.varied_axes(frame) if a in row
+    axes = [a for a in varied_axes(frame) if a in row
             and (not isinstance(own, tuple | list) or a in own)]
-    return ", ".join(f"{a}={gp.fmt_value(row[a])}" for a in axes
+    return ", ".join(f"{a}={fmt_value(row[a])}" for a in axes
                      if not (isinstance(row[a], float) and np.isnan(row[a]))) or "base config"
 
 
@@ -659,20 +686,96 @@ body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
 h1 { font-size: 26px; margin-bottom: 4px; } h2 { font-size: 20px; margin-top: 34px;
      border-bottom: 1px solid #ddd; padding-bottom: 4px; }
 code { background: #f3f3f3; padding: 1px 4px; border-radius: 3px; font-size: 13px; }
-table { border-collapse: collapse; font-size: 13px; margin: 8px 0; }
+table { border-collapse: collapse; font-size: 13px; margin: 0; }
 th, td { border: 1px solid #d9d9d9; padding: 4px 8px; text-align: left; vertical-align: top;
          white-space: nowrap; }
 th { background: #f0f0f0; } tr:nth-child(even) td { background: #fafafa; }
+th button { font: inherit; font-weight: 600; background: none; border: 0; padding: 0;
+            cursor: pointer; color: inherit; text-align: left; }
+th button::after { content: " \\2195"; color: #999; }
+th[aria-sort=ascending] button::after { content: " \\25B2"; color: #222; }
+th[aria-sort=descending] button::after { content: " \\25BC"; color: #222; }
 td.diverged { color: #8a3b00; font-weight: 600; } td.failed { color: #a00; font-weight: 600; }
-figure { margin: 12px 0 20px; } figure img { max-width: 100%; height: auto; }
+figure { margin: 12px 0 20px; }
+.figure-scroll { overflow-x: auto; max-width: 100%; }
+/* a figure shrinks with the page down to FIGURE_MIN_SCALE of its size (its text stays
+   readable), then scrolls sideways; it never grows past its own size */
+figure img { width: 100%; max-width: var(--natural, 100%); min-width: var(--least, 0);
+             height: auto; display: block; }
 figcaption { color: #555; font-size: 13px; margin-top: 4px; }
 pre { background: #f6f6f6; padding: 8px; overflow-x: auto; font-size: 12px; }
-nav a { margin-right: 12px; } .scroll { overflow-x: auto; }
+nav a { margin-right: 12px; display: inline-block; }
+.scroll { overflow-x: auto; max-width: 100%; margin: 8px 0; }
+.table-tools { margin: 8px 0 4px; font-size: 13px; color: #555; }
+.table-tools input { font: inherit; padding: 3px 6px; width: 16em; max-width: 60%; }
 table.wrap td { white-space: normal; min-width: 6em; }
 table.wrap td:nth-child(2) { min-width: 16em; }
 td.holds { color: #006d2c; font-weight: 600; } td.does-not-hold { color: #a00; font-weight: 600; }
 td.inconclusive { color: #8a5a00; font-weight: 600; }
+@media (max-width: 900px) {
+  body { margin: 12px auto; padding: 0 10px; }
+  h1 { font-size: 22px; } h2 { font-size: 18px; }
+}
 """
+# Figures shrink with the page to this fraction of their pixel size, then scroll sideways:
+# their 10-11 pt text at 110 dpi stays at 10 px or more.
+FIGURE_MIN_SCALE = 0.65
+# Sorting (click a header; numbers by value, blanks last) and filtering (rows containing the
+# typed text) of every table with a header, in plain DOM code: the report needs no network.
+SCRIPT = """
+document.querySelectorAll("table.sortable").forEach((table) => {
+  const body = table.tBodies[0];
+  const rows = () => Array.from(body.rows);
+  const value = (row, i) => row.cells[i] ? row.cells[i].textContent.trim() : "";
+  const number = (text) => {
+    const match = text.replace(/,/g, "").match(/^[-+]?(\\d+\\.?\\d*|\\.\\d+)(e[-+]?\\d+)?/i);
+    return match ? parseFloat(match[0]) : NaN;
+  };
+  table.querySelectorAll("thead th").forEach((th, i) => {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = th.textContent;
+    button.title = "sort by " + th.textContent;
+    th.textContent = "";
+    th.appendChild(button);
+    button.addEventListener("click", () => {
+      const up = th.getAttribute("aria-sort") !== "ascending";
+      table.querySelectorAll("thead th").forEach((o) => o.removeAttribute("aria-sort"));
+      th.setAttribute("aria-sort", up ? "ascending" : "descending");
+      const sorted = rows().sort((a, b) => {
+        const x = value(a, i), y = value(b, i);
+        if (!x || !y) return (!x) - (!y);  // blanks last either way
+        const nx = number(x), ny = number(y);
+        const order = !isNaN(nx) && !isNaN(ny) && nx !== ny ? nx - ny
+          : x.localeCompare(y, undefined, {numeric: true});
+        return up ? order : -order;
+      });
+      sorted.forEach((row) => body.appendChild(row));
+    });
+  });
+  const tools = table.closest(".scroll").previousElementSibling;
+  const input = tools && tools.classList.contains("table-tools") && tools.querySelector("input");
+  if (!input) return;
+  const count = tools.querySelector("span");
+  input.addEventListener("input", () => {
+    const words = input.value.toLowerCase().split(/\\s+/).filter(Boolean);
+    let shown = 0;
+    rows().forEach((row) => {
+      const text = row.textContent.toLowerCase();
+      const keep = words.every((w) => text.includes(w));
+      row.hidden = !keep;
+      shown += keep;
+    });
+    count.textContent = words.length ? `${shown} of ${rows().length} rows` : "";
+  });
+});
+"""
+FILTER_ROWS = 6  # tables with more rows than this get a filter box
+
+
+def png_width(png: bytes) -> int:
+    """Pixel width from the PNG header (IHDR comes first; width at bytes 16-19)."""
+    return int.from_bytes(png[16:20], "big") if png[12:16] == b"IHDR" else 0
 
 
 def anchor(title: str) -> str:
@@ -694,13 +797,19 @@ def table_html(frame: pd.DataFrame, wrap: bool = False) -> str:
             shown = html.escape(text[2:-2] if bold else text)
             cells.append(f"<td{css}>{f'<b>{shown}</b>' if bold else shown}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
-    css = ' class="wrap"' if wrap else ""
-    return (f'<div class="scroll"><table{css}><thead><tr>{head}</tr></thead>'
+    css = ' class="sortable wrap"' if wrap else ' class="sortable"'
+    tools = ""
+    if len(frame) > FILTER_ROWS:
+        tools = ('<div class="table-tools"><label>Filter rows: <input type="search" '
+                 'placeholder="e.g. diverged 512" aria-label="filter rows"></label> '
+                 '<span aria-live="polite"></span></div>')
+    return (f'{tools}<div class="scroll"><table{css}><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
 def render_html(title: str, sections: list[Section]) -> str:
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+           '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>{html.escape(title)}</title>", f"<style>{CSS}</style></head><body>",
            f"<h1>{html.escape(title)}</h1>",
            "<nav>" + "".join(f'<a href="#{anchor(s.title)}">{html.escape(s.title)}</a>'
@@ -717,12 +826,16 @@ def render_html(title: str, sections: list[Section]) -> str:
                 out.append(table_html(part.frame, part.wrap))
             elif isinstance(part, Plot):
                 data = base64.b64encode(part.png).decode()
-                out.append(f'<figure><img alt="{html.escape(part.name)}" '
-                           f'src="data:image/png;base64,{data}">'
+                width = png_width(part.png)
+                size = (f' style="--natural: {width}px; --least: '
+                        f'{round(width * FIGURE_MIN_SCALE)}px"' if width else "")
+                out.append(f'<figure><div class="figure-scroll"><img alt="{html.escape(part.name)}"'
+                           f'{size} src="data:image/png;base64,{data}"></div>'
                            f"<figcaption>{inline_html(part.caption)}</figcaption></figure>")
             elif isinstance(part, Details):
                 out.append(f"<details><summary>{html.escape(part.summary)}</summary>"
                            f"<pre>{html.escape(part.text)}</pre></details>")
+    out.append(f"<script>{SCRIPT}</script>")
     out.append("</body></html>")
     return "\n".join(out) + "\n"
 

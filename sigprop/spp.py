@@ -62,8 +62,8 @@ from sigprop.probes import Probe
 
 SPP_STATS = ("sq_mean", "var", "res_var")
 SPP_COLUMNS = [
-    "model", "input", "seed", "block", "stage", "index", "stat", "value", "expected_var",
-    "rel_dev", "map_size", "tiny_map", "pool_factor",
+    "model", "input", "input_shape", "seed", "block", "stage", "index", "stat", "value",
+    "expected_var", "rel_dev", "map_size", "tiny_map", "pool_factor",
 ]
 INPUTS = ("noise", "synthetic", "digits", "cifar10")
 INPUT_TITLES = {
@@ -303,8 +303,9 @@ def signal_propagation(
 
     Columns ``SPP_COLUMNS``: ``rel_dev`` = (var - expected_var) / expected_var on ``var`` rows
     (NaN elsewhere, for models without NF bookkeeping, and where the theory does not hold: see
-    the module docstring); ``map_size``, ``tiny_map`` and ``pool_factor`` as there. The stem is
-    block "stem" with index -1.
+    the module docstring); ``map_size``, ``tiny_map`` and ``pool_factor`` as there;
+    ``input_shape`` the batch's N x C x H x W ("8x3x128x128"). The stem is block "stem" with
+    index -1.
     """
     check_input(input)
     seed_list = _seed_list(seeds)
@@ -332,6 +333,7 @@ def signal_propagation(
         x = (batches[seed] if batch is None else batch).to(device)
         frame = measure_once(model, x, probe_kwargs)
         frame.insert(0, "seed", seed)
+        frame.insert(0, "input_shape", "x".join(map(str, x.shape)))  # the figure's title says it
         frames.append(frame)
     out = pd.concat(frames, ignore_index=True)
     out.insert(0, "model", label)
@@ -342,7 +344,8 @@ def signal_propagation(
 def summarize_spp(frame: pd.DataFrame) -> pd.DataFrame:
     """Mean, standard deviation (ddof 1; NaN for one seed) and seed count per model, block and
     stat, with ``rel_dev`` of the mean."""
-    keys = [k for k in ("model", "input", "block", "stage", "index", "stat") if k in frame]
+    keys = [k for k in ("model", "input", "input_shape", "block", "stage", "index", "stat")
+            if k in frame]
     grouped = frame.groupby(keys, sort=False, dropna=False)
     out = grouped["value"].agg(mean="mean", std="std", n="count").reset_index()
     # NaN if any seed had no expectation there (expected_var is the same on every seed)
@@ -467,7 +470,7 @@ def write_spp(
     called with one line when some block sees a tiny feature map. Input errors raise
     :class:`UserError` before any model runs.
     """
-    from reports.plots import plot_spp  # matplotlib is only needed here
+    from reports.figures.spp import plot_spp  # matplotlib is only needed here
 
     if not models:
         raise UserError("name at least one model")
@@ -513,13 +516,8 @@ def write_spp(
     frame.to_parquet(paths["parquet"], index=False)
     frame.to_csv(paths["csv"], index=False)
     summarize_spp(frame).to_csv(paths["summary"], index=False)
-    title = (
-        f"Signal propagation at init on {INPUT_TITLES[input]}, input "
-        f"{'x'.join(map(str, shape))}"
-    )
-    if len(seed_list) > 1:
-        title += f", {len(seed_list)} seeds (band: min-max)"
-    plot_spp(frame, title=title, caption=caption).savefig(
+    # titled from the frame (input, shape, seeds), as the grid report titles it
+    plot_spp(frame, caption=caption).savefig(
         paths["png"], dpi=120, bbox_inches="tight"
     )
     message = spp_warning(frame)

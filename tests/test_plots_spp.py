@@ -9,7 +9,7 @@ import seaborn as sns
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
-from reports.plots import plot_spp
+from reports.figures.spp import plot_spp, spp_title
 from run_ablations import main, parse_value
 from sigprop.spp import SPP_COLUMNS
 
@@ -130,6 +130,7 @@ def test_cli_writes_parquet_csv_and_png(tmp_path, capsys):
         assert (out / name).stat().st_size > 0 and name in printed
     frame = pd.read_parquet(out / "spp.parquet")
     assert list(frame.columns) == SPP_COLUMNS
+    assert set(frame["input_shape"]) == {"4x3x16x16"}  # the title of every later plot says it
     assert set(frame["model"]) == {"nf_resnet26", "bn_resnet26_v2"}
     assert set(frame["seed"]) == {0, 1}
     assert frame["block"].nunique() == 5  # stem + 4 blocks
@@ -260,3 +261,14 @@ def test_frames_stored_before_the_new_columns_still_plot():
     fig = plot_spp(old)
     assert len(fig.axes) == 3 and fig._supxlabel is None  # nothing to caption
     assert len(lines(fig.axes[1], "--")) == 1
+
+
+def test_title_comes_from_the_frame_so_the_report_keeps_it():
+    frame = synthetic_frame({"nf": 0.2}, seeds=2)
+    frame["input_shape"] = "4x3x16x16"
+    assert plot_spp(frame).get_suptitle() == (
+        "Signal propagation at init on i.i.d. N(0,1) noise, input 4x3x16x16, 2 seeds "
+        "(band: min-max)")
+    assert spp_title(frame[frame["seed"] == 0]).endswith("input 4x3x16x16, 1 seed")
+    assert plot_spp(frame, title="").get_suptitle() == ""
+    assert plot_spp(frame, title="t").get_suptitle() == "t"

@@ -1,0 +1,178 @@
+"""Accuracy against batch size (or another setting), with a strip of diverged runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+
+from reports.figures.frames import (
+    add_panel_column,
+    chance_level,
+    dependent_on,
+    ordered_values,
+    require,
+    seed_summary,
+    seeds_text,
+    setting_axes,
+    with_derived,
+)
+from reports.figures.style import (
+    DIVERGED_MARK,
+    FRACTION_COLUMNS,
+    LINESTYLES,
+    MARKERS,
+    accuracy_limits,
+    chance_handle,
+    diverged_handle,
+    draw_chance,
+    fmt_value,
+    label,
+    new_figure,
+    palette_for,
+    panel_width,
+    positions,
+    set_value_axis,
+    set_x_axis,
+    styled,
+)
+
+
+@styled
+def plot_accuracy_vs_batch(
+    runs: pd.DataFrame,
+    x: str = "batch_size",
+    y: str = "final_acc",
+    hue: str | None = None,
+    style: str | None = None,
+    col: str | Sequence[str] | None = None,
+) -> Figure:
+    """``y`` against ``x`` (log2 axis for spread positive numbers): one line per ``hue`` value
+    (default: clipping) and ``style`` value (default: model family), the mean over completed
+    seeds with a min-max band. Diverged runs get a strip under the plot: one row per line
+    that has any, a cross at each x where runs diverged, labelled "k/n" (k of n finished)."""
+    frame = with_derived(runs)
+    require(frame, [x, y], "the accuracy plot")
+    frame = frame[frame[x].notna()].copy()
+    fixed = [col] if isinstance(col, str) else list(col or [])
+    settings = [c for c in setting_axes(frame, exclude=[x]) if c not in fixed]
+    if hue is None:
+        hue = next(iter(dependent_on(frame, [x, *fixed], settings)), None)
+    if style is None:
+        rest = dependent_on(frame, [x, *fixed, *filter(None, [hue])], settings)
+        style = "model" if "model" in rest else (rest[0] if len(rest) > 1 else None)
+    chosen = [c for c in (x, hue, style) if c]
+    require(frame, chosen, "the accuracy plot")
+    if col is None:
+        col = dependent_on(frame, chosen, setting_axes(frame, exclude=chosen))
+    panels = add_panel_column(frame, col)
+    chance = chance_level(frame)
+    xs = ordered_values(frame, x)
+    to_pos, scale = positions(xs)
+    hues = ordered_values(frame, hue) if hue else [None]
+    styles = ordered_values(frame, style) if style else [None]
+    colours = palette_for(hues)
+    keys = ["_panel", *[c for c in (hue, style) if c], x]
+    summary = seed_summary(frame, keys, y)
+    lines = [(h, s) for h in hues for s in styles]
+
+    def select(part: pd.DataFrame, hv: Any, sv: Any) -> pd.DataFrame:
+        if hue:
+            part = part[part[hue] == hv]
+        return part[part[style] == sv] if style else part
+
+    strip_rows = [(h, s) for h, s in lines if select(summary, h, s)["n_diverged"].sum()]
+    # the strip's row names sit left of the first panel: room for them, not a squeezed panel
+    names = [", ".join(fmt_value(v) for v in row if v is not None) for row in strip_rows]
+    width = panel_width(len(panels), 5.2, 3.0) + 0.075 * max(map(len, names), default=0)
+    if strip_rows:
+        fig = Figure(figsize=(width, 4.4 + 0.26 * len(strip_rows) + 0.3), layout="constrained")
+        grid = fig.subplots(2, len(panels), squeeze=False, sharex="col", sharey="row",
+                            gridspec_kw={"height_ratios": [4.4, 0.26 * len(strip_rows) + 0.3]})
+        axes, strips = grid[:1], grid[1]
+    else:
+        fig, axes = new_figure(1, len(panels), width, 4.6, sharey=True)
+        strips = [None] * len(panels)
+    for ax, strip, panel in zip(axes[0], strips, panels):
+        part = summary[summary["_panel"] == panel]
+        for h_index, hv in enumerate(hues):
+            # nudge the hues apart on x so markers and bands do not hide each other
+            shift = 0.04 * (h_index - (len(hues) - 1) / 2)
+            for s_index, sv in enumerate(styles):
+                line = select(part, hv, sv)
+                if line.empty:
+                    continue
+                px = np.array([to_pos(v) for v in line[x]])
+                px = px * 2**shift if scale == "log2" else px + shift
+                colour = colours.get(hv, "black")
+                ax.plot(px, line["mean"], color=colour, linestyle=LINESTYLES[s_index % 4],
+                        marker=MARKERS[s_index % len(MARKERS)], linewidth=2, markersize=6,
+                        gid="mean")
+                ax.fill_between(px, line["low"], line["high"], color=colour, alpha=0.18,
+                                linewidth=0, gid="band")
+        set_value_axis(ax, y)
+        if y in FRACTION_COLUMNS:
+            draw_chance(ax, chance)
+            accuracy_limits(ax, summary["high"].max())
+        else:
+            ax.margins(y=0.1)
+        if panel:
+            ax.set_title(panel)
+        if ax is not axes[0][0]:
+            ax.set_ylabel("")
+        bottom = strip if strip is not None else ax
+        if strip is not None:
+            draw_diverged_strip(strip, part, strip_rows, select, x, to_pos, colours, styles)
+            if strip is not strips[0]:
+                strip.set_ylabel("")
+        set_x_axis(bottom, xs, scale, x)
+        if strip is not None:
+            ax.tick_params(labelbottom=False)
+    drawn = summary[summary["n_completed"] > 0]
+    handles = [Line2D([], [], color=colours[h], linewidth=2.5, label=fmt_value(h))
+               for h in hues if h is not None and (drawn[hue] == h).any()]
+    if style:
+        handles += [Line2D([], [], color="black", linestyle=LINESTYLES[i % 4],
+                           marker=MARKERS[i % len(MARKERS)], label=fmt_value(s))
+                    for i, s in enumerate(styles) if (drawn[style] == s).any()]
+    if (summary["n_completed"] > 1).any():
+        handles.append(Patch(facecolor="grey", alpha=0.3, label="min–max over seeds"))
+    if strip_rows:
+        handles.append(diverged_handle())
+    if chance is not None and y in FRACTION_COLUMNS:
+        handles.append(chance_handle(chance))
+    title = " / ".join(label(c) for c in (hue, style) if c) or None
+    fig.legend(handles=handles, loc="outside right upper", title=title, frameon=False)
+    seeds = seeds_text(frame)
+    fig.suptitle(f"{label(y).capitalize()} vs {label(x).split(' (')[0]}"
+                 + (f"\n(mean over {seeds})" if seeds else ""), fontsize=12)
+    return fig
+
+
+def draw_diverged_strip(strip: Any, part: pd.DataFrame, rows: list[tuple], select: Callable,
+                        x: str, to_pos: Callable, colours: dict, styles: list) -> None:
+    """One row per line with divergences: a cross and "k/n" wherever runs diverged."""
+    for r, (hv, sv) in enumerate(rows):
+        line = select(part, hv, sv)
+        for value, diverged, completed in zip(line[x], line["n_diverged"], line["n_completed"]):
+            if not diverged:
+                continue
+            strip.plot([to_pos(value)], [r], marker=DIVERGED_MARK, markersize=10,
+                       color=colours.get(hv, "black"), markeredgecolor="black",
+                       markeredgewidth=0.6, linestyle="none", gid="diverged")
+            strip.annotate(f"{int(diverged)}/{int(diverged + completed)}", (to_pos(value), r),
+                           xytext=(8, 0), textcoords="offset points", va="center", fontsize=9,
+                           gid="diverged-count")
+    names = [", ".join(fmt_value(v) for v in (hv, sv) if v is not None) or "all"
+             for hv, sv in rows]
+    strip.set_yticks(range(len(rows)), names, fontsize=9)
+    strip.set_ylim(len(rows) - 0.5, -0.5)
+    strip.grid(False, axis="y")
+    strip.set_ylabel("diverged", fontsize=10)
+    strip.spines["left"].set_visible(False)
+    strip.tick_params(axis="y", length=0)

@@ -1,0 +1,162 @@
+"""Gradient propagation: block x step heatmap of gradient norms, one panel per run."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.colors import LogNorm
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
+from matplotlib.ticker import NullLocator
+
+from reports.figures.frames import (
+    PanelGrid,
+    block_rows,
+    run_title,
+    selected_panels,
+    shared_settings,
+    with_derived,
+)
+from reports.figures.style import (
+    DIVERGED_LINE,
+    GRADIENT_CMAP,
+    HEAD_LABEL,
+    MISSING_COLOUR,
+    ZERO_COLOUR,
+    block_name,
+    fmt_tick,
+    fmt_value,
+    gids_of,
+    is_number,
+    label,
+    log_ticks,
+    new_figure,
+    panel_width,
+    styled,
+)
+from sigprop.errors import UserError
+
+HEAD_NOTE = f"{HEAD_LABEL}: the classifier and any layer after the last block"
+
+
+def step_edges(steps: np.ndarray) -> np.ndarray:
+    if len(steps) == 1:
+        return np.array([steps[0] - 0.5, steps[0] + 0.5])
+    middle = (steps[1:] + steps[:-1]) / 2
+    return np.concatenate([[2 * steps[0] - middle[0]], middle, [2 * steps[-1] - middle[-1]]])
+
+
+def empty_panel(ax: Any, grid: PanelGrid, row_value: Any, col_value: Any) -> None:
+    """A cell of the panel grid the runs do not fill: said in words, no empty frame."""
+    ax.set_axis_off()
+    what = " with ".join(fmt_value(v) for v in (row_value, col_value) if v is not None)
+    ax.text(0.5, 0.5, f"no run of\n{what}" if what else "no run", ha="center", va="center",
+            transform=ax.transAxes, color="#525252", fontsize=10, gid="no-run")
+
+
+def row_label(grid: PanelGrid, r: int, text: str) -> str:
+    """The y label of a panel row, headed by the row's setting (the model)."""
+    value = grid.row_values[r] if grid.row else None
+    return f"{fmt_value(value)}\n{text}" if value is not None else text
+
+
+@styled
+def plot_gradient_heatmap(
+    blocks: pd.DataFrame,
+    runs: pd.DataFrame,
+    run_ids: Sequence[str] | None = None,
+    col: str | None = None,
+    stat: str = "grad_norm",
+    max_panels: int = 4,
+    row: str | None = None,
+) -> Figure:
+    """Block (rows, input at the top, the head last) x recorded step (columns) of ``stat`` on
+    a log colour scale, one panel per run: ``run_ids`` in one row, or a grid of one run per
+    ``row`` (default: the model, normalizer-free first, when several were run) and ``col``
+    (default: clipping) at the largest batch size (:func:`pick_panels`). A diverged run's
+    divergence step is a dashed line."""
+    rows = block_rows(blocks, stat)
+    if rows.empty:
+        raise UserError(f"the blocks frame has no {stat!r} rows")
+    grid = selected_panels(rows, runs, run_ids, col, row, max_panels)
+    positive = rows.loc[rows["run_id"].isin(grid.run_ids) & (rows["value"] > 0), "value"]
+    positive = positive[np.isfinite(positive)]
+    if positive.empty:
+        raise UserError(f"no positive finite {stat!r} values to draw on a log scale")
+    norm = LogNorm(positive.min(), max(positive.max(), positive.min() * 1.01))
+    # zeros (e.g. every gradient behind a zero-initialised classifier at step 0) have no place
+    # on a log scale: they get the "under" colour, distinct from steps never recorded
+    cmap = matplotlib.colormaps[GRADIENT_CMAP].with_extremes(under=ZERO_COLOUR)
+    frame = with_derived(runs)
+    has_zero = has_missing = has_head = False
+
+    n_blocks = rows["block"].nunique()
+    n_rows, n_cols = len(grid.cells), len(grid.col_values)
+    fig, axes = new_figure(n_rows, n_cols, panel_width(n_cols, 3.6, 1.6),
+                           max(3.6, 0.24 * n_blocks + 1.9) * n_rows - 0.6 * (n_rows - 1))
+    mesh = None
+    for r, line in enumerate(grid.cells):
+        previous_blocks = None
+        for c, run_id in enumerate(line):
+            ax = axes[r][c]
+            if run_id is None:
+                empty_panel(ax, grid, grid.row_values[r], grid.col_values[c])
+                continue
+            part = rows[rows["run_id"] == run_id]
+            table = part.pivot_table(index=["index", "block"], columns="step", values="value",
+                                     aggfunc="mean").sort_index(level="index")
+            steps = table.columns.to_numpy(dtype=float)
+            values = table.to_numpy(dtype=float)
+            zero = values <= 0
+            has_zero |= bool(zero.any())
+            has_missing |= bool(np.isnan(values).any())
+            values = np.where(zero, norm.vmin / 10, values)
+            mesh = ax.pcolormesh(step_edges(steps), np.arange(len(table) + 1) - 0.5,
+                                 np.ma.masked_invalid(values), norm=norm, cmap=cmap,
+                                 shading="flat")
+            ax.set_facecolor(MISSING_COLOUR)  # steps a block was not recorded at
+            ax.grid(False)
+            names = [block_name(b) for b in table.index.get_level_values("block")]
+            has_head |= HEAD_LABEL in names
+            # repeated block names along a row are noise; different models keep their own
+            ax.set_yticks(range(len(table)), names if names != previous_blocks else [],
+                          fontsize=8 if len(table) > 12 else 9)
+            previous_blocks = names
+            ax.set_ylim(len(table) - 0.5, -0.5)
+            if len(steps) <= 8:
+                ax.set_xticks(steps, [f"{s:g}" for s in steps])
+            ax.set_xlabel(label("step"))
+            ax.set_title(run_title(frame, run_id, grid), fontsize=10.5)
+            info = frame.loc[frame["run_id"] == run_id]
+            if len(info) and info.iloc[0]["status"] == "diverged" and is_number(
+                    info.iloc[0].get("diverged_step")):
+                ax.axvline(info.iloc[0]["diverged_step"], color=DIVERGED_LINE, linestyle="--",
+                           linewidth=2.5, gid="diverged")
+        axes[r][0].set_ylabel(row_label(grid, r, "block (input → output)"))
+    colourbar = fig.colorbar(mesh, ax=axes.ravel().tolist(), shrink=0.9)
+    colourbar.set_label(f"{label(stat)} (log scale)")
+    ticks = log_ticks(norm.vmin, norm.vmax)
+    colourbar.set_ticks(ticks, labels=[fmt_tick(t) for t in ticks])
+    colourbar.ax.yaxis.set_minor_locator(NullLocator())
+    keys = []
+    if has_missing:
+        keys.append(Patch(facecolor=MISSING_COLOUR, edgecolor="grey", label="not recorded"))
+    if has_zero:
+        keys.append(Patch(facecolor=ZERO_COLOUR, edgecolor="grey", label="exactly zero"))
+    if gids_of(fig, "diverged"):
+        keys.append(Line2D([], [], color=DIVERGED_LINE, linestyle="--", linewidth=2.5,
+                           label="divergence step"))
+    if has_head:
+        keys.append(Line2D([], [], linestyle="none", label=HEAD_NOTE))
+    if keys:
+        fig.legend(handles=keys, loc="outside lower center", ncols=min(len(keys), 4),
+                   frameon=False)
+    shared = shared_settings(frame, grid) if run_ids is None else ""
+    fig.suptitle(f"Gradient propagation during training: {stat.replace('_', ' ')} per block"
+                 + (f"\n(every panel: {shared})" if shared else ""), fontsize=12)
+    return fig
