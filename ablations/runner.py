@@ -121,6 +121,7 @@ def dry_run_table(runs: list[Run]) -> pd.DataFrame:
 
 
 ELSEWHERE = "done by another runner"
+HEARTBEAT_S = 30.0  # without a terminal: a progress line per running run this often
 MAX_STEP_BARS = 8  # a Ray cluster can have hundreds of slots
 
 
@@ -203,11 +204,15 @@ def run_grid(
     stream=None,
     max_runs: int | None = MAX_RUNS,
     download: bool = False,
+    verbosity: int = 0,
+    heartbeat_s: float = HEARTBEAT_S,
 ) -> GridOutcome:
     """Expand ``spec`` into ``out/<name>`` and execute every run that is not finished.
 
     Completed and diverged runs are skipped, failed ones only rerun with ``retry_failed``,
-    interrupted ones continue from their checkpoint.
+    interrupted ones continue from their checkpoint. ``verbosity`` -1 prints only failures
+    and warnings, 1 every run's start and end line also on a terminal; ``heartbeat_s``: see
+    :class:`Progress`.
     """
     stream = stream or sys.stdout
     executor = executor or LocalExecutor()
@@ -225,11 +230,12 @@ def run_grid(
     outcome = GridOutcome(store.dir, total=len(runs), skipped=len(runs) - len(todo))
     # describing a Ray executor starts Ray: only worth it when there is something to run
     where = f" on {executor.describe()}" if todo else ""
-    print(
-        f"grid {spec.name}: {len(runs)} runs, {outcome.skipped} already stored, "
-        f"{len(todo)} to run{where} -> {store.dir}",
-        file=stream, flush=True,
-    )
+    if verbosity >= 0:
+        print(
+            f"grid {spec.name}: {len(runs)} runs, {outcome.skipped} already stored, "
+            f"{len(todo)} to run{where} -> {store.dir}",
+            file=stream, flush=True,
+        )
     for line in spec.untested_claims:
         print(f"claim {line}", file=stream, flush=True)
     if not todo:

@@ -48,10 +48,19 @@ from typing import Any
 
 import tomllib
 
-from sigprop.clipping import THRESHOLD_MODES
-from sigprop.errors import UserError
+from sigprop.errors import UserError, did_you_mean
 
 GRIDS_DIR = Path(__file__).resolve().parent / "grids"
+
+
+def __getattr__(name: str) -> Any:
+    # THRESHOLD_MODES is read from here (reports) but lives with the clipping code, which
+    # imports torch: loaded on first use, so `sigprop --help` (which reads GRIDS_DIR) skips it
+    if name == "THRESHOLD_MODES":
+        from sigprop.clipping import THRESHOLD_MODES
+
+        return THRESHOLD_MODES
+    raise AttributeError(f"module 'ablations.spec' has no attribute {name!r}")
 
 
 def shipped_grids() -> list[str]:
@@ -66,9 +75,12 @@ def spec_path(name_or_path: str) -> Path:
     shipped = GRIDS_DIR / f"{name_or_path.removesuffix('.toml')}.toml"
     if shipped.is_file():
         return shipped
+    grids = shipped_grids()
+    hint = did_you_mean(name_or_path.removesuffix(".toml"), grids) if "/" not in name_or_path \
+        else ""
     raise UserError(
-        f"spec not found: {name_or_path} (a TOML file, or a shipped grid: "
-        f"{', '.join(shipped_grids())})"
+        f"spec not found: {name_or_path}{hint} (a TOML file, or a shipped grid: "
+        f"{', '.join(grids)})"
     )
 
 
@@ -138,7 +150,8 @@ def spec_from_dict(raw: dict, default_name: str = "grid") -> GridSpec:
     unknown = sorted(set(raw) - SPEC_KEYS)
     if unknown:
         raise SpecError(
-            f"unknown spec section(s) {', '.join(unknown)}; allowed: {', '.join(sorted(SPEC_KEYS))}"
+            f"unknown spec section(s) {', '.join(unknown)}{did_you_mean(unknown[0], SPEC_KEYS)}; "
+            f"allowed: {', '.join(sorted(SPEC_KEYS))}"
         )
     for section in ("base", "fixed", "grid", "tie", "when", "data_profiles"):
         if not isinstance(raw.get(section, {}), dict):
@@ -433,6 +446,8 @@ def build_config(spec: GridSpec, axes: dict) -> dict:
 
 def applicable_axes(spec: GridSpec, config: dict, axes: dict) -> dict:
     """Drop axis values that do not apply to this combination (see module docstring)."""
+    from sigprop.clipping import THRESHOLD_MODES
+
     out = {}
     for key, value in axes.items():
         conditions = dict(spec.when.get(key, {}))
@@ -473,17 +488,19 @@ def check_keys(spec: GridSpec) -> None:
         head, _, rest = key.partition(".")
         if head not in top:
             raise SpecError(
-                f"{section}.{key}: unknown key {head!r}; valid keys: {', '.join(sorted(top))}"
+                f"{section}.{key}: unknown key {head!r}{did_you_mean(head, top)}; valid keys: "
+                f"{', '.join(sorted(top))}"
             )
         if head == "model" and rest and rest not in model_keys:
             raise SpecError(
-                f"{section}.{key}: no model has the option {rest!r}; valid model options: "
+                f"{section}.{key}: no model has the option {rest!r}"
+                f"{did_you_mean(rest, model_keys)}; valid model options: "
                 f"{', '.join(sorted(model_keys))}"
             )
         if head == "clip" and rest and rest not in clip_keys:
             raise SpecError(
-                f"{section}.{key}: unknown clip option {rest!r}; valid: "
-                f"{', '.join(sorted(clip_keys))}"
+                f"{section}.{key}: unknown clip option {rest!r}{did_you_mean(rest, clip_keys)}; "
+                f"valid: {', '.join(sorted(clip_keys))}"
             )
 
 

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sigprop.errors import UserError
+from sigprop.errors import UserError, did_you_mean
 from sigprop.files import writable_dir_error
 from sigprop.layers import StochasticDepth
 from sigprop.models import create_model, model_options, resolve_config
@@ -129,7 +129,8 @@ def check_overrides(names: Sequence[str], overrides: dict | None) -> None:
 
 def check_input(kind: str) -> str:
     if kind not in INPUTS:
-        raise UserError(f"unknown input {kind!r}; valid inputs: {', '.join(INPUTS)}")
+        raise UserError(f"unknown input {kind!r}{did_you_mean(kind, INPUTS)}; valid inputs: "
+                        f"{', '.join(INPUTS)}")
     return kind
 
 
@@ -412,7 +413,8 @@ PRESETS: dict[str, SppPreset] = {
 
 def preset(name: str) -> SppPreset:
     if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        raise UserError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; valid presets: "
+                        f"{', '.join(PRESETS)}")
     return PRESETS[name]
 
 
@@ -449,7 +451,7 @@ def write_spp(
     overrides: dict | None = None,
     input_shape: Sequence[int] = DEFAULT_INPUT_SHAPE,
     seeds: int | Iterable[int] = DEFAULT_SEEDS,
-    out_dir: str | os.PathLike = "spp_out",
+    out_dir: str | os.PathLike = "runs/spp",
     *,
     input: str = "noise",
     data_dir: str | os.PathLike | None = None,

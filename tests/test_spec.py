@@ -115,7 +115,7 @@ def test_data_profile_applies_for_its_data_set_and_set_wins_over_it():
 @pytest.mark.parametrize(
     "grid, extra, message",
     [
-        ({"lrr": [0.1]}, {}, r"grid\.lrr: unknown key 'lrr'; valid keys: .*batch_size"),
+        ({"lrr": [0.1]}, {}, r"grid\.lrr: unknown key 'lrr' \(did you mean 'lr'\?\); valid keys: .*batch_size"),
         ({"model.alpah": [0.1]}, {}, r"no model has the option 'alpah'"),
         ({"clip.treshold": [0.1]}, {}, r"unknown clip option 'treshold'"),
         ({"batch_size": []}, {}, r"grid\.batch_size is an empty axis"),
