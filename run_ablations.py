@@ -296,15 +296,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         size, limit = grid_size(spec), max_runs(args)
         if size <= DRY_RUN_ROWS:
             runs = expand(spec, max_runs=None)  # checks the claims against the runs too
-            print(dry_run_table(runs).to_string(index=False))
+            print(dry_run_table(runs, list(spec.grid)).to_string(index=False))
             print(f"{len(runs)} runs in grid {spec.name}")
             for line in spec.untested_claims:
                 print(f"claim {line}")
             return 0
         print(f"grid {spec.name}: {size:,} combinations (fewer runs where an axis does not "
               f"apply); the first {DRY_RUN_ROWS}:", flush=True)
-        print(dry_run_table(list(itertools.islice(iter_runs(spec), DRY_RUN_ROWS)))
-              .to_string(index=False))
+        first = list(itertools.islice(iter_runs(spec), DRY_RUN_ROWS + 1))
+        print(dry_run_table(first[:DRY_RUN_ROWS], list(spec.grid)).to_string(index=False))
+        if len(first) <= DRY_RUN_ROWS:  # the inapplicable axes left no more than these
+            print(f"{len(first)} runs in grid {spec.name}")
         if size > limit:
             print(f"over the limit of {limit:,} runs: `run` needs --max-runs {size}")
         return 0

@@ -27,6 +27,9 @@
     [[claims]]                  # what the grid tests; the report checks it (ablations.claims)
     text = "..."
 
+A tie is one axis: a ``[when]`` on any of its keys applies to all of them (the tied values
+are dropped together, and the run takes every one of those keys from the base).
+
 Built-in rules: ``clip.threshold`` only applies to the clipping modes that use it, and a
 ``model.*`` key only applies to models that have that option (BN-ResNets have no alpha), so
 neither produces duplicate runs. A run's id is a hash of its canonical resolved config.
@@ -103,6 +106,7 @@ class Run:
     axes: dict  # the axis values that define this run (dotted keys)
     label: str = ""  # the model as built: "NF-ResNet [1,1,1,1] x0.125"
     departures: dict = field(default_factory=dict)  # {model option: registry default}
+    effective: dict = field(default_factory=dict)  # see effective_settings
 
 
 @dataclass
@@ -383,16 +387,17 @@ def iter_runs(spec: GridSpec) -> Iterator[Run]:
         config = build_config(spec, axes)
         drop_inapplicable_model_keys(config)
         try:
-            canonical = TrainConfig.from_dict(config).to_dict()
+            resolved = TrainConfig.from_dict(config)
         except UserError as err:
             where = ", ".join(f"{k}={v!r}" for k, v in axes.items())
             raise SpecError(f"{err}" + (f" (in the run with {where})" if where else "")) from None
+        canonical = resolved.to_dict()
         rid = run_id(canonical)
         if rid not in seen:
             seen.add(rid)
             model = canonical["model"]
             yield Run(rid, canonical, axes, model_label(model["name"], model),
-                      model_departures(model["name"], model))
+                      model_departures(model["name"], model), effective_settings(resolved))
 
 
 def check_run_claims(spec: GridSpec, runs: list[Run]) -> None:
@@ -450,12 +455,35 @@ def applicable_axes(spec: GridSpec, config: dict, axes: dict) -> dict:
 
     out = {}
     for key, value in axes.items():
-        conditions = dict(spec.when.get(key, {}))
-        if key == "clip.threshold":
-            conditions.setdefault("clip.mode", list(THRESHOLD_MODES))
-        if all(get_dotted(config, k) in allowed for k, allowed in conditions.items()):
+        # a tie is one axis: the [when] of every tied key holds for each of them
+        conditions = [item for member in tie_members(spec, key)
+                      for item in spec.when.get(member, {}).items()]
+        if key == "clip.threshold":  # built in, per key: a tied clip.mode stays
+            conditions.append(("clip.mode", list(THRESHOLD_MODES)))
+        if all(get_dotted(config, k) in allowed for k, allowed in conditions):
             out[key] = value
     return out
+
+
+def tie_members(spec: GridSpec, key: str) -> list[str]:
+    """The keys tied with ``key``, itself included (just ``[key]`` when it is not tied)."""
+    return next((keys for keys in spec.tie.values() if key in keys), [key])
+
+
+def effective_settings(config: Any) -> dict:
+    """What a run uses that its config does not state outright, as dotted keys: ``lr``, the
+    peak learning rate (``base_lr * batch_size / 256`` unless ``lr`` is given), and the
+    clipping as applied (``clip.threshold`` None for a mode that uses none).
+
+    ``config``: a ``TrainConfig`` or its dict. Stored in each run's config.json."""
+    from sigprop.clipping import THRESHOLD_MODES
+    from sigprop.train import TrainConfig
+
+    if isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    mode = config.clip.mode
+    return {"lr": float(config.peak_lr()), "clip.mode": mode,
+            "clip.threshold": config.clip.threshold if mode in THRESHOLD_MODES else None}
 
 
 def drop_inapplicable_model_keys(config: dict) -> None:

@@ -127,3 +127,28 @@ def test_unknown_spec_section_suggests_the_closest_one(tmp_path, capsys):
 def test_a_far_off_name_gets_no_suggestion(capsys):
     assert main(["run", "zzzzzz", "--dry-run"]) == 2
     assert "did you mean" not in capsys.readouterr().err
+
+
+def test_quiet_run_prints_nothing_when_all_goes_well(tmp_path, capsys):
+    spec = tmp_path / "q.toml"
+    spec.write_text(textwrap.dedent("""
+        name = "q"
+        [base]
+        data = "synthetic"
+        train_size = 32
+        test_size = 16
+        steps = 2
+        batch_size = 16
+        [base.model]
+        name = "nf_resnet26"
+        stem = "cifar"
+        width_mult = 0.125
+        depths = [1, 1, 1, 1]
+        [grid]
+        seed = [0]
+    """))
+    assert main(["run", str(spec), "--out", str(tmp_path / "out"), "--device", "cpu",
+                 "--no-report", "-q"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""
+    assert (tmp_path / "out" / "q" / "runs").is_dir()
