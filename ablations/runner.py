@@ -306,7 +306,7 @@ class Progress:
         if counted:
             self.ended.append({"run_id": rid, "run": self.labels.get(rid, ""), "state": state,
                                "final_acc": "" if acc is None else round(acc, 3),
-                               "diverged_step": summary.get("diverged_step") or "",
+                               "diverged_step": blank(summary.get("diverged_step")),
                                "time": "" if elapsed is None else duration_text(elapsed)})
         alarm = state in ("failed", "requeued") or bool(result.get("store_error"))
         if self.tty:
@@ -326,7 +326,10 @@ class Progress:
         if self.ended:  # the bars are gone: what each run did stays on screen
             order = {rid: i for i, rid in enumerate(self.labels)}
             rows = sorted(self.ended, key=lambda row: order.get(row["run_id"], len(order)))
-            print(pd.DataFrame(rows).to_string(index=False), file=self.stream, flush=True)
+            table = pd.DataFrame(rows)
+            table = table.drop(columns=[c for c in ("final_acc", "diverged_step", "time")
+                                        if (table[c] == "").all()])
+            print(table.to_string(index=False), file=self.stream, flush=True)
 
 
 def run_grid(
@@ -417,7 +420,7 @@ def status_table(path: str | Path) -> pd.DataFrame:
         if table[column].isna().any():
             table[column] = table[column].astype(object).map(blank)
     empty = [c for c in ("progress", "diverged_step", "error")
-             if c in table and not table[c].astype(bool).any()]
+             if c in table and table[c].map(blank).eq("").all()]
     return table.drop(columns=empty)  # a column with nothing to say
 
 
