@@ -11,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ablations.spec import GRIDS_DIR, parse_value, spec_path
+from ablations.spec import GRIDS_DIR, parse_value, shipped_grids, spec_path
 from sigprop.errors import UserError
 
 DESCRIPTION = ("Signal-propagation analysis and ablation grids for normalizer-free networks: "
@@ -48,6 +48,18 @@ def package_version() -> str:
         from sigprop import __version__
 
         return __version__
+
+
+class VersionAction(argparse.Action):
+    """--version: the metadata is looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"{parser.prog} {package_version()}")
+        parser.exit()
 
 
 def verbosity(args: argparse.Namespace) -> int:
@@ -208,8 +220,8 @@ def add_grid_commands(sub: argparse._SubParsersAction) -> None:
         "is not finished: completed and diverged runs are kept, interrupted ones resume from "
         "their checkpoint, failed ones rerun with --retry-failed. The report is written at "
         "the end.")
-    p.add_argument("spec", help="a spec TOML file or a shipped grid name (quickstart, "
-                   "agc_batch, lambda_batch, alpha_sweep, small_batch, classifier_clip)")
+    p.add_argument("spec", help="a spec TOML file or a shipped grid name "
+                   f"({', '.join(shipped_grids())})")
     add_run_options(p)
     p.add_argument("--dry-run", action="store_true",
                    help="list the runs with the values they will use, and their count")
@@ -401,7 +413,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="sigprop", description=DESCRIPTION, epilog=HINT,
                            formatter_class=HelpFormatter)
-    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
+    parser.add_argument("--version", action=VersionAction)
     add_verbosity(parser, top=True)
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser, metavar="COMMAND")
 
