@@ -418,3 +418,15 @@ def test_on_a_terminal_a_summary_table_stays_after_the_bars():
     assert [line.split()[:3] for line in table[1:]] == [
         ["a", "clip.mode=none", "diverged"], ["b", "clip.mode=agc", "completed"]]
     assert table[2].split()[3:] == ["0.5", "1m15s"]
+
+
+def test_verbose_on_a_terminal_also_prints_every_start_and_end():
+    from ablations import runner
+
+    stream = Terminal()
+    progress = runner.Progress(1, 0, {"a": "seed=0"}, 1, stream, verbosity=1)
+    progress.step(0, "a", 0, 0)
+    progress.result(result("a"))
+    progress.close()
+    text = stream.getvalue()
+    assert "[0/1] a started   seed=0" in text and "[1/1] a completed seed=0 acc=0.900" in text
