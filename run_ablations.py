@@ -1,6 +1,8 @@
 """sigprop's command line (also installed as the ``sigprop`` console script).
 
 Bad input ends in one line on stderr and exit code 2; nothing already stored is touched.
+Heavy modules (torch, pandas) are imported inside the commands, so ``--help`` and
+``--version`` answer at once.
 """
 
 from __future__ import annotations
@@ -9,13 +11,123 @@ import argparse
 import sys
 from pathlib import Path
 
-from ablations.spec import GRIDS_DIR, parse_value, spec_path
+from ablations.spec import GRIDS_DIR, parse_value, shipped_grids, spec_path
 from sigprop.errors import UserError
+
+DESCRIPTION = ("Signal-propagation analysis and ablation grids for normalizer-free networks: "
+               "list models, plot signal propagation at init, run, resume and report grids.")
+HINT = "try: sigprop quickstart (the demo, about 3 minutes on CPU), or sigprop COMMAND --help"
+DEFAULT_OUT = "runs"  # the one output root: grids go to runs/<grid>, SPP plots to runs/spp
 
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + message; we want one line
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Examples keep their line breaks; an option with a default says it (unless its help
+    already does, or the default is "off")."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        off = default is None or default is False or default == [] or default == argparse.SUPPRESS
+        if "default" in text or off or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def package_version() -> str:
+    """The installed distribution's version, else the source tree's."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("sigprop")
+    except metadata.PackageNotFoundError:
+        from sigprop import __version__
+
+        return __version__
+
+
+class VersionAction(argparse.Action):
+    """--version: the metadata is looked up only when asked for."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        print(f"{parser.prog} {package_version()}")
+        parser.exit()
+
+
+def verbosity(args: argparse.Namespace) -> int:
+    """-1 with --quiet, 0 by default, 1 (or more) with --verbose."""
+    if args.quiet and args.verbose:
+        raise UserError("give -q/--quiet or -v/--verbose, not both")
+    return -1 if args.quiet else args.verbose
+
+
+def say(args: argparse.Namespace, line: str) -> None:
+    """An informational line: printed unless --quiet."""
+    if verbosity(args) >= 0:
+        print(line)
+
+
+def add_verbosity(parser: argparse.ArgumentParser, top: bool) -> None:
+    # on the subcommands too (`sigprop run GRID -q`); there a flag not given keeps the top
+    # level's value instead of overwriting it
+    keep = {} if top else {"default": argparse.SUPPRESS}
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="print only errors, warnings and the tables asked for",
+                        **({"default": False} if top else keep))
+    parser.add_argument("-v", "--verbose", action="count",
+                        help="more detail: every run's start and end line also on a terminal",
+                        **({"default": 0} if top else keep))
+
+
+EXAMPLES = {
+    "models": """\
+examples:
+  sigprop models
+  sigprop models --family nfnet""",
+    "spp": """\
+examples:
+  sigprop spp --model nf_resnet50 --model nf_resnet50:ws=False --model bn_resnet50_v2
+  sigprop spp --model nf_resnet50 --model nfnet_f0 --input synthetic --seeds 2
+  sigprop spp --preset paper-a-fig1 --out runs/spp_fig1""",
+    "run": """\
+examples:
+  sigprop run quickstart --dry-run
+  sigprop run lambda_batch --set data=digits --set batch_size=32,128,512 --workers 2
+  sigprop run my_grid.toml --set seed=0,1,2 --out runs
+  sigprop run agc_batch --executor ray --address auto --gpus-per-run 0.25""",
+    "status": """\
+examples:
+  sigprop status runs/quickstart
+  sigprop status runs""",
+    "report": """\
+examples:
+  sigprop report runs/quickstart
+  sigprop report runs/quickstart --out /tmp/report.html""",
+    "quickstart": """\
+examples:
+  sigprop quickstart
+  sigprop quickstart --workers 1 --out /tmp/runs""",
+    "export": """\
+examples:
+  sigprop export tensorboard runs/quickstart
+  sigprop export tensorboard runs/quickstart --out /tmp/tb --live 30""",
+}
+
+
+def add_command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argparse.ArgumentParser:
+    """A subcommand with the shared help layout, its examples and -q/-v."""
+    p = sub.add_parser(name, formatter_class=HelpFormatter, epilog=EXAMPLES.get(name),
+                       **kwargs)
+    add_verbosity(p, top=False)
+    return p
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -97,32 +209,60 @@ def cmd_spp(args: argparse.Namespace) -> int:
         out_dir=args.out,
         input=args.input,
         data_dir=args.data_dir,
-        caption=caption,
         warn=lambda line: print(f"sigprop: warning: {line}", file=sys.stderr),
     )
+    paths["png"] = draw_spp(paths["parquet"], caption)
     for kind, path in paths.items():
-        print(f"{kind:<8} {path}")
+        say(args, f"{kind:<8} {path}")
     return 0
 
 
+def draw_spp(parquet: Path, caption: str | None = None) -> Path:
+    """``spp.png`` beside the measured frame, titled from it (input, shape, seeds) as the grid
+    report titles it. The library measures; drawing belongs to the report layer."""
+    import pandas as pd
+
+    from reports.figures.spp import plot_spp
+
+    png = parquet.with_suffix(".png")
+    plot_spp(pd.read_parquet(parquet), caption=caption).savefig(png, dpi=120,
+                                                               bbox_inches="tight")
+    return png
+
+
 def add_grid_commands(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run an ablation grid (resumes what is stored)")
-    p.add_argument("spec", help="a spec TOML file or a shipped grid name")
+    p = add_command(
+        sub, "run", help="run an ablation grid (resumes what is stored)",
+        description="Expand a grid spec into runs, store them under OUT/<grid> and run what "
+        "is not finished: completed and diverged runs are kept, interrupted ones resume from "
+        "their checkpoint, failed ones rerun with --retry-failed. The report is written at "
+        "the end.")
+    p.add_argument("spec", help="a spec TOML file or a shipped grid name "
+                   f"({', '.join(shipped_grids())})")
     add_run_options(p)
-    p.add_argument("--dry-run", action="store_true", help="list the runs and their count")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the runs with the values they will use, and their count")
     p.set_defaults(func=cmd_run)
 
-    p = sub.add_parser("status", help="table of a grid's runs and their states")
+    p = add_command(sub, "status", help="table of a grid's runs and their states",
+                    description="One row per stored run: its state (a running run with its "
+                    "step), the values it varies, accuracy, diverged step and time.")
     p.add_argument("dir", help="a grid folder, or an output root holding grids")
     p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("report", help="write report.html and report.md for a grid")
+    p = add_command(sub, "report", help="write report.html and report.md for a grid",
+                    description="Build the grid's report from what is stored (a partial grid "
+                    "too): report.html, self-contained, and report.md with its figures.")
     p.add_argument("dir", help="a grid folder (<out>/<grid>)")
     p.add_argument("--out", default=None, metavar="FILE",
                    help="report.html path (report.md goes beside it); default: in the grid")
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("quickstart", help="the built-in demo (also: no arguments)")
+    p = add_command(sub, "quickstart", help="the built-in demo: a 36-run grid on digits, SPPs "
+                    "and the report",
+                    description="Run the quickstart grid (NF-ResNet vs BN-ResNet, no clipping "
+                    "/ global norm / AGC, batch 32 and 512, 3 seeds, on scikit-learn's digits), "
+                    "plot signal propagation at init, write the report.")
     add_run_options(p)
     p.set_defaults(func=cmd_quickstart, workers=2)
 
@@ -131,17 +271,24 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=V1,V2",
                    help="override a key or make it an axis (repeatable)")
     p.add_argument("--executor", choices=["local", "ray"], default="local",
-                   help="local worker processes (default) or Ray tasks")
-    p.add_argument("--workers", type=int, default=1, help="local worker processes (CPU)")
-    p.add_argument("--runs-per-gpu", type=int, default=1, help="local: runs sharing each GPU")
-    p.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda")
+                   help="local worker processes or Ray tasks")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="local worker processes (CPU)")
+    p.add_argument("--runs-per-gpu", type=int, default=1, metavar="K",
+                   help="local: runs sharing each GPU")
+    p.add_argument("--device", default="auto",
+                   help="auto (CUDA when present), cpu, cuda or cuda:N")
     p.add_argument("--address", default=None,
                    help="ray: cluster address (auto or HOST:PORT; default $RAY_ADDRESS or a "
                         "local instance)")
-    p.add_argument("--cpus-per-run", type=float, default=1, help="ray: CPUs per run")
-    p.add_argument("--gpus-per-run", type=float, default=0, help="ray: GPUs per run (0.25...)")
-    p.add_argument("--max-retries", type=int, default=3, help="ray: retries of crashed workers")
-    p.add_argument("--out", default="runs", help="results root (default: runs/)")
+    p.add_argument("--cpus-per-run", type=float, default=1, metavar="N",
+                   help="ray: CPUs per run")
+    p.add_argument("--gpus-per-run", type=float, default=0, metavar="N",
+                   help="ray: GPUs per run (0.25...)")
+    p.add_argument("--max-retries", type=int, default=3, metavar="N",
+                   help="ray: retries of crashed workers")
+    p.add_argument("--out", default=DEFAULT_OUT, metavar="DIR",
+                   help="results root; the grid goes to DIR/<grid>")
     p.add_argument("--retry-failed", action="store_true", help="rerun failed runs")
     p.add_argument("--no-report", action="store_true", help="do not write the report")
     p.add_argument("--download", action="store_true",
@@ -149,6 +296,9 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
                         "stop and say where to put the files)")
     p.add_argument("--max-runs", type=int, default=None, metavar="N",
                    help="refuse grids with more combinations than this (default 10000)")
+    p.add_argument("--heartbeat", type=float, default=30, metavar="SECONDS",
+                   help="without a terminal: a line with step/total and loss per running "
+                   "run every SECONDS (0: none)")
 
 
 DRY_RUN_ROWS = 50  # a dry run of a bigger grid shows its count and its first rows only
@@ -167,28 +317,31 @@ def cmd_run(args: argparse.Namespace) -> int:
     import itertools
 
     from ablations.runner import dry_run_table
-    from ablations.spec import expand, grid_size, iter_runs, load_spec
+    from ablations.spec import check_keys, expand, grid_size, iter_runs, load_spec
 
     spec = load_spec(spec_path(args.spec), args.set)
     if args.dry_run:
+        check_keys(spec)  # before the first line, so a bad key is the only line
         size, limit = grid_size(spec), max_runs(args)
         if size <= DRY_RUN_ROWS:
             runs = expand(spec, max_runs=None)  # checks the claims against the runs too
-            print(dry_run_table(runs).to_string(index=False))
+            print(dry_run_table(runs, list(spec.grid)).to_string(index=False))
             print(f"{len(runs)} runs in grid {spec.name}")
             for line in spec.untested_claims:
                 print(f"claim {line}")
             return 0
         print(f"grid {spec.name}: {size:,} combinations (fewer runs where an axis does not "
               f"apply); the first {DRY_RUN_ROWS}:", flush=True)
-        print(dry_run_table(list(itertools.islice(iter_runs(spec), DRY_RUN_ROWS)))
-              .to_string(index=False))
+        first = list(itertools.islice(iter_runs(spec), DRY_RUN_ROWS + 1))
+        print(dry_run_table(first[:DRY_RUN_ROWS], list(spec.grid)).to_string(index=False))
+        if len(first) <= DRY_RUN_ROWS:  # the inapplicable axes left no more than these
+            print(f"{len(first)} runs in grid {spec.name}")
         if size > limit:
             print(f"over the limit of {limit:,} runs: `run` needs --max-runs {size}")
         return 0
     outcome = execute(spec, args)
     if not args.no_report and not outcome.interrupted:
-        write_report(outcome.grid_dir)
+        write_report(outcome.grid_dir, quiet=verbosity(args) < 0)
     return exit_code(outcome)
 
 
@@ -215,21 +368,22 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     if outcome.interrupted:
         return exit_code(outcome)
     spp = write_spp(QUICKSTART_SPP_MODELS, out_dir=outcome.grid_dir / "spp")
-    print(f"signal propagation at init: {spp['png']}")
+    say(args, f"signal propagation at init: {draw_spp(spp['parquet'])}")
     if not args.no_report:
-        write_report(outcome.grid_dir)
+        write_report(outcome.grid_dir, quiet=verbosity(args) < 0)
     return 0
 
 
-def write_report(grid_dir: Path, out: str | None = None) -> None:
+def write_report(grid_dir: Path, out: str | None = None, quiet: bool = False) -> None:
     from reports.build import build_report
 
     paths = build_report(grid_dir, out)
-    print(f"report: {paths['html']} (markdown: {paths['md']})")
+    if not quiet:
+        print(f"report: {paths['html']} (markdown: {paths['md']})")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    write_report(Path(args.dir), args.out)
+    write_report(Path(args.dir), args.out, quiet=verbosity(args) < 0)
     return 0
 
 
@@ -244,16 +398,19 @@ def make_executor(args: argparse.Namespace):
 def execute(spec, args: argparse.Namespace):
     from ablations.runner import run_grid
 
+    if args.heartbeat < 0:
+        raise UserError(f"--heartbeat must be >= 0 seconds, got {args.heartbeat:g}")
     executor = make_executor(args)
     outcome = run_grid(spec, args.out, executor, retry_failed=args.retry_failed,
-                       max_runs=max_runs(args), download=args.download)
+                       max_runs=max_runs(args), download=args.download,
+                       verbosity=verbosity(args), heartbeat_s=args.heartbeat)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
     if outcome.interrupted:
         print(f"interrupted after {outcome.duration_s:.0f}s ({counts or 'nothing finished'}); "
               f"finished runs are stored, run the same command to resume", file=sys.stderr)
     elif counts:
-        print(f"grid {spec.name} done in {outcome.duration_s:.0f}s: {counts}")
-    print(f"results: {outcome.grid_dir}")
+        say(args, f"grid {spec.name} done in {outcome.duration_s:.0f}s: {counts}")
+    say(args, f"results: {outcome.grid_dir}")
     return outcome
 
 
@@ -304,15 +461,21 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="sigprop", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser)
+    parser = OneLineParser(prog="sigprop", description=DESCRIPTION, epilog=HINT,
+                           formatter_class=HelpFormatter)
+    parser.add_argument("--version", action=VersionAction)
+    add_verbosity(parser, top=True)
+    sub = parser.add_subparsers(dest="command", parser_class=OneLineParser, metavar="COMMAND")
 
-    p = sub.add_parser("models", help="list the registered models")
-    p.add_argument("--family", choices=["nf_resnet", "nfnet", "bn_resnet"], default=None)
+    p = add_command(sub, "models", help="list the registered models",
+                    description="The model registry: name, family, parameters, depth and "
+                    "input resolution.")
+    p.add_argument("--family", choices=["nf_resnet", "nfnet", "bn_resnet"], default=None,
+                   help="only this family (default: all)")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser(
-        "spp",
+    p = add_command(
+        sub, "spp",
         help="signal-propagation plot at init (frame as parquet + csv, plot as png)",
         description="Measure the average channel squared mean, variance and residual variance "
         "at the stem and every block at initialization (N(0,1) noise or a data set's images, "
@@ -343,12 +506,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "two CPU cores for a ResNet-50 pair; a preset has its own)")
     p.add_argument("--seeds", type=int, default=None,
                    help="fresh init + fresh batch per seed (default 3; a preset: its own)")
-    p.add_argument("--out", default="spp_out", metavar="DIR", help="output directory")
+    p.add_argument("--out", default=f"{DEFAULT_OUT}/spp", metavar="DIR",
+                   help="output directory")
     p.set_defaults(func=cmd_spp)
 
     add_grid_commands(sub)
 
-    p = sub.add_parser("export", help="export a grid to TensorBoard (scalars + HParams)")
+    p = add_command(sub, "export", help="export a grid to TensorBoard (scalars + HParams)")
     p.add_argument("format", choices=["tensorboard"], help="the export format")
     p.add_argument("dir", metavar="GRID", help="a grid folder (<out>/<grid>)")
     p.add_argument("--out", default=None, metavar="DIR",
@@ -361,10 +525,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; returns the exit code. No command prints the help and a hint (exit 0:
+    asking what there is is no error; ``make demo`` names ``quickstart``)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
     if args.command is None:
-        args = build_parser().parse_args(["quickstart"])
+        parser.print_help()  # its epilog is the hint
+        return 0
     try:
+        verbosity(args)  # -q with -v is an error before anything runs
         return args.func(args)
     except UserError as err:
         print(f"sigprop: error: {err}", file=sys.stderr)

@@ -1,10 +1,25 @@
 """Ablation grids: TOML specs, a crash-safe results store, executors and the runner."""
 
-from ablations.executors import LocalExecutor
-from ablations.spec import GridSpec, Run, SpecError, expand, load_spec
-from ablations.store import GridStore, Results, load_results
+from __future__ import annotations
 
-__all__ = [
-    "GridSpec", "GridStore", "LocalExecutor", "Results", "Run", "SpecError", "expand",
-    "load_results", "load_spec",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "GridSpec": "ablations.spec", "Run": "ablations.spec", "SpecError": "ablations.spec",
+    "expand": "ablations.spec", "load_spec": "ablations.spec",
+    "GridStore": "ablations.store", "Results": "ablations.store",
+    "load_results": "ablations.store", "LocalExecutor": "ablations.executors",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    # imported on first use, so the command line's light paths (--help) skip torch and pandas
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'ablations' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

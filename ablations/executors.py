@@ -1,7 +1,8 @@
 """Executors: where the runs of a grid execute. ``LocalExecutor`` uses worker processes.
 
 An executor takes the ids of stored runs and calls ``execute_run`` for each, reporting
-``on_result(dict)`` as runs end and ``on_step(slot, run_id, step, total)`` as they progress.
+``on_result(dict)`` as runs end and ``on_step(slot, run_id, step, total, loss)`` as they
+progress (``total`` 0: the run has just started; ``loss`` the latest read back, or None).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from sigprop.errors import UserError
 from sigprop.files import atomic_path
 
 ResultCallback = Callable[[dict], None]
-StepCallback = Callable[[int, str, int, int], None]
+StepCallback = Callable[[int, str, int, int, "float | None"], None]
 BUSY_RETRY_S = 1.0
 MAX_WORKER_DEATHS = 3  # requeues of a run whose worker died; one more death: failed
 # glibc otherwise hands every large activation buffer back to the OS after each step and
@@ -300,11 +301,11 @@ class LocalExecutor:
     def _drain(events, on_step: StepCallback | None) -> None:
         while True:
             try:
-                _, slot, rid, step, total = events.get_nowait()
+                _, slot, rid, step, total, loss = events.get_nowait()
             except (queue.Empty, EOFError, OSError):
                 return
             if on_step:
-                on_step(slot, rid, step, total)
+                on_step(slot, rid, step, total, loss)
 
     @staticmethod
     def _result(future: Future, rid: str) -> dict:
@@ -507,13 +508,13 @@ class RayExecutor:
                     time.sleep(0.2)
                 while on_step is not None:
                     try:
-                        _, _, step_rid, step, total = events.get_nowait()
+                        _, _, step_rid, step, total, loss = events.get_nowait()
                     except Empty:
                         break
                     except RayError:  # progress is best effort; the results still arrive
                         on_step = None
                         break
-                    on_step(0, step_rid, step, total)
+                    on_step(0, step_rid, step, total, loss)
                 for ref in ready:
                     rid = refs.pop(ref)
                     try:

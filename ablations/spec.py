@@ -27,6 +27,9 @@
     [[claims]]                  # what the grid tests; the report checks it (ablations.claims)
     text = "..."
 
+A tie is one axis: a ``[when]`` on any of its keys applies to all of them (the tied values
+are dropped together, and the run takes every one of those keys from the base).
+
 Built-in rules: ``clip.threshold`` only applies to the clipping modes that use it, and a
 ``model.*`` key only applies to models that have that option (BN-ResNets have no alpha), so
 neither produces duplicate runs. A run's id is a hash of its canonical resolved config.
@@ -48,10 +51,19 @@ from typing import Any
 
 import tomllib
 
-from sigprop.clipping import THRESHOLD_MODES
-from sigprop.errors import UserError
+from sigprop.errors import UserError, did_you_mean
 
 GRIDS_DIR = Path(__file__).resolve().parent / "grids"
+
+
+def __getattr__(name: str) -> Any:
+    # THRESHOLD_MODES is read from here (reports) but lives with the clipping code, which
+    # imports torch: loaded on first use, so `sigprop --help` (which reads GRIDS_DIR) skips it
+    if name == "THRESHOLD_MODES":
+        from sigprop.clipping import THRESHOLD_MODES
+
+        return THRESHOLD_MODES
+    raise AttributeError(f"module 'ablations.spec' has no attribute {name!r}")
 
 
 def shipped_grids() -> list[str]:
@@ -66,9 +78,12 @@ def spec_path(name_or_path: str) -> Path:
     shipped = GRIDS_DIR / f"{name_or_path.removesuffix('.toml')}.toml"
     if shipped.is_file():
         return shipped
+    grids = shipped_grids()
+    hint = did_you_mean(name_or_path.removesuffix(".toml"), grids) if "/" not in name_or_path \
+        else ""
     raise UserError(
-        f"spec not found: {name_or_path} (a TOML file, or a shipped grid: "
-        f"{', '.join(shipped_grids())})"
+        f"spec not found: {name_or_path}{hint} (a TOML file, or a shipped grid: "
+        f"{', '.join(grids)})"
     )
 
 
@@ -91,6 +106,7 @@ class Run:
     axes: dict  # the axis values that define this run (dotted keys)
     label: str = ""  # the model as built: "NF-ResNet [1,1,1,1] x0.125"
     departures: dict = field(default_factory=dict)  # {model option: registry default}
+    effective: dict = field(default_factory=dict)  # see effective_settings
 
 
 @dataclass
@@ -138,7 +154,8 @@ def spec_from_dict(raw: dict, default_name: str = "grid") -> GridSpec:
     unknown = sorted(set(raw) - SPEC_KEYS)
     if unknown:
         raise SpecError(
-            f"unknown spec section(s) {', '.join(unknown)}; allowed: {', '.join(sorted(SPEC_KEYS))}"
+            f"unknown spec section(s) {', '.join(unknown)}{did_you_mean(unknown[0], SPEC_KEYS)}; "
+            f"allowed: {', '.join(sorted(SPEC_KEYS))}"
         )
     for section in ("base", "fixed", "grid", "tie", "when", "data_profiles"):
         if not isinstance(raw.get(section, {}), dict):
@@ -370,16 +387,17 @@ def iter_runs(spec: GridSpec) -> Iterator[Run]:
         config = build_config(spec, axes)
         drop_inapplicable_model_keys(config)
         try:
-            canonical = TrainConfig.from_dict(config).to_dict()
+            resolved = TrainConfig.from_dict(config)
         except UserError as err:
             where = ", ".join(f"{k}={v!r}" for k, v in axes.items())
             raise SpecError(f"{err}" + (f" (in the run with {where})" if where else "")) from None
+        canonical = resolved.to_dict()
         rid = run_id(canonical)
         if rid not in seen:
             seen.add(rid)
             model = canonical["model"]
             yield Run(rid, canonical, axes, model_label(model["name"], model),
-                      model_departures(model["name"], model))
+                      model_departures(model["name"], model), effective_settings(resolved))
 
 
 def check_run_claims(spec: GridSpec, runs: list[Run]) -> None:
@@ -433,14 +451,39 @@ def build_config(spec: GridSpec, axes: dict) -> dict:
 
 def applicable_axes(spec: GridSpec, config: dict, axes: dict) -> dict:
     """Drop axis values that do not apply to this combination (see module docstring)."""
+    from sigprop.clipping import THRESHOLD_MODES
+
     out = {}
     for key, value in axes.items():
-        conditions = dict(spec.when.get(key, {}))
-        if key == "clip.threshold":
-            conditions.setdefault("clip.mode", list(THRESHOLD_MODES))
-        if all(get_dotted(config, k) in allowed for k, allowed in conditions.items()):
+        # a tie is one axis: the [when] of every tied key holds for each of them
+        conditions = [item for member in tie_members(spec, key)
+                      for item in spec.when.get(member, {}).items()]
+        if key == "clip.threshold":  # built in, per key: a tied clip.mode stays
+            conditions.append(("clip.mode", list(THRESHOLD_MODES)))
+        if all(get_dotted(config, k) in allowed for k, allowed in conditions):
             out[key] = value
     return out
+
+
+def tie_members(spec: GridSpec, key: str) -> list[str]:
+    """The keys tied with ``key``, itself included (just ``[key]`` when it is not tied)."""
+    return next((keys for keys in spec.tie.values() if key in keys), [key])
+
+
+def effective_settings(config: Any) -> dict:
+    """What a run uses that its config does not state outright, as dotted keys: ``lr``, the
+    peak learning rate (``base_lr * batch_size / 256`` unless ``lr`` is given), and the
+    clipping as applied (``clip.threshold`` None for a mode that uses none).
+
+    ``config``: a ``TrainConfig`` or its dict. Stored in each run's config.json."""
+    from sigprop.clipping import THRESHOLD_MODES
+    from sigprop.train import TrainConfig
+
+    if isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    mode = config.clip.mode
+    return {"lr": float(config.peak_lr()), "clip.mode": mode,
+            "clip.threshold": config.clip.threshold if mode in THRESHOLD_MODES else None}
 
 
 def drop_inapplicable_model_keys(config: dict) -> None:
@@ -473,17 +516,19 @@ def check_keys(spec: GridSpec) -> None:
         head, _, rest = key.partition(".")
         if head not in top:
             raise SpecError(
-                f"{section}.{key}: unknown key {head!r}; valid keys: {', '.join(sorted(top))}"
+                f"{section}.{key}: unknown key {head!r}{did_you_mean(head, top)}; valid keys: "
+                f"{', '.join(sorted(top))}"
             )
         if head == "model" and rest and rest not in model_keys:
             raise SpecError(
-                f"{section}.{key}: no model has the option {rest!r}; valid model options: "
+                f"{section}.{key}: no model has the option {rest!r}"
+                f"{did_you_mean(rest, model_keys)}; valid model options: "
                 f"{', '.join(sorted(model_keys))}"
             )
         if head == "clip" and rest and rest not in clip_keys:
             raise SpecError(
-                f"{section}.{key}: unknown clip option {rest!r}; valid: "
-                f"{', '.join(sorted(clip_keys))}"
+                f"{section}.{key}: unknown clip option {rest!r}{did_you_mean(rest, clip_keys)}; "
+                f"valid: {', '.join(sorted(clip_keys))}"
             )
 
 

@@ -4,8 +4,10 @@ Layout under the output root (``runs/`` by default)::
 
     <grid>/spec.toml                    the resolved spec of the latest invocation
     <grid>/runs/<run_id>/config.json    {"run_id", "grid", "axes", "config", "label",
-                                         "model_departures": {option: registry default}}
+                                         "model_departures": {option: registry default},
+                                         "effective": {"lr", "clip.mode", "clip.threshold"}}
     <grid>/runs/<run_id>/status.json    state, timings, attempts, summary, error, environment
+    <grid>/runs/<run_id>/progress.json  {"step", "total", "loss", "at"} while it trains
     <grid>/runs/<run_id>/metrics.parquet  one row per step (+ test_acc / test_loss at evals)
     <grid>/runs/<run_id>/blocks.parquet   probe records (step, block, stage, index, stat, value)
     <grid>/runs/<run_id>/checkpoint.pt    resumable training state
@@ -43,6 +45,7 @@ STATES = ("queued", "running", "completed", "diverged", "failed")
 FINISHED = ("completed", "diverged")
 DAMAGED = "damaged"  # shown by status/report for a run whose files cannot be read
 RESULT_FILES = ("metrics.parquet", "blocks.parquet")
+PROGRESS_FILE = "progress.json"  # written by the worker every few seconds while a run trains
 
 
 class DamagedFile(Exception):
@@ -194,7 +197,8 @@ class GridStore:
             write_json(
                 run_dir / "config.json",
                 {"run_id": run.run_id, "grid": self.grid, "axes": run.axes, "config": run.config,
-                 "label": run.label, "model_departures": run.departures},
+                 "label": run.label, "model_departures": run.departures,
+                 "effective": run.effective},
             )
             write_json(run_dir / "status.json", {"state": "queued", "attempts": 0,
                                                  "queued_at": time.time()})
@@ -223,6 +227,14 @@ class GridStore:
 
     def state(self, run_id: str) -> str:
         return self.status(run_id).get("state", "queued")
+
+    def progress(self, run_id: str) -> dict | None:
+        """The run's last progress record ({"step", "total", "loss", "at"}), or None; best
+        effort: an unreadable record reads as none."""
+        try:
+            return read_json(self.run_dir(run_id) / PROGRESS_FILE)
+        except DamagedFile:
+            return None
 
     def damage(self, run_id: str, status: dict | None = None) -> DamagedFile | None:
         """The first unreadable file of a run (config, status, and a finished run's results)."""
@@ -261,7 +273,8 @@ class GridStore:
                     moved.append(set_aside(path).name)
             if not (run_dir / "config.json").exists():
                 write_json(run_dir / "config.json", {"run_id": run.run_id, "grid": self.grid,
-                                                     "axes": run.axes, "config": run.config})
+                                                     "axes": run.axes, "config": run.config,
+                                                     "effective": run.effective})
             try:
                 previous = self.status(run.run_id)
             except DamagedFile:
@@ -363,6 +376,34 @@ def flatten_config(config: dict, prefix: str = "") -> dict:
     return out
 
 
+AGC_ONLY_KEYS = ("clip.eps", "clip.exclude", "clip.clip_classifier")
+
+
+def applied_values(config: dict, effective: dict | None = None) -> dict:
+    """A run's config flattened to dotted keys as the trainer uses it: ``lr`` is the peak
+    learning rate, the clipping is as applied (``effective``, the record config.json holds;
+    computed from ``config`` for stores written before it), and a value the run does not use
+    is None rather than a stale one: ``clip.threshold`` for mode none, AGC's eps, exclude and
+    clip_classifier for the other modes, ``base_lr`` where ``lr`` is given, ``epochs`` where
+    ``steps`` is."""
+    from ablations.spec import effective_settings
+
+    flat = flatten_config(config)
+    if not effective:
+        try:
+            effective = effective_settings(config)
+        except (UserError, TypeError, ValueError):  # a config this version cannot build
+            effective = {}
+    out = {**flat, **effective}
+    if out.get("clip.mode") != "agc":
+        out.update({key: None for key in AGC_ONLY_KEYS if key in out})
+    if flat.get("lr") is not None and "base_lr" in out:
+        out["base_lr"] = None
+    if flat.get("steps") is not None and "epochs" in out:
+        out["epochs"] = None
+    return out
+
+
 def mark_differing_keys(rows: list[dict], configs: dict[str, dict]) -> list[dict]:
     """Add to every run's ``axes`` the config keys that differ between runs of one grid folder
     but are no axis: runs stored by an earlier spec with another base value. Without this they
@@ -417,7 +458,9 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
     ``runs`` has one row per run: grid, run_id, status, error, ``model_label`` (the model as
     built, e.g. "NF-ResNet [1,1,1,1] x0.125"; None in stores written before labels),
     ``model_departures`` ({model option: registry default} for the options the run changes), the
-    config flattened to dotted columns (``model.name``, ``clip.mode``, ``batch_size``...),
+    config flattened to dotted columns (``model.name``, ``clip.mode``, ``batch_size``...) as
+    the run uses it (:func:`applied_values`: ``lr`` is the peak lr, values the run does not use
+    are None),
     ``axes`` (the keys the grid varied for this run), the summary metrics ``SUMMARY_COLUMNS``
     (``gain_clip_ratio``: the median ratio of zero-initialised gains' gradients to what AGC
     lets through over the first steps, see ``sigprop.gains``; None when no such gain) and
@@ -456,7 +499,7 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
                         "model_label": cfg.get("label") or None,
                         "model_departures": cfg.get("model_departures") or {}})
             configs[rid] = flatten_config(cfg["config"])
-            row.update(configs[rid])
+            row.update(applied_values(cfg["config"], cfg.get("effective")))
             row.update({k: summary.get(k) for k in SUMMARY_COLUMNS})
             row["warnings"] = tuple(status.get("warnings") or ())
             if state in FINISHED:

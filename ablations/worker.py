@@ -14,9 +14,18 @@ from typing import Any
 
 import pandas as pd
 
-from ablations.store import FINISHED, DamagedFile, GridStore, environment, set_aside
+from ablations.store import (
+    FINISHED,
+    PROGRESS_FILE,
+    DamagedFile,
+    GridStore,
+    environment,
+    set_aside,
+    write_json,
+)
 
-PROGRESS_INTERVAL_S = 0.5
+PROGRESS_INTERVAL_S = 0.5  # progress events to the runner's console
+PROGRESS_RECORD_S = 5.0  # the run folder's progress.json (read by `status`)
 
 
 def resolve_device(device: str) -> str:
@@ -100,20 +109,29 @@ def _train_and_store(store: GridStore, run_id: str, status: dict, record: dict, 
         pid=os.getpid(), device=device, environment=environment(device), error=None,
         traceback=None,
     )
-    last_post = [0.0]
+    progress_path = store.run_dir(run_id) / PROGRESS_FILE
+    last_post, last_record, last_loss = [0.0], [-float("inf")], [None]
 
     def progress(step: int, total: int, loss: float | None = None) -> None:
         nonlocal events
+        if loss is not None:  # the trainer passes a loss when it has read one back
+            last_loss[0] = float(loss)
         now = time.monotonic()
+        if now - last_record[0] >= PROGRESS_RECORD_S or step == total:
+            last_record[0] = now
+            try:  # atomic and small; every few seconds it costs nothing next to a step
+                write_json(progress_path, {"step": step, "total": total, "loss": last_loss[0],
+                                           "at": time.time()})
+            except OSError:
+                pass  # progress is advisory: a full disk shows up in the status write
         if events is not None and (now - last_post[0] > PROGRESS_INTERVAL_S or step == total):
             last_post[0] = now
-            try:
-                events.put(("step", slot, run_id, step, total))
-            except Exception:  # noqa: BLE001 - a lost progress queue must not fail the run
+            if not post(events, ("step", slot, run_id, step, total, last_loss[0])):
                 events = None
 
     checkpoint = store.run_dir(run_id) / "checkpoint.pt"
-    try:
+    try:  # from here on an interrupt stores the run as queued again
+        post(events, ("step", slot, run_id, 0, 0, None))  # total 0: the run has started
         config = TrainConfig.from_dict({**record["config"], "device": device})
         try:
             result = train(config, progress=progress, checkpoint_path=checkpoint, resume=True)
@@ -148,6 +166,17 @@ def _train_and_store(store: GridStore, run_id: str, status: dict, record: dict, 
         store.write_results, metrics, blocks, state=result.status, finished_at=time.time(),
         duration_s=duration, summary=summary, warnings=list(getattr(result, "warnings", [])),
     )
+
+
+def post(events: Any, event: tuple) -> bool:
+    """Put a progress event on the runner's queue; False once the queue is gone."""
+    if events is None:
+        return False
+    try:
+        events.put(event)
+    except Exception:  # noqa: BLE001 - a lost progress queue must not fail the run
+        return False
+    return True
 
 
 def remove_stale_temporaries(run_dir) -> None:

@@ -364,7 +364,7 @@ def settings_section(frame: pd.DataFrame) -> Section:
                  if isinstance(value, tuple | list) else fmt_value(value))
         rows.append({"setting": key, "value": shown,
                      "authors' default": "" if default is None else fmt_value(default)})
-    if "base_lr" in frame and "lr" not in varied and frame.get("lr", pd.Series()).isna().all():
+    if "base_lr" in frame and "lr" not in varied and frame["base_lr"].notna().all():
         rows.append({"setting": "peak lr", "value": "base_lr × batch size / 256",
                      "authors' default": ""})
     parts = ["The settings every run shares (a model option applies to the models that have "

@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sigprop.errors import UserError
+from sigprop.errors import UserError, did_you_mean
 from sigprop.files import writable_dir_error
 from sigprop.layers import StochasticDepth
 from sigprop.models import create_model, model_options, resolve_config
@@ -129,7 +129,8 @@ def check_overrides(names: Sequence[str], overrides: dict | None) -> None:
 
 def check_input(kind: str) -> str:
     if kind not in INPUTS:
-        raise UserError(f"unknown input {kind!r}; valid inputs: {', '.join(INPUTS)}")
+        raise UserError(f"unknown input {kind!r}{did_you_mean(kind, INPUTS)}; valid inputs: "
+                        f"{', '.join(INPUTS)}")
     return kind
 
 
@@ -415,7 +416,8 @@ PRESETS: dict[str, SppPreset] = {
 
 def preset(name: str) -> SppPreset:
     if name not in PRESETS:
-        raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        raise UserError(f"unknown preset {name!r}{did_you_mean(name, PRESETS)}; valid presets: "
+                        f"{', '.join(PRESETS)}")
     return PRESETS[name]
 
 
@@ -452,26 +454,24 @@ def write_spp(
     overrides: dict | None = None,
     input_shape: Sequence[int] = DEFAULT_INPUT_SHAPE,
     seeds: int | Iterable[int] = DEFAULT_SEEDS,
-    out_dir: str | os.PathLike = "spp_out",
+    out_dir: str | os.PathLike = "runs/spp",
     *,
     input: str = "noise",
     data_dir: str | os.PathLike | None = None,
-    caption: str | None = None,
     warn: Callable[[str], None] | None = None,
 ) -> dict[str, Path]:
-    """Measure ``models`` and write ``spp.parquet``, ``spp.csv`` (raw, one row per seed),
-    ``spp_summary.csv`` (mean/std over seeds) and ``spp.png`` (the three-panel plot) into
-    ``out_dir``; returns the paths by kind.
+    """Measure ``models`` and write ``spp.parquet``, ``spp.csv`` (raw, one row per seed) and
+    ``spp_summary.csv`` (mean/std over seeds) into ``out_dir``; returns the paths by kind.
+    (The command line draws ``spp.png`` from the parquet: drawing is the report layer's job,
+    :func:`reports.figures.spp.plot_spp`.)
 
     ``models``: names, or ``(name, overrides)`` pairs whose overrides apply to that model only
     (on top of ``overrides``, which apply to every model that has the option; an option no
     model has is an error); such a model is labelled :func:`model_label`. ``input``: see
-    :func:`signal_propagation`. ``caption``: extra caption text under the plot. ``warn`` is
+    :func:`signal_propagation`. ``warn`` is
     called with one line when some block sees a tiny feature map. Input errors raise
     :class:`UserError` before any model runs.
     """
-    from reports.figures.spp import plot_spp  # matplotlib is only needed here
-
     if not models:
         raise UserError("name at least one model")
     check_input(input)
@@ -489,11 +489,9 @@ def write_spp(
                 f"{', '.join(options)}"
             )
     check_overrides([name for name, _ in entries], overrides)
-    for name, own in entries:  # bad values (padding="valid", width_mult=-1) before any work
-        resolve_config(name, **spp_overrides(name, {**(overrides or {}), **own}))
     shape = check_input_shape(input_shape)
     seed_list = _seed_list(seeds)
-    for name, own in entries:  # bad option values fail before the output folder is made
+    for name, own in entries:  # bad values (padding="valid", width_mult=-1) before any work
         resolve_config(name, **spp_overrides(name, {**(overrides or {}), **own}))
     path = _writable_dir(out_dir)
     batches = input_batches(input, shape, seed_list, data_dir)
@@ -511,15 +509,10 @@ def write_spp(
         "parquet": path / "spp.parquet",
         "csv": path / "spp.csv",
         "summary": path / "spp_summary.csv",
-        "png": path / "spp.png",
     }
     frame.to_parquet(paths["parquet"], index=False)
     frame.to_csv(paths["csv"], index=False)
     summarize_spp(frame).to_csv(paths["summary"], index=False)
-    # titled from the frame (input, shape, seeds), as the grid report titles it
-    plot_spp(frame, caption=caption).savefig(
-        paths["png"], dpi=120, bbox_inches="tight"
-    )
     message = spp_warning(frame)
     if message and warn is not None:
         warn(message)

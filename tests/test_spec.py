@@ -115,7 +115,8 @@ def test_data_profile_applies_for_its_data_set_and_set_wins_over_it():
 @pytest.mark.parametrize(
     "grid, extra, message",
     [
-        ({"lrr": [0.1]}, {}, r"grid\.lrr: unknown key 'lrr'; valid keys: .*batch_size"),
+        ({"lrr": [0.1]}, {},
+         r"grid\.lrr: unknown key 'lrr' \(did you mean 'lr'\?\); valid keys: .*batch_size"),
         ({"model.alpah": [0.1]}, {}, r"no model has the option 'alpah'"),
         ({"clip.treshold": [0.1]}, {}, r"unknown clip option 'treshold'"),
         ({"batch_size": []}, {}, r"grid\.batch_size is an empty axis"),
@@ -187,3 +188,75 @@ def test_agc_batch_grid_shape():
     assert len(nf) == 3 * 4 * 3 and len(bn) == 4 * 3  # BN: unclipped reference only
     agc = {r.config["clip"]["threshold"] for r in nf if r.config["clip"]["mode"] == "agc"}
     assert agc == {0.01}
+
+
+def readme_grid() -> str:
+    """The example spec of the README's "Ablation grids" section, as written there."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = next(part for part in text.split("```toml\n")[1:]
+                 if part.startswith('name = "my_grid"'))
+    return block.split("```")[0]
+
+
+def test_readme_example_grid_expands_to_its_intended_36_runs(tmp_path):
+    path = tmp_path / "my_grid.toml"
+    path.write_text(readme_grid())
+    runs = expand(load_spec(path))
+    nf = [r for r in runs if r.config["model"]["name"] == "nf_resnet26"]
+    bn = [r for r in runs if r.config["model"]["name"] == "bn_resnet26_v2"]
+    assert (len(runs), len(nf), len(bn)) == (36, 27, 9)
+    clipping = {(r.config["clip"]["mode"], r.effective["clip.threshold"]) for r in nf}
+    assert clipping == {("none", None), ("norm", 1.0), ("agc", 0.01)}
+    # the [when] on clip.mode drops the tied threshold too: BN runs take both from the base,
+    # never a threshold borrowed from the norm entry
+    assert {(r.config["clip"]["mode"], r.config["clip"]["threshold"]) for r in bn} == {
+        ("agc", 0.01)}
+    assert all("clip.mode" not in r.axes and "clip.threshold" not in r.axes for r in bn)
+
+
+def test_a_when_on_any_tied_key_applies_to_the_whole_tie():
+    grid = {"model.name": ["nf_resnet26", "bn_resnet26_v2"], "clip.mode": ["none", "agc"],
+            "clip.threshold": [0.5, 0.02]}
+    tie = {"tie": {"clipping": ["clip.mode", "clip.threshold"]}}
+    on_mode = expand(spec(grid, **tie, when={"clip.mode": {"model.name": ["nf_resnet26"]}}))
+    on_threshold = expand(spec(grid, **tie,
+                               when={"clip.threshold": {"model.name": ["nf_resnet26"]}}))
+    assert [r.run_id for r in on_mode] == [r.run_id for r in on_threshold]
+    assert len(on_mode) == 3  # NF x (none, agc 0.02), BN once with the base clipping
+    bn = [r for r in on_mode if r.config["model"]["name"] == "bn_resnet26_v2"]
+    assert [r.config["clip"] for r in bn][0]["mode"] == BASE["clip"]["mode"]
+
+
+def test_effective_settings_give_the_peak_lr_and_the_clipping_as_applied():
+    from ablations.spec import effective_settings
+
+    runs = expand(spec({"batch_size": [64, 512], "clip.mode": ["none", "agc"],
+                        "clip.threshold": [0.02]}))
+    for run in runs:
+        assert run.effective["lr"] == pytest.approx(0.1 * run.config["batch_size"] / 256)
+        mode = run.config["clip"]["mode"]
+        assert run.effective["clip.mode"] == mode
+        assert run.effective["clip.threshold"] == (0.02 if mode == "agc" else None)
+    given = effective_settings({**BASE, "lr": 0.3, "batch_size": 512})
+    assert given["lr"] == 0.3
+
+
+def test_dry_run_shows_the_values_each_run_uses(tmp_path, capsys):
+    path = tmp_path / "my_grid.toml"
+    path.write_text(readme_grid())
+    assert main(["run", str(path), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "NaN" not in out and "None" not in out
+    lines = out.splitlines()
+    header = next(line.split() for line in lines if line.split()[:1] == ["run_id"])
+    assert header[header.index("model.name"):] == [
+        "model.name", "clip.mode", "clip.threshold", "batch_size", "seed", "lr"]
+    # read from the right: model.name, clip.mode, clip.threshold, batch_size, seed, lr
+    bn = [line.split() for line in lines if " bn_resnet26_v2 " in line]
+    assert len(bn) == 9 and all(row[-5:-3] == ["agc", "0.01"] for row in bn)
+    unclipped = [line.split() for line in lines if " none " in line]
+    # no threshold for unclipped runs: the mode is followed by the batch size
+    assert len(unclipped) == 9 and all(row[-4] == "none" for row in unclipped)
+    lr_of = {int(row[-3]): float(row[-1]) for row in bn}
+    assert lr_of == {256: 0.1, 1024: 0.4, 4096: 1.6}  # base_lr 0.1 x B / 256
+    assert lines[-1] == "36 runs in grid my_grid"

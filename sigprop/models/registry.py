@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from sigprop.errors import UserError
+from sigprop.errors import UserError, did_you_mean
 from sigprop.models.base import check_values
 
 
@@ -42,7 +42,8 @@ def list_models(family: str | None = None) -> list[str]:
 def model_spec(name: str) -> ModelSpec:
     _load_families()
     if name not in _REGISTRY:
-        raise ModelError(f"unknown model {name!r}; valid models: {', '.join(_REGISTRY)}")
+        raise ModelError(f"unknown model {name!r}{did_you_mean(name, _REGISTRY)}; valid models: "
+                         f"{', '.join(_REGISTRY)}")
     return _REGISTRY[name]
 
 
@@ -58,8 +59,8 @@ def resolve_config(name: str, **overrides):
     unknown = sorted(set(overrides) - set(valid))
     if unknown:
         raise ModelError(
-            f"unknown option(s) {', '.join(unknown)} for model {name!r}; valid options: "
-            f"{', '.join(valid)}"
+            f"unknown option(s) {', '.join(unknown)} for model {name!r}"
+            f"{did_you_mean(unknown[0], valid)}; valid options: {', '.join(valid)}"
         )
     try:
         values = check_values(spec.config_cls, {**spec.defaults, **overrides})
