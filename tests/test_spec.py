@@ -209,8 +209,8 @@ def test_readme_example_grid_expands_to_its_intended_36_runs(tmp_path):
     assert clipping == {("none", None), ("norm", 1.0), ("agc", 0.01)}
     # the [when] on clip.mode drops the tied threshold too: BN runs take both from the base,
     # never a threshold borrowed from the norm entry
-    assert {(r.config["clip"]["mode"], r.config["clip"]["threshold"]) for r in bn} == {
-        ("agc", 0.01)}
+    assert {(r.effective["clip.mode"], r.effective["clip.threshold"]) for r in bn} == {
+        ("none", None)}
     assert all("clip.mode" not in r.axes and "clip.threshold" not in r.axes for r in bn)
 
 
