@@ -23,8 +23,9 @@ probe back to the executor as the previous one ends.
 Stability criterion (``[frontier]`` ``metric``, ``max_ratio``, ``window``): a probe is stable
 when it did not diverge (``TrainConfig.diverge_loss`` or a non-finite loss) and the mean
 training loss (``loss``, per step) over its last ``window`` steps is below ``max_ratio``
-(default 0.5) times the mean over its first ``window`` steps (default window: a tenth of the
-run, 1 to 10 steps). A run that neither diverged nor learned counts as unstable.
+(default 0.8: the loss fell by a fifth) times the mean over its first ``window`` steps
+(default window: a tenth of the run, 1 to 10 steps). A run that neither diverged nor learned
+counts as unstable; ``FrontierSettings`` says why 0.8.
 
 Every probe is an ordinary run of the grid's store, with its own run id (its config holds its
 lr): ``status``, ``report``, resume after kill -9 and reruns that read stored probes back work
