@@ -286,7 +286,8 @@ class LocalExecutor:
                         retry_at[rid] = time.monotonic() + BUSY_RETRY_S
                         pending.append(rid)
                         continue
-                    pending.extend(on_result(result) or ())
+                    # follow-ups first: a frontier cell finishes before the next one starts
+                    pending.extendleft(reversed(on_result(result) or ()))
                 if broken:
                     pool_broke()
         except KeyboardInterrupt:

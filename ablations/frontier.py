@@ -365,11 +365,3 @@ def run_frontier(
     outcome.probes_stored = int(frame["n_probes"].sum()) - outcome.probes_run
     outcome.counts = frame["status"].value_counts().to_dict()
     return outcome
-
-
-def read_frontier(grid_dir: str | Path) -> pd.DataFrame | None:
-    """A grid folder's ``frontier.parquet``, or None when the grid has none."""
-    path = Path(grid_dir) / FRONTIER_FILE
-    if not path.is_file():
-        return None
-    return read_parquet(path)

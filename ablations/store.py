@@ -414,6 +414,13 @@ def differing_base_keys(store: GridStore, runs: list) -> list[str]:
     return sorted(found)
 
 
+def read_frontier(grid_dir: str | Path) -> pd.DataFrame | None:
+    """A grid folder's ``frontier.parquet`` (see :func:`load_results`), or None when the grid
+    has none; :class:`DamagedFile` when it cannot be read."""
+    path = Path(grid_dir) / FRONTIER_FILE
+    return read_parquet(path) if path.is_file() else None
+
+
 def grid_dirs(path: Path) -> list[Path]:
     if (path / "runs").is_dir():
         return [path]
@@ -505,7 +512,7 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
         rows += mark_differing_keys(grid_rows, configs)
         if (grid_dir / FRONTIER_FILE).is_file():
             try:
-                frontiers.append(read_parquet(grid_dir / FRONTIER_FILE))
+                frontiers.append(read_frontier(grid_dir))
             except DamagedFile as err:
                 import warnings
 
