@@ -188,9 +188,10 @@ class FrontierSearch:
         self.spec, self.store, self.settings = spec, store, settings
         self.points = lattice(settings)
         self.cells = [Cell(run, BisectSearch(len(self.points))) for run in cells]
-        self.by_probe: dict[str, Cell] = {}
+        self.by_probe: dict[str, list[Cell]] = {}  # probe out at the executor -> its cells
         self.retry_failed, self.stream = retry_failed, stream
         self.done = 0
+        self.executed = 0  # probes run by this invocation
 
     def start(self) -> list[str]:
         """The first probe to execute of every cell (stored probes are read back first)."""
@@ -198,7 +199,7 @@ class FrontierSearch:
 
     def advance(self, cell: Cell) -> str | None:
         """Walk the cell's search through stored probes; the id of the next probe to run, or
-        None when the cell's search has ended."""
+        None when the cell's search has ended (or waits on a probe another cell runs)."""
         while (index := cell.search.next_index()) is not None:
             probe = probe_run(cell.run, self.points[index], self.settings)
             try:
@@ -209,8 +210,10 @@ class FrontierSearch:
                                 f"{err.strerror or err}") from None
             if todo:
                 cell.pending = (index, probe.run_id)
-                self.by_probe[probe.run_id] = cell
-                return probe.run_id
+                waiting = self.by_probe.setdefault(probe.run_id, [])
+                waiting.append(cell)
+                # two cells can share a probe (cells equal but for a key the probe ignores)
+                return probe.run_id if len(waiting) == 1 else None
             if not self.settle(cell, index, probe.run_id):
                 break
         self.finish(cell)
@@ -234,22 +237,23 @@ class FrontierSearch:
         return True
 
     def on_result(self, result: dict) -> list[str]:
-        """Executor callback: a probe ended; returns the cell's next probe to run, if any."""
+        """Executor callback: a probe ended; returns the next probes of its cells, if any."""
         rid = result["run_id"]
-        cell = self.by_probe.get(rid)
-        if cell is None or cell.pending is None or cell.pending[1] != rid:
-            return []
-        if result["state"] in ("interrupted", "requeued", "busy"):
+        if rid not in self.by_probe or result["state"] in ("interrupted", "requeued", "busy"):
             return []  # resumes (requeued: the executor runs it again itself)
-        index, _ = cell.pending
-        cell.pending = None
-        self.by_probe.pop(rid)
-        cell.ran += 1
-        if not self.settle(cell, index, rid):
-            self.finish(cell)
-            return []
-        follow_up = self.advance(cell)
-        return [follow_up] if follow_up else []
+        follow_ups = []
+        self.executed += 1
+        for cell in self.by_probe.pop(rid):
+            index, _ = cell.pending
+            cell.pending = None
+            cell.ran += 1
+            if not self.settle(cell, index, rid):
+                self.finish(cell)
+                continue
+            follow_up = self.advance(cell)
+            if follow_up:
+                follow_ups.append(follow_up)
+        return follow_ups
 
     def finish(self, cell: Cell) -> None:
         cell.finished = True
@@ -361,7 +365,8 @@ def run_frontier(
             raise UserError(f"cannot write {store.dir / FRONTIER_FILE}: "
                             f"{err.strerror or err}") from None
     outcome.frame = frame
-    outcome.probes_run = sum(cell.ran for cell in search.cells)
-    outcome.probes_stored = int(frame["n_probes"].sum()) - outcome.probes_run
+    outcome.probes_run = search.executed
+    outcome.probes_stored = len({rid for cell in search.cells
+                                 for rid, _ in cell.probes.values()}) - search.executed
     outcome.counts = frame["status"].value_counts().to_dict()
     return outcome
