@@ -22,9 +22,9 @@ probe back to the executor as the previous one ends.
 
 Stability criterion (``[frontier]`` ``metric``, ``max_ratio``, ``window``): a probe is stable
 when it did not diverge (``TrainConfig.diverge_loss`` or a non-finite loss) and the mean
-training loss (``loss``, per step) over its last ``window`` steps is below ``max_ratio``
-(default 0.8: the loss fell by a fifth) times the mean over its first ``window`` steps
-(default window: a tenth of the run, 1 to 10 steps). A run that neither diverged nor learned
+training loss (``loss``, per step) over its last ``window`` steps (default: a tenth of the
+run, 1 to 10 steps) is below ``max_ratio`` (default 0.8: the loss fell by a fifth) times the
+initial loss (step 0's, before any update). A run that neither diverged nor learned
 counts as unstable; ``FrontierSettings`` says why 0.8.
 
 Every probe is an ordinary run of the grid's store, with its own run id (its config holds its
@@ -134,7 +134,7 @@ def probe_stability(store: GridStore, rid: str, settings: FrontierSettings) -> b
     if not len(loss) or not np.isfinite(loss).all():
         return False
     window = settings.window or min(10, max(1, len(loss) // 10))
-    initial, final = loss[:window].mean(), loss[-window:].mean()
+    initial, final = loss[0], loss[-window:].mean()  # FrontierSettings: why not a mean
     return bool(final < settings.max_ratio * initial)
 
 

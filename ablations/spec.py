@@ -249,12 +249,14 @@ class FrontierSettings:
     The probes' learning rates are the lattice ``lr_min * resolution**k`` (the last point is
     ``lr_max``). ``steps``: updates per probe run (None: the cell's own length). A probe is
     stable when it did not diverge and the mean of ``metric`` over its last ``window`` steps
-    is below ``max_ratio`` times the mean over its first ``window`` steps (default window: a
-    tenth of the steps, 1 to 10). The default 0.8 asks that the loss fell by a fifth: a run
-    stalled at chance keeps its initial loss (ratio about 1), while a short run at a small but
-    healthy rate may not yet have halved it (digits, 40 steps: ratios 0.4 to 0.7), and a
-    stricter ratio would call small rates unstable, against the search's assumption that
-    stability only fails above an edge.
+    (default: a tenth of the steps, 1 to 10) is below ``max_ratio`` times its first value, the
+    loss at initialisation (step 0, before any update). Not a mean over the first steps: at a
+    rate near the edge the loss spikes during warmup (12 at step 2 on digits), and a window
+    mean over the spike once let a run that ended at chance pass as stable. The default 0.8
+    asks that the loss fell by a fifth: a run stalled at chance keeps its initial loss (ratio
+    about 1), while a short run at a small but healthy rate may not yet have halved it
+    (digits, 40 steps: ratios 0.4 to 0.7), and a stricter ratio would call small rates
+    unstable, against the search's assumption that stability only fails above an edge.
     """
 
     lr_min: float

@@ -443,3 +443,21 @@ def test_frontier_figures_and_report_section_are_written(tmp_path):
     assert "## Stability frontier" in text
     assert (grid_dir / "report_files" / "frontier.png").is_file()
     assert (grid_dir / "report_files" / "frontier-accuracy.png").is_file()
+
+
+def test_a_warmup_spike_does_not_pass_a_run_ending_at_chance_as_stable(tmp_path):
+    """Measured on digits (AGC 0.02, batch 1024, lr 4.5): the loss spiked to 12 at step 2 and
+    ended at 2.3, the initial loss; a mean over the first steps would call that stable."""
+    from ablations.frontier import probe_stability
+
+    store = GridStore(tmp_path, "g")
+    settings = FrontierSettings(0.1, 10.0, steps=40)
+    spike = np.r_[[2.31, 2.85, 12.38, 4.86], np.full(36, 2.3)]
+    learnt = np.r_[[2.31, 2.85, 12.38, 4.86], np.linspace(2.2, 0.9, 36)]
+    for rid, loss in (("spike", spike), ("learnt", learnt)):
+        (store.run_dir(rid)).mkdir(parents=True)
+        store.write_results(rid, pd.DataFrame({"step": np.arange(40), "loss": loss}),
+                            pd.DataFrame(), state="completed")
+    assert probe_stability(store, "spike", settings) is False
+    assert probe_stability(store, "learnt", settings) is True
+    assert probe_stability(store, "learnt", FrontierSettings(0.1, 10.0, max_ratio=0.3)) is False
