@@ -158,8 +158,7 @@ def plot_frontier(frontier: pd.DataFrame, reference: str | None = None) -> Figur
     labels += ["stable up to lr_max (edge higher)", "unstable at lr_min (edge lower)"]
     ax.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     resolution = frame["resolution"].iloc[0] if "resolution" in frame else float("nan")
-    ax.set_title(f"Stability frontier (line: geometric mean over seeds, band: min–max; "
-                 f"resolution x{resolution:.3g})", fontsize=9)
+    ax.set_title(f"Stability frontier (resolution x{resolution:.3g})", fontsize=9)
     ax.grid(True, which="major", alpha=0.3)
     return fig
 
@@ -197,9 +196,8 @@ def plot_frontier_accuracy(frontier: pd.DataFrame) -> Figure:
     ax.set_ylabel("final test accuracy at the frontier")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     steps = frame["probe_steps"].dropna().unique() if "probe_steps" in frame else []
-    ax.set_title("Accuracy of the probe at the largest stable learning rate (mean over seeds, "
-                 f"band: min–max{'; ' + str(int(steps[0])) + ' steps' if len(steps) == 1 else ''})",
-                 fontsize=9)
+    length = f", {int(steps[0])}-step probes" if len(steps) == 1 else ""
+    ax.set_title(f"Accuracy at the largest stable learning rate{length}", fontsize=9)
     ax.grid(True, alpha=0.3)
     return fig
 
