@@ -461,3 +461,28 @@ def test_a_warmup_spike_does_not_pass_a_run_ending_at_chance_as_stable(tmp_path)
     assert probe_stability(store, "spike", settings) is False
     assert probe_stability(store, "learnt", settings) is True
     assert probe_stability(store, "learnt", FrontierSettings(0.1, 10.0, max_ratio=0.3)) is False
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+@pytest.mark.ray
+def test_the_search_on_ray_finds_what_the_local_executor_finds(tmp_path):
+    """The follow-up probes go through the Ray executor too; training is deterministic, so
+    both executors find the same frontier from the same probes."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    from ablations.executors import LocalExecutor, RayExecutor
+
+    spec = load_spec(write_spec(tmp_path), ["seed=0", "batch_size=16", "frontier.resolution=4"])
+    local = run_frontier(spec, tmp_path / "local", LocalExecutor(workers=1, device="cpu"),
+                         stream=io.StringIO())
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        remote = run_frontier(spec, tmp_path / "ray", RayExecutor(cpus_per_run=1),
+                              stream=io.StringIO())
+    finally:
+        ray.shutdown()
+    assert remote.probes_run == local.probes_run >= 2
+    columns = ["cell_id", "status", "max_stable_lr", "min_unstable_lr", "n_probes", "final_acc"]
+    pd.testing.assert_frame_equal(remote.frame[columns], local.frame[columns])
