@@ -115,6 +115,11 @@ examples:
 examples:
   sigprop quickstart
   sigprop quickstart --workers 1 --out /tmp/runs""",
+    "frontier": """\
+examples:
+  sigprop frontier frontier_batch --dry-run
+  sigprop frontier frontier_batch --workers 2
+  sigprop frontier frontier_batch --set seed=0 --set frontier.steps=20""",
     "export": """\
 examples:
   sigprop export tensorboard runs/quickstart
@@ -243,6 +248,19 @@ def add_grid_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dry-run", action="store_true",
                    help="list the runs with the values they will use, and their count")
     p.set_defaults(func=cmd_run)
+
+    p = add_command(
+        sub, "frontier", help="the largest stable learning rate of every cell of a grid, by "
+        "search (the spec's [frontier] section)",
+        description="For every cell of the grid (its axes without lr), bisect on log-lr between "
+        "the [frontier] bounds to its resolution; every probe is an ordinary stored run, so a "
+        "rerun resumes and repeats no stored probe. Writes OUT/<grid>/frontier.parquet and the "
+        "report.")
+    p.add_argument("spec", help="a spec TOML file with a [frontier] section, or a shipped grid")
+    add_run_options(p)
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the cells, the learning-rate lattice and the probe budget")
+    p.set_defaults(func=cmd_frontier)
 
     p = add_command(sub, "status", help="table of a grid's runs and their states",
                     description="One row per stored run: its state (a running run with its "
@@ -412,6 +430,43 @@ def execute(spec, args: argparse.Namespace):
         say(args, f"grid {spec.name} done in {outcome.duration_s:.0f}s: {counts}")
     say(args, f"results: {outcome.grid_dir}")
     return outcome
+
+
+def cmd_frontier(args: argparse.Namespace) -> int:
+    """The stability frontier of every cell of a spec with a [frontier] section."""
+    import math
+
+    from ablations.frontier import cells_of, lattice, run_frontier
+    from ablations.runner import dry_run_table
+    from ablations.spec import load_spec
+
+    spec = load_spec(spec_path(args.spec), args.set)
+    if args.dry_run:
+        settings, cells = cells_of(spec, max_runs(args))
+        points = lattice(settings)
+        print(dry_run_table(cells).to_string(index=False))
+        print(f"{len(cells)} cells in grid {spec.name}; lr {settings.lr_min:g} to "
+              f"{settings.lr_max:g} by x{settings.resolution:.4g}: {len(points)} rates, at most "
+              f"{math.ceil(math.log2(len(points) + 1))} probes per cell (a full grid: "
+              f"{len(cells) * len(points)} runs)")
+        for line in spec.untested_claims:
+            print(f"claim {line}")
+        return 0
+    outcome = run_frontier(spec, args.out, make_executor(args), retry_failed=args.retry_failed,
+                           max_runs=max_runs(args), download=args.download)
+    counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
+    probes = (f"{outcome.probes_run} probe runs ({outcome.probes_stored} read back from the "
+              f"store; a full grid at this resolution: {outcome.full_grid} runs)")
+    if outcome.interrupted:
+        print(f"interrupted after {outcome.duration_s:.0f}s: {probes}; finished probes are "
+              f"stored, run the same command to resume", file=sys.stderr)
+        return exit_code(outcome)
+    print(f"frontier {spec.name} done in {outcome.duration_s:.0f}s: {len(outcome.frame)} cells "
+          f"({counts}); {probes}")
+    print(f"frontier: {outcome.grid_dir / 'frontier.parquet'}")
+    if not args.no_report:
+        write_report(outcome.grid_dir)
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:

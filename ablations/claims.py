@@ -9,7 +9,7 @@ show it. Nothing in a report is written to fit a claim.
     id = "C2"                                  # optional; default C1, C2, ... in order
     text = "AGC trains the NF-ResNet to 80% or more at the large batch."
     source = "paper B, Fig. 2"
-    check = "compare"                           # compare | share | trend
+    check = "compare"                           # compare | share | trend | spread
     a = { "model.name" = "nf_resnet26", "clip.mode" = "agc", batch_size = "@max" }
     value = 0.8                                 # or b = { ... }: another selection
     relation = "exceeds"                        # exceeds | below | within
@@ -42,9 +42,35 @@ needs ``min_runs`` of them, else the claim is inconclusive:
   seed ranges overlap the best one's count as tied: if only a choice among ties makes the
   sequence monotone the claim is inconclusive, if no choice does it does not hold.
 
+- ``spread``: how far ``metric`` moves over the values of the key ``over`` (e.g.
+  ``clip.threshold``), per group of runs that differ only in ``over``: the spread of a group is
+  max - min (log2(max / min), in doublings, for the frontier metrics). The spreads of selection
+  ``a`` (one per group: per seed, batch size, ...) are compared with those of ``b`` or with
+  ``value`` by the rules of ``compare``.
+
 Metrics are the run summary's (``ablations.store.SUMMARY_COLUMNS``); ``var_growth`` is the mean
 increase of block output variance from block to block within a stage at the first probed step
 (paper A: alpha^2), so it needs ``probe_every`` > 0.
+
+Frontier metrics (``max_stable_lr``, ``min_unstable_lr``) are read from the grid's frontier
+(``frontier.parquet``, one row per cell: ``run_ablations.py frontier``), not from the runs; a
+claim about them is inconclusive until the frontier exists. Each cell counts like a run. They
+compare on a log2 scale: ``margin = 1`` means a factor of 2, and ``within`` a margin of 1 says
+"within a factor of 2". A cell stable up to ``lr_max`` counts at ``lr_max`` (a lower bound);
+a cell unstable already at ``lr_min`` has no stable rate and drops out (the evidence counts
+both kinds).
+
+    [[claims]]
+    check = "compare"                           # AGC's frontier above unclipped at batch @max
+    metric = "max_stable_lr"
+    a = { "clip.mode" = "agc", batch_size = "@max" }
+    b = { "clip.mode" = "none", batch_size = "@max" }
+    [[claims]]
+    check = "spread"                            # norm's frontier moves more with lambda
+    metric = "max_stable_lr"
+    over = "clip.threshold"
+    a = { "clip.mode" = "norm" }
+    b = { "clip.mode" = "agc" }
 
 A diverged run has no final accuracy; in accuracy metrics (``final_acc``) it counts at chance
 level (1 / number of classes): a network that diverged predicts no better than that. Metrics
@@ -66,12 +92,15 @@ import pandas as pd
 
 from sigprop.errors import UserError
 
-CHECKS = ("compare", "share", "trend")
+CHECKS = ("compare", "share", "trend", "spread")
 RELATIONS = ("exceeds", "below", "within")
 OUTCOMES = ("diverged", "near_chance", "completed")
 DIRECTIONS = ("non-increasing", "non-decreasing")
+FRONTIER_METRICS = ("max_stable_lr", "min_unstable_lr")  # frontier.parquet columns, log2 scale
 METRICS = ("final_acc", "best_acc", "max_grad_norm", "clip_fraction", "steps_done",
-           "var_growth")
+           "var_growth", *FRONTIER_METRICS)
+# frontier cell statuses with an answer (ablations.frontier.SEARCHED)
+SEARCHED = ("found", "stable_to_lr_max", "unstable_at_lr_min")
 ACCURACY_METRICS = ("final_acc",)
 VERDICTS = ("holds", "does not hold", "inconclusive")
 FINISHED = ("completed", "diverged")
@@ -82,8 +111,10 @@ CHECK_FIELDS = {
     "compare": {"a", "b", "value", "relation", "margin"},
     "share": {"select", "outcome", "at_least", "chance_margin"},
     "trend": {"select", "over", "choose", "direction"},
+    "spread": {"a", "b", "value", "relation", "margin", "over"},
 }
-SELECTION_FIELDS = {"compare": ("a", "b"), "share": ("select",), "trend": ("select",)}
+SELECTION_FIELDS = {"compare": ("a", "b"), "share": ("select",), "trend": ("select",),
+                    "spread": ("a", "b")}
 
 
 class ClaimError(UserError):
@@ -172,8 +203,12 @@ def parse_claim(table: Mapping, index: int) -> Claim:
         if name == "b" and "b" not in table:
             continue
         claim.selections[name] = parse_selection(table.get(name), f"{where}.{name}")
-    if check == "compare":
+    if check in ("compare", "spread"):
         parse_compare(claim, table, where)
+    if check == "spread":
+        if not isinstance(table.get("over"), str) or not table["over"]:
+            raise ClaimError(f"{where}.over must name a run key (e.g. clip.threshold)")
+        claim.over = table["over"]
     elif check == "share":
         outcome = table.get("outcome", ["diverged"])
         outcome = [outcome] if isinstance(outcome, str) else outcome
@@ -185,7 +220,7 @@ def parse_claim(table: Mapping, index: int) -> Claim:
         claim.at_least = number(table.get("at_least", 1.0), f"{where}.at_least", 0.0, 1.0)
         claim.chance_margin = number(table.get("chance_margin", 0.1),
                                      f"{where}.chance_margin", 0.0, 1.0)
-    else:
+    elif check == "trend":
         for name in ("over", "choose"):
             if not isinstance(table.get(name), str) or not table[name]:
                 raise ClaimError(f"{where}.{name} must name a run key (e.g. batch_size)")
@@ -269,6 +304,11 @@ def check_claims(claims: Sequence[Claim], frame: pd.DataFrame, known_keys: set[s
                                   for k, v in selection.items())
                 raise UntestableClaim(f"claim {claim.id}: selection {name} ({shown}) matches "
                                       "no run of the grid")
+        if claim.check == "spread":
+            chosen = select(frame, claim.selections["a"])
+            if chosen[claim.over].nunique(dropna=True) < 2:
+                raise UntestableClaim(f"claim {claim.id}: a spread needs two or more values of "
+                                      f"{claim.over} among the runs of selection a")
         if claim.check == "trend":
             chosen = select(frame, claim.selections["select"])
             for key in (claim.over, claim.choose):
@@ -314,17 +354,40 @@ def is_number(value: Any) -> bool:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def evaluate_claims(claims: Sequence[Claim], runs: pd.DataFrame) -> list[Verdict]:
-    """A verdict for every claim over ``runs`` (the ``runs`` frame of ``load_results``)."""
-    return [evaluate(claim, runs) for claim in claims]
+def evaluate_claims(claims: Sequence[Claim], runs: pd.DataFrame,
+                    frontier: pd.DataFrame | None = None) -> list[Verdict]:
+    """A verdict for every claim over ``runs`` (the ``runs`` frame of ``load_results``); claims
+    about frontier metrics over ``frontier`` (``Results.frontier``; None: inconclusive)."""
+    return [evaluate(claim, runs, frontier) for claim in claims]
 
 
-def evaluate(claim: Claim, runs: pd.DataFrame) -> Verdict:
+def evaluate(claim: Claim, runs: pd.DataFrame, frontier: pd.DataFrame | None = None) -> Verdict:
+    if claim.metric in FRONTIER_METRICS:
+        if frontier is None or frontier.empty:
+            return Verdict(claim, "inconclusive", "no frontier",
+                           "the grid has no frontier.parquet: run `run_ablations.py frontier` "
+                           "on its spec")
+        runs = cells_as_runs(frontier)
     if claim.check == "compare":
         return evaluate_compare(claim, runs)
+    if claim.check == "spread":
+        return evaluate_spread(claim, runs)
     if claim.check == "share":
         return evaluate_share(claim, runs)
     return evaluate_trend(claim, runs)
+
+
+def cells_as_runs(frontier: pd.DataFrame) -> pd.DataFrame:
+    """Frontier cells in the shape of runs: a searched cell is a finished "run"; its search
+    status stays in ``frontier_status``."""
+    cells = frontier.copy()
+    cells["frontier_status"] = cells["status"]
+    cells["status"] = np.where(cells["status"].isin(SEARCHED), "completed", "queued")
+    return cells
+
+
+def on_log_scale(claim: Claim) -> bool:
+    return claim.metric in FRONTIER_METRICS
 
 
 def selection_text(runs: pd.DataFrame, selection: Mapping[str, list]) -> str:
@@ -352,7 +415,7 @@ def run_values(claim: Claim, runs: pd.DataFrame) -> np.ndarray:
         values = np.where(diverged, chance_levels(runs), values)
     else:
         values = values[~diverged]
-    return values[np.isfinite(values)]
+    return values[np.isfinite(values) & ((values > 0) if on_log_scale(claim) else True)]
 
 
 def chance_levels(runs: pd.DataFrame) -> np.ndarray:
@@ -368,7 +431,10 @@ def chance_levels(runs: pd.DataFrame) -> np.ndarray:
 
 
 def fmt(claim: Claim, value: float, difference: bool = False) -> str:
-    """A metric value ('97.6%'), or a difference of two ('4.0 points' for fractions)."""
+    """A metric value ('97.6%'), or a difference of two ('4.0 points' for fractions; 'x2.0'
+    for the frontier metrics, whose differences are log2 ratios)."""
+    if on_log_scale(claim):
+        return f"x{2 ** value:.3g}" if difference else f"{value:.3g}"
     if claim.metric in ("final_acc", "best_acc", "clip_fraction"):
         return f"{100 * value:.1f} points" if difference else f"{100 * value:.1f}%"
     return f"{value:.3g}"
@@ -381,9 +447,17 @@ def describe(claim: Claim, values: np.ndarray, done: pd.DataFrame, total: int) -
     else:
         spread = (f" ({fmt(claim, values.min())}–{fmt(claim, values.max())})"
                   if len(values) > 1 else "")
-        text = f"{fmt(claim, values.mean())}{spread}"
+        mean = 2 ** np.log2(values).mean() if on_log_scale(claim) else values.mean()
+        text = f"{fmt(claim, mean)}{spread}"
     n_div = int(done["status"].eq("diverged").sum()) if "status" in done else 0
-    parts = [f"{len(done)} run{'s' if len(done) != 1 else ''}"]
+    noun = "cell" if "frontier_status" in done else "run"
+    parts = [f"{len(done)} {noun}{'s' if len(done) != 1 else ''}"]
+    if "frontier_status" in done:
+        for status, words in (("stable_to_lr_max", "stable up to lr_max (counted at lr_max)"),
+                              ("unstable_at_lr_min", "unstable at lr_min (left out)")):
+            n = int(done["frontier_status"].eq(status).sum())
+            if n:
+                parts.append(f"{n} {words}")
     if total > len(done):
         parts.append(f"{total - len(done)} not finished")
     if n_div:
@@ -416,11 +490,20 @@ def evaluate_compare(claim: Claim, runs: pd.DataFrame) -> Verdict:
         evidence.append(f"against {fmt(claim, claim.value)}")
     if claim.margin:
         evidence.append(f"margin {fmt(claim, claim.margin, difference=True)}")
+    if on_log_scale(claim) and claim.value is not None:
+        b = np.array([claim.value]) if claim.value > 0 else np.array([np.nan])
     short = too_few(claim, counts)
     if short:
         return Verdict(claim, "inconclusive", "; ".join(evidence), short)
+    if on_log_scale(claim):  # ratios of learning rates: compared as differences of log2
+        a, b = np.log2(a), np.log2(b)
     if len(a) and len(b) and claim.value is None:
         evidence.append(f"difference of means {fmt_signed(claim, a.mean() - b.mean())}")
+    return compare_verdict(claim, a, b, evidence)
+
+
+def compare_verdict(claim: Claim, a: np.ndarray, b: np.ndarray, evidence: list[str]) -> Verdict:
+    """``relation`` between the values of a and b by their ranges (module docstring)."""
     if claim.relation == "within":
         widest = max(a.max() - b.min(), b.max() - a.min())
         gap = max(a.min() - b.max(), b.min() - a.max())
@@ -442,6 +525,59 @@ def evaluate_compare(claim: Claim, runs: pd.DataFrame) -> Verdict:
     else:
         verdict, reason = "inconclusive", "the seed ranges overlap"
     return Verdict(claim, verdict, "; ".join(evidence), reason)
+
+
+def evaluate_spread(claim: Claim, runs: pd.DataFrame) -> Verdict:
+    """The spreads of ``metric`` over ``over`` in a's groups against b's (or ``value``)."""
+    evidence, counts, values = [], {}, {}
+    for name in ("a", "b") if claim.value is None else ("a",):
+        done, total = finished(runs, claim.selections[name])
+        spreads, groups = group_spreads(claim, done)
+        values[name], counts[name] = spreads, len(spreads)
+        text = (f"{fmt_spread(claim, spreads.mean())} ({fmt_spread(claim, spreads.min())}–"
+                f"{fmt_spread(claim, spreads.max())})" if len(spreads) else "no spread")
+        evidence.append(f"{name} ({selection_text(runs, claim.selections[name])}): spread over "
+                        f"{claim.over} {text}; {len(spreads)} group(s) of "
+                        f"{describe(claim, run_values(claim, done), done, total)}"
+                        + (f" ({groups} with fewer than two values)" if groups else ""))
+    if claim.value is not None:
+        values["b"] = np.array([claim.value])
+        evidence.append(f"against {fmt_spread(claim, claim.value)}")
+    if claim.margin:
+        evidence.append(f"margin {fmt_spread(claim, claim.margin)}")
+    short = too_few(claim, counts)
+    if short:
+        return Verdict(claim, "inconclusive", "; ".join(evidence),
+                       short.replace("finished runs", "groups with a spread"))
+    return compare_verdict(claim, values["a"], values["b"], evidence)
+
+
+def group_spreads(claim: Claim, done: pd.DataFrame) -> tuple[np.ndarray, int]:
+    """One spread per group of runs equal in every axis but ``over``, and the number of
+    groups with fewer than two values (no spread)."""
+    axes = sorted({a for axes in done.get("axes", []) for a in axes} - {claim.over})
+    axes = [a for a in axes if a in done]
+    spreads, short = [], 0
+    groups = (done.groupby([done[a].map(repr) for a in axes], dropna=False) if axes
+              else [((), done)])
+    for _, group in groups:
+        values = []
+        for _, row in group.iterrows():
+            one = run_values(claim, row.to_frame().T)
+            values += list(one)
+        if len(values) < 2:
+            short += 1
+            continue
+        values = np.array(values, dtype=float)
+        spreads.append(np.log2(values.max() / values.min()) if on_log_scale(claim)
+                       else values.max() - values.min())
+    return np.array(spreads, dtype=float), short
+
+
+def fmt_spread(claim: Claim, value: float) -> str:
+    if on_log_scale(claim):
+        return f"{value:.2f} doublings"
+    return fmt(claim, value, difference=True)
 
 
 def fv(value: Any) -> str:

@@ -3,6 +3,8 @@
 An executor takes the ids of stored runs and calls ``execute_run`` for each, reporting
 ``on_result(dict)`` as runs end and ``on_step(slot, run_id, step, total, loss)`` as they
 progress (``total`` 0: the run has just started; ``loss`` the latest read back, or None).
+``on_result`` may return ids of further stored runs: the executor runs them too, in the same
+pool, before it returns (the frontier search submits a cell's next probe that way).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from ablations.worker import execute_run, resolve_device
 from sigprop.errors import UserError
 from sigprop.files import atomic_path
 
-ResultCallback = Callable[[dict], None]
+ResultCallback = Callable[[dict], "list[str] | None"]
 StepCallback = Callable[[int, str, int, int, "float | None"], None]
 BUSY_RETRY_S = 1.0
 MAX_WORKER_DEATHS = 3  # requeues of a run whose worker died; one more death: failed
@@ -241,7 +243,7 @@ class LocalExecutor:
             for _, rid in running.values():
                 deaths[rid] = deaths.get(rid, 0) + (rid in blamed)
                 if deaths[rid] > MAX_WORKER_DEATHS:
-                    on_result(worker_died(root, grid, rid, deaths[rid]))
+                    pending.extend(on_result(worker_died(root, grid, rid, deaths[rid])) or ())
                 else:
                     pending.appendleft(rid)
                     on_result({"run_id": rid, "state": "requeued",
@@ -285,7 +287,8 @@ class LocalExecutor:
                         retry_at[rid] = time.monotonic() + BUSY_RETRY_S
                         pending.append(rid)
                         continue
-                    on_result(result)
+                    # follow-ups first: a frontier cell finishes before the next one starts
+                    pending.extendleft(reversed(on_result(result) or ()))
                 if broken:
                     pool_broke()
         except KeyboardInterrupt:
@@ -527,7 +530,8 @@ class RayExecutor:
                     if result["state"] == "busy":
                         retry_at[rid] = time.monotonic() + BUSY_RETRY_S
                         continue
-                    on_result(result)
+                    for follow_up in on_result(result) or ():
+                        refs[submit(follow_up)] = follow_up
         except KeyboardInterrupt:
             for ref in refs:  # a run receives KeyboardInterrupt and stores itself as queued
                 ray.cancel(ref)

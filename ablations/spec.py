@@ -27,6 +27,10 @@
     [[claims]]                  # what the grid tests; the report checks it (ablations.claims)
     text = "..."
 
+    [frontier]                  # settings of `run_ablations.py frontier` (ablations.frontier)
+    lr_min = 0.01
+    lr_max = 10.0
+
 A tie is one axis: a ``[when]`` on any of its keys applies to all of them (the tied values
 are dropped together, and the run takes every one of those keys from the base).
 
@@ -89,7 +93,7 @@ def spec_path(name_or_path: str) -> Path:
 
 SPEC_KEYS = {
     "name", "description", "intended_for", "base", "fixed", "grid", "tie", "when", "data_profiles",
-    "claims", "untested_claims",
+    "claims", "untested_claims", "frontier",
 }
 # Execution choices that do not change what a run computes, so not part of its id.
 EXECUTION_KEYS = ("device",)
@@ -124,6 +128,8 @@ class GridSpec:
     # claims that --set left without runs to test them on: "C1: why" (kept in the stored spec)
     untested_claims: list[str] = field(default_factory=list)
     overridden: bool = False  # --set changed the grid or fixed a key
+    frontier: dict = field(default_factory=dict)  # [frontier], checked by frontier_settings
+
 
     def to_toml_dict(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items()
@@ -157,7 +163,7 @@ def spec_from_dict(raw: dict, default_name: str = "grid") -> GridSpec:
             f"unknown spec section(s) {', '.join(unknown)}{did_you_mean(unknown[0], SPEC_KEYS)}; "
             f"allowed: {', '.join(sorted(SPEC_KEYS))}"
         )
-    for section in ("base", "fixed", "grid", "tie", "when", "data_profiles"):
+    for section in ("base", "fixed", "grid", "tie", "when", "data_profiles", "frontier"):
         if not isinstance(raw.get(section, {}), dict):
             raise SpecError(f"[{section}] must be a table")
     name = raw.get("name", default_name)
@@ -182,6 +188,7 @@ def spec_from_dict(raw: dict, default_name: str = "grid") -> GridSpec:
         intended_for=raw.get("intended_for", ""),
         claims=raw.get("claims", []),
         untested_claims=list(raw.get("untested_claims", [])),
+        frontier=raw.get("frontier", {}),
     )
     check_structure(spec)
     return spec
@@ -230,6 +237,8 @@ def check_structure(spec: GridSpec) -> None:
     for key in spec.when:
         if key not in spec.grid:
             raise SpecError(f"when.{key} refers to an axis that is not in [grid]")
+    if spec.frontier:
+        frontier_settings(spec)
     parsed_claims(spec)
 
 
@@ -241,6 +250,88 @@ def parsed_claims(spec: GridSpec) -> list:
         return parse_claims(spec.claims or None)
     except ClaimError as err:
         raise SpecError(str(err)) from None
+
+
+# ----------------------------------------------------------------------------- frontier
+
+# The stability criterion's metric: a per-step column of metrics.parquet (the training loss).
+CRITERION_METRICS = ("loss",)
+
+
+@dataclass(frozen=True)
+class FrontierSettings:
+    """``[frontier]``: where and how finely ``run_ablations.py frontier`` looks for the largest
+    stable learning rate of each cell (README "Stability frontier", ``ablations.frontier``).
+
+    The probes' learning rates are the lattice ``lr_min * resolution**k`` (the last point is
+    ``lr_max``). ``steps``: updates per probe run (None: the cell's own length). A probe is
+    stable when it did not diverge and the mean of ``metric`` over its last ``window`` steps
+    (default: a tenth of the steps, 1 to 10) is below ``max_ratio`` times its first value, the
+    loss at initialisation (step 0, before any update). Not a mean over the first steps: at a
+    rate near the edge the loss spikes during warmup (12 at step 2 on digits), and a window
+    mean over the spike once let a run that ended at chance pass as stable. The default 0.8
+    asks that the loss fell by a fifth: a run stalled at chance keeps its initial loss (ratio
+    about 1), while a short run at a small but healthy rate may not yet have halved it
+    (digits, 40 steps: ratios 0.4 to 0.7), and a stricter ratio would call small rates
+    unstable, against the search's assumption that stability only fails above an edge.
+    """
+
+    lr_min: float
+    lr_max: float
+    resolution: float = 2 ** 0.25
+    steps: int | None = None
+    metric: str = "loss"
+    max_ratio: float = 0.8
+    window: int | None = None
+
+
+FRONTIER_KEYS = {f.name for f in dataclasses.fields(FrontierSettings)}
+
+
+def frontier_settings(spec: GridSpec) -> FrontierSettings:
+    """The spec's ``[frontier]`` section, checked: a :class:`SpecError` names the bad field."""
+    raw = spec.frontier
+    if not isinstance(raw, dict) or not raw:
+        raise SpecError(f"spec {spec.name} has no [frontier] section (lr_min, lr_max, ...); "
+                        f"`frontier` needs one")
+    unknown = sorted(set(raw) - FRONTIER_KEYS)
+    if unknown:
+        raise SpecError(f"frontier: unknown key(s) {', '.join(unknown)}; allowed: "
+                        f"{', '.join(sorted(FRONTIER_KEYS))}")
+
+    def number(name: str, default: Any = None, integer: bool = False) -> Any:
+        value = raw.get(name, default)
+        if value is None:
+            return None
+        kind = int if integer else int | float
+        if isinstance(value, bool) or not isinstance(value, kind) \
+                or not math.isfinite(value) or value <= 0:
+            what = "a positive integer" if integer else "a positive number"
+            raise SpecError(f"frontier.{name} must be {what}, got {value!r}")
+        return value
+
+    for name in ("lr_min", "lr_max"):
+        if name not in raw:
+            raise SpecError(f"frontier.{name} is required (the learning rates searched lie "
+                            f"between lr_min and lr_max)")
+    lr_min, lr_max = float(number("lr_min")), float(number("lr_max"))
+    if lr_min >= lr_max:
+        raise SpecError(f"frontier: lr_min ({lr_min:g}) must be below lr_max ({lr_max:g})")
+    resolution = number("resolution", 2 ** 0.25)
+    if resolution <= 1:
+        raise SpecError(f"frontier.resolution must be a ratio above 1 (e.g. 1.19 = 2**0.25), "
+                        f"got {resolution!r}")
+    steps, window = number("steps", integer=True), number("window", integer=True)
+    metric = raw.get("metric", "loss")
+    if metric not in CRITERION_METRICS:
+        raise SpecError(f"frontier.metric: unknown metric {metric!r} for the stability "
+                        f"criterion; known: {', '.join(CRITERION_METRICS)}")
+    max_ratio = number("max_ratio", 0.8)
+    if max_ratio > 1:
+        raise SpecError(f"frontier.max_ratio is the final loss over the initial one that still "
+                        f"counts as training, at most 1; got {max_ratio!r}")
+    return FrontierSettings(lr_min, lr_max, float(resolution), steps, metric,
+                            float(max_ratio), window)
 
 
 # ----------------------------------------------------------------------------- overrides
@@ -293,6 +384,11 @@ def apply_overrides(spec: GridSpec, overrides: list[str]) -> GridSpec:
         values = [parse_value(part) for part in split_top_level(text)]
         if any(v == "" for v in values):
             raise SpecError(f"--set {key}: empty value in {text!r}")
+        if key.startswith("frontier."):  # a search setting, not a run key
+            if len(values) > 1:
+                raise SpecError(f"--set {key} takes one value, got {text!r}")
+            spec.frontier = {**spec.frontier, key.removeprefix("frontier."): values[0]}
+            continue
         if len(values) > 1 or key in spec.grid:
             tied = [g for g, keys in spec.tie.items() if key in keys]
             if tied and len(values) != len(spec.grid[key]):

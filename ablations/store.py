@@ -11,6 +11,7 @@ Layout under the output root (``runs/`` by default)::
     <grid>/runs/<run_id>/metrics.parquet  one row per step (+ test_acc / test_loss at evals)
     <grid>/runs/<run_id>/blocks.parquet   probe records (step, block, stage, index, stat, value)
     <grid>/runs/<run_id>/checkpoint.pt    resumable training state
+    <grid>/frontier.parquet             `frontier` only: one row per cell (ablations.frontier)
 
 Every file is written atomically (temporary file in the same folder, fsync, rename), and the
 status is written last: a run is a result only when its status says completed or diverged.
@@ -46,6 +47,7 @@ FINISHED = ("completed", "diverged")
 DAMAGED = "damaged"  # shown by status/report for a run whose files cannot be read
 RESULT_FILES = ("metrics.parquet", "blocks.parquet")
 PROGRESS_FILE = "progress.json"  # written by the worker every few seconds while a run trains
+FRONTIER_FILE = "frontier.parquet"  # written by ablations.frontier
 
 
 class DamagedFile(Exception):
@@ -190,6 +192,11 @@ class GridStore:
             stamp = time.strftime("%Y%m%d-%H%M%S")
             write_bytes(self.dir / f"spec.{stamp}.toml", spec_path.read_bytes())
         write_bytes(spec_path, text.encode())
+        self.add_runs(runs)
+
+    def add_runs(self, runs: list) -> None:
+        """A config and a queued status for each run not stored yet (the frontier search adds
+        its probes one by one this way); stored runs are untouched."""
         for run in runs:
             run_dir = self.run_dir(run.run_id)
             if (run_dir / "config.json").exists():
@@ -349,11 +356,13 @@ class RunLock:
 
 
 class Results:
-    """Frames read from a store: ``runs`` (one row per run), ``metrics``, ``blocks``."""
+    """Frames read from a store: ``runs`` (one row per run), ``metrics``, ``blocks``, and
+    ``frontier`` (one row per cell of the grids that ``frontier`` searched; None if none)."""
 
     def __init__(self, runs: pd.DataFrame, metrics: pd.DataFrame, blocks: pd.DataFrame,
-                 specs: dict[str, str]):
+                 specs: dict[str, str], frontier: pd.DataFrame | None = None):
         self.runs, self.metrics, self.blocks, self.specs = runs, metrics, blocks, specs
+        self.frontier = frontier
 
     def __repr__(self) -> str:
         counts = self.runs["status"].value_counts().to_dict() if len(self.runs) else {}
@@ -446,6 +455,13 @@ def differing_base_keys(store: GridStore, runs: list) -> list[str]:
     return sorted(found)
 
 
+def read_frontier(grid_dir: str | Path) -> pd.DataFrame | None:
+    """A grid folder's ``frontier.parquet`` (see :func:`load_results`), or None when the grid
+    has none; :class:`DamagedFile` when it cannot be read."""
+    path = Path(grid_dir) / FRONTIER_FILE
+    return read_parquet(path) if path.is_file() else None
+
+
 def grid_dirs(path: Path) -> list[Path]:
     if (path / "runs").is_dir():
         return [path]
@@ -466,12 +482,23 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
     lets through over the first steps, see ``sigprop.gains``; None when no such gain) and
     ``warnings`` (a tuple of lines the run raised about itself). ``metrics`` and ``blocks``
     concatenate every finished run's parquet files with ``grid`` and ``run_id``.
+
+    ``frontier``: the grids' ``frontier.parquet`` rows (written by ``run_ablations.py
+    frontier``), None when no grid has one. One row per cell: ``grid``, ``cell_id`` (the
+    cell's run-id hash, without a probe lr), ``model_label``, ``axes`` (the keys the cell
+    varies), the cell's config flattened to dotted columns (no ``lr`` / ``base_lr``),
+    ``status`` (found / stable_to_lr_max / unstable_at_lr_min / failed / incomplete),
+    ``reason`` (why the search ended short; empty when found), ``max_stable_lr`` (NaN when no
+    probe was stable), ``min_unstable_lr`` (NaN when none was unstable), ``final_acc`` (of the
+    probe at max_stable_lr), ``n_probes``, ``probe_lrs`` and ``probe_stable`` (the probes in lr
+    order), ``lr_min``, ``lr_max``, ``resolution``, ``probe_steps``. A frontier file that cannot
+    be read is left out with a warning.
     """
     path = Path(path)
     grids = grid_dirs(path)
     if not grids:
         raise UserError(f"no results found in {path} (expected <grid>/runs/<run_id>/...)")
-    rows, metrics, blocks, specs = [], [], [], {}
+    rows, metrics, blocks, specs, frontiers = [], [], [], {}, []
     for grid_dir in grids:
         store = GridStore(grid_dir.parent, grid_dir.name)
         spec_path = grid_dir / "spec.toml"
@@ -526,10 +553,18 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
                         sink.append(frame)
             grid_rows.append(row)
         rows += mark_differing_keys(grid_rows, configs)
+        if (grid_dir / FRONTIER_FILE).is_file():
+            try:
+                frontiers.append(read_frontier(grid_dir))
+            except DamagedFile as err:
+                import warnings
+
+                warnings.warn(f"{err}; the grid's frontier is left out", stacklevel=2)
     runs = pd.DataFrame(rows)
     return Results(
         runs,
         pd.concat(metrics, ignore_index=True) if metrics else pd.DataFrame(),
         pd.concat(blocks, ignore_index=True) if blocks else pd.DataFrame(),
         specs,
+        pd.concat(frontiers, ignore_index=True) if frontiers else None,
     )

@@ -202,7 +202,8 @@ def assemble(grid_dir: Path, runs: pd.DataFrame, metrics: pd.DataFrame, blocks: 
              statuses: dict[str, dict], spec: dict) -> list[Section]:
     frame = with_derived(runs)
     figures, skipped = figure_sections(grid_dir, frame, metrics, blocks)
-    verdicts = claim_verdicts(spec, runs)
+    frontier = grid_frontier(grid_dir)
+    verdicts = claim_verdicts(spec, runs, frontier)
     sections = [summary_section(frame, spec, skipped, verdicts)]
     if verdicts is not None:
         sections.append(claims_section(verdicts))
@@ -211,6 +212,7 @@ def assemble(grid_dir: Path, runs: pd.DataFrame, metrics: pd.DataFrame, blocks: 
     if key is not None:
         sections.append(key)
     sections += figures
+    sections += frontier_sections(frontier)
     sections.append(runs_section(frame))
     problems = problems_section(frame, statuses)
     if problems is not None:
@@ -247,7 +249,8 @@ def axis_values(frame: pd.DataFrame, axis: str) -> str:
     return ", ".join(fmt_value(v) for v in values)
 
 
-def claim_verdicts(spec: dict, runs: pd.DataFrame) -> list[Verdict] | None:
+def claim_verdicts(spec: dict, runs: pd.DataFrame,
+                   frontier: pd.DataFrame | None = None) -> list[Verdict] | None:
     """The spec's claims checked on the runs; None when the spec has none (or an unreadable
     set: the runner validated them before running, so that is a spec edited since)."""
     try:
@@ -255,7 +258,48 @@ def claim_verdicts(spec: dict, runs: pd.DataFrame) -> list[Verdict] | None:
     except ClaimError as err:
         warnings.warn(f"the stored spec's claims cannot be read: {err}", stacklevel=2)
         return None
-    return evaluate_claims(claims, runs) if claims else None
+    return evaluate_claims(claims, runs, frontier) if claims else None
+
+
+def grid_frontier(grid_dir: Path) -> pd.DataFrame | None:
+    """The grid's frontier.parquet (``run_ablations.py frontier``), None without one."""
+    from ablations.store import read_frontier
+
+    try:
+        return read_frontier(grid_dir)
+    except DamagedFile as err:
+        warnings.warn(f"{err}; the report leaves the frontier out", stacklevel=2)
+        return None
+
+
+def frontier_sections(frontier: pd.DataFrame | None) -> list[Section]:
+    """"Stability frontier": its two figures and table, when the grid has a frontier."""
+    from reports.figures import frontier as ff
+
+    if frontier is None or frontier.empty:
+        return []
+    section = Section("Stability frontier", [
+        "For each cell (the grid's axes without the learning rate) `run_ablations.py frontier`"
+        " searched the largest stable peak learning rate by bisection on log-lr between "
+        f"{frontier['lr_min'].iloc[0]:g} and {frontier['lr_max'].iloc[0]:g} to a ratio of "
+        f"{frontier['resolution'].iloc[0]:.3g}; every probe is a run of this grid (its `lr` "
+        "is an axis). Stable: not diverged, and the training loss fell below the spec's "
+        "fraction of its initial value (`ablations.frontier`)."])
+    for name, caption, draw in (
+        ("frontier", "Largest stable learning rate against batch size (log-log): a line per "
+         "model and clipping setting (geometric mean over seeds, band: min to max); dashed: "
+         "linear scaling lr ∝ B; triangles: the edge lies beyond the searched range.",
+         ff.plot_frontier),
+        ("frontier-accuracy", "Final test accuracy of the probe at the largest stable "
+         "learning rate, against batch size (band: min to max over seeds); dashed: chance.",
+         ff.plot_frontier_accuracy)):
+        try:
+            section.parts.append(Plot(name, caption, figure_bytes(draw(frontier))))
+        except Exception as err:  # one figure failing must not cost the whole report
+            line = (f"{type(err).__name__}: {err}".splitlines() or ["error"])[0]
+            section.parts.append(f"Figure {name} could not be drawn: {line}")
+    section.parts.append(Table(ff.frontier_table(frontier)))
+    return [section]
 
 
 def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str],

@@ -1,0 +1,372 @@
+"""Stability frontier: the largest stable learning rate of every cell of a grid, by search.
+
+A cell is one combination of the grid's axes (model, clipping mode and threshold, batch size,
+seed, ...) without the learning rate: ``lr`` and ``base_lr`` axes are dropped, and with
+``[frontier].steps`` set, so are ``steps`` and ``epochs`` (every probe runs that many steps).
+
+The searched learning rate is the effective peak one: each probe is the cell's config with
+``lr`` set to the probe's value, and a config with ``lr`` trains at exactly that rate (no
+``base_lr * batch_size / 256`` scaling; warmup and cosine decay still shape it over the run).
+Its learning rates lie on the lattice ``lr_min * resolution**k`` up to ``lr_max``
+(:func:`lattice`), so a rerun probes the same rates and finds them stored.
+
+Search, per cell, sequential: bisection on log-lr over the lattice, assuming stability is
+monotone in the learning rate. The first probe is the geometric middle of [lr_min, lr_max],
+the next ones halve the bracket (in log-lr) until the last stable and the first unstable rate
+are neighbours on the lattice (a ratio of ``resolution``). lr_min and lr_max themselves are
+probed only when the edge lies next to them: a cell unstable at lr_min ends with no stable
+rate (status ``unstable_at_lr_min``), one stable at lr_max ends "stable up to lr_max"
+(``stable_to_lr_max``). The cells search in parallel, one probe per cell at a time, through the
+ordinary executors (local worker processes or Ray); ``on_result`` hands each cell's next
+probe back to the executor as the previous one ends.
+
+Stability criterion (``[frontier]`` ``metric``, ``max_ratio``, ``window``): a probe is stable
+when it did not diverge (``TrainConfig.diverge_loss`` or a non-finite loss) and the mean
+training loss (``loss``, per step) over its last ``window`` steps (default: a tenth of the
+run, 1 to 10 steps) is below ``max_ratio`` (default 0.8: the loss fell by a fifth) times the
+initial loss (step 0's, before any update). A run that neither diverged nor learned
+counts as unstable; ``FrontierSettings`` says why 0.8.
+
+Every probe is an ordinary run of the grid's store, with its own run id (its config holds its
+lr): ``status``, ``report``, resume after kill -9 and reruns that read stored probes back work
+as for ``run``. ``frontier.parquet`` in the grid folder holds one row per cell
+(:data:`FRONTIER_COLUMNS`, ``ablations.store.load_results(...).frontier``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ablations.executors import LocalExecutor
+from ablations.runner import (
+    Terminated,
+    check_data,
+    describe_run,
+    install_sigterm,
+    restore_sigterm,
+    runs_to_execute,
+)
+from ablations.spec import (
+    MAX_RUNS,
+    FrontierSettings,
+    GridSpec,
+    Run,
+    expand,
+    frontier_settings,
+    run_id,
+)
+from ablations.store import (
+    FINISHED,
+    FRONTIER_FILE,
+    DamagedFile,
+    GridStore,
+    flatten_config,
+    read_parquet,
+    write_parquet,
+)
+from sigprop.errors import UserError
+
+# found: both sides of the edge probed; the other three end the search at a bound
+STATUSES = ("found", "stable_to_lr_max", "unstable_at_lr_min", "failed", "incomplete")
+SEARCHED = ("found", "stable_to_lr_max", "unstable_at_lr_min")  # the search ended with an answer
+# The columns every frontier.parquet row has besides the cell's flattened config (README).
+FRONTIER_COLUMNS = [
+    "grid", "cell_id", "model_label", "axes", "status", "reason", "max_stable_lr",
+    "min_unstable_lr", "final_acc", "n_probes", "probe_lrs", "probe_stable", "lr_min", "lr_max",
+    "resolution", "probe_steps",
+]
+LR_KEYS = ("lr", "base_lr")
+LENGTH_KEYS = ("steps", "epochs")
+
+
+def lattice(settings: FrontierSettings) -> list[float]:
+    """The probe learning rates: ``lr_min * resolution**k`` below ``lr_max``, then ``lr_max``;
+    rounded to 6 significant digits so stored configs read well and ids are stable."""
+    span = math.log(settings.lr_max / settings.lr_min) / math.log(settings.resolution)
+    count = math.ceil(span - 1e-9)
+    points = [float(f"{settings.lr_min * settings.resolution ** k:.6g}") for k in range(count)]
+    return [p for p in points if p < settings.lr_max * (1 - 1e-9)] + [settings.lr_max]
+
+
+def cell_spec(spec: GridSpec, settings: FrontierSettings) -> GridSpec:
+    """The spec whose runs are the cells: without the axes the probes set themselves."""
+    cells = copy.deepcopy(spec)
+    dropped = set(LR_KEYS) | (set(LENGTH_KEYS) if settings.steps else set())
+    for key in dropped & set(cells.grid):
+        cells.grid.pop(key)
+        cells.when.pop(key, None)
+    for group, keys in list(cells.tie.items()):
+        kept = [k for k in keys if k not in dropped]
+        if len(kept) < 2:
+            cells.tie.pop(group)
+        else:
+            cells.tie[group] = kept
+    return cells
+
+
+def probe_run(cell: Run, lr: float, settings: FrontierSettings) -> Run:
+    """The cell's config trained at peak learning rate ``lr`` (and ``steps``, when set)."""
+    from sigprop.train import TrainConfig
+
+    config = copy.deepcopy(cell.config)
+    config["lr"] = lr
+    if settings.steps:
+        config["steps"], config["epochs"] = settings.steps, None
+    canonical = TrainConfig.from_dict(config).to_dict()
+    return Run(run_id(canonical), canonical, {**cell.axes, "lr": lr}, cell.label,
+               cell.departures)
+
+
+def probe_stability(store: GridStore, rid: str, settings: FrontierSettings) -> bool:
+    """Whether a finished probe is stable by the criterion (module docstring)."""
+    if store.state(rid) == "diverged":
+        return False
+    loss = pd.to_numeric(read_parquet(store.run_dir(rid) / "metrics.parquet")[settings.metric],
+                         errors="coerce").dropna().to_numpy(dtype=float)
+    if not len(loss) or not np.isfinite(loss).all():
+        return False
+    window = settings.window or min(10, max(1, len(loss) // 10))
+    initial, final = loss[0], loss[-window:].mean()  # FrontierSettings: why not a mean
+    return bool(final < settings.max_ratio * initial)
+
+
+class BisectSearch:
+    """Bisection over lattice indices 0..n-1: ``lo`` is the highest index known stable (-1:
+    none), ``hi`` the lowest known unstable (n: none); done when they are neighbours."""
+
+    def __init__(self, n: int):
+        self.n, self.lo, self.hi = n, -1, n
+
+    def next_index(self) -> int | None:
+        return None if self.hi - self.lo <= 1 else (self.lo + self.hi) // 2
+
+    def record(self, index: int, stable: bool) -> None:
+        if stable:
+            self.lo = max(self.lo, index)
+        else:
+            self.hi = min(self.hi, index)
+
+
+@dataclass
+class Cell:
+    run: Run  # the cell as the grid expands it (no probe lr)
+    search: BisectSearch
+    probes: dict[int, tuple[str, bool]] = field(default_factory=dict)  # index -> (id, stable)
+    pending: tuple[int, str] | None = None  # the probe out at an executor
+    ran: int = 0  # probes executed by this invocation (the rest were read back)
+    error: str = ""  # a failed probe ends the cell's search
+    finished: bool = False
+
+
+@dataclass
+class FrontierOutcome:
+    grid_dir: Path
+    cells: int
+    probes_run: int = 0  # executed by this invocation
+    probes_stored: int = 0  # read back from the store
+    full_grid: int = 0  # runs a grid over every lattice point would take
+    counts: dict = field(default_factory=dict)  # cell status -> cells
+    interrupted: bool = False
+    signal: str | None = None
+    duration_s: float = 0.0
+    frame: pd.DataFrame | None = None
+
+
+class FrontierSearch:
+    """The searches of every cell over one store; see the module docstring."""
+
+    def __init__(self, spec: GridSpec, store: GridStore, cells: list[Run],
+                 settings: FrontierSettings, retry_failed: bool, stream):
+        self.spec, self.store, self.settings = spec, store, settings
+        self.points = lattice(settings)
+        self.cells = [Cell(run, BisectSearch(len(self.points))) for run in cells]
+        self.by_probe: dict[str, list[Cell]] = {}  # probe out at the executor -> its cells
+        self.retry_failed, self.stream = retry_failed, stream
+        self.done = 0
+        self.executed = 0  # probes run by this invocation
+
+    def start(self) -> list[str]:
+        """The first probe to execute of every cell (stored probes are read back first)."""
+        return [rid for cell in self.cells if (rid := self.advance(cell)) is not None]
+
+    def advance(self, cell: Cell) -> str | None:
+        """Walk the cell's search through stored probes; the id of the next probe to run, or
+        None when the cell's search has ended (or waits on a probe another cell runs)."""
+        while (index := cell.search.next_index()) is not None:
+            probe = probe_run(cell.run, self.points[index], self.settings)
+            try:
+                self.store.add_runs([probe])
+                todo = runs_to_execute(self.store, [probe], self.retry_failed, self.stream)
+            except OSError as err:
+                raise UserError(f"cannot write results to {self.store.dir}: "
+                                f"{err.strerror or err}") from None
+            if todo:
+                cell.pending = (index, probe.run_id)
+                waiting = self.by_probe.setdefault(probe.run_id, [])
+                waiting.append(cell)
+                # two cells can share a probe (cells equal but for a key the probe ignores)
+                return probe.run_id if len(waiting) == 1 else None
+            if not self.settle(cell, index, probe.run_id):
+                break
+        self.finish(cell)
+        return None
+
+    def settle(self, cell: Cell, index: int, rid: str) -> bool:
+        """Record a stored probe's outcome; False when it failed (the search stops)."""
+        try:
+            state = self.store.state(rid)
+            if state not in FINISHED:
+                status = self.store.status(rid)
+                cell.error = f"probe at lr {self.points[index]:g} ({rid}) {state}: " \
+                             f"{status.get('error') or 'no result'}"
+                return False
+            stable = probe_stability(self.store, rid, self.settings)
+        except DamagedFile as err:
+            cell.error = f"probe {rid}: {err.path.name} {err.reason}"
+            return False
+        cell.probes[index] = (rid, stable)
+        cell.search.record(index, stable)
+        return True
+
+    def on_result(self, result: dict) -> list[str]:
+        """Executor callback: a probe ended; returns the next probes of its cells, if any."""
+        rid = result["run_id"]
+        if rid not in self.by_probe or result["state"] in ("interrupted", "requeued", "busy"):
+            return []  # resumes (requeued: the executor runs it again itself)
+        follow_ups = []
+        self.executed += 1
+        for cell in self.by_probe.pop(rid):
+            index, _ = cell.pending
+            cell.pending = None
+            cell.ran += 1
+            if not self.settle(cell, index, rid):
+                self.finish(cell)
+                continue
+            follow_up = self.advance(cell)
+            if follow_up:
+                follow_ups.append(follow_up)
+        return follow_ups
+
+    def finish(self, cell: Cell) -> None:
+        cell.finished = True
+        self.done += 1
+        row = self.row(cell)
+        print(f"[{self.done}/{len(self.cells)}] {describe_run(cell.run)}: {cell_summary(row)}; "
+              f"{row['n_probes']} probes ({cell.ran} run now)", file=self.stream, flush=True)
+
+    def row(self, cell: Cell) -> dict:
+        search, points = cell.search, self.points
+        config = {k: v for k, v in flatten_config(cell.run.config).items() if k not in LR_KEYS}
+        row = {
+            "grid": self.store.grid, "cell_id": cell.run.run_id, "model_label": cell.run.label,
+            "axes": tuple(sorted(cell.run.axes)), **config,
+            "max_stable_lr": points[search.lo] if search.lo >= 0 else math.nan,
+            "min_unstable_lr": points[search.hi] if search.hi < search.n else math.nan,
+            "final_acc": math.nan, "n_probes": len(cell.probes),
+            "probe_lrs": [points[i] for i in sorted(cell.probes)],
+            "probe_stable": [cell.probes[i][1] for i in sorted(cell.probes)],
+            "lr_min": self.settings.lr_min, "lr_max": self.settings.lr_max,
+            "resolution": self.settings.resolution,
+            "probe_steps": self.settings.steps or config.get("steps"),
+        }
+        if search.lo >= 0:
+            summary = self.store.status(cell.probes[search.lo][0]).get("summary") or {}
+            if summary.get("final_acc") is not None:
+                row["final_acc"] = float(summary["final_acc"])
+        lr_min, lr_max = self.settings.lr_min, self.settings.lr_max
+        if cell.error:
+            row["status"], row["reason"] = "failed", cell.error
+        elif not cell.finished:
+            row["status"] = "incomplete"
+            row["reason"] = "search interrupted; run the same command to continue it"
+        elif search.hi == 0:
+            row["status"] = "unstable_at_lr_min"
+            row["reason"] = (f"unstable already at lr_min {lr_min:g}: no stable rate in the "
+                             f"range (lower frontier.lr_min)")
+        elif search.lo == search.n - 1:
+            row["status"] = "stable_to_lr_max"
+            row["reason"] = (f"stable up to lr_max {lr_max:g}: the edge lies higher (raise "
+                             f"frontier.lr_max)")
+        else:
+            row["status"] = "found"
+            row["reason"] = ""
+        return row
+
+    def frame(self) -> pd.DataFrame:
+        return pd.DataFrame([self.row(cell) for cell in self.cells])
+
+
+def cell_summary(row: dict) -> str:
+    acc = f", acc {row['final_acc']:.3f}" if np.isfinite(row["final_acc"]) else ""
+    if row["status"] == "found":
+        return (f"max stable lr {row['max_stable_lr']:.4g} (unstable at "
+                f"{row['min_unstable_lr']:.4g}){acc}")
+    if row["status"] == "stable_to_lr_max":
+        return f"stable up to lr_max {row['max_stable_lr']:.4g}{acc}"
+    return f"{row['status'].replace('_', ' ')}: {row['reason']}"
+
+
+def cells_of(spec: GridSpec, max_runs: int | None = MAX_RUNS) -> tuple[FrontierSettings,
+                                                                       list[Run]]:
+    """The checked settings and the cells of a spec (claims checked against the cells)."""
+    settings = frontier_settings(spec)
+    return settings, expand(cell_spec(spec, settings), max_runs)
+
+
+def run_frontier(
+    spec: GridSpec,
+    out: str | Path = "runs",
+    executor: LocalExecutor | None = None,
+    retry_failed: bool = False,
+    stream=None,
+    max_runs: int | None = MAX_RUNS,
+    download: bool = False,
+) -> FrontierOutcome:
+    """Search the frontier of every cell of ``spec`` into ``out/<name>``; writes
+    ``frontier.parquet`` there (also when interrupted: unfinished cells say ``incomplete``)."""
+    stream = stream or sys.stdout
+    executor = executor or LocalExecutor()
+    settings, cells = cells_of(spec, max_runs)
+    store = GridStore(out, spec.name)
+    check_data(cells, download)
+    store.prepare(spec.to_toml_dict(), [])
+    search = FrontierSearch(spec, store, cells, settings, retry_failed, stream)
+    outcome = FrontierOutcome(store.dir, len(cells),
+                              full_grid=len(cells) * len(search.points))
+    print(f"frontier {spec.name}: {len(cells)} cells, lr {settings.lr_min:g} to "
+          f"{settings.lr_max:g} by x{settings.resolution:.4g} ({len(search.points)} rates; a "
+          f"full grid would be {outcome.full_grid} runs) -> {store.dir}", file=stream,
+          flush=True)
+    started = time.monotonic()
+    previous = install_sigterm()
+    try:
+        todo = search.start()
+        if todo:
+            print(f"running probes on {executor.describe()}", file=stream, flush=True)
+            executor.run(str(store.root), store.grid, todo, search.on_result)
+    except KeyboardInterrupt as err:
+        outcome.interrupted = True
+        outcome.signal = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
+    finally:
+        restore_sigterm(previous)
+        outcome.duration_s = time.monotonic() - started
+        frame = search.frame()
+        try:
+            write_parquet(store.dir / FRONTIER_FILE, frame)
+        except OSError as err:
+            raise UserError(f"cannot write {store.dir / FRONTIER_FILE}: "
+                            f"{err.strerror or err}") from None
+    outcome.frame = frame
+    outcome.probes_run = search.executed
+    outcome.probes_stored = len({rid for cell in search.cells
+                                 for rid, _ in cell.probes.values()}) - search.executed
+    outcome.counts = frame["status"].value_counts().to_dict()
+    return outcome

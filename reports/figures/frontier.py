@@ -1,0 +1,228 @@
+"""Stability-frontier figures: functions of the frontier frame (``load_results(...).frontier``,
+one row per cell; ``ablations.frontier``), each returning a matplotlib Figure.
+
+- :func:`plot_frontier`: the largest stable learning rate against batch size on log-log axes,
+  a line per model and clipping setting (geometric mean over seeds, band from the lowest to
+  the highest seed), with the linear-scaling reference lr ∝ B dashed.
+- :func:`plot_frontier_accuracy`: the final test accuracy of the probe at the largest stable
+  learning rate, against batch size, with chance level.
+- :func:`frontier_table`: the same numbers as a table (one row per setting and batch size).
+
+A cell stable up to ``lr_max`` is drawn at ``lr_max`` with an upward triangle (its edge lies
+higher); a cell unstable already at ``lr_min`` has no stable rate and is drawn as a downward
+triangle at ``lr_min`` (its edge lies lower), out of the line and the band.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import re
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import FixedLocator, NullLocator
+
+MODE_NAMES = {"none": "no clipping", "norm": "global norm", "agc": "AGC"}
+SETTING = "setting"
+
+
+def figure_png(fig: Figure, dpi: int = 110) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, facecolor="white")
+    return buffer.getvalue()
+
+
+def model_name(row: pd.Series) -> str:
+    label = row.get("model_label")
+    if isinstance(label, str) and label:
+        return label
+    match = re.fullmatch(r"(nf|bn)_resnet(\d+)(?:_(v\d))?", str(row.get("model.name", "")))
+    if match:
+        family, depth, version = match.groups()
+        return f"{family.upper()}-ResNet-{depth}" + (f" {version}" if version else "")
+    return str(row.get("model.name", "model"))
+
+
+def clipping_name(row: pd.Series) -> str:
+    mode = row.get("clip.mode")
+    if not isinstance(mode, str) or mode == "none":
+        return MODE_NAMES["none"]
+    threshold = row.get("clip.threshold")
+    name = MODE_NAMES.get(mode, mode)
+    number = isinstance(threshold, int | float | np.number) and math.isfinite(threshold)
+    return f"{name} λ={threshold:g}" if number else name
+
+
+def with_setting(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame plus ``setting``: 'model, clipping' (the line a cell belongs to)."""
+    out = frame.copy()
+    out[SETTING] = [f"{model_name(row)}, {clipping_name(row)}" for _, row in out.iterrows()]
+    for column in ("max_stable_lr", "min_unstable_lr", "final_acc", "batch_size"):
+        if column in out:
+            out[column] = pd.to_numeric(out[column], errors="coerce")
+    return out
+
+
+def setting_order(frame: pd.DataFrame) -> list[str]:
+    """Settings in a stable order: model, then no clipping, global norm, AGC, by threshold."""
+    modes = {"none": 0, "norm": 1, "agc": 2}
+    keys = {}
+    for _, row in frame.iterrows():
+        threshold = pd.to_numeric(pd.Series([row.get("clip.threshold")]), errors="coerce")[0]
+        keys[row[SETTING]] = (model_name(row), modes.get(row.get("clip.mode"), 3),
+                              0.0 if np.isnan(threshold) else threshold)
+    return sorted(keys, key=keys.get)
+
+
+def colours(settings: list[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {s: cmap(i % 10) for i, s in enumerate(settings)}
+
+
+def seed_stats(cells: pd.DataFrame, value: str, log: bool) -> pd.DataFrame:
+    """Per batch size: centre (geometric mean when ``log``), min, max and count of ``value``."""
+    rows = []
+    for batch, group in cells.groupby("batch_size"):
+        values = group[value].dropna().to_numpy(dtype=float)
+        values = values[values > 0] if log else values
+        if not len(values):
+            continue
+        centre = float(np.exp(np.log(values).mean())) if log else float(values.mean())
+        rows.append({"batch_size": batch, "centre": centre, "low": values.min(),
+                     "high": values.max(), "n": len(values)})
+    return pd.DataFrame(rows, columns=["batch_size", "centre", "low", "high", "n"])
+
+
+def batch_axis(ax: Any, batches: list[float]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(batches))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{b:g}" for b in batches])
+    ax.set_xlabel("batch size")
+
+
+def plot_frontier(frontier: pd.DataFrame, reference: str | None = None) -> Figure:
+    """Largest stable learning rate vs batch size, log-log; see the module docstring.
+
+    ``reference``: the setting the dashed lr ∝ B line starts from (at its smallest batch);
+    default: the first setting with an unclipped NF model, else the first setting.
+    """
+    frame = with_setting(frontier)
+    if frame.empty or "batch_size" not in frame:
+        raise ValueError("the frontier frame has no cells with a batch size")
+    order = setting_order(frame)
+    palette = colours(order)
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
+    ax = fig.add_subplot()
+    batches = sorted(frame["batch_size"].dropna().unique())
+    for setting in order:
+        cells = frame[frame[SETTING] == setting]
+        stats = seed_stats(cells, "max_stable_lr", log=True)
+        colour = palette[setting]
+        if len(stats):
+            ax.plot(stats["batch_size"], stats["centre"], "o-", color=colour, label=setting,
+                    lw=1.8, ms=4)
+            ax.fill_between(stats["batch_size"], stats["low"], stats["high"], color=colour,
+                            alpha=0.15, lw=0)
+        capped = cells[cells["status"] == "stable_to_lr_max"]
+        ax.plot(capped["batch_size"], capped["max_stable_lr"], "^", color=colour, ms=7,
+                ls="none")
+        floor = cells[cells["status"] == "unstable_at_lr_min"]
+        ax.plot(floor["batch_size"], floor["min_unstable_lr"], "v", color=colour, ms=7,
+                ls="none", label=None if len(stats) else setting)
+    anchor = reference or next((s for s in order if "no clipping" in s and "NF" in s), order[0])
+    stats = seed_stats(frame[frame[SETTING] == anchor], "max_stable_lr", log=True)
+    if len(stats):
+        b0, lr0 = stats["batch_size"].iloc[0], stats["centre"].iloc[0]
+        xs = np.array(batches, dtype=float)
+        ax.plot(xs, lr0 * xs / b0, "--", color="0.35", lw=1.2,
+                label=f"lr ∝ B (from {anchor} at B={b0:g})")
+    for bound in ("lr_min", "lr_max"):
+        if bound in frame and frame[bound].notna().any():
+            ax.axhline(float(frame[bound].iloc[0]), color="0.6", ls=":", lw=1)
+    ax.set_yscale("log")
+    batch_axis(ax, batches)
+    ax.set_ylabel("largest stable peak learning rate")
+    lo, hi = frame["lr_min"].min(), frame["lr_max"].max()
+    if np.isfinite(lo) and np.isfinite(hi):
+        ax.set_ylim(lo / 1.5, hi * 1.5)
+    handles, labels = ax.get_legend_handles_labels()
+    handles += [Line2D([], [], marker="^", ls="none", color="0.3"),
+                Line2D([], [], marker="v", ls="none", color="0.3")]
+    labels += ["stable up to lr_max (edge higher)", "unstable at lr_min (edge lower)"]
+    ax.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    resolution = frame["resolution"].iloc[0] if "resolution" in frame else float("nan")
+    ax.set_title(f"Stability frontier (resolution x{resolution:.3g})", fontsize=9)
+    ax.grid(True, which="major", alpha=0.3)
+    return fig
+
+
+def chance_level(frame: pd.DataFrame) -> float | None:
+    classes = pd.to_numeric(frame.get("model.num_classes", pd.Series(dtype=float)),
+                            errors="coerce").dropna()
+    return 1.0 / float(classes.iloc[0]) if len(classes) else None
+
+
+def plot_frontier_accuracy(frontier: pd.DataFrame) -> Figure:
+    """Final test accuracy at the largest stable learning rate vs batch size."""
+    frame = with_setting(frontier)
+    if frame.empty or "final_acc" not in frame:
+        raise ValueError("the frontier frame has no accuracies")
+    order = setting_order(frame)
+    palette = colours(order)
+    fig = Figure(figsize=(7.5, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    batches = sorted(frame["batch_size"].dropna().unique())
+    for setting in order:
+        stats = seed_stats(frame[frame[SETTING] == setting], "final_acc", log=False)
+        if not len(stats):
+            continue
+        colour = palette[setting]
+        ax.plot(stats["batch_size"], stats["centre"], "o-", color=colour, label=setting,
+                lw=1.8, ms=4)
+        ax.fill_between(stats["batch_size"], stats["low"], stats["high"], color=colour,
+                        alpha=0.15, lw=0)
+    chance = chance_level(frame)
+    if chance is not None:
+        ax.axhline(chance, color="0.4", ls="--", lw=1, label=f"chance ({chance:.0%})")
+    batch_axis(ax, batches)
+    ax.set_ylim(0, 1.02)
+    ax.set_ylabel("final test accuracy at the frontier")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    steps = frame["probe_steps"].dropna().unique() if "probe_steps" in frame else []
+    length = f", {int(steps[0])}-step probes" if len(steps) == 1 else ""
+    ax.set_title(f"Accuracy at the largest stable learning rate{length}", fontsize=9)
+    ax.grid(True, alpha=0.3)
+    return fig
+
+
+def frontier_table(frontier: pd.DataFrame) -> pd.DataFrame:
+    """One row per setting and batch size: the largest stable lr over seeds (geometric mean
+    and range), accuracy there, probes, and how the searches ended."""
+    frame = with_setting(frontier)
+    rows = []
+    for setting in setting_order(frame):
+        cells = frame[frame[SETTING] == setting]
+        for batch, group in cells.groupby("batch_size"):
+            lrs = group["max_stable_lr"].dropna().to_numpy(dtype=float)
+            lr_text = "none stable"
+            if len(lrs):
+                centre = float(np.exp(np.log(lrs).mean()))
+                lr_text = f"{centre:.3g}" + (f" ({lrs.min():.3g}–{lrs.max():.3g})"
+                                             if len(lrs) > 1 else "")
+            acc = group["final_acc"].dropna()
+            statuses = group["status"].value_counts()
+            rows.append({
+                "setting": setting, "batch size": int(batch), "max stable lr": lr_text,
+                "acc there": f"{100 * acc.mean():.1f}%" if len(acc) else "",
+                "probes": int(group["n_probes"].sum()), "cells": len(group),
+                "searches": ", ".join(f"{n} {s.replace('_', ' ')}"
+                                      for s, n in statuses.items()),
+            })
+    return pd.DataFrame(rows)

@@ -1,0 +1,488 @@
+"""The stability frontier search (issue 15): bisection on a synthetic stability oracle, bad
+[frontier] input, the edge cases at the bounds, resume after kill -9, frontier.parquet and
+load_results, claims over frontier values, and the frontier figures."""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ablations.claims import evaluate_claims, parse_claims
+from ablations.frontier import FRONTIER_COLUMNS, lattice, run_frontier
+from ablations.spec import FrontierSettings, load_spec
+from ablations.store import GridStore, load_results
+from run_ablations import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SPEC = """
+name = "edge"
+[base]
+data = "synthetic"
+train_size = 64
+test_size = 32
+steps = 4
+batch_size = 16
+eval_every = 0
+seed = 0
+[base.model]
+name = "nf_resnet26"
+stem = "cifar"
+width_mult = 0.125
+depths = [1, 1, 1, 1]
+[grid]
+batch_size = [16, 64]
+seed = [0, 1]
+[frontier]
+lr_min = 0.01
+lr_max = 10.0
+{frontier}
+"""
+
+
+def write_spec(folder: Path, frontier: str = "", extra: str = "") -> Path:
+    path = folder / "edge.toml"
+    path.write_text(SPEC.format(frontier=textwrap.dedent(frontier)) + textwrap.dedent(extra))
+    return path
+
+
+def oracle_edge(config: dict) -> float:
+    """The synthetic trainer's edge: stable up to 0.05 * batch_size (seed shifts it a bit)."""
+    return 0.05 * config["batch_size"] * (1.1 if config["seed"] else 1.0)
+
+
+class OracleExecutor:
+    """A fake trainer: a probe diverges above its cell's known edge; below it the loss halves
+    and more. Writes the same status and metrics files as the real worker."""
+
+    def __init__(self, edge=oracle_edge):
+        self.edge, self.executed = edge, []
+
+    def slots(self) -> list[str]:
+        return ["cpu"]
+
+    def describe(self) -> str:
+        return "the stability oracle"
+
+    def run(self, root, grid, run_ids, on_result, on_step=None) -> None:
+        store = GridStore(root, grid)
+        pending = list(run_ids)
+        while pending:
+            rid = pending.pop(0)
+            self.executed.append(rid)
+            config = store.config(rid)["config"]
+            lr, edge = config["lr"], self.edge(config)
+            steps = np.arange(config["steps"])
+            if lr > edge:
+                state, loss = "diverged", np.full(len(steps), math.inf)
+                summary = {"final_acc": None, "diverged_step": 0}
+            else:
+                state, loss = "completed", 2.3 * 0.2 ** (steps / max(1, len(steps) - 1))
+                summary = {"final_acc": 0.9 - 0.1 * (edge - lr) / edge}
+            metrics = pd.DataFrame({"step": steps, "loss": loss})
+            store.write_results(rid, metrics, pd.DataFrame(), state=state, summary=summary,
+                                finished_at=time.time())
+            pending += on_result({"run_id": rid, "state": state, "summary": summary}) or []
+
+
+def search(folder: Path, frontier: str = "", executor=None, overrides=None):
+    executor = executor or OracleExecutor()
+    stream = io.StringIO()
+    outcome = run_frontier(load_spec(write_spec(folder, frontier), overrides), folder / "out",
+                           executor, stream=stream)
+    return outcome, executor, stream.getvalue()
+
+
+def test_lattice_spans_the_bounds_at_the_resolution():
+    points = lattice(FrontierSettings(0.01, 10.0, 2 ** 0.25))
+    assert points[0] == 0.01 and points[-1] == 10.0
+    ratios = np.array(points[1:]) / np.array(points[:-1])
+    assert np.all(ratios <= 2 ** 0.25 * (1 + 1e-5)) and np.all(ratios > 1)
+    assert len(points) == math.ceil(math.log(1000) / math.log(2 ** 0.25)) + 1
+
+
+def test_bisection_finds_the_oracle_edge_within_the_resolution(tmp_path):
+    outcome, executor, text = search(tmp_path)
+    frame = outcome.frame
+    assert len(frame) == 4 and set(frame["status"]) == {"found"}
+    for _, row in frame.iterrows():
+        edge = oracle_edge({"batch_size": row["batch_size"], "seed": row["seed"]})
+        assert row["max_stable_lr"] <= edge < row["min_unstable_lr"]
+        assert row["min_unstable_lr"] / row["max_stable_lr"] <= 2 ** 0.25 * (1 + 1e-5)
+    # bisection: about log2 of the lattice size per cell, far below a full grid
+    n_points = len(lattice(FrontierSettings(0.01, 10.0)))
+    assert frame["n_probes"].max() <= math.ceil(math.log2(n_points + 1))
+    assert len(executor.executed) == frame["n_probes"].sum() == outcome.probes_run
+    assert outcome.full_grid == 4 * n_points
+    # every probe is an ordinary run, its lr an axis; a line per finished cell
+    runs = load_results(tmp_path / "out" / "edge").runs
+    assert len(runs) == len(executor.executed)
+    assert all("lr" in axes for axes in runs["axes"])
+    assert text.count("max stable lr") == 4
+
+
+def test_a_rerun_reads_every_probe_back_and_runs_none(tmp_path):
+    first, _, _ = search(tmp_path)
+    again, executor, _ = search(tmp_path)
+    assert executor.executed == [] and again.probes_run == 0
+    assert again.probes_stored == first.probes_run
+    pd.testing.assert_frame_equal(again.frame, first.frame)
+
+
+def test_unstable_at_lr_min_and_stable_to_lr_max_are_reported(tmp_path):
+    edge = lambda config: 0.001 if config["batch_size"] == 16 else 100.0  # noqa: E731
+    outcome, _, text = search(tmp_path, executor=OracleExecutor(edge))
+    frame = outcome.frame.set_index(["batch_size", "seed"])
+    low, high = frame.loc[(16, 0)], frame.loc[(64, 0)]
+    assert low["status"] == "unstable_at_lr_min" and math.isnan(low["max_stable_lr"])
+    assert low["min_unstable_lr"] == 0.01 and "lr_min" in low["reason"]
+    assert high["status"] == "stable_to_lr_max" and high["max_stable_lr"] == 10.0
+    assert math.isnan(high["min_unstable_lr"]) and "stable up to lr_max" in high["reason"]
+    assert "stable up to lr_max 10" in text
+
+
+def test_probes_train_at_exactly_the_probe_lr_with_the_probe_steps(tmp_path):
+    outcome, executor, _ = search(tmp_path, "steps = 3")
+    store = GridStore(tmp_path / "out", "edge")
+    for rid in executor.executed:
+        config = store.config(rid)["config"]
+        from sigprop.train import TrainConfig
+
+        assert TrainConfig.from_dict(config).peak_lr() == config["lr"]
+        assert config["steps"] == 3
+    assert set(outcome.frame["probe_steps"]) == {3}
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("frontier, message", [
+    ("lr_min = 1.0\nlr_max = 0.5", "lr_min (1) must be below lr_max (0.5)"),
+    ("lr_min = 0.0\nlr_max = 0.5", "frontier.lr_min must be a positive number, got 0.0"),
+    ("lr_min = 0.1\nlr_max = -2", "frontier.lr_max must be a positive number, got -2"),
+    ("lr_min = 0.1\nlr_max = 2\nresolution = 1.0", "frontier.resolution must be a ratio above 1"),
+    ("lr_min = 0.1\nlr_max = 2\nresolution = 0.5", "frontier.resolution must be a ratio above 1"),
+    ("lr_min = 0.1\nlr_max = 2\nmetric = \"accuracy\"",
+     "frontier.metric: unknown metric 'accuracy'"),
+    ("lr_min = 0.1\nlr_max = 2\nsteps = 0", "frontier.steps must be a positive integer"),
+    ("lr_min = 0.1\nlr_max = 2\nthreshold = 3", "frontier: unknown key(s) threshold"),
+    ("lr_max = 2", "frontier.lr_min is required"),
+])
+def test_bad_frontier_section_is_one_line_exit_2_before_anything_runs(tmp_path, capsys,
+                                                                      frontier, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(SPEC.replace("lr_min = 0.01\nlr_max = 10.0\n{frontier}", frontier))
+    out = tmp_path / "out"
+    assert main(["frontier", str(path), "--out", str(out), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_a_set_override_reaches_the_frontier_settings_and_is_checked(tmp_path, capsys):
+    spec = write_spec(tmp_path)
+    assert main(["frontier", str(spec), "--set", "frontier.resolution=1", "--dry-run"]) == 2
+    assert "frontier.resolution must be a ratio above 1" in capsys.readouterr().err
+    assert main(["frontier", str(spec), "--set", "frontier.resolution=2", "--dry-run"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 cells in grid edge" in printed and "11 rates" in printed  # 0.01 * 2**k, 10
+
+
+def test_a_spec_without_frontier_section_is_refused_by_frontier(tmp_path, capsys):
+    path = tmp_path / "plain.toml"
+    path.write_text(SPEC.replace("[frontier]\nlr_min = 0.01\nlr_max = 10.0\n{frontier}", ""))
+    assert main(["frontier", str(path), "--dry-run"]) == 2
+    assert "has no [frontier] section" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- store
+
+
+def test_frontier_parquet_has_one_row_per_cell_and_load_results_exposes_it(tmp_path):
+    outcome, _, _ = search(tmp_path)
+    grid_dir = tmp_path / "out" / "edge"
+    stored = pd.read_parquet(grid_dir / "frontier.parquet")
+    assert set(FRONTIER_COLUMNS) <= set(stored.columns)
+    assert {"model.name", "batch_size", "seed", "clip.mode"} <= set(stored.columns)
+    assert "lr" not in stored.columns and stored["cell_id"].is_unique and len(stored) == 4
+    results = load_results(grid_dir)
+    assert len(results.frontier) == 4
+    row = results.frontier.set_index(["batch_size", "seed"]).loc[(64, 1)]
+    assert list(row["probe_lrs"]) == sorted(row["probe_lrs"])
+    assert row["n_probes"] == len(row["probe_lrs"]) == len(row["probe_stable"])
+    # the accuracy at the frontier is the stored probe's
+    probes = results.runs.set_index("lr")
+    at_edge = probes[(probes["batch_size"] == 64) & (probes["seed"] == 1)].loc[
+        row["max_stable_lr"]]
+    assert row["final_acc"] == pytest.approx(at_edge["final_acc"])
+    plain = tmp_path / "plain"
+    (plain / "g" / "runs").mkdir(parents=True)
+    assert load_results(plain / "g").frontier is None
+
+
+# ----------------------------------------------------------------------------- kill -9
+
+
+def start_frontier(spec: Path, out: Path) -> subprocess.Popen:
+    # two cells of four probes each (lattice 0.01 * 2**k up to 10): small enough to be quick
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "run_ablations.py"), "frontier", str(spec), "--out", str(out),
+         "--device", "cpu", "--no-report", "--workers", "2", "--set", "seed=0",
+         "--set", "frontier.resolution=2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def finished_probes(grid_dir: Path) -> dict[str, tuple[float, int]]:
+    """Finished probe -> (finished_at, attempts)."""
+    store = GridStore(grid_dir.parent, grid_dir.name)
+    out = {}
+    for rid in store.run_ids():
+        status = store.status(rid)
+        if status.get("state") in ("completed", "diverged"):
+            out[rid] = (status["finished_at"], status["attempts"])
+    return out
+
+
+def test_sigkill_mid_search_then_rerun_finishes_without_repeating_a_stored_probe(tmp_path):
+    path = tmp_path / "edge.toml"
+    path.write_text(SPEC.format(frontier="steps = 6").replace(
+        "eval_every = 0", "eval_every = 0\ncheckpoint_every = 1"))
+    out = tmp_path / "out"
+    grid_dir = out / "edge"
+    runner = start_frontier(path, out)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:  # kill once some probes are stored, mid-search
+        if grid_dir.exists() and len(finished_probes(grid_dir)) >= 2:
+            break
+        assert runner.poll() is None, runner.communicate()
+        time.sleep(0.05)
+    os.kill(runner.pid, signal.SIGKILL)
+    runner.wait(timeout=30)
+    store = GridStore(out, "edge")
+    while any(store.is_locked(rid) for rid in store.run_ids()):  # workers die with the runner
+        assert time.monotonic() < deadline + 30
+        time.sleep(0.05)
+    before = finished_probes(grid_dir)
+    assert not (grid_dir / "frontier.parquet").exists()  # killed before the search ended
+
+    rerun = start_frontier(path, out)
+    stdout, stderr = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, stderr
+    after = finished_probes(grid_dir)
+    assert all(after[rid] == (at, 1) for rid, (at, _) in before.items())  # never run again
+    frame = pd.read_parquet(grid_dir / "frontier.parquet")
+    assert set(frame["status"]) <= {"found", "stable_to_lr_max", "unstable_at_lr_min"}
+    assert frame["n_probes"].sum() == len(after)
+    # the rerun executed only the probes not stored (those left running resume: attempt 2)
+    assert f"{len(after) - len(before)} probe runs ({len(before)} read back" in stdout
+
+
+# ----------------------------------------------------------------------------- claims
+
+
+def frontier_frame(cells: dict[tuple, list]) -> pd.DataFrame:
+    """{(clip mode, threshold, batch): [max stable lr per seed; None: unstable at lr_min]}."""
+    rows = []
+    for (mode, threshold, batch), values in cells.items():
+        for seed, lr in enumerate(values):
+            status = "unstable_at_lr_min" if lr is None else (
+                "stable_to_lr_max" if lr == 10.0 else "found")
+            rows.append({
+                "grid": "g", "cell_id": f"{mode}{threshold}{batch}{seed}", "status": status,
+                "model.name": "nf", "clip.mode": mode, "clip.threshold": threshold,
+                "batch_size": batch, "seed": seed, "model.num_classes": 10,
+                "axes": ("batch_size", "clip.mode", "clip.threshold", "seed"),
+                "max_stable_lr": math.nan if lr is None else lr,
+                "min_unstable_lr": 0.01 if lr is None else lr * 2 ** 0.25,
+                "final_acc": 0.9, "lr_min": 0.01, "lr_max": 10.0, "resolution": 2 ** 0.25,
+                "n_probes": 5, "probe_steps": 40,
+            })
+    return pd.DataFrame(rows)
+
+
+def claim(check: str, **fields) -> dict:
+    return {"text": "t", "source": "s", "check": check, "metric": "max_stable_lr", **fields}
+
+
+AGC_BIG = {"clip.mode": "agc", "batch_size": "@max"}
+NONE_BIG = {"clip.mode": "none", "batch_size": "@max"}
+
+
+def test_compare_claim_over_frontier_values_uses_seed_ranges_on_a_log_scale():
+    frame = frontier_frame({("agc", 0.02, 1024): [1.6, 2.0], ("none", None, 1024): [0.4, 0.5],
+                            ("none", None, 32): [0.3, 0.3]})
+    runs = pd.DataFrame({"status": []})  # frontier claims never read the runs
+    verdict = evaluate_claims(parse_claims([claim("compare", a=AGC_BIG, b=NONE_BIG)]), runs,
+                              frame)[0]
+    assert verdict.verdict == "holds"
+    assert "1.79 (1.6–2)" in verdict.evidence and "2 cells" in verdict.evidence
+    assert "x4" in verdict.evidence  # the ratio of the geometric means
+    # a factor of 4 is not "by a margin of 3 doublings"
+    strict = claim("compare", a=AGC_BIG, b=NONE_BIG, margin=3.0)
+    assert evaluate_claims(parse_claims([strict]), runs, frame)[0].verdict == "does not hold"
+    # within a factor of 2 at small batch: 0.3 vs 0.4-0.5 on log2 scale (0.74 doublings)
+    near = claim("compare", a={"clip.mode": "none", "batch_size": "@min"},
+                 b={"clip.mode": "none", "batch_size": "@max"}, relation="within", margin=1.0)
+    assert evaluate_claims(parse_claims([near]), runs, frame)[0].verdict == "holds"
+    # without a frontier the claim cannot be judged
+    missing = evaluate_claims(parse_claims([claim("compare", a=AGC_BIG, b=NONE_BIG)]), runs)[0]
+    assert missing.verdict == "inconclusive" and "frontier" in missing.reason
+
+
+def test_censored_cells_count_at_lr_max_or_drop_out_and_the_evidence_says_so():
+    frame = frontier_frame({("agc", 0.02, 1024): [10.0, 10.0], ("none", None, 1024): [None, 0.2]})
+    verdict = evaluate_claims(parse_claims([claim("compare", a=AGC_BIG, b=NONE_BIG,
+                                                  min_runs=1)]), pd.DataFrame(), frame)[0]
+    assert verdict.verdict == "holds"
+    assert "2 stable up to lr_max (counted at lr_max)" in verdict.evidence
+    assert "1 unstable at lr_min (left out)" in verdict.evidence
+    two = claim("compare", a=AGC_BIG, b=NONE_BIG)  # min_runs 2: one value of b is too few
+    assert evaluate_claims(parse_claims([two]), pd.DataFrame(), frame)[0].verdict == \
+        "inconclusive"
+
+
+def test_spread_claim_compares_how_far_the_frontier_moves_with_the_threshold():
+    # norm: 0.1 -> 3.2 (5 doublings) per seed and batch; agc: 1.6 -> 2.26 (0.5 doublings)
+    cells = {}
+    for batch in (32, 1024):
+        cells[("norm", 0.1, batch)] = [0.1, 0.1]
+        cells[("norm", 0.8, batch)] = [3.2, 3.2]
+        cells[("agc", 0.02, batch)] = [1.6, 1.6]
+        cells[("agc", 0.16, batch)] = [1.6 * 2 ** 0.5, 1.6 * 2 ** 0.5]
+    frame = frontier_frame(cells)
+    table = claim("spread", over="clip.threshold", a={"clip.mode": "norm"},
+                  b={"clip.mode": "agc"})
+    verdict = evaluate_claims(parse_claims([table]), pd.DataFrame(), frame)[0]
+    assert verdict.verdict == "holds"
+    assert "5.00 doublings" in verdict.evidence and "0.50 doublings" in verdict.evidence
+    assert "4 group(s)" in verdict.evidence
+    flipped = {**table, "a": {"clip.mode": "agc"}, "b": {"clip.mode": "norm"}}
+    assert evaluate_claims(parse_claims([flipped]), pd.DataFrame(), frame)[0].verdict == \
+        "does not hold"
+    by_value = {**table, "b": None, "value": 6.0}
+    by_value.pop("b")
+    assert evaluate_claims(parse_claims([by_value]), pd.DataFrame(), frame)[0].verdict == \
+        "does not hold"
+
+
+def test_spread_claim_needs_over_and_two_values_of_it(tmp_path, capsys):
+    from ablations.claims import ClaimError
+
+    with pytest.raises(ClaimError, match="over must name a run key"):
+        parse_claims([claim("spread", a={"clip.mode": "norm"}, b={"clip.mode": "agc"})])
+    path = write_spec(tmp_path, extra="""
+        [[claims]]
+        text = "t"
+        source = "s"
+        check = "spread"
+        metric = "max_stable_lr"
+        over = "seed"
+        a = { seed = 0 }
+        value = 1.0
+        """)
+    assert main(["frontier", str(path), "--dry-run"]) == 2
+    assert "a spread needs two or more values of seed" in capsys.readouterr().err
+
+
+def test_the_shipped_frontier_spec_states_the_three_claims_and_expands():
+    from ablations.frontier import cells_of
+    from ablations.spec import GRIDS_DIR
+
+    spec = load_spec(GRIDS_DIR / "frontier_batch.toml")
+    claims = parse_claims(spec.claims)
+    assert [c.check for c in claims] == ["compare", "spread", "compare"]
+    assert all(c.metric == "max_stable_lr" for c in claims)
+    settings, cells = cells_of(spec)
+    assert len(cells) == 36 and settings.steps == 40
+    assert not any("lr" in cell.axes for cell in cells)
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def test_frontier_figures_and_report_section_are_written(tmp_path):
+    from reports.build import build_report
+    from reports.figures.frontier import (
+        figure_png,
+        frontier_table,
+        plot_frontier,
+        plot_frontier_accuracy,
+    )
+
+    search(tmp_path)
+    grid_dir = tmp_path / "out" / "edge"
+    frame = load_results(grid_dir).frontier
+    for name, draw in (("frontier", plot_frontier), ("accuracy", plot_frontier_accuracy)):
+        png = figure_png(draw(frame))
+        (tmp_path / f"{name}.png").write_bytes(png)
+        assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    # the line of the frontier plot is the geometric mean over seeds at each batch size
+    fig = plot_frontier(frame)
+    line = fig.axes[0].get_lines()[0]
+    by_batch = frame.groupby("batch_size")["max_stable_lr"].apply(
+        lambda v: float(np.exp(np.log(v).mean())))
+    assert list(line.get_xdata()) == list(by_batch.index)
+    assert np.allclose(line.get_ydata(), by_batch.to_numpy())
+    table = frontier_table(frame)
+    assert list(table["batch size"]) == [16, 64] and set(table["cells"]) == {2}
+
+    paths = build_report(grid_dir)
+    text = paths["md"].read_text()
+    assert "## Stability frontier" in text
+    assert (grid_dir / "report_files" / "frontier.png").is_file()
+    assert (grid_dir / "report_files" / "frontier-accuracy.png").is_file()
+
+
+def test_a_warmup_spike_does_not_pass_a_run_ending_at_chance_as_stable(tmp_path):
+    """Measured on digits (AGC 0.02, batch 1024, lr 4.5): the loss spiked to 12 at step 2 and
+    ended at 2.3, the initial loss; a mean over the first steps would call that stable."""
+    from ablations.frontier import probe_stability
+
+    store = GridStore(tmp_path, "g")
+    settings = FrontierSettings(0.1, 10.0, steps=40)
+    spike = np.r_[[2.31, 2.85, 12.38, 4.86], np.full(36, 2.3)]
+    learnt = np.r_[[2.31, 2.85, 12.38, 4.86], np.linspace(2.2, 0.9, 36)]
+    for rid, loss in (("spike", spike), ("learnt", learnt)):
+        (store.run_dir(rid)).mkdir(parents=True)
+        store.write_results(rid, pd.DataFrame({"step": np.arange(40), "loss": loss}),
+                            pd.DataFrame(), state="completed")
+    assert probe_stability(store, "spike", settings) is False
+    assert probe_stability(store, "learnt", settings) is True
+    assert probe_stability(store, "learnt", FrontierSettings(0.1, 10.0, max_ratio=0.3)) is False
+
+
+# ----------------------------------------------------------------------------- Ray
+
+
+@pytest.mark.ray
+def test_the_search_on_ray_finds_what_the_local_executor_finds(tmp_path):
+    """The follow-up probes go through the Ray executor too; training is deterministic, so
+    both executors find the same frontier from the same probes."""
+    ray = pytest.importorskip("ray", reason="the ray extra is not installed")
+    from ablations.executors import LocalExecutor, RayExecutor
+
+    spec = load_spec(write_spec(tmp_path), ["seed=0", "batch_size=16", "frontier.resolution=4"])
+    local = run_frontier(spec, tmp_path / "local", LocalExecutor(workers=1, device="cpu"),
+                         stream=io.StringIO())
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        remote = run_frontier(spec, tmp_path / "ray", RayExecutor(cpus_per_run=1),
+                              stream=io.StringIO())
+    finally:
+        ray.shutdown()
+    assert remote.probes_run == local.probes_run >= 2
+    columns = ["cell_id", "status", "max_stable_lr", "min_unstable_lr", "n_probes", "final_acc"]
+    pd.testing.assert_frame_equal(remote.frame[columns], local.frame[columns])
