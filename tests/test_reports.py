@@ -234,7 +234,8 @@ def small_disk_grid(root: Path) -> Path:
             })
     runs.append({"run_id": "queued-one", "state": "queued", "config": {
         "model": {"name": "nf_resnet26"}, "batch_size": 1024,
-        "clip": {"mode": "agc", "threshold": 0.01}, "seed": 0},
+        "clip": {"mode": "agc", "threshold": 0.01}, "seed": 0, "data": "synthetic",
+        "base_lr": 0.1, "epochs": 2},
         "axes": {"clip.threshold": 0.01, "batch_size": 1024}})
     return write_fake_grid(root, "fake_lambda", runs)
 

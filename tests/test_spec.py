@@ -253,10 +253,12 @@ def test_dry_run_shows_the_values_each_run_uses(tmp_path, capsys):
         "model.name", "clip.mode", "clip.threshold", "batch_size", "seed", "lr"]
     # read from the right: model.name, clip.mode, clip.threshold, batch_size, seed, lr
     bn = [line.split() for line in lines if " bn_resnet26_v2 " in line]
-    assert len(bn) == 9 and all(row[-5:-3] == ["agc", "0.01"] for row in bn)
+    # the BN reference takes the base's clipping: none, so no threshold follows the mode
+    assert len(bn) == 9 and all(row[-4] == "none" for row in bn)
     unclipped = [line.split() for line in lines if " none " in line]
-    # no threshold for unclipped runs: the mode is followed by the batch size
-    assert len(unclipped) == 9 and all(row[-4] == "none" for row in unclipped)
+    assert len(unclipped) == 18 and all(row[-4] == "none" for row in unclipped)
+    agc = [line.split() for line in lines if " agc " in line]
+    assert len(agc) == 9 and all(row[-5:-3] == ["agc", "0.01"] for row in agc)
     lr_of = {int(row[-3]): float(row[-1]) for row in bn}
     assert lr_of == {256: 0.1, 1024: 0.4, 4096: 1.6}  # base_lr 0.1 x B / 256
     assert lines[-1] == "36 runs in grid my_grid"
