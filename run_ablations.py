@@ -22,6 +22,11 @@ DEFAULT_OUT = "runs"  # the one output root: grids go to runs/<grid>, SPP plots 
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + message; we want one line
+        import re
+
+        if message.startswith("unrecognized arguments") and re.search(
+                r"(^|\s)(-v+|--verbose)(\s|$)", message.split(":", 1)[1]):
+            message += f" (-v/--verbose is taken by {', '.join(VERBOSE_HELP)})"
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
@@ -75,16 +80,28 @@ def say(args: argparse.Namespace, line: str) -> None:
         print(line)
 
 
-def add_verbosity(parser: argparse.ArgumentParser, top: bool) -> None:
+# what -v adds, on the commands where it adds something
+VERBOSE_HELP = {
+    "run": "more detail: every run's start and end line also on a terminal",
+    "quickstart": "more detail: every run's start and end line also on a terminal",
+    "frontier": "more detail: every probe run's start and end line",
+    "export": "more detail: every run folder written",
+}
+
+
+def add_verbosity(parser: argparse.ArgumentParser, top: bool, command: str = "") -> None:
     # on the subcommands too (`sigprop run GRID -q`); there a flag not given keeps the top
     # level's value instead of overwriting it
     keep = {} if top else {"default": argparse.SUPPRESS}
     parser.add_argument("-q", "--quiet", action="store_true",
                         help="print only errors, warnings and the tables asked for",
                         **({"default": False} if top else keep))
-    parser.add_argument("-v", "--verbose", action="count",
-                        help="more detail: every run's start and end line also on a terminal",
-                        **({"default": 0} if top else keep))
+    if top:
+        parser.add_argument("-v", "--verbose", action="count", default=0,
+                            help=f"more detail (for {', '.join(VERBOSE_HELP)})")
+    elif command in VERBOSE_HELP:
+        parser.add_argument("-v", "--verbose", action="count", help=VERBOSE_HELP[command],
+                            **keep)
 
 
 EXAMPLES = {
@@ -131,7 +148,7 @@ def add_command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argpars
     """A subcommand with the shared help layout, its examples and -q/-v."""
     p = sub.add_parser(name, formatter_class=HelpFormatter, epilog=EXAMPLES.get(name),
                        **kwargs)
-    add_verbosity(p, top=False)
+    add_verbosity(p, top=False, command=name)
     return p
 
 
@@ -405,6 +422,12 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def heartbeat_s(args: argparse.Namespace) -> float:
+    if args.heartbeat < 0:
+        raise UserError(f"--heartbeat must be >= 0 seconds, got {args.heartbeat:g}")
+    return args.heartbeat
+
+
 def make_executor(args: argparse.Namespace):
     from ablations.executors import LocalExecutor, RayExecutor
 
@@ -416,12 +439,10 @@ def make_executor(args: argparse.Namespace):
 def execute(spec, args: argparse.Namespace):
     from ablations.runner import run_grid
 
-    if args.heartbeat < 0:
-        raise UserError(f"--heartbeat must be >= 0 seconds, got {args.heartbeat:g}")
     executor = make_executor(args)
     outcome = run_grid(spec, args.out, executor, retry_failed=args.retry_failed,
                        max_runs=max_runs(args), download=args.download,
-                       verbosity=verbosity(args), heartbeat_s=args.heartbeat)
+                       verbosity=verbosity(args), heartbeat_s=heartbeat_s(args))
     counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
     if outcome.interrupted:
         print(f"interrupted after {outcome.duration_s:.0f}s ({counts or 'nothing finished'}); "
@@ -453,7 +474,8 @@ def cmd_frontier(args: argparse.Namespace) -> int:
             print(f"claim {line}")
         return 0
     outcome = run_frontier(spec, args.out, make_executor(args), retry_failed=args.retry_failed,
-                           max_runs=max_runs(args), download=args.download)
+                           max_runs=max_runs(args), download=args.download,
+                           verbosity=verbosity(args), heartbeat_s=heartbeat_s(args))
     counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
     probes = (f"{outcome.probes_run} probe runs ({outcome.probes_stored} read back from the "
               f"store; a full grid at this resolution: {outcome.full_grid} runs)")
@@ -461,11 +483,11 @@ def cmd_frontier(args: argparse.Namespace) -> int:
         print(f"interrupted after {outcome.duration_s:.0f}s: {probes}; finished probes are "
               f"stored, run the same command to resume", file=sys.stderr)
         return exit_code(outcome)
-    print(f"frontier {spec.name} done in {outcome.duration_s:.0f}s: {len(outcome.frame)} cells "
-          f"({counts}); {probes}")
-    print(f"frontier: {outcome.grid_dir / 'frontier.parquet'}")
+    say(args, f"frontier {spec.name} done in {outcome.duration_s:.0f}s: {len(outcome.frame)} "
+        f"cells ({counts}); {probes}")
+    say(args, f"frontier: {outcome.grid_dir / 'frontier.parquet'}")
     if not args.no_report:
-        write_report(outcome.grid_dir)
+        write_report(outcome.grid_dir, quiet=verbosity(args) < 0)
     return 0
 
 
@@ -493,25 +515,35 @@ def cmd_export(args: argparse.Namespace) -> int:
     from reports.tensorboard import export_tensorboard, resolve_grid, watch_tensorboard
 
     out = Path(args.out) if args.out else resolve_grid(args.dir) / "tensorboard"
+    level = verbosity(args)
+
+    def tell(result) -> None:  # -q: nothing; -v: also every run folder written
+        if level < 0:
+            return
+        print(result.line(), flush=True)
+        if level >= 1:
+            for folder in result.added:
+                print(f"  {out / folder}", flush=True)
+
     if args.live is None:
-        print(export_tensorboard(args.dir, out).line())
-        print(f"open it with: tensorboard --logdir {out}")
+        tell(export_tensorboard(args.dir, out))
+        say(args, f"open it with: tensorboard --logdir {out}")
         return 0
     opened = []
 
-    def say(line: str) -> None:  # the command to open it once the log dir exists
-        print(line, flush=True)
+    def tell_live(result) -> None:  # the command to open it once the log dir exists
+        tell(result)
         if not opened:
-            opened.append(line)
-            print(f"open it with: tensorboard --logdir {out}  (exporting again every "
-                  f"{args.live:g}s while runs are queued or running; Ctrl-C stops)", flush=True)
+            opened.append(result)
+            say(args, f"open it with: tensorboard --logdir {out}  (exporting again every "
+                f"{args.live:g}s while runs are queued or running; Ctrl-C stops)")
 
     try:
-        watch_tensorboard(args.dir, out, args.live, say=say)
+        watch_tensorboard(args.dir, out, args.live, say=tell_live)
     except KeyboardInterrupt:
         print("stopped watching; what was exported stays", file=sys.stderr)
         return 0
-    print("no run left to wait for")
+    say(args, "no run left to wait for")
     return 0
 
 

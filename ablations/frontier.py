@@ -47,6 +47,8 @@ import pandas as pd
 
 from ablations.executors import LocalExecutor
 from ablations.runner import (
+    HEARTBEAT_S,
+    Progress,
     Terminated,
     check_data,
     describe_run,
@@ -184,12 +186,15 @@ class FrontierSearch:
     """The searches of every cell over one store; see the module docstring."""
 
     def __init__(self, spec: GridSpec, store: GridStore, cells: list[Run],
-                 settings: FrontierSettings, retry_failed: bool, stream):
+                 settings: FrontierSettings, retry_failed: bool, stream,
+                 verbosity: int = 0, heartbeat_s: float = HEARTBEAT_S):
         self.spec, self.store, self.settings = spec, store, settings
         self.points = lattice(settings)
         self.cells = [Cell(run, BisectSearch(len(self.points))) for run in cells]
         self.by_probe: dict[str, list[Cell]] = {}  # probe out at the executor -> its cells
-        self.retry_failed, self.stream = retry_failed, stream
+        self.retry_failed, self.stream, self.verbosity = retry_failed, stream, verbosity
+        # the probes' own lines: failures always, start and end with -v, heartbeats
+        self.progress = Progress(None, 0, {}, 0, stream, verbosity, heartbeat_s)
         self.done = 0
         self.executed = 0  # probes run by this invocation
 
@@ -209,6 +214,8 @@ class FrontierSearch:
                 raise UserError(f"cannot write results to {self.store.dir}: "
                                 f"{err.strerror or err}") from None
             if todo:
+                self.progress.labels[probe.run_id] = (f"{describe_run(cell.run)} "
+                                                      f"lr {self.points[index]:.4g}")
                 cell.pending = (index, probe.run_id)
                 waiting = self.by_probe.setdefault(probe.run_id, [])
                 waiting.append(cell)
@@ -239,6 +246,7 @@ class FrontierSearch:
     def on_result(self, result: dict) -> list[str]:
         """Executor callback: a probe ended; returns the next probes of its cells, if any."""
         rid = result["run_id"]
+        self.progress.result(result)
         if rid not in self.by_probe or result["state"] in ("interrupted", "requeued", "busy"):
             return []  # resumes (requeued: the executor runs it again itself)
         follow_ups = []
@@ -259,8 +267,10 @@ class FrontierSearch:
         cell.finished = True
         self.done += 1
         row = self.row(cell)
-        print(f"[{self.done}/{len(self.cells)}] {describe_run(cell.run)}: {cell_summary(row)}; "
-              f"{row['n_probes']} probes ({cell.ran} run now)", file=self.stream, flush=True)
+        if self.verbosity >= 0 or cell.error:
+            print(f"[{self.done}/{len(self.cells)} cells] {describe_run(cell.run)}: "
+                  f"{cell_summary(row)}; {row['n_probes']} probes ({cell.ran} run now)",
+                  file=self.stream, flush=True)
 
     def row(self, cell: Cell) -> dict:
         search, points = cell.search, self.points
@@ -329,29 +339,37 @@ def run_frontier(
     stream=None,
     max_runs: int | None = MAX_RUNS,
     download: bool = False,
+    verbosity: int = 0,
+    heartbeat_s: float = HEARTBEAT_S,
 ) -> FrontierOutcome:
     """Search the frontier of every cell of ``spec`` into ``out/<name>``; writes
-    ``frontier.parquet`` there (also when interrupted: unfinished cells say ``incomplete``)."""
+    ``frontier.parquet`` there (also when interrupted: unfinished cells say ``incomplete``).
+    ``verbosity`` -1 prints only failures, 0 a line per finished cell and a heartbeat per long
+    probe (without a terminal, every ``heartbeat_s``), 1 also every probe's start and end."""
     stream = stream or sys.stdout
     executor = executor or LocalExecutor()
     settings, cells = cells_of(spec, max_runs)
     store = GridStore(out, spec.name)
     check_data(cells, download)
     store.prepare(spec.to_toml_dict(), [])
-    search = FrontierSearch(spec, store, cells, settings, retry_failed, stream)
+    search = FrontierSearch(spec, store, cells, settings, retry_failed, stream, verbosity,
+                            heartbeat_s)
     outcome = FrontierOutcome(store.dir, len(cells),
                               full_grid=len(cells) * len(search.points))
-    print(f"frontier {spec.name}: {len(cells)} cells, lr {settings.lr_min:g} to "
-          f"{settings.lr_max:g} by x{settings.resolution:.4g} ({len(search.points)} rates; a "
-          f"full grid would be {outcome.full_grid} runs) -> {store.dir}", file=stream,
-          flush=True)
+    if verbosity >= 0:
+        print(f"frontier {spec.name}: {len(cells)} cells, lr {settings.lr_min:g} to "
+              f"{settings.lr_max:g} by x{settings.resolution:.4g} ({len(search.points)} rates; "
+              f"a full grid would be {outcome.full_grid} runs) -> {store.dir}", file=stream,
+              flush=True)
     started = time.monotonic()
     previous = install_sigterm()
     try:
         todo = search.start()
         if todo:
-            print(f"running probes on {executor.describe()}", file=stream, flush=True)
-            executor.run(str(store.root), store.grid, todo, search.on_result)
+            if verbosity >= 0:
+                print(f"running probes on {executor.describe()}", file=stream, flush=True)
+            executor.run(str(store.root), store.grid, todo, search.on_result,
+                         search.progress.step)
     except KeyboardInterrupt as err:
         outcome.interrupted = True
         outcome.signal = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"

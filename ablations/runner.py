@@ -196,10 +196,12 @@ class Progress:
     diverged step, elapsed time), and for a run going longer than ``heartbeat_s`` a line every
     ``heartbeat_s`` with its step/total, loss, elapsed time and ETA (0: none).
     ``verbosity`` -1 prints only failed runs and store errors, and no bars; 1 also prints every
-    run's start and end line on a terminal.
+    run's start and end line on a terminal. ``total`` None is an open-ended search (the
+    frontier's probes): no bars and no table, the start and end lines only with verbosity 1,
+    the heartbeat as usual.
     """
 
-    def __init__(self, total: int, done: int, labels: dict[str, str], slots: int,
+    def __init__(self, total: int | None, done: int, labels: dict[str, str], slots: int,
                  stream=None, verbosity: int = 0, heartbeat_s: float = HEARTBEAT_S,
                  resuming: set[str] | frozenset = frozenset()):
         self.stream = stream or sys.stdout
@@ -208,7 +210,8 @@ class Progress:
         self.total, self.done = total, done
         self.started = time.monotonic()
         self.verbosity, self.heartbeat_s, self.resuming = verbosity, heartbeat_s, resuming
-        self.tty = self.stream.isatty() and verbosity >= 0
+        self.open_ended = total is None
+        self.tty = self.stream.isatty() and verbosity >= 0 and not self.open_ended
         self.active: dict[str, dict] = {}  # run id -> started, step, total, loss, last beat
         self.ended: list[dict] = []  # the rows of the final table
         if self.tty:
@@ -230,7 +233,12 @@ class Progress:
 
     def every_run(self) -> bool:
         """Whether start and end lines of ordinary runs are printed."""
+        if self.open_ended:
+            return self.verbosity >= 1
         return self.verbosity >= 1 or (self.verbosity == 0 and not self.tty)
+
+    def prefix(self) -> str:
+        return f"[{self.done}]" if self.open_ended else f"[{self.done}/{self.total}]"
 
     def step(self, slot: int, run_id: str, step: int, total: int,
              loss: float | None = None) -> None:
@@ -242,7 +250,7 @@ class Progress:
                                           "loss": None, "first": None}
             if self.every_run():
                 verb = "resuming" if run_id in self.resuming else "started"
-                self.line(f"[{self.done}/{self.total}] {run_id} {verb:9s} "
+                self.line(f"{self.prefix()} {run_id} {verb:9s} "
                           f"{self.labels.get(run_id, '')}".rstrip())
         if total:
             info.update(step=step, total=total)
@@ -263,7 +271,7 @@ class Progress:
 
     def heartbeat(self, run_id: str, info: dict, now: float) -> str:
         step, total = info["step"], info["total"]
-        text = f"[{self.done}/{self.total}] {run_id} running   step {step}/{total}"
+        text = f"{self.prefix()} {run_id} running   step {step}/{total}"
         if info["loss"] is not None:
             text += f" loss {info['loss']:.4g}"
         text += f", {duration_text(now - info['started'])}"
@@ -301,7 +309,7 @@ class Progress:
         if result.get("store_error"):
             detail += (f" (the store could not record it: {result['store_error']}; `status` "
                        f"shows the run as interrupted)")
-        line = " ".join(part for part in (f"[{self.done}/{self.total}] {rid} {state:9s}",
+        line = " ".join(part for part in (f"{self.prefix()} {rid} {state:9s}",
                                           self.labels.get(rid, ""), detail.strip()) if part)
         if counted:
             self.ended.append({"run_id": rid, "run": self.labels.get(rid, ""), "state": state,

@@ -9,7 +9,8 @@ into the convs as timm's do (``fold_gamma=True``; ``--activation-gamma`` keeps t
 layout). The two models of a pair take
 turns in blocks of ``--block`` steps, in a shuffled order every round; the ratio is paired per
 round (sigprop's block time / timm's in the same round) and reported as the median with its
-interquartile range and extremes.
+interquartile range, extremes and a 95% bootstrap interval of the median (a pair is at parity
+when that interval holds 1).
 
 sigprop does not depend on timm: run this with a Python that has timm, with the worktree on
 PYTHONPATH (``bash shared/tools/timm_venv.sh`` builds a scratch venv and prints its python):
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sigprop
-from benchmarks.timing import interleaved_rounds
+from benchmarks.timing import interleaved_rounds, median_ci
 from sigprop.clipping import adaptive_clip_grad_, agc_parameters
 
 # label: (sigprop model, sigprop overrides, timm model, timm overrides)
@@ -168,8 +169,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     print(f"batch {args.batch}, {args.px}px, {torch.get_num_threads()} threads, "
           f"{args.rounds} rounds x {args.block} steps, AGC {AGC_LAMBDA}, Nesterov SGD, "
           f"sigprop's gamma {layout}")
-    print("| pair | sigprop ms/step | timm ms/step | sigprop / timm, median [IQR] (min-max) |")
-    print("|---|---|---|---|")
+    print("| pair | sigprop ms/step | timm ms/step | sigprop / timm, median [IQR] (min-max) "
+          "| 95% interval of the median |")
+    print("|---|---|---|---|---|")
     ratios = {}
     for label in args.pairs.split(","):
         ours_name, ours_kw, theirs_name, theirs_kw = PAIRS[label]
@@ -185,10 +187,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         )
         paired = [a / b for a, b in zip(times["sigprop"], times["timm"])]
         lo, q1, med, q3, hi = spread(paired)
+        ci_lo, ci_hi = median_ci(paired) if len(paired) > 1 else (med, med)
         ratios[label] = med
         print(f"| {ours_name} vs {theirs_name} | {statistics.median(times['sigprop']) * 1e3:.1f} "
               f"| {statistics.median(times['timm']) * 1e3:.1f} | {med:.3f} [{q1:.3f}, {q3:.3f}] "
-              f"({lo:.3f}-{hi:.3f}) |", flush=True)
+              f"({lo:.3f}-{hi:.3f}) | [{ci_lo:.3f}, {ci_hi:.3f}] |", flush=True)
     return ratios
 
 

@@ -35,3 +35,16 @@ def timed(fn: Callable[[], object]) -> Callable[[], float]:
         fn()
         return time.perf_counter() - start
     return run
+
+
+def median_ci(values: list[float], level: float = 0.95, resamples: int = 4000,
+              seed: int = 0) -> tuple[float, float]:
+    """A bootstrap confidence interval of the median (percentile method): how far the
+    median of paired ratios could move on another run of the same length."""
+    import statistics
+
+    rng = random.Random(seed)
+    n = len(values)
+    medians = sorted(statistics.median(rng.choices(values, k=n)) for _ in range(resamples))
+    tail = (1 - level) / 2
+    return medians[int(tail * resamples)], medians[min(resamples - 1, int((1 - tail) * resamples))]

@@ -454,7 +454,7 @@ def check_interval(every_s: float) -> float:
 
 
 def watch_tensorboard(grid_dir: str | Path, out_dir: str | Path | None, every_s: float,
-                      say: Callable[[str], None] = print,
+                      say: Callable[[ExportResult], None] = lambda r: print(r.line()),
                       sleep: Callable[[float], None] = time.sleep) -> ExportResult:
     """Export, then again every ``every_s`` seconds while runs of the grid are queued or
     running; returns when none is left (Ctrl-C stops it earlier)."""
@@ -463,7 +463,7 @@ def watch_tensorboard(grid_dir: str | Path, out_dir: str | Path | None, every_s:
     while True:
         result = export_tensorboard(grid_dir, out_dir)
         if first or result.added:
-            say(result.line())
+            say(result)
         first = False
         if not result.waiting:
             return result

@@ -11,7 +11,7 @@ import tomllib
 from run_ablations import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["models", "spp", "run", "status", "report", "quickstart"]
+COMMANDS = ["models", "spp", "run", "frontier", "status", "report", "quickstart", "export"]
 
 
 def test_help_and_version_import_neither_torch_nor_pandas():
@@ -58,7 +58,9 @@ def test_every_command_help_shows_defaults_choices_and_examples(command, capsys)
     assert "examples:\n  sigprop " + command in out
     text = " ".join(out.split())  # the help wraps to the terminal's width
     assert "``" not in text
-    assert "-q, --quiet" in text and "-v, --verbose" in text
+    assert "-q, --quiet" in text
+    # -v only where it adds something, and it says what
+    assert ("-v, --verbose" in text) == (command in ("run", "quickstart", "frontier", "export"))
     if command in ("run", "quickstart"):
         assert "--executor {local,ray}" in text
         workers = "2" if command == "quickstart" else "1"
@@ -95,8 +97,9 @@ def test_quiet_and_verbose_are_read_before_and_after_the_command():
     assert parser.parse_args(["-q", "status", "x"]).quiet is True
     assert parser.parse_args(["status", "x", "-q"]).quiet is True
     assert parser.parse_args(["-v", "status", "x"]).verbose == 1
-    assert parser.parse_args(["status", "x", "-vv"]).verbose == 2
-    assert parser.parse_args(["status", "x"]).verbose == 0
+    assert parser.parse_args(["run", "x", "-vv"]).verbose == 2
+    assert parser.parse_args(["-v", "run", "x"]).verbose == 1
+    assert parser.parse_args(["run", "x"]).verbose == 0
 
 
 @pytest.mark.parametrize("argv, suggestion", [
@@ -152,3 +155,11 @@ def test_quiet_run_prints_nothing_when_all_goes_well(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
     assert (tmp_path / "out" / "q" / "runs").is_dir()
+
+
+def test_verbose_on_a_command_without_it_says_where_it_is_taken(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["status", "runs", "-v"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "-v/--verbose is taken by run, quickstart" in err

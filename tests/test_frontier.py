@@ -90,17 +90,21 @@ class OracleExecutor:
             else:
                 state, loss = "completed", 2.3 * 0.2 ** (steps / max(1, len(steps) - 1))
                 summary = {"final_acc": 0.9 - 0.1 * (edge - lr) / edge}
+            if on_step is not None:  # as the real workers report: a start, then steps
+                on_step(0, rid, 0, 0)
+                for step in steps:
+                    on_step(0, rid, int(step) + 1, len(steps), float(loss[step]))
             metrics = pd.DataFrame({"step": steps, "loss": loss})
             store.write_results(rid, metrics, pd.DataFrame(), state=state, summary=summary,
                                 finished_at=time.time())
             pending += on_result({"run_id": rid, "state": state, "summary": summary}) or []
 
 
-def search(folder: Path, frontier: str = "", executor=None, overrides=None):
+def search(folder: Path, frontier: str = "", executor=None, overrides=None, **console):
     executor = executor or OracleExecutor()
     stream = io.StringIO()
     outcome = run_frontier(load_spec(write_spec(folder, frontier), overrides), folder / "out",
-                           executor, stream=stream)
+                           executor, stream=stream, **console)
     return outcome, executor, stream.getvalue()
 
 
@@ -130,6 +134,29 @@ def test_bisection_finds_the_oracle_edge_within_the_resolution(tmp_path):
     assert len(runs) == len(executor.executed)
     assert all("lr" in axes for axes in runs["axes"])
     assert text.count("max stable lr") == 4
+
+
+@pytest.mark.parametrize("verbosity", [-1, 0, 1])
+def test_the_console_follows_quiet_and_verbose_and_beats_for_long_probes(tmp_path, verbosity):
+    # a heartbeat interval shorter than a step: every step of every probe is "long"
+    outcome, executor, text = search(tmp_path, verbosity=verbosity, heartbeat_s=1e-9)
+    probes = len(executor.executed)
+    lines = text.splitlines()
+    started = [line for line in lines if " started " in line]
+    ended = [line for line in lines if " completed " in line or " diverged " in line]
+    beats = [line for line in lines if " running   step " in line]
+    cells = [line for line in lines if "max stable lr" in line]
+    if verbosity < 0:  # nothing failed: nothing to say
+        assert text == ""
+        return
+    assert len(cells) == 4
+    assert len(beats) == probes * 4  # a beat per step: the spec's probes train 4 steps
+    assert all(" lr " in line for line in beats)  # the probe's lr names it
+    if verbosity == 0:
+        assert started == [] and ended == []
+    else:
+        assert len(started) == len(ended) == probes
+        assert {line.split()[1] for line in started} == set(executor.executed)
 
 
 def test_a_rerun_reads_every_probe_back_and_runs_none(tmp_path):

@@ -1,4 +1,5 @@
-"""The GPU verification kit (``python -m benchmarks.gpu``) without a GPU: one line, exit 2."""
+"""The GPU verification kit (``python -m benchmarks.gpu``) without a GPU: one line, exit 2; and
+the benchmarks' timing statistics."""
 
 from __future__ import annotations
 
@@ -45,3 +46,19 @@ def test_markdown_has_a_table_per_section():
     assert "## agc" in text and "## grid" in text
     assert "| runs_per_gpu | runs_per_hour | skipped |" in text
     assert "| 2 |  | time budget |" in text
+
+
+def test_median_interval_holds_the_median_and_narrows_with_more_rounds():
+    import random
+    import statistics
+
+    from benchmarks.timing import median_ci
+
+    assert median_ci([1.0] * 9) == (1.0, 1.0)
+    rng = random.Random(1)
+    few = [rng.gauss(1.0, 0.1) for _ in range(11)]
+    many = [rng.gauss(1.0, 0.1) for _ in range(301)]
+    for values in (few, many):
+        lo, hi = median_ci(values)
+        assert min(values) <= lo <= statistics.median(values) <= hi <= max(values)
+    assert median_ci(many)[1] - median_ci(many)[0] < median_ci(few)[1] - median_ci(few)[0]

@@ -196,7 +196,8 @@ def test_export_again_and_live_add_only_new_runs(grid, tmp_path):
         sleeps.append(seconds)
         (pending / "status.json").write_text(finished_status)
 
-    result = watch_tensorboard(grid, out, 5, say=lines.append, sleep=sleep)
+    result = watch_tensorboard(grid, out, 5, say=lambda r: lines.append(r.line()),
+                               sleep=sleep)
     assert sleeps == [5]
     assert "3 runs added" in lines[0] and "1 not finished yet" in lines[0]
     assert "1 run added, 3 already there" in lines[1] and len(lines) == 2
@@ -267,6 +268,17 @@ def test_cli_exports_and_prints_the_tensorboard_command(grid, tmp_path, capsys):
     moved = Path(shutil.move(grid, tmp_path / "moved" / "tb"))  # the export moves with it
     assert main(["export", "tensorboard", str(moved)]) == 0
     assert "0 runs added, 4 already there" in capsys.readouterr().out
+
+
+def test_cli_quiet_prints_nothing_and_verbose_names_every_folder(grid, tmp_path, capsys):
+    assert main(["export", "tensorboard", str(grid), "--out", str(tmp_path / "a"), "-q"]) == 0
+    assert capsys.readouterr().out == ""
+    assert len(run_folders(tmp_path / "a")) == 4
+    out = tmp_path / "b"
+    assert main(["export", "tensorboard", str(grid), "--out", str(out), "-v"]) == 0
+    printed = capsys.readouterr().out
+    assert sorted(line.strip() for line in printed.splitlines() if line.startswith("  ")) == \
+        sorted(str(folder) for folder in run_folders(out).values())
 
 
 def test_cli_bad_input_is_one_line(grid, tmp_path, capsys, monkeypatch):
