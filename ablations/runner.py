@@ -238,7 +238,7 @@ class Progress:
         return self.verbosity >= 1 or (self.verbosity == 0 and not self.tty)
 
     def prefix(self) -> str:
-        return f"[{self.done}]" if self.open_ended else f"[{self.done}/{self.total}]"
+        return "probe" if self.open_ended else f"[{self.done}/{self.total}]"
 
     def step(self, slot: int, run_id: str, step: int, total: int,
              loss: float | None = None) -> None:
