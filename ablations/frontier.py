@@ -49,11 +49,9 @@ from ablations.executors import LocalExecutor
 from ablations.runner import (
     HEARTBEAT_S,
     Progress,
-    Terminated,
     check_data,
     describe_run,
-    install_sigterm,
-    restore_sigterm,
+    interruptible,
     runs_to_execute,
 )
 from ablations.spec import (
@@ -362,19 +360,15 @@ def run_frontier(
               f"a full grid would be {outcome.full_grid} runs) -> {store.dir}", file=stream,
               flush=True)
     started = time.monotonic()
-    previous = install_sigterm()
     try:
-        todo = search.start()
-        if todo:
-            if verbosity >= 0:
-                print(f"running probes on {executor.describe()}", file=stream, flush=True)
-            executor.run(str(store.root), store.grid, todo, search.on_result,
-                         search.progress.step)
-    except KeyboardInterrupt as err:
-        outcome.interrupted = True
-        outcome.signal = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
+        with interruptible(outcome):
+            todo = search.start()
+            if todo:
+                if verbosity >= 0:
+                    print(f"running probes on {executor.describe()}", file=stream, flush=True)
+                executor.run(str(store.root), store.grid, todo, search.on_result,
+                             search.progress.step)
     finally:
-        restore_sigterm(previous)
         outcome.duration_s = time.monotonic() - started
         frame = search.frame()
         try:

@@ -6,8 +6,11 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -43,16 +46,21 @@ def _raise_terminated(signum, frame) -> None:
     raise Terminated()
 
 
-def install_sigterm():
-    """Handle SIGTERM like Ctrl-C while runs execute (main thread only; else leave it)."""
-    if threading.current_thread() is not threading.main_thread():
-        return None
-    return signal.signal(signal.SIGTERM, _raise_terminated)
-
-
-def restore_sigterm(previous) -> None:
-    if previous is not None:
-        signal.signal(signal.SIGTERM, previous)
+@contextmanager
+def interruptible(outcome: Any) -> Iterator[None]:
+    """Run the body with SIGTERM handled like Ctrl-C (main thread only; else left alone);
+    either one ends the body and marks ``outcome`` interrupted, naming the signal."""
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    except KeyboardInterrupt as err:
+        outcome.interrupted = True
+        outcome.signal = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def will_run(store: GridStore, run_id: str, retry_failed: bool) -> bool:
@@ -385,14 +393,10 @@ def run_grid(
     progress = Progress(len(runs), outcome.skipped, labels, len(executor.slots()), stream,
                         verbosity, heartbeat_s, resuming=started_before(store, todo))
     started = time.monotonic()
-    previous = install_sigterm()
     try:
-        executor.run(str(store.root), store.grid, todo, progress.result, progress.step)
-    except KeyboardInterrupt as err:
-        outcome.interrupted = True
-        outcome.signal = "SIGTERM" if isinstance(err, Terminated) else "SIGINT"
+        with interruptible(outcome):
+            executor.run(str(store.root), store.grid, todo, progress.result, progress.step)
     finally:
-        restore_sigterm(previous)
         progress.close()
         outcome.counts = dict(progress.counts)
         outcome.duration_s = time.monotonic() - started
