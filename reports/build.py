@@ -291,7 +291,7 @@ def frontier_sections(frontier: pd.DataFrame | None) -> list[Section]:
          "linear scaling lr ∝ B; triangles: the edge lies beyond the searched range.",
          ff.plot_frontier),
         ("frontier-accuracy", "Final test accuracy of the probe at the largest stable "
-         "learning rate, against batch size (band: min to max over seeds); dashed: chance.",
+         "learning rate, against batch size (band: min to max over seeds); dotted: chance.",
          ff.plot_frontier_accuracy)):
         try:
             section.parts.append(Plot(name, caption, figure_bytes(draw(frontier))))

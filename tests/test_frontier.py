@@ -441,12 +441,8 @@ def test_the_shipped_frontier_spec_states_the_three_claims_and_expands():
 
 def test_frontier_figures_and_report_section_are_written(tmp_path):
     from reports.build import build_report
-    from reports.figures.frontier import (
-        figure_png,
-        frontier_table,
-        plot_frontier,
-        plot_frontier_accuracy,
-    )
+    from reports.figures.frontier import frontier_table, plot_frontier, plot_frontier_accuracy
+    from reports.figures.style import figure_png
 
     search(tmp_path)
     grid_dir = tmp_path / "out" / "edge"

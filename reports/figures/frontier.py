@@ -15,9 +15,6 @@ triangle at ``lr_min`` (its edge lies lower), out of the line and the band.
 
 from __future__ import annotations
 
-import io
-import math
-import re
 from typing import Any
 
 import numpy as np
@@ -26,35 +23,26 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FixedLocator, NullLocator
 
-MODE_NAMES = {"none": "no clipping", "norm": "global norm", "agc": "AGC"}
+from reports.figures.frames import chance_level
+from reports.figures.style import (
+    chance_handle,
+    clipping_label,
+    draw_chance,
+    pretty_model,
+)
+
 SETTING = "setting"
-
-
-def figure_png(fig: Figure, dpi: int = 110) -> bytes:
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi, facecolor="white")
-    return buffer.getvalue()
 
 
 def model_name(row: pd.Series) -> str:
     label = row.get("model_label")
     if isinstance(label, str) and label:
         return label
-    match = re.fullmatch(r"(nf|bn)_resnet(\d+)(?:_(v\d))?", str(row.get("model.name", "")))
-    if match:
-        family, depth, version = match.groups()
-        return f"{family.upper()}-ResNet-{depth}" + (f" {version}" if version else "")
-    return str(row.get("model.name", "model"))
+    return pretty_model(row.get("model.name", "model"))
 
 
 def clipping_name(row: pd.Series) -> str:
-    mode = row.get("clip.mode")
-    if not isinstance(mode, str) or mode == "none":
-        return MODE_NAMES["none"]
-    threshold = row.get("clip.threshold")
-    name = MODE_NAMES.get(mode, mode)
-    number = isinstance(threshold, int | float | np.number) and math.isfinite(threshold)
-    return f"{name} λ={threshold:g}" if number else name
+    return clipping_label(row.get("clip.mode"), row.get("clip.threshold"))
 
 
 def with_setting(frame: pd.DataFrame) -> pd.DataFrame:
@@ -163,12 +151,6 @@ def plot_frontier(frontier: pd.DataFrame, reference: str | None = None) -> Figur
     return fig
 
 
-def chance_level(frame: pd.DataFrame) -> float | None:
-    classes = pd.to_numeric(frame.get("model.num_classes", pd.Series(dtype=float)),
-                            errors="coerce").dropna()
-    return 1.0 / float(classes.iloc[0]) if len(classes) else None
-
-
 def plot_frontier_accuracy(frontier: pd.DataFrame) -> Figure:
     """Final test accuracy at the largest stable learning rate vs batch size."""
     frame = with_setting(frontier)
@@ -189,12 +171,15 @@ def plot_frontier_accuracy(frontier: pd.DataFrame) -> Figure:
         ax.fill_between(stats["batch_size"], stats["low"], stats["high"], color=colour,
                         alpha=0.15, lw=0)
     chance = chance_level(frame)
-    if chance is not None:
-        ax.axhline(chance, color="0.4", ls="--", lw=1, label=f"chance ({chance:.0%})")
+    draw_chance(ax, chance)
     batch_axis(ax, batches)
     ax.set_ylim(0, 1.02)
     ax.set_ylabel("final test accuracy at the frontier")
-    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    handles, labels = ax.get_legend_handles_labels()
+    if chance is not None:
+        handles.append(chance_handle(chance))
+        labels.append(handles[-1].get_label())
+    ax.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     steps = frame["probe_steps"].dropna().unique() if "probe_steps" in frame else []
     length = f", {int(steps[0])}-step probes" if len(steps) == 1 else ""
     ax.set_title(f"Accuracy at the largest stable learning rate{length}", fontsize=9)
