@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import math
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -23,6 +22,7 @@ from ablations.frontier import FRONTIER_COLUMNS, lattice, run_frontier
 from ablations.spec import FrontierSettings, load_spec
 from ablations.store import GridStore, load_results
 from run_ablations import main
+from tests.test_runner import kill_9
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -295,12 +295,7 @@ def test_sigkill_mid_search_then_rerun_finishes_without_repeating_a_stored_probe
             break
         assert runner.poll() is None, runner.communicate()
         time.sleep(0.05)
-    os.kill(runner.pid, signal.SIGKILL)
-    runner.wait(timeout=30)
-    store = GridStore(out, "edge")
-    while any(store.is_locked(rid) for rid in store.run_ids()):  # workers die with the runner
-        assert time.monotonic() < deadline + 30
-        time.sleep(0.05)
+    kill_9(runner, GridStore(out, "edge"), deadline + 30)
     before = finished_probes(grid_dir)
     assert not (grid_dir / "frontier.parquet").exists()  # killed before the search ended
 

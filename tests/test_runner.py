@@ -155,6 +155,16 @@ def start_runner(spec: Path, out: Path, *args: str) -> subprocess.Popen:
     )
 
 
+def kill_9(runner: subprocess.Popen, store: GridStore, deadline: float) -> None:
+    """SIGKILL the runner, then wait (until ``deadline``, monotonic) for its workers, which
+    die with it, to let go of their runs' locks."""
+    os.kill(runner.pid, signal.SIGKILL)
+    runner.wait(timeout=30)
+    while any(store.is_locked(rid) for rid in store.run_ids()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 def test_sigkill_mid_grid_then_resume_equals_an_uninterrupted_grid(tmp_path):
     spec = write_spec(tmp_path, steps=12, seeds="[0, 1, 2]")
     reference, killed = tmp_path / "reference", tmp_path / "killed"
@@ -174,12 +184,7 @@ def test_sigkill_mid_grid_then_resume_equals_an_uninterrupted_grid(tmp_path):
         if states.count("completed") >= 1 and running_with_checkpoint:
             break
         time.sleep(0.05)
-    os.kill(runner.pid, signal.SIGKILL)
-    runner.wait(timeout=30)
-    store = GridStore(killed, "tiny")
-    while any(store.is_locked(rid) for rid in store.run_ids()):  # workers die with the runner
-        assert time.monotonic() < deadline + 30
-        time.sleep(0.05)
+    kill_9(runner, GridStore(killed, "tiny"), deadline + 30)
     before = run_states(grid_dir)
     done_before = {rid: s["finished_at"] for rid, s in before.items() if s["state"] == "completed"}
     assert 1 <= len(done_before) < 3
