@@ -6,16 +6,26 @@ on the finished runs and gives its evidence and a verdict: ``holds``, ``does not
 show it. Nothing in a report is written to fit a claim.
 
     [[claims]]
-    id = "C2"                                  # optional; default C1, C2, ... in order
-    text = "AGC trains the NF-ResNet to 80% or more at the large batch."
-    source = "paper B, Fig. 2"
-    check = "compare"                           # compare | share | trend | spread
+    id = "C3"                                  # optional; default C1, C2, ... in order
+    text = "At the large batch, AGC brings the NF-ResNet level with the BN-ResNet or above."
+    quote = "We find that AGC helps scale NF-ResNets to large batch sizes while maintaining ..."
+    source = "paper B (arXiv 2102.06171), section 4.1, Figure 2"
+    check = "compare"                # compare | share | trend | spread | interaction
+    rule = "t95"                     # range (default) | t95
     a = { "model.name" = "nf_resnet26", "clip.mode" = "agc", batch_size = "@max" }
-    value = 0.8                                 # or b = { ... }: another selection
-    relation = "exceeds"                        # exceeds | below | within
-    margin = 0.0                                # default 0
-    metric = "final_acc"                        # default final_acc; see METRICS
-    min_runs = 2                                # finished runs each selection needs; default 2
+    b = { "model.name" = "bn_resnet26_v2", batch_size = "@max" }   # or value = 0.8
+    relation = "at_least"            # exceeds | below | within | at_least | consistent
+    margin = "test_set"              # a number (from the paper) or derived: test_set | lattice
+    metric = "final_acc"             # default final_acc; see METRICS
+    best_of = "clip.threshold"       # optional: each selection at its best value of this key
+    min_runs = 2                     # finished runs each selection needs; default 2
+
+``quote`` is the paper's sentence the claim tests, verbatim; ``source`` names the paper, its
+arXiv id and the section or figure. A margin is never a number picked to make a claim hold:
+either the paper's own, or derived: ``test_set`` is 1.96 * sqrt(p (1 - p) / n), the 95%
+binomial half-width of the reference's accuracy p on its n test images (the run summary's
+``test_images``); ``lattice`` is one step of a frontier's lr lattice (its resolution).
+``within`` and ``at_least`` need one.
 
 Selections (``a``, ``b``, ``select``) map run keys (dotted, as in ``[grid]``: ``model.name``,
 ``clip.mode``, ``batch_size``...) to a value or a list of values; ``"@min"`` / ``"@max"`` stand
@@ -26,21 +36,39 @@ Checks, over the finished (completed or diverged) runs of each selection; every 
 needs ``min_runs`` of them, else the claim is inconclusive:
 
 - ``compare``: the per-run ``metric`` of selection ``a`` against selection ``b`` (or the
-  constant ``value``), compared by seed ranges, not just means, so seed noise cannot pass for
-  an effect. ``exceeds``: holds when even a's worst run beats b's best by ``margin``
-  (min a - max b >= margin); does not hold when even a's best run does not (max a - min b <
+  constant ``value``). Rule ``range`` compares seed ranges, not just means, so seed noise
+  cannot pass for an effect. ``exceeds``: holds when even a's worst run beats b's best by more
+  than ``margin`` (min a - max b > margin: strict, so a tie beats nothing, and with 297 test
+  images ties happen); does not hold when even a's best run does not (max a - min b <=
   margin); inconclusive in between (the seed ranges overlap). ``below`` mirrors it.
-  ``within``: holds when every pair of runs is within ``margin`` (max a - min b and max b -
-  min a both <= margin); does not hold when the ranges are further apart than ``margin``;
-  inconclusive in between.
+  ``within``: holds when every pair of runs is closer than ``margin``; does not hold when the
+  ranges are ``margin`` or more apart; inconclusive in between. ``at_least`` ("comparable or
+  better"): holds when min a - max b > -margin, does not hold when max a - min b <= -margin.
+  Rule ``t95`` decides on the 95% Welch t interval [lo, hi] of mean(a) - mean(b) (or of
+  mean(a) - value): ``exceeds`` holds when lo > margin and does not hold when hi <= margin;
+  ``below`` mirrors it; ``within`` holds when -margin < lo and hi < margin and does not hold
+  when lo >= margin or hi <= -margin; ``at_least`` holds when lo > -margin and does not hold
+  when hi <= -margin; ``consistent`` (t95 only) holds when the interval holds 0 and is
+  narrower than the expected value itself, does not hold when it excludes 0. Anything else is
+  inconclusive. ``best_of``: each selection is first cut to its value of that key with the
+  best mean (paper B Fig. 2a's "best clipping threshold for each batch size"); the evidence
+  says that the choice was made after the fact.
+- ``interaction``: the difference of differences (mean a - mean b) - (mean c - mean d), e.g.
+  whether a gap is larger at the large batch than at the small one, decided on its 95% Welch
+  t interval (Welch-Satterthwaite degrees of freedom over the four groups) by ``exceeds`` or
+  ``below`` as in ``compare``; takes ``best_of`` too.
 - ``share``: the fraction of runs of ``select`` whose outcome is one of ``outcome``
-  (``diverged``; ``near_chance``, completed with ``final_acc`` below chance + ``chance_margin``,
-  default 0.1; ``completed``) is at least ``at_least`` (default 1: every run).
+  (``diverged``; ``near_chance``, completed with ``final_acc`` not above chance by a one-sided
+  95% binomial test on the run's test images, chance + 1.645 * sqrt(c (1 - c) / n), or below
+  chance + ``chance_margin`` when the claim gives one; ``learned``, completed and not near
+  chance; ``completed``) is at least ``at_least`` (default 1: every run).
 - ``trend``: within ``select``, for each value of ``over`` (e.g. ``batch_size``) the value of
   ``choose`` (e.g. ``clip.threshold``) with the best mean ``metric``; holds when that best
   value is ``non-increasing`` / ``non-decreasing`` (``direction``) in ``over``. Values whose
-  seed ranges overlap the best one's count as tied: if only a choice among ties makes the
-  sequence monotone the claim is inconclusive, if no choice does it does not hold.
+  seed ranges overlap the best one's count as tied, and ties count both ways: the claim holds
+  only when every choice among tied values is monotone, does not hold when no choice is, and
+  is inconclusive otherwise (a tie may demote a passing trend exactly as it may lift a
+  failing one).
 
 - ``spread``: how far ``metric`` moves over the values of the key ``over`` (e.g.
   ``clip.threshold``), per group of runs that differ only in ``over``: the spread of a group is
@@ -92,13 +120,23 @@ import pandas as pd
 
 from sigprop.errors import UserError
 
-CHECKS = ("compare", "share", "trend", "spread")
-RELATIONS = ("exceeds", "below", "within")
-OUTCOMES = ("diverged", "near_chance", "completed")
+CHECKS = ("compare", "share", "trend", "spread", "interaction")
+RELATIONS = ("exceeds", "below", "within", "at_least", "consistent")
+RULES = ("range", "t95")
+OUTCOMES = ("diverged", "near_chance", "learned", "completed")
+# margin = "test_set": the 95% binomial half-width of the reference's accuracy on its test set
+# margin = "lattice": one step of the frontier's learning-rate lattice, its resolution
+DERIVED_MARGINS = ("test_set", "lattice")
+# test-set sizes of the built-in data sets at their defaults (a run's own test_size wins)
+DEFAULT_TEST_IMAGES = {"digits": 297, "synthetic": 2000, "cifar10": 10000, "cifar100": 10000}
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+Z95_ONE_SIDED = 1.6448536269514722
 DIRECTIONS = ("non-increasing", "non-decreasing")
 FRONTIER_METRICS = ("max_stable_lr", "min_unstable_lr")  # frontier.parquet columns, log2 scale
+# var_growth_rel: var_growth over the stem output's variance; alpha2_ratio: that over
+# model.alpha^2 (paper A's law predicts 1)
 METRICS = ("final_acc", "best_acc", "max_grad_norm", "clip_fraction", "steps_done",
-           "var_growth", *FRONTIER_METRICS)
+           "var_growth", "var_growth_rel", "alpha2_ratio", *FRONTIER_METRICS)
 # frontier cell statuses with an answer (ablations.frontier.SEARCHED)
 SEARCHED = ("found", "stable_to_lr_max", "unstable_at_lr_min")
 ACCURACY_METRICS = ("final_acc",)
@@ -106,15 +144,16 @@ VERDICTS = ("holds", "does not hold", "inconclusive")
 FINISHED = ("completed", "diverged")
 EXTREMES = ("@min", "@max")
 
-COMMON_FIELDS = {"id", "text", "source", "check", "metric", "min_runs"}
+COMMON_FIELDS = {"id", "text", "source", "quote", "check", "metric", "min_runs"}
 CHECK_FIELDS = {
-    "compare": {"a", "b", "value", "relation", "margin"},
+    "compare": {"a", "b", "value", "relation", "margin", "rule", "best_of"},
     "share": {"select", "outcome", "at_least", "chance_margin"},
     "trend": {"select", "over", "choose", "direction"},
-    "spread": {"a", "b", "value", "relation", "margin", "over"},
+    "spread": {"a", "b", "value", "relation", "margin", "over", "rule"},
+    "interaction": {"a", "b", "c", "d", "relation", "margin", "best_of"},
 }
 SELECTION_FIELDS = {"compare": ("a", "b"), "share": ("select",), "trend": ("select",),
-                    "spread": ("a", "b")}
+                    "spread": ("a", "b"), "interaction": ("a", "b", "c", "d")}
 
 
 class ClaimError(UserError):
@@ -132,15 +171,19 @@ class Claim:
     text: str
     source: str
     check: str
+    quote: str = ""  # the paper's sentence the claim tests, verbatim
     metric: str = "final_acc"
     min_runs: int = 2
     selections: dict[str, dict[str, list]] = field(default_factory=dict)  # a, b or select
     value: float | None = None
     relation: str = "exceeds"
     margin: float = 0.0
+    margin_rule: str = ""  # "" (the number in margin) or one of DERIVED_MARGINS
+    rule: str = "range"  # how a, b are compared: seed ranges, or a Welch t interval (t95)
+    best_of: str = ""  # compare: each selection at its best value of this key
     outcome: tuple[str, ...] = ("diverged",)
     at_least: float = 1.0
-    chance_margin: float = 0.1
+    chance_margin: float | None = None  # None: the binomial rule (module docstring)
     over: str = ""
     choose: str = ""
     direction: str = "non-increasing"
@@ -148,7 +191,7 @@ class Claim:
     def keys(self) -> set[str]:
         """Every run key the claim refers to."""
         out = {k for sel in self.selections.values() for k in sel}
-        return out | {k for k in (self.over, self.choose) if k}
+        return out | {k for k in (self.over, self.choose, self.best_of) if k}
 
 
 @dataclass
@@ -191,6 +234,10 @@ def parse_claim(table: Mapping, index: int) -> Claim:
             raise ClaimError(f"{where}.{name} must be a non-empty string")
     claim = Claim(id=str(table.get("id", f"C{index + 1}")), text=" ".join(table["text"].split()),
                   source=" ".join(table["source"].split()), check=check)
+    if "quote" in table:
+        if not isinstance(table["quote"], str) or not table["quote"].strip():
+            raise ClaimError(f"{where}.quote must be the paper's sentence, a non-empty string")
+        claim.quote = " ".join(table["quote"].split())
     claim.metric = table.get("metric", "final_acc")
     if claim.metric not in METRICS:
         raise ClaimError(f"{where}.metric must be one of {', '.join(METRICS)}; "
@@ -200,11 +247,18 @@ def parse_claim(table: Mapping, index: int) -> Claim:
             or claim.min_runs < 1:
         raise ClaimError(f"{where}.min_runs must be a positive integer; got {claim.min_runs!r}")
     for name in SELECTION_FIELDS[check]:
-        if name == "b" and "b" not in table:
+        if name == "b" and "b" not in table and check != "interaction":
             continue
         claim.selections[name] = parse_selection(table.get(name), f"{where}.{name}")
     if check in ("compare", "spread"):
         parse_compare(claim, table, where)
+    if check in ("compare", "interaction") and "best_of" in table:
+        if not isinstance(table["best_of"], str) or not table["best_of"]:
+            raise ClaimError(f"{where}.best_of must name a run key (e.g. clip.threshold)")
+        claim.best_of = table["best_of"]
+    if check == "interaction":
+        claim.rule = "t95"
+        parse_relation(claim, table, where, RELATIONS[:2])
     if check == "spread":
         if not isinstance(table.get("over"), str) or not table["over"]:
             raise ClaimError(f"{where}.over must name a run key (e.g. clip.threshold)")
@@ -218,8 +272,9 @@ def parse_claim(table: Mapping, index: int) -> Claim:
                              f" got {table.get('outcome')!r}")
         claim.outcome = tuple(outcome)
         claim.at_least = number(table.get("at_least", 1.0), f"{where}.at_least", 0.0, 1.0)
-        claim.chance_margin = number(table.get("chance_margin", 0.1),
-                                     f"{where}.chance_margin", 0.0, 1.0)
+        if "chance_margin" in table:
+            claim.chance_margin = number(table["chance_margin"], f"{where}.chance_margin",
+                                         0.0, 1.0)
     elif check == "trend":
         for name in ("over", "choose"):
             if not isinstance(table.get(name), str) or not table[name]:
@@ -241,11 +296,38 @@ def parse_compare(claim: Claim, table: Mapping, where: str) -> None:
                          "value (a number) to compare a with")
     if has_value:
         claim.value = number(table["value"], f"{where}.value")
+    claim.rule = table.get("rule", "range")
+    if claim.rule not in RULES:
+        raise ClaimError(f"{where}.rule must be one of {', '.join(RULES)}; got {claim.rule!r}")
+    parse_relation(claim, table, where, RELATIONS)
+    if claim.relation == "consistent" and claim.rule != "t95":
+        raise ClaimError(f"{where}: relation 'consistent' needs rule = \"t95\" (it asks "
+                         "whether the interval of the difference holds 0)")
+
+
+def parse_relation(claim: Claim, table: Mapping, where: str, allowed: Sequence[str]) -> None:
     claim.relation = table.get("relation", "exceeds")
-    if claim.relation not in RELATIONS:
-        raise ClaimError(f"{where}.relation must be one of {', '.join(RELATIONS)}; "
+    if claim.relation not in allowed:
+        raise ClaimError(f"{where}.relation must be one of {', '.join(allowed)}; "
                          f"got {claim.relation!r}")
-    claim.margin = number(table.get("margin", 0.0), f"{where}.margin", 0.0)
+    margin = table.get("margin", 0.0)
+    if isinstance(margin, str):
+        if margin not in DERIVED_MARGINS:
+            raise ClaimError(f"{where}.margin must be a number or one of "
+                             f"{', '.join(DERIVED_MARGINS)}; got {margin!r}")
+        if margin == "lattice" and claim.metric not in FRONTIER_METRICS:
+            raise ClaimError(f"{where}.margin 'lattice' is one step of a frontier's lr "
+                             f"lattice, so it needs a frontier metric; got {claim.metric!r}")
+        if margin == "test_set" and claim.metric not in ACCURACY_METRICS + ("best_acc",):
+            raise ClaimError(f"{where}.margin {margin!r} is derived from a test set's size, "
+                             f"so it needs an accuracy metric; got {claim.metric!r}")
+        claim.margin_rule, claim.margin = margin, math.nan
+    else:
+        claim.margin = number(margin, f"{where}.margin", 0.0)
+    if claim.relation in ("within", "at_least") and not claim.margin_rule and not claim.margin:
+        raise ClaimError(f"{where}: relation {claim.relation!r} needs a margin: a number taken "
+                         "from the paper (say where in source) or a derived one, e.g. "
+                         'margin = "test_set"')
 
 
 def number(value: Any, where: str, low: float | None = None, high: float | None = None) -> float:
@@ -372,6 +454,8 @@ def evaluate(claim: Claim, runs: pd.DataFrame, frontier: pd.DataFrame | None = N
         return evaluate_compare(claim, runs)
     if claim.check == "spread":
         return evaluate_spread(claim, runs)
+    if claim.check == "interaction":
+        return evaluate_interaction(claim, runs)
     if claim.check == "share":
         return evaluate_share(claim, runs)
     return evaluate_trend(claim, runs)
@@ -407,8 +491,7 @@ def finished(runs: pd.DataFrame, selection: Mapping[str, list]) -> tuple[pd.Data
 
 def run_values(claim: Claim, runs: pd.DataFrame) -> np.ndarray:
     """Per-run metric values; diverged runs count at chance in accuracies, else drop out."""
-    values = pd.to_numeric(runs.get(claim.metric, pd.Series(np.nan, index=runs.index)),
-                           errors="coerce").to_numpy(dtype=float)
+    values = metric_column(runs, claim.metric).to_numpy(dtype=float)
     diverged = runs["status"].eq("diverged").to_numpy() if "status" in runs else \
         np.zeros(len(runs), bool)
     if claim.metric in ACCURACY_METRICS:
@@ -416,6 +499,38 @@ def run_values(claim: Claim, runs: pd.DataFrame) -> np.ndarray:
     else:
         values = values[~diverged]
     return values[np.isfinite(values) & ((values > 0) if on_log_scale(claim) else True)]
+
+
+def metric_column(runs: pd.DataFrame, metric: str) -> pd.Series:
+    """The per-run values of ``metric``; ``alpha2_ratio`` is derived from ``var_growth_rel``
+    and each run's ``model.alpha``."""
+    def column(name: str) -> pd.Series:
+        return pd.to_numeric(runs.get(name, pd.Series(np.nan, index=runs.index)),
+                             errors="coerce").astype(float)
+
+    if metric == "alpha2_ratio":
+        return column("var_growth_rel") / column("model.alpha") ** 2
+    return column(metric)
+
+
+def test_images(runs: pd.DataFrame) -> np.ndarray:
+    """How many test images each run's accuracy was measured on: the run's ``test_images``
+    (its summary), else its ``test_size``, else the data set's default split."""
+    n = pd.Series(np.nan, index=runs.index, dtype=float)
+    for column in ("test_images", "test_size"):
+        if column in runs:
+            n = n.fillna(pd.to_numeric(runs[column], errors="coerce").astype(float))
+    if "data" in runs:
+        n = n.fillna(runs["data"].map(DEFAULT_TEST_IMAGES).astype(float))
+    return n.to_numpy(dtype=float)
+
+
+def binomial_half_width(p: float, n: float, z: float = Z95) -> float:
+    """z * sqrt(p (1 - p) / n): how far an accuracy p measured on n test images moves by
+    the luck of which images are in the test set."""
+    if not (np.isfinite(p) and np.isfinite(n) and n > 0):
+        return math.nan
+    return z * math.sqrt(max(p * (1 - p), 0.0) / n)
 
 
 def chance_levels(runs: pd.DataFrame) -> np.ndarray:
@@ -473,58 +588,206 @@ def too_few(claim: Claim, counts: Mapping[str, int]) -> str:
     return f"too few finished runs (needs {claim.min_runs} per selection; {', '.join(short)})"
 
 
+def at_best(claim: Claim, runs: pd.DataFrame, done: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """``done`` cut to the value of ``best_of`` with the best mean metric (compare's
+    ``best_of``: "at the best lambda for each batch size"), and that choice in words."""
+    if not claim.best_of or claim.best_of not in done or done.empty \
+            or done[claim.best_of].nunique(dropna=True) < 2:
+        return done, ""  # nothing to choose (e.g. no threshold for unclipped runs)
+    means = {}
+    for choice in done[claim.best_of].dropna().unique():
+        cell = done[done[claim.best_of].map(lambda v, c=choice: same(v, c))]
+        values = run_values(claim, cell)
+        if len(values) >= claim.min_runs:
+            means[choice] = values.mean()
+    if not means:
+        return done.iloc[0:0], ""
+    best = max(means, key=means.get)
+    chosen = done[done[claim.best_of].map(lambda v: same(v, best))]
+    return chosen, (f" at its best {claim.best_of} {fv(best)} (of "
+                    f"{', '.join(fv(c) for c in sorted(means))}; picked after the fact, so "
+                    "slightly optimistic)")
+
+
 def evaluate_compare(claim: Claim, runs: pd.DataFrame) -> Verdict:
     done_a, total_a = finished(runs, claim.selections["a"])
+    done_a, best_a = at_best(claim, runs, done_a)
     a = run_values(claim, done_a)
     where_a = selection_text(runs, claim.selections["a"])
-    evidence = [f"a ({where_a}): {describe(claim, a, done_a, total_a)}"]
+    evidence = [f"a ({where_a}){best_a}: {describe(claim, a, done_a, total_a)}"]
     counts = {"a": len(a)}
+    done_b = None
     if claim.value is None:
         done_b, total_b = finished(runs, claim.selections["b"])
+        done_b, best_b = at_best(claim, runs, done_b)
         b = run_values(claim, done_b)
         where_b = selection_text(runs, claim.selections["b"])
-        evidence.append(f"b ({where_b}): {describe(claim, b, done_b, total_b)}")
+        evidence.append(f"b ({where_b}){best_b}: {describe(claim, b, done_b, total_b)}")
         counts["b"] = len(b)
     else:
         b = np.array([claim.value])
         evidence.append(f"against {fmt(claim, claim.value)}")
-    if claim.margin:
-        evidence.append(f"margin {fmt(claim, claim.margin, difference=True)}")
     if on_log_scale(claim) and claim.value is not None:
         b = np.array([claim.value]) if claim.value > 0 else np.array([np.nan])
     short = too_few(claim, counts)
     if short:
         return Verdict(claim, "inconclusive", "; ".join(evidence), short)
+    margin_note = resolve_margin(claim, b, done_b if done_b is not None else done_a)
+    if margin_note:
+        evidence.append(margin_note)
     if on_log_scale(claim):  # ratios of learning rates: compared as differences of log2
         a, b = np.log2(a), np.log2(b)
+    if claim.rule == "t95":
+        return t_verdict(claim, [(a, 1.0)] + ([(b, -1.0)] if claim.value is None else []),
+                         0.0 if claim.value is None else float(b[0]), evidence)
     if len(a) and len(b) and claim.value is None:
         evidence.append(f"difference of means {fmt_signed(claim, a.mean() - b.mean())}")
     return compare_verdict(claim, a, b, evidence)
 
 
+def resolve_margin(claim: Claim, reference: np.ndarray, reference_runs: pd.DataFrame,
+                   margin: float | None = None) -> str:
+    """Fix a derived margin on the claim from the reference's values and test-set size;
+    return the evidence line that states the margin and where it comes from."""
+    if claim.margin_rule == "lattice":
+        steps = pd.to_numeric(reference_runs.get("resolution", pd.Series(dtype=float)),
+                              errors="coerce").dropna()
+        claim.margin = float(np.log2(steps.max())) if len(steps) else 0.0
+        return (f"margin {fmt(claim, claim.margin, difference=True)} (derived: one step of the "
+                "frontier's lr lattice, its resolution)")
+    if claim.margin_rule == "test_set":
+        n = test_images(reference_runs)
+        n = float(np.nanmin(n)) if len(n) and np.isfinite(n).any() else math.nan
+        p = float(np.mean(reference)) if len(reference) else math.nan
+        claim.margin = binomial_half_width(p, n)
+        if not np.isfinite(claim.margin):
+            claim.margin = 0.0
+            return "margin: no test-set size known, so 0"
+        return (f"margin {fmt(claim, claim.margin, difference=True)} (derived: 95% binomial "
+                f"half-width of the reference's {fmt(claim, p)} on {n:.0f} test images)")
+    if claim.margin:
+        return f"margin {fmt(claim, claim.margin, difference=True)}"
+    return ""
+
+
 def compare_verdict(claim: Claim, a: np.ndarray, b: np.ndarray, evidence: list[str]) -> Verdict:
     """``relation`` between the values of a and b by their ranges (module docstring)."""
+    m = claim.margin
     if claim.relation == "within":
         widest = max(a.max() - b.min(), b.max() - a.min())
         gap = max(a.min() - b.max(), b.min() - a.max())
-        if widest <= claim.margin:
+        if widest < m:
             verdict, reason = "holds", "every run of a is within the margin of every run of b"
-        elif gap > claim.margin:
+        elif gap >= m:
             verdict, reason = "does not hold", "the seed ranges lie further apart than the margin"
         else:
             verdict, reason = "inconclusive", ("the means or some seeds differ by more than the "
                                                "margin, but the seed ranges come within it")
         return Verdict(claim, verdict, "; ".join(evidence), reason)
+    if claim.relation == "at_least":  # a no worse than b by more than the margin
+        worst, best = a.min() - b.max(), a.max() - b.min()
+        if worst > -m:
+            verdict, reason = "holds", "even a's worst run is within the margin of b's best"
+        elif best <= -m:
+            verdict, reason = "does not hold", "even a's best run falls short of b's worst by " \
+                "the margin or more"
+        else:
+            verdict, reason = "inconclusive", "the seed ranges overlap the margin"
+        return Verdict(claim, verdict, "; ".join(evidence), reason)
     high, low = (a, b) if claim.relation == "exceeds" else (b, a)
     worst, best = high.min() - low.max(), high.max() - low.min()
     word = "above" if claim.relation == "exceeds" else "below"
-    if worst >= claim.margin:
+    # strict: a tie (297 test images make them common) does not beat anything
+    if worst > m:
         verdict, reason = "holds", f"every run of a is {word} every run it is compared with"
-    elif best < claim.margin:
-        verdict, reason = "does not hold", f"no run of a is {word} by the margin"
+    elif best <= m:
+        verdict, reason = "does not hold", f"no run of a is {word} by more than the margin"
     else:
         verdict, reason = "inconclusive", "the seed ranges overlap"
     return Verdict(claim, verdict, "; ".join(evidence), reason)
+
+
+def welch_interval(groups: Sequence[tuple[np.ndarray, float]], offset: float = 0.0,
+                   level: float = 0.95) -> tuple[float, float, float, float]:
+    """The ``level`` t interval of sum(weight * mean(values)) - offset over independent groups,
+    with Welch-Satterthwaite degrees of freedom: (estimate, low, high, df). A group of
+    identical values adds no variance; when no group has any, the interval is the point."""
+    from scipy import stats
+
+    estimate = sum(w * float(np.mean(v)) for v, w in groups) - offset
+    terms = [(w * w * float(np.var(v, ddof=1)) / len(v), len(v) - 1) for v, w in groups]
+    var = sum(t for t, _ in terms)
+    if var <= 0:
+        return estimate, estimate, estimate, math.inf
+    df = var ** 2 / sum(t * t / dof for t, dof in terms if t > 0)
+    half = float(stats.t.ppf(0.5 + level / 2, df)) * math.sqrt(var)
+    return estimate, estimate - half, estimate + half, df
+
+
+def t_verdict(claim: Claim, groups: Sequence[tuple[np.ndarray, float]], offset: float,
+              evidence: list[str], what: str = "difference of means") -> Verdict:
+    """``relation`` decided on the 95% Welch t interval [lo, hi] of the contrast (module
+    docstring, "Rules")."""
+    estimate, lo, hi, df = welch_interval(groups, offset)
+    m = claim.margin
+    evidence.append(f"{what} {fmt_signed(claim, estimate)}, 95% t interval "
+                    f"[{fmt_signed(claim, lo)}, {fmt_signed(claim, hi)}]"
+                    + (f" (df {df:.1f})" if math.isfinite(df) else " (no seed variance)"))
+    if claim.relation == "exceeds":
+        verdict = "holds" if lo > m else "does not hold" if hi <= m else "inconclusive"
+        reason = {"holds": "the whole interval lies above the margin",
+                  "does not hold": "the whole interval lies at or below the margin",
+                  "inconclusive": "the interval straddles the margin"}[verdict]
+    elif claim.relation == "below":
+        verdict = "holds" if hi < -m else "does not hold" if lo >= -m else "inconclusive"
+        reason = {"holds": "the whole interval lies below minus the margin",
+                  "does not hold": "the whole interval lies at or above minus the margin",
+                  "inconclusive": "the interval straddles minus the margin"}[verdict]
+    elif claim.relation == "within":
+        verdict = ("holds" if -m < lo and hi < m else
+                   "does not hold" if lo >= m or hi <= -m else "inconclusive")
+        reason = {"holds": "the whole interval lies within the margin",
+                  "does not hold": "the whole interval lies outside the margin",
+                  "inconclusive": "the interval is not inside the margin, nor wholly "
+                                  "outside it"}[verdict]
+    elif claim.relation == "at_least":
+        verdict = "holds" if lo > -m else "does not hold" if hi <= -m else "inconclusive"
+        reason = {"holds": "the interval's low end is above minus the margin",
+                  "does not hold": "the whole interval lies at or below minus the margin",
+                  "inconclusive": "the interval straddles minus the margin"}[verdict]
+    else:  # consistent: the interval holds the expected value (offset) and is informative
+        scale = abs(offset) if offset else max(abs(float(np.mean(v))) for v, _ in groups)
+        if lo <= 0 <= hi:
+            informative = (hi - lo) / 2 < scale if scale else True
+            verdict = "holds" if informative else "inconclusive"
+            reason = ("the interval holds the expected value" if informative else
+                      "the interval holds the expected value but is wider than the value "
+                      "itself")
+        else:
+            verdict, reason = "does not hold", "the interval excludes the expected value"
+    return Verdict(claim, verdict, "; ".join(evidence), reason)
+
+
+def evaluate_interaction(claim: Claim, runs: pd.DataFrame) -> Verdict:
+    """(a - b) - (c - d) against 0 by a Welch t interval: a difference of differences, e.g.
+    whether the BN-NF gap is larger at the large batch than at the small one."""
+    evidence, counts, groups = [], {}, []
+    for name, weight in (("a", 1.0), ("b", -1.0), ("c", -1.0), ("d", 1.0)):
+        done, total = finished(runs, claim.selections[name])
+        done, best = at_best(claim, runs, done)
+        values = run_values(claim, done)
+        where = selection_text(runs, claim.selections[name])
+        evidence.append(f"{name} ({where}){best}: {describe(claim, values, done, total)}")
+        counts[name] = len(values)
+        groups.append((values, weight))
+    short = too_few(claim, counts)
+    if short:
+        return Verdict(claim, "inconclusive", "; ".join(evidence), short)
+    if claim.margin:
+        evidence.append(f"margin {fmt(claim, claim.margin, difference=True)}")
+    gaps = [groups[0][0].mean() - groups[1][0].mean(), groups[2][0].mean() - groups[3][0].mean()]
+    evidence.append(f"a − b {fmt_signed(claim, gaps[0])}, c − d {fmt_signed(claim, gaps[1])}")
+    return t_verdict(claim, groups, 0.0, evidence, what="(a − b) − (c − d)")
 
 
 def evaluate_spread(claim: Claim, runs: pd.DataFrame) -> Verdict:
@@ -594,10 +857,17 @@ def evaluate_share(claim: Claim, runs: pd.DataFrame) -> Verdict:
     acc = pd.to_numeric(done.get("final_acc", pd.Series(np.nan, index=done.index)),
                         errors="coerce")
     chance = pd.Series(chance_levels(done), index=done.index)
+    if claim.chance_margin is None:  # not above chance by a one-sided 95% binomial test
+        n = pd.Series(test_images(done), index=done.index)
+        bar = chance + Z95_ONE_SIDED * np.sqrt(chance * (1 - chance) / n)
+    else:
+        bar = chance + claim.chance_margin
+    near = status.eq("completed") & ~(acc >= bar)
     outcomes = {
         "diverged": status.eq("diverged"),
         "completed": status.eq("completed"),
-        "near_chance": status.eq("completed") & (acc < chance + claim.chance_margin),
+        "near_chance": near,
+        "learned": status.eq("completed") & ~near,
     }
     hit = pd.Series(False, index=done.index)
     for name in claim.outcome:
@@ -652,15 +922,29 @@ def evaluate_trend(claim: Claim, runs: pd.DataFrame) -> Verdict:
                   else f"needs two or more values of {claim.over} with results")
         return Verdict(claim, "inconclusive", evidence, reason)
     sign = -1 if claim.direction == "non-increasing" else 1
-    strict = [b for b, _ in ties]
-    if all(sign * (y - x) >= 0 for x, y in zip(strict, strict[1:])):
-        return Verdict(claim, "holds", evidence, f"the best {claim.choose} is {claim.direction}")
-    if monotone_choice_exists([t for _, t in ties], sign):
+    tie_sets = [t for _, t in ties]
+    # ties count both ways: they can lift a failing trend to inconclusive and demote a
+    # passing one, so the verdict never rests on which of two tied values was best by chance
+    if every_choice_monotone(tie_sets, sign):
+        return Verdict(claim, "holds", evidence, f"the best {claim.choose} is {claim.direction} "
+                       "whichever of the tied values is taken")
+    if monotone_choice_exists(tie_sets, sign):
+        strict = [b for b, _ in ties]
+        looks = all(sign * (y - x) >= 0 for x, y in zip(strict, strict[1:]))
         return Verdict(claim, "inconclusive", evidence,
-                       "the best values are not monotone, but a choice among values whose seed "
-                       "ranges overlap the best would be")
+                       ("the best values are " + ("" if looks else "not ") + "monotone, but "
+                        + ("another choice among tied values is not" if looks else
+                           "a choice among values whose seed ranges overlap the best would be")))
     return Verdict(claim, "does not hold", evidence,
                    f"no choice among tied values makes the best {claim.choose} {claim.direction}")
+
+
+def every_choice_monotone(tie_sets: Sequence[Sequence[float]], sign: int) -> bool:
+    """Whether every sequence of one value per set, in order, is monotone: each set lies
+    wholly on the right side of the one before."""
+    return all(sign * (min(nxt) - max(prev)) >= 0 if sign > 0 else
+               sign * (max(nxt) - min(prev)) >= 0
+               for prev, nxt in zip(tie_sets, tie_sets[1:]))
 
 
 def monotone_choice_exists(tie_sets: Sequence[Sequence[float]], sign: int) -> bool:

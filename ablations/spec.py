@@ -93,7 +93,7 @@ def spec_path(name_or_path: str) -> Path:
 
 SPEC_KEYS = {
     "name", "description", "intended_for", "base", "fixed", "grid", "tie", "when", "data_profiles",
-    "claims", "untested_claims", "frontier",
+    "claims", "untested_claims", "frontier", "departures",
 }
 # Execution choices that do not change what a run computes, so not part of its id.
 EXECUTION_KEYS = ("device",)
@@ -129,6 +129,8 @@ class GridSpec:
     untested_claims: list[str] = field(default_factory=list)
     overridden: bool = False  # --set changed the grid or fixed a key
     frontier: dict = field(default_factory=dict)  # [frontier], checked by frontier_settings
+    # [departures]: {setting: {"paper": its value in the paper, "why": the measurement}}
+    departures: dict = field(default_factory=dict)
 
 
     def to_toml_dict(self) -> dict:
@@ -189,9 +191,32 @@ def spec_from_dict(raw: dict, default_name: str = "grid") -> GridSpec:
         claims=raw.get("claims", []),
         untested_claims=list(raw.get("untested_claims", [])),
         frontier=raw.get("frontier", {}),
+        departures=parse_departures(raw.get("departures", {})),
     )
     check_structure(spec)
     return spec
+
+
+def parse_departures(table: Any) -> dict:
+    """``[departures]``: each a table ``{paper = <the paper's value>, why = "<the measurement
+    behind the change>"}``, keyed by the setting (``ablations.recipe``)."""
+    from ablations.recipe import DEPARTURE_FIELDS
+
+    if not isinstance(table, dict):
+        raise SpecError("[departures] must be a table of settings")
+    out = {}
+    for key, entry in table.items():
+        if not isinstance(entry, dict) or "why" not in entry or "paper" not in entry:
+            raise SpecError(f"departures.{key} must be a table with paper (the paper's value) "
+                            "and why (the measurement behind the departure)")
+        unknown = sorted(set(entry) - set(DEPARTURE_FIELDS))
+        if unknown:
+            raise SpecError(f"departures.{key}: unknown field(s) {', '.join(unknown)}; "
+                            f"allowed: {', '.join(DEPARTURE_FIELDS)}")
+        if not isinstance(entry["why"], str) or not entry["why"].strip():
+            raise SpecError(f"departures.{key}.why must say, in words, what was measured")
+        out[key] = {"paper": entry["paper"], "why": " ".join(entry["why"].split())}
+    return out
 
 
 def parse_when(table: dict, grid: dict) -> dict[str, dict[str, list]]:

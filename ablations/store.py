@@ -371,7 +371,8 @@ class Results:
 
 SUMMARY_COLUMNS = [
     "final_acc", "best_acc", "diverged_step", "max_grad_norm", "clip_fraction",
-    "steps_done", "duration_s", "gain_clip_ratio", "var_growth",
+    "steps_done", "duration_s", "gain_clip_ratio", "var_growth", "var_growth_rel",
+    "test_images",
 ]
 
 

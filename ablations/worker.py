@@ -231,25 +231,38 @@ def summarize(result: Any, metrics: pd.DataFrame, duration: float) -> dict:
         "duration_s": duration,
         "gain_clip_ratio": (getattr(result, "gain_check", None) or {}).get("median_ratio"),
         "var_growth": variance_growth(getattr(result, "blocks", None)),
+        "var_growth_rel": variance_growth(getattr(result, "blocks", None), relative=True),
+        "test_images": getattr(result, "test_images", None),
     }
 
 
-def variance_growth(blocks: pd.DataFrame | None) -> float | None:
+def variance_growth(blocks: pd.DataFrame | None, relative: bool = False) -> float | None:
     """Mean increase of the block output variance from one block to the next within a stage,
     at the first recorded step: paper A's alpha^2 per block (facts section 1). None without
-    probe records or without two blocks in a stage."""
+    probe records or without two blocks in a stage. ``relative``: divided by the stem output's
+    variance at that step, the scale the law assumes to be 1 (Var(x0) = 1, paper B appendix
+    C): on smooth images scaled WS removes most of the input's variance at the stem (digits:
+    about 0.23), and every block carries that factor."""
     if not isinstance(blocks, pd.DataFrame) or blocks.empty or "stat" not in blocks:
         return None
-    rows = blocks[(blocks["stat"] == "var") & (blocks["stage"] >= 0)]
+    variances = blocks[blocks["stat"] == "var"]
+    rows = variances[variances["stage"] >= 0]
     if rows.empty:
         return None
+    scale = 1.0
+    if relative:
+        stem = variances[(variances["block"] == "stem")
+                         & (variances["step"] == rows["step"].min())]
+        if stem.empty or not float(stem["value"].iloc[0]) > 0:
+            return None
+        scale = float(stem["value"].iloc[0])
     first = rows[rows["step"] == rows["step"].min()].sort_values("index")
     steps = [
         float(later - earlier)
         for _, stage in first.groupby("stage")
         for earlier, later in zip(stage["value"], stage["value"].iloc[1:])
     ]
-    return float(sum(steps) / len(steps)) if steps else None
+    return float(sum(steps) / len(steps)) / scale if steps else None
 
 
 def _float(value: Any) -> float | None:

@@ -28,6 +28,7 @@ import tomllib
 from matplotlib.figure import Figure
 
 from ablations.claims import ClaimError, Verdict, evaluate_claims, parse_claims, verdict_counts
+from ablations.recipe import recipe_departures
 from ablations.spec import THRESHOLD_MODES
 from ablations.store import DAMAGED, FINISHED, DamagedFile, GridStore, load_results, write_bytes
 from reports.figures.accuracy import plot_accuracy_vs_batch
@@ -208,6 +209,9 @@ def assemble(grid_dir: Path, runs: pd.DataFrame, metrics: pd.DataFrame, blocks: 
     if verdicts is not None:
         sections.append(claims_section(verdicts))
     sections.append(settings_section(frame))
+    departures = departures_section(frame, spec)
+    if departures is not None:
+        sections.append(departures)
     key = key_results(frame)
     if key is not None:
         sections.append(key)
@@ -354,15 +358,35 @@ def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str],
 
 def claims_section(verdicts: list[Verdict]) -> Section:
     rows = [{"id": v.claim.id, "claim": v.claim.text, "verdict": v.verdict,
-             "evidence": v.evidence, "why": v.reason, "source": v.claim.source}
+             "evidence": v.evidence, "why": v.reason,
+             "source": (f"“{v.claim.quote}” ({v.claim.source})" if v.claim.quote
+                        else v.claim.source)}
             for v in verdicts]
-    return Section("Claims", [
+    rules = sorted({v.claim.rule for v in verdicts if v.claim.check in ("compare", "spread")}
+                   | {"t95" for v in verdicts if v.claim.check == "interaction"})
+    parts = [
         "Each claim is checked on this grid's finished runs by the rule its spec states "
-        "(`ablations.claims`): seed ranges, not only means, must separate for a difference to "
-        "count; too few finished runs make a claim inconclusive. A diverged run counts at "
-        "chance accuracy.",
-        Table(pd.DataFrame(rows), wrap=True),
-    ])
+        "(`ablations.claims`), and quotes the sentence of the paper it tests. Too few finished "
+        "runs make a claim inconclusive. A diverged run counts at chance accuracy."]
+    if "range" in rules:
+        parts.append("Rule `range`: a difference counts only when the seed ranges separate "
+                     "(strictly: a tie beats nothing).")
+    if "t95" in rules:
+        parts.append("Rule `t95`: the 95% Welch t interval of the difference of means (of a "
+                     "difference of differences for an interaction) decides: wholly beyond the "
+                     "margin holds, wholly on the other side does not hold, straddling it is "
+                     "inconclusive.")
+    if any(v.claim.margin_rule == "test_set" for v in verdicts):
+        parts.append("Margin `test_set` (\"comparable\", \"match\"): 1.96 × √(p(1 − p)/n) "
+                     "for the reference's accuracy p on its n test images, the amount an "
+                     "accuracy moves with the luck of which images are in the test set.")
+    if any(v.claim.check == "share" and v.claim.chance_margin is None
+           and {"near_chance", "learned"} & set(v.claim.outcome) for v in verdicts):
+        parts.append("Near chance: a completed run whose accuracy is not above chance by a "
+                     "one-sided 95% binomial test on its test set (chance + 1.645 × "
+                     "√(c(1 − c)/n)); `learned` is a completed run above that bar.")
+    parts.append(Table(pd.DataFrame(rows), wrap=True))
+    return Section("Claims", parts)
 
 
 def run_warnings(frame: pd.DataFrame) -> list[str]:
@@ -418,6 +442,52 @@ def settings_section(frame: pd.DataFrame) -> Section:
     if rows:
         parts.append(Table(pd.DataFrame(rows)))
     return Section("Settings", parts)
+
+
+def departures_section(frame: pd.DataFrame, spec: dict) -> Section | None:
+    """Each departure from paper B's recipe (``ablations.recipe``) or from the authors' model
+    defaults, the paper's value beside it, and the measurement the spec gives for it; a
+    recipe departure the spec does not declare is said to be undeclared."""
+    declared = spec.get("departures") if isinstance(spec.get("departures"), dict) else {}
+    found: dict[str, dict] = {}
+    for _, row in frame.iterrows():
+        flat = {k: (None if is_missing(v) else v) for k, v in row.items()
+                if isinstance(k, str)}
+        for key, (value, paper, source) in recipe_departures(flat).items():
+            entry = found.setdefault(key, {"values": set(), "paper": paper, "source": source})
+            entry["values"].add(fmt_value(value))
+    for key, entry in declared.items():
+        if not isinstance(entry, dict):
+            continue
+        values = frame[key].dropna() if key in frame else pd.Series(dtype=object)
+        shown = {(f"[{', '.join(fmt_value(x) for x in v)}]" if isinstance(v, tuple | list)
+                  else fmt_value(v)) for v in values}
+        found.setdefault(key, {"values": shown, "paper": entry.get("paper"), "source": ""})
+    if not found:
+        return None
+    rows = []
+    for key, entry in found.items():
+        why = declared.get(key, {}).get("why") if isinstance(declared.get(key), dict) else None
+        paper = entry["paper"]
+        rows.append({"setting": key, "value": ", ".join(sorted(entry["values"])) or "—",
+                     "paper": (f"[{', '.join(fmt_value(v) for v in paper)}]"
+                               if isinstance(paper, list) else fmt_value(paper))
+                     + (f" ({entry['source']})" if entry["source"] else ""),
+                     "why (from the spec)": why or "not declared in the spec"})
+    undeclared = [r["setting"] for r in rows if r["why (from the spec)"].startswith("not ")]
+    parts = ["Where these runs depart from paper B's recipe (arXiv 2102.06171 §4.1: SGD with "
+             "Nesterov momentum 0.9, lr = 0.1 × batch size / 256, AGC lambda in 0.01 … 0.16) "
+             "or from the authors' model defaults, with the measurement the spec gives for "
+             "each change."]
+    if undeclared:
+        parts.append(f"Not declared in the spec: {', '.join(undeclared)}. The spec gives no "
+                     "measurement for these departures; read their results with that in mind.")
+    parts.append(Table(pd.DataFrame(rows), wrap=True))
+    return Section("Departures from the papers' recipe", parts)
+
+
+def is_missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and np.isnan(value))
 
 
 def departure_default(frame: pd.DataFrame, key: str) -> Any:

@@ -323,6 +323,7 @@ class TrainResult:
     config: dict
     warnings: list[str] = field(default_factory=list)
     gain_check: dict | None = None
+    test_images: int | None = None  # how many test images the accuracies were measured on
 
 
 ProgressArg = Callable[[int, int, float | None], object] | None
@@ -654,6 +655,7 @@ class _Run:
             final_acc=final, best_acc=best, blocks=self.blocks(), steps_done=self.step,
             total_steps=self.total_steps, config=self.config.to_dict(),
             warnings=[warning] if warning else [], gain_check=self.gain_check.summary(),
+            test_images=int(self.data.test_y.shape[0]),
         )
 
 

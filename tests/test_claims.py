@@ -125,7 +125,7 @@ def share(**rest) -> dict:
 
 
 def test_share_of_diverged_or_near_chance_runs():
-    frame = runs_frame({("nf", "none", 512): ["div", "div", 0.15], ("nf", "none", 32): [0.9, 0.9]})
+    frame = runs_frame({("nf", "none", 512): ["div", "div", 0.12], ("nf", "none", 32): [0.9, 0.9]})
     verdict = one(share(outcome=["diverged", "near_chance"]), frame)
     assert verdict.verdict == "holds"
     assert verdict.evidence.startswith("model.name=nf, clip.mode=none, batch_size=512: 3 of 3 "
@@ -251,7 +251,7 @@ def test_a_bad_claim_in_a_spec_file_is_one_line_and_exit_2(tmp_path):
 
 
 # The CPU-scale commands recorded in BENCHMARKS.md ("Shipped grids at CPU scale").
-CPU_SCALE = {"agc_batch": ["batch_size=32,128,512"], "lambda_batch": ["batch_size=32,128,512"]}
+CPU_SCALE = {"agc_batch": ["batch_size=32,1024"], "lambda_batch": ["batch_size=32,256,1024"]}
 
 
 @pytest.mark.parametrize("name", ["agc_batch", "alpha_sweep", "classifier_clip", "lambda_batch",
@@ -275,3 +275,217 @@ def test_claim_errors_name_the_claim():
         parse_claims([{**GOOD, "id": "X9", "relation": "nope"}])
     with pytest.raises(ClaimError, match="duplicate id"):
         parse_claims([{**GOOD, "id": "A"}, {**GOOD, "id": "A"}])
+
+
+# ----------------------------------------------------------------------------- rules (issue 25)
+
+
+def test_a_tie_demotes_a_passing_trend_exactly_as_it_lifts_a_failing_one():
+    # the strict best thresholds fall (0.16, 0.04, 0.01): holds when nothing is tied
+    frame = lambda_frame({64: 0.16, 256: 0.04, 1024: 0.01})
+    assert one(trend(), frame).verdict == "holds"
+    # at batch 1024, 0.16 now ties with the best 0.01 (ranges overlap): taking 0.16 there
+    # would make the sequence rise, so the trend is no longer shown
+    tied = (frame["batch_size"] == 1024) & (frame["clip.threshold"] == 0.16)
+    frame.loc[tied, "final_acc"] = [0.895, 0.905]
+    verdict = one(trend(), frame)
+    assert verdict.verdict == "inconclusive", verdict
+    assert "another choice among tied values is not" in verdict.reason
+    # a tie that keeps every choice monotone (0.04 tied with 0.16 at batch 64) still holds
+    frame = lambda_frame({64: 0.16, 256: 0.04, 1024: 0.01})
+    tied = (frame["batch_size"] == 64) & (frame["clip.threshold"] == 0.04)
+    frame.loc[tied, "final_acc"] = [0.895, 0.905]
+    assert one(trend(), frame).verdict == "holds"
+
+
+def test_every_choice_monotone():
+    from ablations.claims import every_choice_monotone
+
+    assert every_choice_monotone([[0.16, 0.04], [0.04], [0.01]], -1)
+    assert not every_choice_monotone([[0.16], [0.04], [0.01, 0.16]], -1)
+    assert every_choice_monotone([[1, 2], [2, 3], [3]], 1)
+    assert not every_choice_monotone([[1, 3], [2]], 1)
+
+
+def test_exceeds_is_strict_a_tie_beats_nothing():
+    a = {"model.name": "nf", "clip.mode": "agc"}
+    b = {"model.name": "nf", "clip.mode": "none"}
+    # 297 test images: equal accuracies happen; worst a - best b == 0 is not "above"
+    tie = runs_frame({("nf", "agc", 256): [0.98, 0.98], ("nf", "none", 256): [0.98, 0.98]})
+    assert one(compare(a, b=b), tie).verdict == "does not hold"
+    touching = runs_frame({("nf", "agc", 256): [0.98, 0.99], ("nf", "none", 256): [0.97, 0.98]})
+    assert one(compare(a, b=b), touching).verdict == "inconclusive"
+    assert one(compare(a, b=b, rule="t95"), tie).verdict == "does not hold"
+    # against a constant: exactly the value is not above it
+    exact = runs_frame({("nf", "agc", 512): [0.8, 0.8]})
+    assert one(compare(NF_AGC_LARGE, value=0.8), exact).verdict == "does not hold"
+
+
+def test_t95_interval_decides_exceeds():
+    a = {"model.name": "bn", "clip.mode": "none"}
+    b = {"model.name": "nf", "clip.mode": "none"}
+    # two diverged NF seeds at chance and one at 0.9: the ranges overlap, and the t interval
+    # of the difference of means (3 + 3 seeds) is wide
+    frame = runs_frame({("bn", "none", 1024): [0.97, 0.975, 0.98],
+                        ("nf", "none", 1024): ["div", "div", 0.9]})
+    verdict = one(compare(a, b=b, rule="t95"), frame)
+    assert verdict.verdict == "inconclusive"
+    assert "95% t interval" in verdict.evidence
+    # the interval by hand: Welch with all the variance on b's side -> df = n_b - 1 = 2
+    from scipy import stats
+    nf = np.array([0.1, 0.1, 0.9])
+    half = stats.t.ppf(0.975, 2) * nf.std(ddof=1) / np.sqrt(3)
+    diff = 0.975 - nf.mean()
+    assert f"[+{100 * (diff - half):.1f} points" in verdict.evidence or diff - half < 0
+    assert f"+{100 * (diff + half):.1f} points]" in verdict.evidence
+    clear = runs_frame({("bn", "none", 1024): [0.97, 0.975, 0.98],
+                        ("nf", "none", 1024): ["div", "div", 0.12]})
+    assert one(compare(a, b=b, rule="t95"), clear).verdict == "holds"
+    reverse = one(compare(b, b=a, rule="t95"), clear)
+    assert reverse.verdict == "does not hold"
+
+
+def test_welch_interval_matches_scipy():
+    from scipy import stats
+
+    from ablations.claims import welch_interval
+
+    a, b = np.array([0.91, 0.93, 0.96]), np.array([0.80, 0.85, 0.83, 0.81])
+    est, lo, hi, df = welch_interval([(a, 1.0), (b, -1.0)])
+    ref = stats.ttest_ind(a, b, equal_var=False).confidence_interval(0.95)
+    assert est == pytest.approx(a.mean() - b.mean())
+    assert (lo, hi) == (pytest.approx(ref.low), pytest.approx(ref.high))
+    # no variance anywhere: the interval is the point
+    assert welch_interval([(np.array([0.5, 0.5]), 1.0)], 0.25)[1:3] == (0.25, 0.25)
+
+
+def test_derived_test_set_margin_for_within_and_at_least():
+    a = {"model.name": "nf", "clip.mode": "agc"}
+    b = {"model.name": "bn", "clip.mode": "none"}
+    # reference mean 0.95 on 297 digits test images: margin 1.96 * sqrt(.95 * .05 / 297)
+    margin = 1.959963984540054 * np.sqrt(0.95 * 0.05 / 297)
+    assert margin == pytest.approx(0.02479, abs=1e-5)
+    close = runs_frame({("nf", "agc", 1024): [0.949, 0.951, 0.950],
+                        ("bn", "none", 1024): [0.949, 0.951, 0.950]})
+    verdict = one(compare(a, b=b, relation="within", margin="test_set", rule="t95"), close)
+    assert verdict.verdict == "holds"
+    assert "margin 2.5 points (derived: 95% binomial half-width of the reference's 95.0% on " \
+           "297 test images)" in verdict.evidence
+    far = runs_frame({("nf", "agc", 1024): [0.80, 0.81, 0.805],
+                      ("bn", "none", 1024): [0.949, 0.951, 0.950]})
+    assert one(compare(a, b=b, relation="within", margin="test_set", rule="t95"),
+               far).verdict == "does not hold"
+    # at_least ("comparable or better"): far above the reference also holds
+    better = runs_frame({("nf", "agc", 1024): [0.99, 0.995, 0.99],
+                         ("bn", "none", 1024): [0.949, 0.951, 0.950]})
+    assert one(compare(a, b=b, relation="at_least", margin="test_set", rule="t95"),
+               better).verdict == "holds"
+    assert one(compare(a, b=b, relation="within", margin="test_set", rule="t95"),
+               better).verdict == "does not hold"
+    assert one(compare(a, b=b, relation="at_least", margin="test_set", rule="t95"),
+               far).verdict == "does not hold"
+    # a run's own test size wins over the data set's default
+    small = close.assign(test_size=30)
+    verdict = one(compare(a, b=b, relation="within", margin="test_set"), small)
+    assert "on 30 test images" in verdict.evidence
+
+
+def test_within_needs_a_stated_or_derived_margin():
+    with pytest.raises(ClaimError, match="needs a margin"):
+        parse_claims([compare(NF_AGC_LARGE, value=0.5, relation="within")])
+    with pytest.raises(ClaimError, match="test set's size"):
+        parse_claims([compare(NF_AGC_LARGE, value=0.5, relation="within", margin="test_set",
+                              metric="var_growth")])
+    with pytest.raises(ClaimError, match="margin must be a number or one of test_set"):
+        parse_claims([compare(NF_AGC_LARGE, value=0.5, relation="within", margin="seeds")])
+    with pytest.raises(ClaimError, match="needs rule"):
+        parse_claims([compare(NF_AGC_LARGE, value=0.5, relation="consistent")])
+
+
+def interaction(**rest) -> dict:
+    return {"text": "t", "source": "s", "check": "interaction",
+            "a": {"model.name": "bn", "batch_size": "@max"},
+            "b": {"model.name": "nf", "batch_size": "@max"},
+            "c": {"model.name": "bn", "batch_size": "@min"},
+            "d": {"model.name": "nf", "batch_size": "@min"}, "relation": "exceeds", **rest}
+
+
+def test_interaction_checks_a_difference_of_differences():
+    # gap at the large batch 0.97 - 0.30 = 0.67, at the small batch 0.94 - 0.94 = 0
+    frame = runs_frame({("bn", "none", 1024): [0.96, 0.97, 0.98],
+                        ("nf", "none", 1024): [0.25, 0.30, 0.35],
+                        ("bn", "none", 32): [0.93, 0.94, 0.95],
+                        ("nf", "none", 32): [0.93, 0.94, 0.95]})
+    verdict = one(interaction(), frame)
+    assert verdict.verdict == "holds", verdict
+    assert "(a − b) − (c − d) +67.0 points" in verdict.evidence
+    # a constant gap at both batch sizes: no interaction, however large the gap
+    flat = runs_frame({("bn", "none", 1024): [0.96, 0.97, 0.98],
+                       ("nf", "none", 1024): [0.25, 0.30, 0.35],
+                       ("bn", "none", 32): [0.96, 0.97, 0.98],
+                       ("nf", "none", 32): [0.25, 0.30, 0.35]})
+    assert one(interaction(), flat).verdict == "inconclusive"
+    reverse = runs_frame({("bn", "none", 1024): [0.93, 0.94, 0.95],
+                          ("nf", "none", 1024): [0.93, 0.94, 0.95],
+                          ("bn", "none", 32): [0.96, 0.97, 0.98],
+                          ("nf", "none", 32): [0.25, 0.30, 0.35]})
+    assert one(interaction(), reverse).verdict == "does not hold"
+    with pytest.raises(ClaimError, match="relation must be one of exceeds, below"):
+        parse_claims([interaction(relation="within")])
+
+
+def test_best_of_compares_each_selection_at_its_best_value():
+    rows = []
+    for lam, accs in ((0.01, [0.70, 0.72]), (0.16, [0.93, 0.94])):
+        for seed, acc in enumerate(accs):
+            rows.append({"run_id": f"agc-{lam}-{seed}", "model.name": "nf", "clip.mode": "agc",
+                         "clip.threshold": lam, "batch_size": 32, "seed": seed,
+                         "data": "digits", "status": "completed", "final_acc": acc})
+    for seed, acc in enumerate([0.92, 0.95]):
+        rows.append({"run_id": f"none-{seed}", "model.name": "nf", "clip.mode": "none",
+                     "clip.threshold": np.nan, "batch_size": 32, "seed": seed, "data": "digits",
+                     "status": "completed", "final_acc": acc})
+    frame = pd.DataFrame(rows)
+    claim = compare({"clip.mode": "agc"}, b={"clip.mode": "none"}, relation="within",
+                    margin="test_set", best_of="clip.threshold")
+    verdict = one(claim, frame)
+    assert "at its best clip.threshold 0.16 (of 0.01, 0.16" in verdict.evidence
+    assert "93.5%" in verdict.evidence
+
+
+def test_consistent_asks_whether_the_interval_holds_the_expected_value():
+    rows = [{"run_id": f"r{i}", "model.alpha": 0.2, "status": "completed",
+             "var_growth_rel": g} for i, g in enumerate([0.038, 0.040, 0.042])]
+    frame = pd.DataFrame(rows)
+    claim = compare({"model.alpha": 0.2}, value=1.0, relation="consistent", rule="t95",
+                    metric="alpha2_ratio")
+    assert one(claim, frame).verdict == "holds"  # ratios 0.95, 1.0, 1.05
+    low = frame.assign(var_growth_rel=[0.027, 0.028, 0.0285])  # ratios about 0.69
+    verdict = one(claim, low)
+    assert verdict.verdict == "does not hold" and "excludes the expected value" in verdict.reason
+
+
+def test_learned_outcome_uses_the_binomial_bar_over_chance():
+    # chance 0.1 on 297 images: the one-sided 95% bar is 0.1 + 1.645 * sqrt(.09/297) = 12.9%
+    frame = runs_frame({("bn", "none", 1024): [0.127, 0.131, 0.97]})
+    sel = {"model.name": "bn", "batch_size": "@max"}
+    verdict = one({"text": "t", "source": "s", "check": "share", "select": sel,
+                   "outcome": "learned"}, frame)
+    assert verdict.verdict == "does not hold"
+    assert "2 learned" in verdict.evidence
+
+
+def test_variance_growth_relative_to_the_stem():
+    from ablations.worker import variance_growth
+
+    # stem variance 0.25; a stage of three blocks at 0.25 * (1 + k * 0.04)
+    rows = [{"step": 0, "block": "stem", "stage": -1, "index": -1, "stat": "var",
+             "value": 0.25}]
+    rows += [{"step": 0, "block": f"b{k}", "stage": 0, "index": k, "stat": "var",
+              "value": 0.25 * (1.04 + 0.04 * k)} for k in range(3)]
+    rows += [{"step": 10, "block": "stem", "stage": -1, "index": -1, "stat": "var",
+              "value": 9.0}]
+    frame = pd.DataFrame(rows)
+    assert variance_growth(frame) == pytest.approx(0.01)
+    assert variance_growth(frame, relative=True) == pytest.approx(0.04)
+    assert variance_growth(frame[frame["block"] != "stem"], relative=True) is None

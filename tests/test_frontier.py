@@ -351,6 +351,14 @@ def test_compare_claim_over_frontier_values_uses_seed_ranges_on_a_log_scale():
     assert verdict.verdict == "holds"
     assert "1.79 (1.6–2)" in verdict.evidence and "2 cells" in verdict.evidence
     assert "x4" in verdict.evidence  # the ratio of the geometric means
+    # within one lattice step (the cells' resolution 2**0.25): 0.3 vs 0.4-0.5 is 0.42 to 0.74
+    # doublings apart, more than the step's 0.25
+    lattice = claim("compare", a={"clip.mode": "none", "batch_size": "@min"},
+                    b={"clip.mode": "none", "batch_size": "@max"}, relation="within",
+                    margin="lattice")
+    lattice_verdict = evaluate_claims(parse_claims([lattice]), runs, frame)[0]
+    assert "one step of the frontier's lr lattice" in lattice_verdict.evidence
+    assert lattice_verdict.verdict == "does not hold"
     # a factor of 4 is not "by a margin of 3 doublings"
     strict = claim("compare", a=AGC_BIG, b=NONE_BIG, margin=3.0)
     assert evaluate_claims(parse_claims([strict]), runs, frame)[0].verdict == "does not hold"
@@ -418,14 +426,16 @@ def test_spread_claim_needs_over_and_two_values_of_it(tmp_path, capsys):
     assert "a spread needs two or more values of seed" in capsys.readouterr().err
 
 
-def test_the_shipped_frontier_spec_states_the_three_claims_and_expands():
+def test_the_shipped_frontier_spec_states_its_claims_and_expands():
     from ablations.frontier import cells_of
     from ablations.spec import GRIDS_DIR
 
     spec = load_spec(GRIDS_DIR / "frontier_batch.toml")
     claims = parse_claims(spec.claims)
-    assert [c.check for c in claims] == ["compare", "spread", "compare"]
+    assert [c.check for c in claims] == ["compare", "spread", "compare", "compare"]
     assert all(c.metric == "max_stable_lr" for c in claims)
+    # F3 is one claim per AGC threshold, each within one lattice step (derived, not picked)
+    assert [c.margin_rule for c in claims[2:]] == ["lattice", "lattice"]
     settings, cells = cells_of(spec)
     assert len(cells) == 36 and settings.steps == 40
     assert not any("lr" in cell.axes for cell in cells)

@@ -168,11 +168,10 @@ def test_cli_bad_set_and_bad_toml(tmp_path, capsys):
 def test_dry_run_lists_runs(tmp_path, capsys):
     assert main(["run", "quickstart", "--dry-run", "--set", "seed=0,1"]) == 0
     out = capsys.readouterr().out
-    assert "24 runs in grid quickstart" in out
+    assert "16 runs in grid quickstart" in out  # (3 NF clippings + BN) x 2 batches x 2 seeds
 
 
-@pytest.mark.parametrize("name", ["quickstart", "agc_batch", "lambda_batch", "alpha_sweep",
-                                  "small_batch", "classifier_clip"])
+@pytest.mark.parametrize("name", [g for g in shipped_grids() if g != "frontier_batch"])
 def test_shipped_grids_expand_at_both_scales(name):
     assert name in shipped_grids()
     runs = expand(load_spec(GRIDS_DIR / f"{name}.toml", ["data=synthetic"]))
@@ -185,9 +184,10 @@ def test_agc_batch_grid_shape():
     runs = expand(load_spec(GRIDS_DIR / "agc_batch.toml"))
     nf = [r for r in runs if r.config["model"]["name"] == "nf_resnet26"]
     bn = [r for r in runs if r.config["model"]["name"] != "nf_resnet26"]
-    assert len(nf) == 3 * 4 * 3 and len(bn) == 4 * 3  # BN: unclipped reference only
+    # none, norm and AGC at paper B's five thresholds; BN: the unclipped reference only
+    assert len(nf) == 7 * 4 * 3 and len(bn) == 4 * 3
     agc = {r.config["clip"]["threshold"] for r in nf if r.config["clip"]["mode"] == "agc"}
-    assert agc == {0.01}
+    assert agc == {0.01, 0.02, 0.04, 0.08, 0.16}
 
 
 def readme_grid() -> str:
