@@ -408,9 +408,16 @@ class GridStore:
         return self.runs_dir / run_id
 
     def run_ids(self) -> list[str]:
+        """The runs stored (a folder with a config.json; one this process cannot look into
+        counts too: reading it then says why it cannot be read)."""
         if not self.runs_dir.is_dir():
             return []
-        return sorted(p.name for p in self.runs_dir.iterdir() if (p / "config.json").exists())
+        try:
+            folders = list(self.runs_dir.iterdir())
+        except OSError as err:
+            raise UserError(f"cannot list the runs in {self.runs_dir}: "
+                            f"{err.strerror or err}") from None
+        return sorted(p.name for p in folders if _has_config(p))
 
     def config(self, run_id: str) -> dict:
         """The run's config.json; :class:`DamagedFile` when it cannot be read or a field has
@@ -536,6 +543,13 @@ class GridStore:
         """Whether a live process holds the run's lock, checked without write access (a
         reader of a read-only store); :class:`LockUnchecked` when it cannot be checked."""
         return self.lock(run_id).held()
+
+
+def _has_config(run_dir: Path) -> bool:
+    try:
+        return (run_dir / "config.json").exists()
+    except OSError:  # a folder we may not enter (EACCES): a run we cannot read
+        return run_dir.is_dir()
 
 
 def _json_damaged(path: Path) -> bool:
@@ -750,7 +764,10 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
     be read is left out with a warning.
     """
     path = Path(path)
-    grids = grid_dirs(path)
+    try:
+        grids = grid_dirs(path)
+    except OSError as err:  # a folder this process may not enter
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
     if not grids:
         raise UserError(f"no results found in {path} (expected <grid>/runs/<run_id>/...)")
     rows, metrics, blocks, specs, frontiers = [], [], [], {}, []
