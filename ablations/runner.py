@@ -430,14 +430,17 @@ def run_grid(
     store = GridStore(out, spec.name)
     current = executor_environment(executor)
     mismatches = environment_mismatches(store, runs, current, retry_failed)
-    if mismatches and rerun_if_env_differs:
+    if mismatches and rerun_if_env_differs and verbosity >= 0:
         print(f"{mismatch_text(mismatches)}; they run again from step 0 here "
               f"(--rerun-if-env-differs), their old files kept aside as <name>.env-<time>",
               file=stream, flush=True)
-    elif mismatches:
-        print(f"warning: {mismatch_text(mismatches)}; reused as stored, so their numbers "
-              f"may differ from a run here (--rerun-if-env-differs runs them again)",
-              file=stream, flush=True)
+    elif mismatches and not rerun_if_env_differs:
+        continued = sum(will_run(store, rid, retry_failed) for rid in mismatches)
+        how = ("reused as stored" if not continued else "continued from their checkpoints"
+               if continued == len(mismatches) else "reused as stored or continued from their "
+               "checkpoints")
+        print(f"warning: {mismatch_text(mismatches)}; {how}, so their numbers may differ from "
+              f"a run here (--rerun-if-env-differs runs them again)", file=stream, flush=True)
     rerun = set(mismatches) if rerun_if_env_differs else set()
     check_data([r for r in runs if r.run_id in rerun or will_run(store, r.run_id, retry_failed)],
                download)

@@ -7,6 +7,8 @@ Layout under the output root (``runs/`` by default)::
                                          "model_departures": {option: registry default},
                                          "effective": {"lr", "clip.mode", "clip.threshold"}}
     <grid>/runs/<run_id>/status.json    state, timings, attempts, summary, error, environment
+                                        (versions, device, threads, deterministic: what
+                                        changes the numbers besides the config)
     <grid>/runs/<run_id>/progress.json  {"step", "total", "loss", "at"} while it trains
     <grid>/runs/<run_id>/metrics.parquet  one row per step (+ test_acc / test_loss at evals)
     <grid>/runs/<run_id>/blocks.parquet   probe records (step, block, stage, index, stat, value)
@@ -16,13 +18,14 @@ Layout under the output root (``runs/`` by default)::
 Every file is written atomically (temporary file in the same folder, fsync, rename), and the
 status is written last: a run is a result only when its status says completed or diverged.
 
-A file that cannot be read (cut short, random bytes, not JSON / parquet) makes its run
-``damaged``: ``status`` and the report show the file and the reason and go on with the other
-runs; the next ``run`` moves the file aside to ``<name>.damaged-<time>`` (never deleting it)
-and runs the run again.
+A file that cannot be read (cut short, random bytes, not JSON / parquet, or JSON whose fields
+have the wrong types) makes its run ``damaged``: ``status`` and the report show the file and
+the reason and go on with the other runs; the next ``run`` moves the file aside to
+``<name>.damaged-<time>`` (never deleting it) and runs the run again.
 A per-run lock (an flock on ``.lock``, released by the OS when its process dies, the file never
 removed so no two processes can lock different inodes) makes sure two runner processes never
-execute the same run at once.
+execute the same run at once. Readers check it with a shared flock on a read-only descriptor,
+so they need no write access: a read-only store (a chmod, a read-only mount) reads as any other.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ ENVIRONMENT_FIELDS: dict[str, tuple[str, ...]] = {
     "deterministic": ("bool", "null"), "torch": TEXT, "device": TEXT,
 }
 CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
-    "run_id": TEXT, "grid": TEXT, "axes": ("object", "null"), "config": ("object",),
+    "run_id": TEXT, "grid": TEXT, "axes": ("object",), "config": ("object",),
     "label": TEXT, "model_departures": ("object", "null"), "effective": ("object", "null"),
 }
 EFFECTIVE_FIELDS: dict[str, tuple[str, ...]] = {

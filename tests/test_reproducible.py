@@ -215,7 +215,8 @@ def test_a_run_resumed_under_another_environment_records_both(copy):
     status["environment"]["threads"] = 2
     path.write_text(json.dumps(status))
     _, text = run_inline(copy / "tiny.toml", copy / "out")
-    assert text.startswith("warning: 1 run stored under a different environment: threads 2 vs 1")
+    assert text.startswith("warning: 1 run stored under a different environment: threads 2 vs 1 "
+                           "(1 run); continued from their checkpoints")
     status = json.loads(path.read_text())
     assert status["state"] == "completed" and status["environment"]["threads"] == 1
     assert status["earlier_environment"]["threads"] == 2
