@@ -262,6 +262,7 @@ def add_grid_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", help="a spec TOML file or a shipped grid name "
                    f"({', '.join(shipped_grids())})")
     add_run_options(p)
+    add_rerun_option(p)
     p.add_argument("--dry-run", action="store_true",
                    help="list the runs with the values they will use, and their count")
     p.set_defaults(func=cmd_run)
@@ -299,6 +300,7 @@ def add_grid_commands(sub: argparse._SubParsersAction) -> None:
                     "/ global norm / AGC, batch 32 and 512, 3 seeds, on scikit-learn's digits), "
                     "plot signal propagation at init, write the report.")
     add_run_options(p)
+    add_rerun_option(p)
     p.set_defaults(func=cmd_quickstart, workers=2)
 
 
@@ -334,6 +336,24 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat", type=float, default=30, metavar="SECONDS",
                    help="without a terminal: a line with step/total and loss per running "
                    "run every SECONDS (0: none)")
+    add_reproducibility_options(p)
+
+
+def add_reproducibility_options(p: argparse.ArgumentParser) -> None:
+    """--threads and --deterministic (recorded in every run's environment)."""
+    p.add_argument("--threads", type=int, default=1, metavar="N",
+                   help="torch threads per run; a CPU run's numbers depend on it, so it is "
+                   "fixed, not cores / workers (recorded in each run's status.json)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="CUDA: PyTorch's deterministic algorithms, deterministic cuDNN and a "
+                   "fixed cuBLAS workspace (slower; on CPU accepted and recorded)")
+
+
+def add_rerun_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rerun-if-env-differs", action="store_true",
+                   help="run again, from step 0, the stored runs made under another thread "
+                   "count, torch version, device or --deterministic (their old files are kept "
+                   "aside) instead of reusing them")
 
 
 DRY_RUN_ROWS = 50  # a dry run of a bigger grid shows its count and its first rows only
@@ -432,8 +452,10 @@ def make_executor(args: argparse.Namespace):
     from ablations.executors import LocalExecutor, RayExecutor
 
     if args.executor == "ray":
-        return RayExecutor(args.address, args.cpus_per_run, args.gpus_per_run, args.max_retries)
-    return LocalExecutor(args.workers, args.device, args.runs_per_gpu)
+        return RayExecutor(args.address, args.cpus_per_run, args.gpus_per_run, args.max_retries,
+                           threads=args.threads, deterministic=args.deterministic)
+    return LocalExecutor(args.workers, args.device, args.runs_per_gpu, threads=args.threads,
+                         deterministic=args.deterministic)
 
 
 def execute(spec, args: argparse.Namespace):
@@ -442,7 +464,8 @@ def execute(spec, args: argparse.Namespace):
     executor = make_executor(args)
     outcome = run_grid(spec, args.out, executor, retry_failed=args.retry_failed,
                        max_runs=max_runs(args), download=args.download,
-                       verbosity=verbosity(args), heartbeat_s=heartbeat_s(args))
+                       verbosity=verbosity(args), heartbeat_s=heartbeat_s(args),
+                       rerun_if_env_differs=args.rerun_if_env_differs)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
     if outcome.interrupted:
         print(f"interrupted after {outcome.duration_s:.0f}s ({counts or 'nothing finished'}); "

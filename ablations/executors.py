@@ -24,7 +24,7 @@ from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
-from ablations.worker import execute_run, resolve_device
+from ablations.worker import DEFAULT_THREADS, check_threads, execute_run, resolve_device
 from sigprop.errors import UserError
 from sigprop.files import atomic_path
 
@@ -148,13 +148,13 @@ def _on_stop_signal(signum: int, frame: Any) -> None:
 
 
 def _pool_task(root: str, grid: str, run_id: str, device: str, threads: int,
-               slot: int) -> dict:
+               slot: int, deterministic: bool = False) -> dict:
     global _IN_TASK
     if _STOPPED:
         return {"run_id": run_id, "state": "interrupted"}
     _IN_TASK = True
     try:
-        return execute_run(root, grid, run_id, device, threads, _EVENTS, slot)
+        return execute_run(root, grid, run_id, device, threads, _EVENTS, slot, deterministic)
     finally:
         _IN_TASK = False
 
@@ -166,7 +166,8 @@ class LocalExecutor:
     CPU the cores are divided between the workers.
     """
 
-    def __init__(self, workers: int = 1, device: str = "auto", runs_per_gpu: int = 1):
+    def __init__(self, workers: int = 1, device: str = "auto", runs_per_gpu: int = 1,
+                 threads: int = DEFAULT_THREADS, deterministic: bool = False):
         if workers < 1:
             raise UserError(f"--workers must be >= 1, got {workers}")
         if runs_per_gpu < 1:
@@ -181,6 +182,7 @@ class LocalExecutor:
                 raise UserError("--device cuda asked for, but no CUDA device is available")
         self.workers = workers
         self.runs_per_gpu = runs_per_gpu
+        self.threads, self.deterministic = check_threads(threads), deterministic
 
     def slots(self) -> list[str]:
         if self.device == "cuda":
@@ -193,7 +195,7 @@ class LocalExecutor:
         return [self.device] * self.workers
 
     def threads_per_worker(self) -> int:
-        return max(1, (os.cpu_count() or 1) // len(self.slots()))
+        return self.threads  # fixed, not cores // workers: see worker.DEFAULT_THREADS
 
     def describe(self) -> str:
         slots = self.slots()
@@ -264,7 +266,7 @@ class LocalExecutor:
                     try:
                         with stop_signals_blocked(), deathsig_spawning():
                             future = pool.submit(_pool_task, root, grid, rid, slots[slot],
-                                                 threads, slot)
+                                                 threads, slot, self.deterministic)
                     except BrokenProcessPool:
                         pending.appendleft(rid)
                         free.append(slot)
@@ -391,11 +393,12 @@ def store_check_task(root: str) -> tuple[str, str | None]:
 
 
 def ray_run_task(root: str, grid: str, run_id: str, gpus: float, threads: int,
-                 events: Any) -> dict:
+                 events: Any, deterministic: bool = False) -> dict:
     import ray
 
     # Ray sets CUDA_VISIBLE_DEVICES for tasks that asked for GPUs, so "cuda" is the right one.
-    result = execute_run(root, grid, run_id, "cuda" if gpus > 0 else "cpu", threads, events, 0)
+    result = execute_run(root, grid, run_id, "cuda" if gpus > 0 else "cpu", threads, events, 0,
+                         deterministic)
     return {**result, "node": ray.get_runtime_context().get_node_id()}
 
 
@@ -409,7 +412,8 @@ class RayExecutor:
     """
 
     def __init__(self, address: str | None = None, cpus_per_run: float = 1,
-                 gpus_per_run: float = 0, max_retries: int = 3, num_cpus: int | None = None):
+                 gpus_per_run: float = 0, max_retries: int = 3, num_cpus: int | None = None,
+                 threads: int = DEFAULT_THREADS, deterministic: bool = False):
         try:
             import ray  # noqa: F401
         except ImportError:
@@ -423,6 +427,7 @@ class RayExecutor:
         self.cpus_per_run, self.gpus_per_run = cpus_per_run, gpus_per_run
         self.max_retries = max_retries
         self.num_cpus = num_cpus  # only for a local instance started here
+        self.threads, self.deterministic = check_threads(threads), deterministic
 
     def connect(self) -> None:
         import ray
@@ -496,8 +501,8 @@ class RayExecutor:
         # must not take it along (its death would fail the runs that report to it)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         events = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
-        threads = max(1, int(self.cpus_per_run))
-        submit = lambda rid: task.remote(root, grid, rid, self.gpus_per_run, threads, events)  # noqa: E731
+        submit = lambda rid: task.remote(root, grid, rid, self.gpus_per_run, self.threads,  # noqa: E731
+                                         events, self.deterministic)
         refs = {submit(rid): rid for rid in run_ids}
         retry_at: dict[str, float] = {}
         try:

@@ -18,11 +18,14 @@ from ablations.executors import LocalExecutor
 from ablations.spec import MAX_RUNS, GridSpec, Run, expand
 from ablations.store import (
     FINISHED,
+    NUMERIC_ENVIRONMENT,
     DamagedFile,
     GridStore,
     applied_values,
     differing_base_keys,
+    environment_differences,
     load_results,
+    numeric_environment,
 )
 from sigprop.errors import UserError
 
@@ -89,6 +92,58 @@ def runs_to_execute(store: GridStore, runs: list[Run], retry_failed: bool,
         if will_run(store, run.run_id, retry_failed):  # damaged and held elsewhere: yes
             todo.append(run.run_id)
     return todo
+
+
+def executor_environment(executor: Any) -> dict:
+    """The :data:`~ablations.store.NUMERIC_ENVIRONMENT` the executor's runs will record."""
+    from ablations.worker import DEFAULT_THREADS
+
+    device = getattr(executor, "device", None)
+    if not isinstance(device, str):  # Ray: a GPU per run or none
+        device = "cuda" if (getattr(executor, "gpus_per_run", 0) or 0) > 0 else "cpu"
+    return numeric_environment(getattr(executor, "threads", DEFAULT_THREADS),
+                               bool(getattr(executor, "deterministic", False)), device)
+
+
+def environment_mismatches(store: GridStore, runs: list[Run], current: dict,
+                           retry_failed: bool) -> dict[str, list[str]]:
+    """Run id -> how its recorded environment differs from ``current`` (see
+    :func:`~ablations.store.environment_differences`), for the stored runs this invocation
+    would reuse (finished) or continue from a checkpoint (started, not finished). A run
+    resumed earlier under another environment also counts (its ``earlier_environment``)."""
+    out = {}
+    for run in runs:
+        if not (store.run_dir(run.run_id) / "config.json").exists():
+            continue
+        try:
+            status = store.status(run.run_id)
+        except DamagedFile:
+            continue  # repaired and run from step 0 anyway
+        state = status.get("state", "queued")
+        continued = (state not in FINISHED and (state != "failed" or retry_failed)
+                     and (store.run_dir(run.run_id) / "checkpoint.pt").is_file())
+        if state not in FINISHED and not continued:
+            continue
+        found = environment_differences(status.get("environment"), current)
+        if status.get("earlier_environment") is not None:
+            found += [d for d in environment_differences(status["earlier_environment"], current)
+                      if d not in found]
+        if found:
+            out[run.run_id] = found
+    return out
+
+
+def mismatch_text(mismatches: dict[str, list[str]]) -> str:
+    """"3 runs stored under a different environment: threads 2 vs 1 (2 runs), threads not
+    recorded (1 run)"."""
+    groups: dict[str, int] = {}
+    for found in mismatches.values():
+        key = ", ".join(found)
+        groups[key] = groups.get(key, 0) + 1
+    n = len(mismatches)
+    parts = [f"{key} ({count} run{'s' if count > 1 else ''})" for key, count in groups.items()]
+    return (f"{n} run{'s' if n > 1 else ''} stored under a different environment: "
+            f"{'; '.join(parts)}")
 
 
 def check_data(runs: list[Run], download: bool = False) -> None:
@@ -358,19 +413,37 @@ def run_grid(
     download: bool = False,
     verbosity: int = 0,
     heartbeat_s: float = HEARTBEAT_S,
+    rerun_if_env_differs: bool = False,
 ) -> GridOutcome:
     """Expand ``spec`` into ``out/<name>`` and execute every run that is not finished.
 
     Completed and diverged runs are skipped, failed ones only rerun with ``retry_failed``,
-    interrupted ones continue from their checkpoint. ``verbosity`` -1 prints only failures
-    and warnings, 1 every run's start and end line also on a terminal; ``heartbeat_s``: see
-    :class:`Progress`.
+    interrupted ones continue from their checkpoint. A stored run made under another
+    environment (thread count, torch, device, deterministic flags: what changes its numbers)
+    is said first and reused, or with ``rerun_if_env_differs`` run again from step 0, its old
+    files kept aside. ``verbosity`` -1 prints only failures and warnings, 1 every run's start
+    and end line also on a terminal; ``heartbeat_s``: see :class:`Progress`.
     """
     stream = stream or sys.stdout
     executor = executor or LocalExecutor()
     runs = expand(spec, max_runs)
     store = GridStore(out, spec.name)
-    check_data([r for r in runs if will_run(store, r.run_id, retry_failed)], download)
+    current = executor_environment(executor)
+    mismatches = environment_mismatches(store, runs, current, retry_failed)
+    if mismatches and rerun_if_env_differs and verbosity >= 0:
+        print(f"{mismatch_text(mismatches)}; they run again from step 0 here "
+              f"(--rerun-if-env-differs), their old files kept aside as <name>.env-<time>",
+              file=stream, flush=True)
+    elif mismatches and not rerun_if_env_differs:
+        continued = sum(will_run(store, rid, retry_failed) for rid in mismatches)
+        how = ("reused as stored" if not continued else "continued from their checkpoints"
+               if continued == len(mismatches) else "reused as stored or continued from their "
+               "checkpoints")
+        print(f"warning: {mismatch_text(mismatches)}; {how}, so their numbers may differ from "
+              f"a run here (--rerun-if-env-differs runs them again)", file=stream, flush=True)
+    rerun = set(mismatches) if rerun_if_env_differs else set()
+    check_data([r for r in runs if r.run_id in rerun or will_run(store, r.run_id, retry_failed)],
+               download)
     differing = differing_base_keys(store, runs)
     if differing:
         print(f"warning: {store.dir} already holds runs made with another value of "
@@ -378,6 +451,13 @@ def run_grid(
               f"{'that key' if len(differing) == 1 else 'those keys'} as a column "
               f"(use another --out to keep them apart)", file=stream, flush=True)
     store.prepare(spec.to_toml_dict(), runs)
+    for rid in sorted(rerun):
+        why = f"stored under another environment ({', '.join(mismatches[rid])})"
+        try:
+            store.restart(rid, why)  # None: running elsewhere now, under that runner's settings
+        except OSError as err:
+            raise UserError(f"cannot set run {rid} aside in {store.dir}: "
+                            f"{err.strerror or err}") from None
     todo = runs_to_execute(store, runs, retry_failed, stream)
     outcome = GridOutcome(store.dir, total=len(runs), skipped=len(runs) - len(todo))
     # describing a Ray executor starts Ray: only worth it when there is something to run
@@ -415,8 +495,11 @@ def status_table(path: str | Path) -> pd.DataFrame:
     runs = runs.assign(progress=[
         step_text(path, grid, rid) if state in ("running", "interrupted") else ""
         for grid, rid, state in zip(runs["grid"], runs["run_id"], runs["status"])])
+    environments = environment_column(runs)
+    if environments is not None:
+        runs = runs.assign(environment=environments)
     columns = ["grid", "run_id", "status", "progress", *axis_columns, "final_acc",
-               "diverged_step", "duration_s", "error"]
+               "diverged_step", "duration_s", "environment", "error"]
     table = runs[[c for c in columns if c in runs]].copy()
     if "final_acc" in table:
         table["final_acc"] = pd.to_numeric(table["final_acc"]).round(3)
@@ -431,9 +514,47 @@ def status_table(path: str | Path) -> pd.DataFrame:
     for column in table:
         if table[column].isna().any():
             table[column] = table[column].astype(object).map(blank)
-    empty = [c for c in ("progress", "diverged_step", "error")
+    empty = [c for c in ("progress", "diverged_step", "environment", "error")
              if c in table and table[c].map(blank).eq("").all()]
     return table.drop(columns=empty)  # a column with nothing to say
+
+
+def environment_column(runs: pd.DataFrame) -> list[str] | None:
+    """Per run, the recorded environment keys that change numbers and differ between the
+    runs that ran ("threads 2"), or that a run did not record ("threads not recorded"), and
+    "resumed from ..." for a run continued under other values; None when all runs that ran
+    agree and recorded everything (nothing to say)."""
+    from ablations.store import env_value
+
+    keys = [k for k in NUMERIC_ENVIRONMENT if f"env.{k}" in runs]
+    if not keys:
+        return None
+
+    def value(row: dict, key: str):
+        raw = blank(row.get(f"env.{key}"))
+        return "not recorded" if raw == "" else env_value(key, raw)
+
+    rows = runs.to_dict("records")
+    ran_at = {i for i, row in enumerate(rows) if row.get("status") in FINISHED
+              or any(blank(row.get(f"env.{k}")) != "" for k in keys)}
+    ran = [rows[i] for i in sorted(ran_at)]
+    shown = [key for key in keys
+             if len({repr(value(row, key)) for row in ran}) > 1
+             or any(value(row, key) == "not recorded" for row in ran)]
+    earlier = any(blank(row.get("env.earlier")) != "" for row in ran)
+    if not shown and not earlier:
+        return None
+    out = []
+    for i, row in enumerate(rows):
+        if i not in ran_at:
+            out.append("")
+            continue
+        text = ", ".join(f"{key} {value(row, key)}" for key in shown)
+        if blank(row.get("env.earlier")) != "":
+            text += f"{'; ' if text else ''}resumed from a checkpoint made under " \
+                    f"{row['env.earlier']}"
+        out.append(text)
+    return out
 
 
 def sort_key(value) -> tuple:

@@ -7,6 +7,8 @@ Layout under the output root (``runs/`` by default)::
                                          "model_departures": {option: registry default},
                                          "effective": {"lr", "clip.mode", "clip.threshold"}}
     <grid>/runs/<run_id>/status.json    state, timings, attempts, summary, error, environment
+                                        (versions, device, threads, deterministic: what
+                                        changes the numbers besides the config)
     <grid>/runs/<run_id>/progress.json  {"step", "total", "loss", "at"} while it trains
     <grid>/runs/<run_id>/metrics.parquet  one row per step (+ test_acc / test_loss at evals)
     <grid>/runs/<run_id>/blocks.parquet   probe records (step, block, stage, index, stat, value)
@@ -16,13 +18,14 @@ Layout under the output root (``runs/`` by default)::
 Every file is written atomically (temporary file in the same folder, fsync, rename), and the
 status is written last: a run is a result only when its status says completed or diverged.
 
-A file that cannot be read (cut short, random bytes, not JSON / parquet) makes its run
-``damaged``: ``status`` and the report show the file and the reason and go on with the other
-runs; the next ``run`` moves the file aside to ``<name>.damaged-<time>`` (never deleting it)
-and runs the run again.
+A file that cannot be read (cut short, random bytes, not JSON / parquet, or JSON whose fields
+have the wrong types) makes its run ``damaged``: ``status`` and the report show the file and
+the reason and go on with the other runs; the next ``run`` moves the file aside to
+``<name>.damaged-<time>`` (never deleting it) and runs the run again.
 A per-run lock (an flock on ``.lock``, released by the OS when its process dies, the file never
 removed so no two processes can lock different inodes) makes sure two runner processes never
-execute the same run at once.
+execute the same run at once. Readers check it with a shared flock on a read-only descriptor,
+so they need no write access: a read-only store (a chmod, a read-only mount) reads as any other.
 """
 
 from __future__ import annotations
@@ -92,6 +95,152 @@ def read_json(path: Path) -> dict | None:
     return data
 
 
+# ----------------------------------------------------------------------------- field types
+# Every field a reader uses is checked where it is read: a file that is valid JSON but holds a
+# list or a string where an object or a number belongs makes its run damaged, as unparsable
+# JSON does, instead of a traceback in whatever reads it next. Unknown fields pass (a newer
+# version may add some).
+
+KIND_NAMES = {"null": "null", "bool": "true/false", "integer": "an integer", "number": "a number",
+              "string": "a string", "list": "a list", "object": "an object"}
+NUMBER, TEXT = ("number", "null"), ("string", "null")
+STATUS_FIELDS: dict[str, tuple[str, ...]] = {
+    "state": ("string",), "attempts": ("integer",), "pid": ("integer", "null"),
+    "queued_at": NUMBER, "started_at": NUMBER, "finished_at": NUMBER, "interrupted_at": NUMBER,
+    "duration_s": NUMBER, "device": TEXT, "error": TEXT, "traceback": TEXT, "repaired": TEXT,
+    "restarted": TEXT, "summary": ("object", "null"), "warnings": ("list", "null"),
+    "environment": ("object", "null"), "earlier_environment": ("object", "null"),
+}
+SUMMARY_FIELDS: dict[str, tuple[str, ...]] = {
+    "final_acc": NUMBER, "best_acc": NUMBER, "diverged_step": ("integer", "null"),
+    "max_grad_norm": NUMBER, "clip_fraction": NUMBER, "steps_done": ("integer", "null"),
+    "steps": ("integer", "null"), "duration_s": NUMBER, "gain_clip_ratio": NUMBER,
+    "var_growth": NUMBER,
+}
+ENVIRONMENT_FIELDS: dict[str, tuple[str, ...]] = {
+    "threads": ("integer", "null"), "interop_threads": ("integer", "null"),
+    "deterministic": ("bool", "null"), "torch": TEXT, "device": TEXT,
+}
+CONFIG_FIELDS: dict[str, tuple[str, ...]] = {
+    "run_id": TEXT, "grid": TEXT, "axes": ("object",), "config": ("object",),
+    "label": TEXT, "model_departures": ("object", "null"), "effective": ("object", "null"),
+}
+EFFECTIVE_FIELDS: dict[str, tuple[str, ...]] = {
+    "lr": NUMBER, "clip.mode": TEXT, "clip.threshold": NUMBER,
+}
+PROGRESS_FIELDS: dict[str, tuple[str, ...]] = {
+    "step": ("integer",), "total": ("integer", "null"), "loss": NUMBER, "at": NUMBER,
+}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    for kind, types in (("bool", bool), ("integer", int), ("number", float), ("string", str),
+                        ("list", list), ("object", dict)):
+        if isinstance(value, types):
+            return kind
+    return type(value).__name__
+
+
+def _fits(value: Any, kinds: tuple[str, ...]) -> bool:
+    kind = _kind(value)
+    return kind in kinds or (kind == "integer" and "number" in kinds)
+
+
+def _held(value: Any) -> str:
+    kind = _kind(value)
+    return KIND_NAMES.get(kind, kind)
+
+
+def _wanted(kinds: tuple[str, ...]) -> str:
+    return " or ".join(KIND_NAMES[k] for k in kinds)
+
+
+def check_fields(path: Path, data: dict, fields: dict[str, tuple[str, ...]],
+                 prefix: str = "") -> None:
+    """:class:`DamagedFile` naming ``path`` and the first field of ``data`` whose JSON type is
+    not one of those ``fields`` allows."""
+    for key, kinds in fields.items():
+        if key in data and not _fits(data[key], kinds):
+            raise DamagedFile(path, f"field '{prefix}{key}' holds {_held(data[key])}, not "
+                                    f"{_wanted(kinds)}")
+
+
+def _hint_kinds(hint: Any) -> tuple[str, ...]:
+    import types
+    import typing
+
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    kinds = []
+    for option in options:
+        origin = typing.get_origin(option)
+        kinds.append({type(None): "null", bool: "bool", int: "integer", float: "number",
+                      str: "string"}.get(option) or
+                     ("list" if origin in (tuple, list) or option in (tuple, list) else "object"))
+    return tuple(kinds)
+
+
+def _dataclass_fields(cls: Any) -> dict[str, tuple[str, ...]]:
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    return {f.name: _hint_kinds(hints[f.name]) for f in dataclasses.fields(cls)}
+
+
+_TRAIN_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {}
+
+
+def train_config_fields() -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
+    """The JSON kinds of TrainConfig's and ClipConfig's fields, from their annotations."""
+    if not _TRAIN_FIELDS:
+        from sigprop.clipping import ClipConfig
+        from sigprop.train import TrainConfig
+
+        train = _dataclass_fields(TrainConfig)
+        train["augment"] += ("bool",)  # stores before the names: true/false (still accepted)
+        _TRAIN_FIELDS.update(train=train, clip=_dataclass_fields(ClipConfig))
+    return _TRAIN_FIELDS["train"], _TRAIN_FIELDS["clip"]
+
+
+def check_status(path: Path, data: dict) -> dict:
+    """``data`` (a run's status.json) if every field a reader uses has its type."""
+    check_fields(path, data, STATUS_FIELDS)
+    if "state" in data and data["state"] not in STATES:
+        raise DamagedFile(path, f"field 'state' is {data['state']!r}, not one of "
+                                f"{', '.join(STATES)}")
+    if data.get("attempts", 0) < 0:
+        raise DamagedFile(path, f"field 'attempts' is {data['attempts']}, below 0")
+    for key, fields in (("summary", SUMMARY_FIELDS), ("environment", ENVIRONMENT_FIELDS),
+                        ("earlier_environment", ENVIRONMENT_FIELDS)):
+        if data.get(key) is not None:
+            check_fields(path, data[key], fields, f"{key}.")
+    for i, line in enumerate(data.get("warnings") or ()):
+        if not isinstance(line, str):
+            raise DamagedFile(path, f"field 'warnings[{i}]' holds {_held(line)}, not a string")
+    return data
+
+
+def check_config(path: Path, data: dict) -> dict:
+    """``data`` (a run's config.json) if every field a reader uses has its type: the record's
+    own fields, and the training config's known keys (unknown ones pass: a config written by
+    another version)."""
+    if not isinstance(data.get("config"), dict):
+        raise DamagedFile(path, "has no 'config' table")
+    check_fields(path, data, CONFIG_FIELDS)
+    if data.get("effective") is not None:
+        check_fields(path, data["effective"], EFFECTIVE_FIELDS, "effective.")
+    train, clip = train_config_fields()
+    config = data["config"]
+    check_fields(path, config, train, "config.")
+    if isinstance(config.get("clip"), dict):
+        check_fields(path, config["clip"], clip, "config.clip.")
+    if isinstance(config.get("model"), dict) and "name" in config["model"]:
+        check_fields(path, config["model"], {"name": ("string",)}, "config.model.")
+    return data
+
+
 def parquet_damage(path: Path) -> str | None:
     """Why ``path`` is not a readable parquet file (footer and schema), or None."""
     import pyarrow.parquet as pq
@@ -118,19 +267,23 @@ def read_parquet(path: Path) -> pd.DataFrame:
         raise DamagedFile(path, _parquet_reason(path, err)) from None
 
 
-def set_aside(path: Path) -> Path:
-    """Rename a damaged file to ``<name>.damaged-<time>`` beside it (kept, never deleted)."""
+def set_aside(path: Path, tag: str = "damaged") -> Path:
+    """Rename a file to ``<name>.<tag>-<time>`` beside it (kept, never deleted); ``tag`` says
+    why: ``damaged``, or ``env`` for a run made again under another environment."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    target = path.with_name(f"{path.name}.damaged-{stamp}")
+    target = path.with_name(f"{path.name}.{tag}-{stamp}")
     n = 1
     while target.exists():
-        target = path.with_name(f"{path.name}.damaged-{stamp}-{n}")
+        target = path.with_name(f"{path.name}.{tag}-{stamp}-{n}")
         n += 1
     os.replace(path, target)
     return target
 
 
 def environment(device: str | None = None) -> dict:
+    """What a run ran under, as this process has it set now: versions, machine, device, and
+    what changes its numbers besides its config (``threads``, ``deterministic``; see
+    :data:`NUMERIC_ENVIRONMENT`)."""
     import numpy
     import torch
 
@@ -146,10 +299,53 @@ def environment(device: str | None = None) -> dict:
         "host": socket.gethostname(),
         "device": device,
         "git_commit": git_commit(),
+        "threads": torch.get_num_threads(),
+        "interop_threads": torch.get_num_interop_threads(),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
     }
     if device and device.startswith("cuda") and torch.cuda.is_available():
         env["device_name"] = torch.cuda.get_device_name(torch.device(device))
+        env["cudnn_deterministic"] = bool(torch.backends.cudnn.deterministic)
+        env["cudnn_benchmark"] = bool(torch.backends.cudnn.benchmark)
+        env["cublas_workspace_config"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     return env
+
+
+# The recorded environment keys that change a run's numbers for the same config: a stored run
+# made under other values is not what a rerun here would store.
+NUMERIC_ENVIRONMENT = ("threads", "torch", "device", "deterministic")
+
+
+def numeric_environment(threads: int, deterministic: bool, device: str) -> dict:
+    """The :data:`NUMERIC_ENVIRONMENT` a run started now by this process would record."""
+    import torch
+
+    return {"threads": threads, "torch": torch.__version__, "device": device,
+            "deterministic": bool(deterministic)}
+
+
+def env_value(key: str, value: Any) -> Any:
+    """A recorded environment value as compared: the device kind, not its index."""
+    if key == "device" and isinstance(value, str):
+        return value.split(":")[0]  # cuda:0 and cuda:1 are the same kind of device
+    return value
+
+
+def environment_differences(recorded: Any, current: dict) -> list[str]:
+    """How a run's recorded environment differs from ``current`` in the keys that change its
+    numbers: ["threads 2 vs 1", "deterministic not recorded"...]; [] when it matches. A store
+    written before a key was recorded says "not recorded" for it."""
+    recorded = recorded if isinstance(recorded, dict) else {}
+    out = []
+    for key in NUMERIC_ENVIRONMENT:
+        if key not in current:
+            continue
+        if recorded.get(key) is None:
+            out.append(f"{key} not recorded")
+        elif env_value(key, recorded[key]) != env_value(key, current[key]):
+            out.append(f"{key} {env_value(key, recorded[key])} vs "
+                       f"{env_value(key, current[key])}")
+    return out
 
 
 def git_commit() -> str | None:
@@ -215,33 +411,47 @@ class GridStore:
         return self.runs_dir / run_id
 
     def run_ids(self) -> list[str]:
+        """The runs stored (a folder with a config.json; one this process cannot look into
+        counts too: reading it then says why it cannot be read)."""
         if not self.runs_dir.is_dir():
             return []
-        return sorted(p.name for p in self.runs_dir.iterdir() if (p / "config.json").exists())
+        try:
+            folders = list(self.runs_dir.iterdir())
+        except OSError as err:
+            raise UserError(f"cannot list the runs in {self.runs_dir}: "
+                            f"{err.strerror or err}") from None
+        return sorted(p.name for p in folders if _has_config(p))
 
     def config(self, run_id: str) -> dict:
+        """The run's config.json; :class:`DamagedFile` when it cannot be read or a field has
+        the wrong type (see :func:`check_config`)."""
         path = self.run_dir(run_id) / "config.json"
         data = read_json(path)
         if data is None:
             raise UserError(f"run {run_id} has no config.json in {self.runs_dir}")
-        if not isinstance(data.get("config"), dict):
-            raise DamagedFile(path, "has no 'config' table")
-        return data
+        return check_config(path, data)
 
     def status(self, run_id: str) -> dict:
-        """The run's status; raises :class:`DamagedFile` when status.json cannot be read."""
-        return read_json(self.run_dir(run_id) / "status.json") or {"state": "queued", "attempts": 0}
+        """The run's status; raises :class:`DamagedFile` when status.json cannot be read or a
+        field has the wrong type (see :func:`check_status`)."""
+        path = self.run_dir(run_id) / "status.json"
+        data = read_json(path)
+        return {"state": "queued", "attempts": 0} if data is None else check_status(path, data)
 
     def state(self, run_id: str) -> str:
         return self.status(run_id).get("state", "queued")
 
     def progress(self, run_id: str) -> dict | None:
         """The run's last progress record ({"step", "total", "loss", "at"}), or None; best
-        effort: an unreadable record reads as none."""
+        effort: an unreadable record, or one with a field of the wrong type, reads as none."""
+        path = self.run_dir(run_id) / PROGRESS_FILE
         try:
-            return read_json(self.run_dir(run_id) / PROGRESS_FILE)
+            data = read_json(path)
+            if data is not None:
+                check_fields(path, data, PROGRESS_FIELDS)
         except DamagedFile:
             return None
+        return data
 
     def damage(self, run_id: str, status: dict | None = None) -> DamagedFile | None:
         """The first unreadable file of a run (config, status, and a finished run's results)."""
@@ -295,6 +505,27 @@ class GridStore:
         finally:
             lock.release()
 
+    def restart(self, run_id: str, why: str) -> list[str] | None:
+        """Make a stored run run again from step 0: its checkpoint, results and status are
+        moved aside as ``<name>.env-<time>`` (kept, never deleted) and a queued status says
+        ``why``. Returns the names kept, or None when another process holds the run."""
+        lock = self.lock(run_id)
+        if not lock.acquire():
+            return None
+        try:
+            run_dir = self.run_dir(run_id)
+            # the checkpoint first: a queued run beside a finished checkpoint would take the
+            # old result back at once; the status last, so a cut-short restart reads damaged
+            kept = [set_aside(run_dir / name, "env").name
+                    for name in ("checkpoint.pt", PROGRESS_FILE, *RESULT_FILES, "status.json")
+                    if (run_dir / name).is_file()]
+            write_json(run_dir / "status.json", {
+                "state": "queued", "attempts": 0, "queued_at": time.time(),
+                "restarted": f"{why}; kept as {', '.join(kept)}"})
+            return kept
+        finally:
+            lock.release()
+
     # -- writing
     def update_status(self, run_id: str, **fields: Any) -> dict:
         status = {**self.status(run_id), **fields}
@@ -312,20 +543,36 @@ class GridStore:
         return RunLock(self.run_dir(run_id) / ".lock")
 
     def is_locked(self, run_id: str) -> bool:
-        lock = self.lock(run_id)
-        if not lock.acquire():
-            return True
-        lock.release()
-        return False
+        """Whether a live process holds the run's lock, checked without write access (a
+        reader of a read-only store); :class:`LockUnchecked` when it cannot be checked."""
+        return self.lock(run_id).held()
+
+
+def _has_config(run_dir: Path) -> bool:
+    try:
+        return (run_dir / "config.json").exists()
+    except OSError:  # a folder we may not enter (EACCES): a run we cannot read
+        return run_dir.is_dir()
 
 
 def _json_damaged(path: Path) -> bool:
+    """Whether a run's config.json or status.json cannot be read or has a field of the wrong
+    type."""
     try:
         data = read_json(path)
+        if data is not None:
+            (check_config if path.name == "config.json" else check_status)(path, data)
     except DamagedFile:
         return True
-    return path.name == "config.json" and data is not None and not isinstance(
-        data.get("config"), dict)
+    return False
+
+
+class LockUnchecked(Exception):
+    """A run's lock could not be checked (``reason``: why); its state is then as stored."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"{path}: {reason}")
+        self.path, self.reason = Path(path), reason
 
 
 class RunLock:
@@ -334,6 +581,26 @@ class RunLock:
     def __init__(self, path: Path):
         self.path = path
         self.fd: int | None = None
+
+    def held(self) -> bool:
+        """Whether another process holds the lock. Needs only read access: a shared flock
+        on a read-only descriptor fails exactly while someone holds the exclusive one, and
+        creates nothing. No lock file: nobody ever locked it (lockers create it)."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return False
+        except OSError as err:
+            raise LockUnchecked(self.path, f"cannot be opened ({err.strerror or err})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError as err:
+            raise LockUnchecked(self.path, f"cannot be locked ({err.strerror or err})") from None
+        finally:
+            os.close(fd)  # closing drops the shared lock
+        return False
 
     def acquire(self) -> bool:
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -483,6 +750,11 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
     lets through over the first steps, see ``sigprop.gains``; None when no such gain) and
     ``warnings`` (a tuple of lines the run raised about itself). ``metrics`` and ``blocks``
     concatenate every finished run's parquet files with ``grid`` and ``run_id``.
+    ``env.threads``, ``env.torch``, ``env.device``, ``env.deterministic``: what the run
+    recorded of :data:`NUMERIC_ENVIRONMENT` (None: not recorded, e.g. stores written before
+    it was); ``env.earlier``: for a run resumed from a checkpoint made under other values,
+    those values as text, else None. A running run whose lock cannot be checked (a store this
+    process may not read the lock of) stays running, its ``error`` saying so.
 
     ``frontier``: the grids' ``frontier.parquet`` rows (written by ``run_ablations.py
     frontier``), None when no grid has one. One row per cell: ``grid``, ``cell_id`` (the
@@ -496,7 +768,10 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
     be read is left out with a warning.
     """
     path = Path(path)
-    grids = grid_dirs(path)
+    try:
+        grids = grid_dirs(path)
+    except OSError as err:  # a folder this process may not enter
+        raise UserError(f"cannot read {path}: {err.strerror or err}") from None
     if not grids:
         raise UserError(f"no results found in {path} (expected <grid>/runs/<run_id>/...)")
     rows, metrics, blocks, specs, frontiers = [], [], [], {}, []
@@ -517,12 +792,18 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
                                   "error": f"{err.path.name}: {err.reason}"})
                 continue
             state = status.get("state", "queued")
-            if state == "running" and not store.is_locked(rid):
-                state = "interrupted"  # its process is gone; resumable from the checkpoint
-            summary = status.get("summary", {})
+            unchecked = None
+            if state == "running":
+                try:
+                    if not store.is_locked(rid):
+                        state = "interrupted"  # its process is gone; resumable from the checkpoint
+                except LockUnchecked as err:
+                    unchecked = (f"{err.path.name} {err.reason}: shown as running, it may have "
+                                 f"been interrupted")
+            summary = status.get("summary") or {}
             if "steps" in summary and "steps_done" not in summary:  # stores before the rename
                 summary = {**summary, "steps_done": summary["steps"]}
-            row.update({"status": state, "error": status.get("error"),
+            row.update({"status": state, "error": status.get("error") or unchecked,
                         "axes": tuple(sorted(cfg.get("axes", {}))),
                         "model_label": cfg.get("label") or None,
                         "model_departures": cfg.get("model_departures") or {}})
@@ -530,6 +811,11 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
             row.update(applied_values(cfg["config"], cfg.get("effective")))
             row.update({k: summary.get(k) for k in SUMMARY_COLUMNS})
             row["warnings"] = tuple(status.get("warnings") or ())
+            env = status.get("environment") or {}
+            row.update({f"env.{key}": env.get(key) for key in NUMERIC_ENVIRONMENT})
+            earlier = status.get("earlier_environment")
+            row["env.earlier"] = None if earlier is None else ", ".join(
+                f"{key} {earlier.get(key, 'not recorded')}" for key in NUMERIC_ENVIRONMENT)
             if state in FINISHED:
                 run_dir = store.run_dir(rid)
                 frames = []

@@ -6,26 +6,36 @@ write identical run directories.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
 import traceback
+from collections.abc import Iterator
 from typing import Any
 
 import pandas as pd
 
 from ablations.store import (
     FINISHED,
+    NUMERIC_ENVIRONMENT,
     PROGRESS_FILE,
     DamagedFile,
     GridStore,
     environment,
+    environment_differences,
     set_aside,
     write_json,
 )
 
 PROGRESS_INTERVAL_S = 0.5  # progress events to the runner's console
 PROGRESS_RECORD_S = 5.0  # the run folder's progress.json (read by `status`)
+# Torch threads per run. A CPU run's numbers depend on it (a reduction split over more threads
+# adds in another order), so it is fixed rather than cores // workers: the same spec gives the
+# same numbers whatever --workers and the machine. Recorded in every run's environment.
+DEFAULT_THREADS = 1
+# cuBLAS is deterministic only with a fixed workspace (read when its handle is created)
+CUBLAS_WORKSPACE = ":4096:8"
 
 
 def resolve_device(device: str) -> str:
@@ -33,6 +43,39 @@ def resolve_device(device: str) -> str:
     from sigprop.train import resolve_device as train_device
 
     return str(train_device(device))
+
+
+def check_threads(threads: Any) -> int:
+    """``threads`` as a thread count (an int >= 1); UserError otherwise."""
+    from sigprop.errors import UserError
+
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise UserError(f"--threads must be an integer >= 1, got {threads!r}")
+    return threads
+
+
+@contextlib.contextmanager
+def run_settings(threads: int, deterministic: bool) -> Iterator[None]:
+    """Torch's thread count and deterministic flags for one run, restored afterwards (a pool
+    worker runs several runs, a test runs them in its own process)."""
+    import torch
+
+    if deterministic:  # before the first cuBLAS handle of this process; harmless on CPU
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    cudnn = torch.backends.cudnn
+    before = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+              cudnn.deterministic, cudnn.benchmark)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(deterministic)
+    cudnn.deterministic = deterministic
+    if deterministic:
+        cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before[0])
+        torch.use_deterministic_algorithms(before[1])
+        cudnn.deterministic, cudnn.benchmark = before[2], before[3]
 
 
 def execute_run(
@@ -43,22 +86,24 @@ def execute_run(
     threads: int | None = None,
     events: Any = None,
     slot: int = 0,
+    deterministic: bool = False,
 ) -> dict:
     """Run ``run_id`` of ``grid`` under ``root``; returns {"run_id", "state", ...}.
 
+    ``threads``: torch threads for the run (None: :data:`DEFAULT_THREADS`); ``deterministic``:
+    PyTorch's deterministic algorithms (and cuDNN's, with cuBLAS's fixed workspace) on CUDA.
+    Both are recorded in the run's environment.
     state is completed / diverged / failed, "busy" when another process holds the run, or
     "interrupted" after Ctrl-C (the run is queued again and resumes from its checkpoint).
     """
-    import torch
-
-    if threads:
-        torch.set_num_threads(threads)
+    threads = check_threads(DEFAULT_THREADS if threads is None else threads)
     store = GridStore(root, grid)
     lock = store.lock(run_id)
     if not lock.acquire():
         return {"run_id": run_id, "state": "busy"}
     try:
-        return _execute_locked(store, run_id, resolve_device(device), events, slot)
+        with run_settings(threads, bool(deterministic)):
+            return _execute_locked(store, run_id, resolve_device(device), events, slot)
     finally:
         lock.release()
 
@@ -103,11 +148,13 @@ def _train_and_store(store: GridStore, run_id: str, status: dict, record: dict, 
     from sigprop.train import TrainConfig, train
 
     started, clock = time.time(), time.monotonic()  # wall clock for stamps, monotonic for spans
+    checkpoint = store.run_dir(run_id) / "checkpoint.pt"
+    env = environment(device)
     _record(
         store, run_id, {"run_id": run_id, "state": "interrupted"}, store.update_status,
         state="running", started_at=started, attempts=status.get("attempts", 0) + 1,
-        pid=os.getpid(), device=device, environment=environment(device), error=None,
-        traceback=None,
+        pid=os.getpid(), device=device, environment=env, error=None, traceback=None,
+        earlier_environment=earlier_environment(status, env, checkpoint.is_file()),
     )
     progress_path = store.run_dir(run_id) / PROGRESS_FILE
     last_post, last_record, last_loss = [0.0], [-float("inf")], [None]
@@ -129,7 +176,6 @@ def _train_and_store(store: GridStore, run_id: str, status: dict, record: dict, 
             if not post(events, ("step", slot, run_id, step, total, last_loss[0])):
                 events = None
 
-    checkpoint = store.run_dir(run_id) / "checkpoint.pt"
     try:  # from here on an interrupt stores the run as queued again
         post(events, ("step", slot, run_id, 0, 0, None))  # total 0: the run has started
         config = TrainConfig.from_dict({**record["config"], "device": device})
@@ -142,7 +188,7 @@ def _train_and_store(store: GridStore, run_id: str, status: dict, record: dict, 
             kept = set_aside(checkpoint)
             note = (f"checkpoint {checkpoint} was damaged ({why}); kept as {kept.name}, "
                     f"restarted from step 0")
-            store.update_status(run_id, restarted=note)
+            store.update_status(run_id, restarted=note, earlier_environment=None)
             result = train(config, progress=progress, checkpoint_path=checkpoint, resume=True)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the status write finish
@@ -166,6 +212,21 @@ def _train_and_store(store: GridStore, run_id: str, status: dict, record: dict, 
         store.write_results, metrics, blocks, state=result.status, finished_at=time.time(),
         duration_s=duration, summary=summary, warnings=list(getattr(result, "warnings", [])),
     )
+
+
+def earlier_environment(status: dict, env: dict, resuming: bool) -> dict | None:
+    """What changes the numbers in the environment of the attempt a resumed run's checkpoint
+    comes from, when it differs from ``env`` (the run's numbers then mix the two); kept from
+    an earlier resume; None otherwise."""
+    if status.get("earlier_environment") is not None:
+        return status["earlier_environment"]
+    if not resuming or not status.get("attempts"):
+        return None
+    previous = status.get("environment")
+    previous = previous if isinstance(previous, dict) else {}
+    if not environment_differences(previous, {k: env.get(k) for k in NUMERIC_ENVIRONMENT}):
+        return None
+    return {key: previous.get(key) for key in NUMERIC_ENVIRONMENT}
 
 
 def post(events: Any, event: tuple) -> bool:

@@ -12,11 +12,16 @@ pass before it; probes see the same index through ``Probe.start_step``); ``evals
 number of updates completed when the evaluation ran, so the last evaluation has
 ``step == total_steps``.
 
-Determinism: on CPU two runs of the same config give identical metrics (step_time aside), and a
-run stopped or killed and resumed from its checkpoint ends with exactly the metrics of an
-uninterrupted one. All randomness comes from ``seed``: model init, dropout and stochastic depth
-use the global torch RNG (forked for the run, so the caller's state is left alone; its state is
-checkpointed), the data order and augmentation use their own generator (also checkpointed).
+Determinism: on CPU two runs of the same config at the same torch thread count
+(``torch.set_num_threads``; the grid runner fixes it per run, default 1, and records it) give
+identical metrics (step_time aside); another thread count splits reductions differently and
+changes the last bits, which a chaotic run can grow into a different outcome. A run stopped or
+killed and resumed from its checkpoint at the same thread count ends with exactly the metrics
+of an uninterrupted one. On CUDA bit-for-bit repeats need PyTorch's deterministic algorithms
+(the runner's ``--deterministic``). All randomness comes from ``seed``: model init, dropout and
+stochastic depth use the global torch RNG (forked for the run, so the caller's state is left
+alone; its state is checkpointed), the data order and augmentation use their own generator
+(also checkpointed).
 
 Host syncs: losses and clip statistics stay on the device and move to the host in chunks (every
 step on CPU, where a "sync" costs nothing; every ``SYNC_EVERY_CUDA`` steps on CUDA), so
