@@ -1,0 +1,186 @@
+"""The report is safe to build from a store someone else wrote, and safe to build anywhere.
+
+Quote, never inject: everything report.md / report.html quote from a spec or a store is
+escaped, checked by rendering report.md with a real Markdown renderer (Python-Markdown, with
+the fenced-code and table extensions a reader would turn on). Touch only what is yours: the
+report's files folder carries a manifest, and nothing outside it is deleted.
+"""
+
+from __future__ import annotations
+
+import json
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from reports.build import build_report
+from tests.test_reports import PNG_MAGIC, fake_blocks, fake_metrics, write_fake_grid
+
+markdown = pytest.importorskip("markdown")
+
+HOSTILE_SPEC = '''name = "hostile"
+description = """A grid <script>alert("description")</script> with
+<img src=x onerror=alert("img")> and [a link](javascript:alert("link")) {: onclick="x" }"""
+intended_for = "tests\\n# Injected from intended_for\\n<script>alert('intended')</script>"
+untested_claims = ["C9: <script>alert('untested')</script>\\n## Injected from untested"]
+
+[[claims]]
+id = "C1"
+text = "<script>alert('claim')</script> | pipe | and # hash"
+source = "<img src=x onerror=alert('source')>"
+check = "compare"
+a = { batch_size = 64 }
+value = 0.5
+relation = "exceeds"
+'''
+TRACEBACK = ("Traceback (most recent call last):\n```\n<script>alert('traceback')</script>\n"
+             "````\n# Injected from the traceback\n```\n  File \"x.py\", line 1\n"
+             "ValueError: last line of the traceback")
+ERROR = "ValueError: <img src=x onerror=alert('error')>\n## Injected from the error | a | b"
+WARNING = "gain: <script>alert('warning')</script>\n# Injected from a warning"
+
+
+def hostile_grid(root: Path) -> Path:
+    """A small grid whose spec and store hold script tags, event handlers, heading-making
+    newlines, pipes and code fences in every text field the report quotes."""
+    runs = []
+    for batch, state in ((64, "completed"), (256, "completed"), (1024, "failed")):
+        run_id = f"b{batch}"
+        config = {"model": {"name": "nf_resnet26"}, "batch_size": batch,
+                  "clip": {"mode": "agc", "threshold": 0.01}, "seed": 0,
+                  "data": "synthetic", "augment": "fl|ip<script>alert('setting')</script>",
+                  "base_lr": 0.1, "epochs": 2}
+        finished = state == "completed"
+        runs.append({
+            "run_id": run_id, "state": state, "axes": {"batch_size": batch}, "config": config,
+            "error": None if finished else ERROR, "traceback": None if finished else TRACEBACK,
+            "summary": {"final_acc": 0.7, "best_acc": 0.7, "max_grad_norm": 2.0,
+                        "clip_fraction": 0.2, "steps_done": 40, "duration_s": 3.0}
+            if finished else {},
+            "metrics": fake_metrics(run_id, ids=False) if finished else None,
+            "blocks": fake_blocks(run_id, ids=False) if finished else None,
+        })
+    grid_dir = write_fake_grid(root, "hostile", runs)
+    (grid_dir / "spec.toml").write_text(HOSTILE_SPEC)
+    status_path = grid_dir / "runs" / "b64" / "status.json"
+    status = json.loads(status_path.read_text())
+    status["warnings"] = [WARNING]
+    status["environment"] = {**status["environment"],
+                             "host": "<script>alert('host')</script>",
+                             "platform": "Linux|x\n# Injected from the environment"}
+    status_path.write_text(json.dumps(status))
+    return grid_dir
+
+
+class Elements(HTMLParser):
+    """Every start tag of a page, with its attributes, and the text inside each element."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.tags: list[tuple[str, dict]] = []
+        self.open: list[tuple[str, list[str]]] = []
+        self.texts: list[tuple[str, str]] = []  # (tag, its whole text) once closed
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        if tag not in ("img", "br", "hr", "meta", "input"):
+            self.open.append((tag, []))
+
+    def handle_endtag(self, tag):
+        for i in range(len(self.open) - 1, -1, -1):
+            if self.open[i][0] == tag:
+                name, parts = self.open.pop(i)
+                text = "".join(parts)
+                self.texts.append((name, text))
+                if self.open:
+                    self.open[-1][1].append(text)
+                return
+
+    def handle_data(self, data):
+        if self.open:
+            self.open[-1][1].append(data)
+
+    def named(self, tag: str) -> list[str]:
+        return [text for name, text in self.texts if name == tag]
+
+
+def parse(page: str) -> Elements:
+    parser = Elements()
+    parser.feed(page)
+    parser.close()
+    return parser
+
+
+def assert_nothing_injected(page: Elements, scripts_allowed: int) -> None:
+    scripts = [a for tag, a in page.tags if tag == "script"]
+    assert len(scripts) == scripts_allowed
+    handlers = [(tag, name) for tag, attrs in page.tags for name in attrs
+                if name.lower().startswith("on")]
+    assert handlers == []
+    links = [a.get("href", "") for tag, a in page.tags if tag == "a"]
+    assert all(href.startswith("#") for href in links)  # only the report's own contents links
+    images = [attrs.get("src", "") for tag, attrs in page.tags if tag == "img"]
+    assert all(src.startswith(("data:image/png;base64,", "report_files/")) for src in images)
+    assert [t for t in page.named("h1")] == ["Ablation report: hostile"]
+    assert not [h for tag in ("h2", "h3", "h4", "h5", "h6") for h in page.named(tag)
+                if "Injected" in h]
+
+
+def test_markdown_report_quotes_hostile_text_rendered_by_python_markdown(tmp_path):
+    grid_dir = hostile_grid(tmp_path)
+    md = build_report(grid_dir)["md"].read_text()
+    page = parse(markdown.markdown(md, extensions=["fenced_code", "tables"]))
+    assert_nothing_injected(page, scripts_allowed=0)
+    # the hostile text is shown, as text
+    text = "".join(t for _, t in page.texts)
+    assert "<script>alert(\"description\")</script>" in text
+    assert "# Injected from intended_for" in text
+    # the traceback is one code block, whole, fences and all
+    blocks = [b for b in page.named("pre") if "Traceback" in b]
+    assert len(blocks) == 1
+    assert blocks[0].rstrip("\n") == TRACEBACK
+    assert not [p for p in page.named("p") if "last line of the traceback" in p]
+    # a pipe in a value stays in its cell: every row of every table has its header's width
+    for table in md.split("\n\n"):
+        rows = [line for line in table.splitlines() if line.startswith("| ")]
+        if rows:
+            assert len({len(split_row(r)) for r in rows}) == 1, table
+    assert any("fl|ip<script>" in cell for cell in page.named("td"))
+
+
+def split_row(line: str) -> list[str]:
+    cells, current, escaped = [], "", False
+    for char in line.strip().strip("|"):
+        if char == "|" and not escaped:
+            cells.append(current)
+            current = ""
+        else:
+            current += char
+        escaped = char == "\\" and not escaped
+    return [*cells, current]
+
+
+def test_markdown_without_the_fenced_code_extension_still_injects_nothing(tmp_path):
+    md = build_report(hostile_grid(tmp_path))["md"].read_text()
+    assert_nothing_injected(parse(markdown.markdown(md)), scripts_allowed=0)
+
+
+def test_html_report_stays_fully_escaped(tmp_path):
+    page_text = build_report(hostile_grid(tmp_path))["html"].read_text()
+    page = parse(page_text)
+    assert_nothing_injected(page, scripts_allowed=1)  # the report's own table script
+    assert page_text.count("<script>") == 1
+    assert [b for b in page.named("pre") if "Traceback" in b] == [TRACEBACK]
+
+
+def test_report_figure_folder_reads_as_a_link_whatever_its_name(tmp_path):
+    grid_dir = hostile_grid(tmp_path)
+    out = tmp_path / "my (draft) report.html"
+    md = build_report(grid_dir, out)["md"].read_text()
+    page = parse(markdown.markdown(md, extensions=["tables"]))
+    images = [attrs["src"] for tag, attrs in page.tags if tag == "img"]
+    assert images and all(src.startswith("my%20%28draft%29%20report_files/") for src in images)
+    for src in images:
+        name = src.rsplit("/", 1)[1]
+        assert (tmp_path / "my (draft) report_files" / name).read_bytes()[:8] == PNG_MAGIC
