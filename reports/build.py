@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -139,6 +140,11 @@ def build_report(grid_dir: str | Path, out: str | Path | None = None) -> dict[st
     why = writable_dir_error(files_dir)
     if why:
         raise UserError(f"cannot write the report to {html_path.parent}: {why}")
+    named = None  # the page the user named; the other one is ours only if we wrote it
+    if out is not None and Path(out).suffix and not Path(out).is_dir():
+        named = md_path if Path(out).suffix == ".md" else html_path
+    legacy = html_path == grid_dir / "report.html"  # the grid's own report, maybe pre-manifest
+    owned = owned_files(files_dir, [p for p in (html_path, md_path) if p != named], legacy)
 
     store = GridStore(grid_dir.parent, grid_dir.name)
     statuses = {rid: readable_status(store, rid) for rid in runs["run_id"]}
@@ -148,7 +154,7 @@ def build_report(grid_dir: str | Path, out: str | Path | None = None) -> dict[st
 
     plots = [part for section in sections for part in section.parts if isinstance(part, Plot)]
     try:
-        write_files(html_path, md_path, files_dir, title, sections, plots)
+        write_files(html_path, md_path, files_dir, title, sections, plots, owned)
     except OSError as err:
         raise UserError(f"cannot write the report to {html_path.parent}: "
                         f"{err.strerror or err}") from None
@@ -156,19 +162,101 @@ def build_report(grid_dir: str | Path, out: str | Path | None = None) -> dict[st
 
 
 def write_files(html_path: Path, md_path: Path, files_dir: Path, title: str,
-                sections: list[Section], plots: list[Plot]) -> None:
-    written = set()
+                sections: list[Section], plots: list[Plot], owned: set[str]) -> None:
+    """Write the pages and figures; delete only the figures of an earlier report that the
+    manifest lists (``owned``) and this one no longer draws."""
+    names = {f"{plot.name}.png" for plot in plots}
+    pages = [html_path.name, md_path.name]
+    # listed before they exist: a report interrupted midway leaves no unlisted file behind
+    write_manifest(files_dir, owned | names, pages)
     for plot in plots:
         write_bytes(files_dir / f"{plot.name}.png", plot.png)
-        written.add(f"{plot.name}.png")
-    for stale in files_dir.glob("*.png"):  # figures of an earlier report that no longer apply
-        if stale.name not in written:
-            stale.unlink()
+    for stale in sorted(owned - names):  # figures of an earlier report that no longer apply
+        path = files_dir / stale
+        if path.is_file() or path.is_symlink():
+            path.unlink()
     write_bytes(html_path, render_html(title, sections).encode())
     write_bytes(md_path, render_markdown(title, sections, files_dir.name).encode())
-    for path in (html_path, md_path, *(files_dir / name for name in written)):
+    write_manifest(files_dir, names, pages)
+    for path in (html_path, md_path, *(files_dir / name for name in names)):
         path.chmod(0o644)  # the atomic writer's temporary files are private; a report is not
 
+
+# The report's files folder holds this manifest of what the report wrote, so that a later
+# report deletes its own stale figures and nothing else: the folder may be one that nbconvert or
+# pandoc made for the user's own page of the same name.
+MANIFEST = ".sigprop-report.json"
+MANIFEST_KIND = "sigprop report files"
+FIGURE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\.png")
+PAGE_NAME = re.compile(r"[^/\\\x00]+\.(html|md)")
+# figures of reports written before the manifest: adopted only in a grid's own report_files/
+LEGACY_FIGURES = frozenset(f"{name}.png" for name in (
+    "accuracy-vs-batch", "accuracy-by-setting", "stability-heatmap", "alpha-sweep",
+    "training-curves", "gradient-heatmap", "gains", "agc-clip-fraction", "spp", "frontier",
+    "frontier-accuracy"))
+
+
+class ForeignFilesError(UserError):
+    """The report would overwrite or share a folder with files it did not write."""
+
+
+def write_manifest(files_dir: Path, figures: set[str], pages: list[str]) -> None:
+    data = {"kind": MANIFEST_KIND, "figures": sorted(figures), "pages": pages}
+    write_bytes(files_dir / MANIFEST, (json.dumps(data, indent=1) + "\n").encode())
+    (files_dir / MANIFEST).chmod(0o644)
+
+
+def read_manifest(files_dir: Path) -> tuple[set[str], set[str]] | None:
+    """(figures, pages) an earlier report listed in ``files_dir``; None without a manifest.
+    Raises :class:`ForeignFilesError` for a manifest that is not ours or not readable: what
+    it lists is then no evidence of what we wrote."""
+    path = files_dir / MANIFEST
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    figures = data.get("figures") if isinstance(data, dict) else None
+    pages = data.get("pages") if isinstance(data, dict) else None
+    if not (isinstance(data, dict) and data.get("kind") == MANIFEST_KIND
+            and isinstance(figures, list) and isinstance(pages, list)
+            and all(isinstance(n, str) and FIGURE_NAME.fullmatch(n) for n in figures)
+            and all(isinstance(n, str) and PAGE_NAME.fullmatch(n) for n in pages)):
+        raise ForeignFilesError(f"{path} is not a manifest this report can read; remove "
+                                f"{files_dir} or give --out another place")
+    return set(figures), set(pages)
+
+
+def owned_files(files_dir: Path, unnamed_pages: list[Path], legacy: bool) -> set[str]:
+    """The figures in ``files_dir`` an earlier report wrote (the ones it may delete).
+    Raises :class:`ForeignFilesError` (one line) when the folder holds anything else, or when
+    a page the user did not name (the Markdown twin beside ``--out x.html``) exists and no
+    report of ours wrote it."""
+    manifest = read_manifest(files_dir)
+    present = {p.name for p in files_dir.iterdir()} - {MANIFEST}
+    if manifest is not None:
+        figures, pages = manifest
+    elif legacy:
+        figures = present & LEGACY_FIGURES
+        pages = {"report.html", "report.md"}
+    else:
+        figures, pages = set(), set()
+    # temporary files of an interrupted atomic write of a listed figure, and write probes
+    leftovers = {name for name in present if name.startswith(".sigprop-write-test-")
+                 or (name.endswith(".tmp")
+                     and any(name.startswith(f".{n}.") for n in figures | {MANIFEST}))}
+    foreign = sorted(present - figures - leftovers)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                          else "")
+        raise ForeignFilesError(f"{files_dir} holds files this report did not write ({shown}); "
+                                "give --out another place or move them")
+    for page in unnamed_pages:
+        if (page.exists() or page.is_symlink()) and page.name not in pages:
+            raise ForeignFilesError(f"{page} exists and this report did not write it; give "
+                                    "--out another place or move it")
+    return figures
 
 def readable_status(store: GridStore, run_id: str) -> dict:
     try:

@@ -12,12 +12,15 @@ import json
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
-from reports.build import build_report
+from reports.build import MANIFEST, ForeignFilesError, build_report
+from run_ablations import main
 from tests.test_reports import PNG_MAGIC, fake_blocks, fake_metrics, write_fake_grid
 
 markdown = pytest.importorskip("markdown")
+
 
 HOSTILE_SPEC = '''name = "hostile"
 description = """A grid <script>alert("description")</script> with
@@ -41,6 +44,11 @@ ERROR = "ValueError: <img src=x onerror=alert('error')>\n## Injected from the er
 WARNING = "gain: <script>alert('warning')</script>\n# Injected from a warning"
 
 
+def variance_blocks(run_id: str) -> pd.DataFrame:
+    blocks = fake_blocks(run_id, ids=False)
+    return blocks[blocks["stat"] == "var"]
+
+
 def hostile_grid(root: Path) -> Path:
     """A small grid whose spec and store hold script tags, event handlers, heading-making
     newlines, pipes and code fences in every text field the report quotes."""
@@ -59,7 +67,8 @@ def hostile_grid(root: Path) -> Path:
                         "clip_fraction": 0.2, "steps_done": 40, "duration_s": 3.0}
             if finished else {},
             "metrics": fake_metrics(run_id, ids=False) if finished else None,
-            "blocks": fake_blocks(run_id, ids=False) if finished else None,
+            # variances only: no gradient figures to draw, which keeps these tests fast
+            "blocks": variance_blocks(run_id) if finished else None,
         })
     grid_dir = write_fake_grid(root, "hostile", runs)
     (grid_dir / "spec.toml").write_text(HOSTILE_SPEC)
@@ -184,3 +193,92 @@ def test_report_figure_folder_reads_as_a_link_whatever_its_name(tmp_path):
     for src in images:
         name = src.rsplit("/", 1)[1]
         assert (tmp_path / "my (draft) report_files" / name).read_bytes()[:8] == PNG_MAGIC
+
+
+# ----------------------------------------------------------------------------- own files only
+
+
+def test_report_refuses_a_files_folder_holding_the_users_figures(tmp_path):
+    grid_dir = hostile_grid(tmp_path / "results")
+    doc = tmp_path / "doc"
+    theirs = doc / "analysis_files"  # what nbconvert makes beside doc/analysis.html
+    theirs.mkdir(parents=True)
+    for i in range(5):
+        (theirs / f"output_{i}_0.png").write_bytes(PNG_MAGIC + bytes([i]))
+    (doc / "analysis.md").write_text("my notes")
+    with pytest.raises(ForeignFilesError, match="did not write") as refused:
+        build_report(grid_dir, doc / "analysis.html")
+    assert "\n" not in str(refused.value) and "analysis_files" in str(refused.value)
+    assert sorted(p.name for p in theirs.iterdir()) == [f"output_{i}_0.png" for i in range(5)]
+    assert all((theirs / f"output_{i}_0.png").read_bytes() == PNG_MAGIC + bytes([i])
+               for i in range(5))
+    assert not (doc / "analysis.html").exists()
+    # an empty files folder is fine, but the Markdown page beside --out is theirs
+    for png in theirs.iterdir():
+        png.unlink()
+    with pytest.raises(ForeignFilesError, match="analysis.md exists"):
+        build_report(grid_dir, doc / "analysis.html")
+    assert (doc / "analysis.md").read_text() == "my notes"
+    # naming the page is asking for it to be written
+    assert build_report(grid_dir, doc / "analysis.md")["md"].read_text().startswith("# Ablation")
+
+
+def test_a_second_report_removes_only_its_own_stale_figures(tmp_path):
+    grid_dir = hostile_grid(tmp_path / "results")
+    out = tmp_path / "doc" / "grid.html"
+    build_report(grid_dir, out)
+    files = out.parent / "grid_files"
+    manifest = json.loads((files / MANIFEST).read_text())
+    drawn = sorted(p.name for p in files.glob("*.png"))
+    assert manifest["figures"] == drawn and "training-curves.png" in drawn
+    assert manifest["pages"] == ["grid.html", "grid.md"]
+    # the metrics disappear: the next report draws no training curves and drops that figure
+    for run in ("b64", "b256"):
+        (grid_dir / "runs" / run / "metrics.parquet").unlink()
+        (grid_dir / "runs" / run / "status.json").write_text(json.dumps(
+            {"state": "queued", "attempts": 0}))
+    build_report(grid_dir, out)
+    assert not (files / "training-curves.png").exists()
+    assert sorted(p.name for p in files.iterdir()) == [MANIFEST]
+    assert json.loads((files / MANIFEST).read_text())["figures"] == []
+    # a file someone put there since: refused, and kept
+    (files / "notes.txt").write_text("mine")
+    with pytest.raises(ForeignFilesError, match=r"notes\.txt"):
+        build_report(grid_dir, out)
+    assert (files / "notes.txt").read_text() == "mine"
+
+
+def test_a_forged_manifest_deletes_nothing_outside_the_folder(tmp_path):
+    grid_dir = hostile_grid(tmp_path / "results")
+    files = tmp_path / "doc" / "grid_files"
+    files.mkdir(parents=True)
+    precious = tmp_path / "doc" / "precious.png"
+    precious.write_bytes(PNG_MAGIC)
+    (files / MANIFEST).write_text(json.dumps(
+        {"kind": "sigprop report files", "figures": ["../precious.png"], "pages": []}))
+    with pytest.raises(ForeignFilesError, match="not a manifest"):
+        build_report(grid_dir, tmp_path / "doc" / "grid.html")
+    assert precious.read_bytes() == PNG_MAGIC
+
+
+def test_a_grids_own_report_folder_from_before_the_manifest_is_adopted(tmp_path):
+    grid_dir = hostile_grid(tmp_path)
+    build_report(grid_dir)
+    files = grid_dir / "report_files"
+    (files / MANIFEST).unlink()  # as a report written before manifests left it
+    (files / "stability-heatmap.png").write_bytes(PNG_MAGIC)  # a figure it drew then, not now
+    build_report(grid_dir)
+    assert not (files / "stability-heatmap.png").exists()
+    assert (files / "training-curves.png").is_file() and (files / MANIFEST).is_file()
+
+
+def test_foreign_files_are_a_one_line_cli_error(tmp_path, capsys):
+    grid_dir = hostile_grid(tmp_path / "results")
+    theirs = tmp_path / "doc" / "analysis_files"
+    theirs.mkdir(parents=True)
+    (theirs / "figure.png").write_bytes(PNG_MAGIC)
+    code = main(["report", str(grid_dir), "--out", str(tmp_path / "doc" / "analysis.html")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("sigprop: error: ") and err.count("\n") == 1
+    assert "figure.png" in err and (theirs / "figure.png").is_file()
