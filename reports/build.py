@@ -408,6 +408,12 @@ def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str],
     if spec.get("untested_claims"):
         section.parts.append("Claims of the spec this run of it could not test:")
         section.parts.append(Bullets([str(line) for line in spec["untested_claims"]]))
+    sensitive = rounding_items(frame)
+    if sensitive:
+        section.parts.append(f"Sensitive to float rounding ({ROUNDING_MARK} in Key results, "
+                             "which states the rule): these settings' numbers need not "
+                             "reproduce bit for bit on another machine, thread count or device.")
+        section.parts.append(Bullets(sensitive))
     flagged = run_warnings(frame)
     if flagged:
         section.parts.append("Warnings raised by the runs:")
@@ -520,8 +526,56 @@ def departure_default(frame: pd.DataFrame, key: str) -> Any:
     return None
 
 
-def key_results(frame: pd.DataFrame) -> Section | None:
-    """Setting x batch size table of mean final accuracy and divergences: the answer in text."""
+# A setting (runs equal in every axis but the seed) whose seeds disagree beyond what its test
+# set can resolve sits near an edge, where float rounding (thread count, device, library
+# version) moves a run as much as a seed does: its numbers need not reproduce elsewhere.
+ROUNDING_MARK = "†"
+ROUNDING_RULE = (
+    f"{ROUNDING_MARK} sensitive to float rounding: the setting's seeds split between diverged "
+    "and completed, or the range of their final accuracy is wider than the 95% interval of one "
+    "accuracy measured on its test set, 2 × 1.96·√(p(1−p)/n) (p: the setting's mean accuracy, "
+    "n: its test examples). Seeds that disagree beyond what the test set resolves mean the "
+    "setting sits near an edge, where a different thread count, device or library version can "
+    "move a run as much as a seed does: its numbers need not reproduce bit for bit elsewhere.")
+# test examples of each data set when the config's test_size does not cut it (sigprop.data)
+FULL_TEST_SIZES = {"synthetic": 2000, "cifar10": 10000, "cifar100": 10000, "digits": 297}
+
+
+def test_examples(frame: pd.DataFrame) -> pd.Series:
+    """Each run's number of test examples; NaN where the data set's size is not known."""
+    full = (frame["data"].map(lambda d: FULL_TEST_SIZES.get(d) if isinstance(d, str) else None)
+            if "data" in frame else pd.Series(np.nan, index=frame.index))
+    full = pd.to_numeric(full, errors="coerce")
+    if "test_size" not in frame:
+        return full
+    cut = pd.to_numeric(frame["test_size"], errors="coerce")
+    cut = cut.where(cut > 0)
+    return cut.where(full.isna(), np.fmin(cut, full)).fillna(full)
+
+
+def rounding_width(mean: float, n_test: float) -> float:
+    """Width of the 95% (normal approximation) interval of an accuracy near ``mean`` measured
+    on ``n_test`` examples; NaN when either is unknown."""
+    if not (np.isfinite(mean) and np.isfinite(n_test) and n_test > 0 and 0 <= mean <= 1):
+        return np.nan
+    return 2 * 1.96 * float(np.sqrt(mean * (1 - mean) / n_test))
+
+
+def rounding_reason(row: pd.Series) -> str:
+    """Why a setting's numbers are sensitive to float rounding (ROUNDING_RULE); "" if not."""
+    done = int(row["n_completed"] + row["n_diverged"])
+    if row["n_diverged"] and row["n_completed"]:
+        return f"seeds split: {int(row['n_diverged'])} of {done} diverged"
+    width = rounding_width(row["mean"], row["n_test"])
+    if row["n_completed"] >= 2 and np.isfinite(width) and row["high"] - row["low"] > width:
+        return (f"seed range {row['low']:.1%}–{row['high']:.1%} is wider than {width:.1%} "
+                f"(95% interval at {row['mean']:.0%} on {int(row['n_test'])} test examples)")
+    return ""
+
+
+def key_summary(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[str]] | None:
+    """The key-results cells: one row per setting (``rows`` x ``columns``, the batch size when
+    it varied) with seed_summary's columns, ``n_test`` and ``rounding`` (rounding_reason)."""
     if "final_acc" not in frame:
         return None
     settings = setting_axes(frame)
@@ -530,6 +584,37 @@ def key_results(frame: pd.DataFrame) -> Section | None:
     summary = seed_summary(frame, [*rows, *columns], "final_acc")
     if summary.empty:
         return None
+    # same groups in the same order: the fewest test examples among each cell's completed runs
+    sized = frame.assign(_n_test=test_examples(frame).to_numpy())
+    summary["n_test"] = seed_summary(sized, [*rows, *columns], "_n_test")["low"].to_numpy()
+    summary["rounding"] = [rounding_reason(r) for _, r in summary.iterrows()]
+    return summary, rows, columns
+
+
+def setting_names(summary: pd.DataFrame, rows: list[str]) -> list[str]:
+    return (list(summary[rows].apply(lambda r: ", ".join(fmt_value(r[c]) for c in rows), axis=1))
+            if rows else ["all runs"] * len(summary))
+
+
+def rounding_items(frame: pd.DataFrame) -> list[str]:
+    """The summary's list of settings flagged sensitive to float rounding."""
+    found = key_summary(frame)
+    if found is None:
+        return []
+    summary, rows, columns = found
+    names = setting_names(summary, rows) if rows else [""] * len(summary)
+    batches = ([f"batch {fmt_value(b)}" for b in summary["batch_size"]] if columns
+               else [""] * len(summary))
+    return [(", ".join(n for n in (name, batch) if n) or "all runs") + f": {r['rounding']}"
+            for name, batch, (_, r) in zip(names, batches, summary.iterrows()) if r["rounding"]]
+
+
+def key_results(frame: pd.DataFrame) -> Section | None:
+    """Setting x batch size table of mean final accuracy and divergences: the answer in text."""
+    found = key_summary(frame)
+    if found is None:
+        return None
+    summary, rows, columns = found
     summary["best"] = False
     for _, group in (summary.groupby(columns, sort=False) if columns else [(None, summary)]):
         ran = group[group["n_completed"] + group["n_diverged"] > 0]
@@ -537,10 +622,11 @@ def key_results(frame: pd.DataFrame) -> Section | None:
             ranked = ran.sort_values(["n_diverged", "mean"], ascending=[True, False],
                                      na_position="last")
             summary.loc[ranked.index[0], "best"] = True
-    summary["cell"] = [f"**{result_cell(r)}**" if r["best"] else result_cell(r)
-                       for _, r in summary.iterrows()]
-    summary["setting"] = (summary[rows].apply(
-        lambda r: ", ".join(fmt_value(r[c]) for c in rows), axis=1) if rows else "all runs")
+    cells = [result_cell(r) + (f" {ROUNDING_MARK}" if r["rounding"] else "")
+             for _, r in summary.iterrows()]
+    summary["cell"] = [f"**{c}**" if r["best"] else c
+                       for c, (_, r) in zip(cells, summary.iterrows())]
+    summary["setting"] = setting_names(summary, rows)
     settings_order = list(dict.fromkeys(summary["setting"]))
     if columns:
         table = summary.pivot(index="setting", columns="batch_size", values="cell")
@@ -555,6 +641,7 @@ def key_results(frame: pd.DataFrame) -> Section | None:
         "diverged runs; the best setting of each column (fewest divergences, then highest "
         "accuracy) is in bold.",
         Table(table.fillna("").reset_index()),
+        ROUNDING_RULE,
     ])
 
 
@@ -786,14 +873,32 @@ def describe(frame: pd.DataFrame, row: pd.Series) -> str:
                      if not (isinstance(row[a], float) and np.isnan(row[a]))) or "base config"
 
 
+# Recorded environment keys that change a run's numbers for the same config (the rest say
+# where and with what it ran); the report groups runs by these, whichever of them a run has.
+NUMERIC_ENVIRONMENT = ["torch", "device", "device_name", "threads", "interop_threads",
+                       "deterministic", "cudnn_deterministic", "cudnn_benchmark",
+                       "cublas_workspace_config"]
+
+
+def env_text(key: str, value: Any) -> str:
+    if value is None:
+        return "not recorded"
+    if key == "device" and isinstance(value, str):
+        return value.split(":")[0]  # cuda:0 and cuda:1 are the same kind of device
+    return str(value)
+
+
 def environment_section(statuses: dict[str, dict]) -> Section:
     environments = [s["environment"] for s in statuses.values()
-                    if isinstance(s.get("environment"), dict)]
+                    if isinstance(s, dict) and isinstance(s.get("environment"), dict)]
     section = Section("Environment")
     if not environments:
         section.parts.append("No run recorded its environment yet (they record it when they "
                              "start).")
         return section
+    section.parts.append(f"Recorded by {len(environments)} of {len(statuses)} runs when they "
+                         "started.")
+    section.parts += numeric_environments(environments)
     keys = ENVIRONMENT_KEYS + sorted({k for e in environments for k in e} - set(ENVIRONMENT_KEYS))
     rows = []
     for key in keys:
@@ -804,10 +909,30 @@ def environment_section(statuses: dict[str, dict]) -> Section:
         text = (counts.index[0] if len(counts) == 1 else
                 "; ".join(f"{v} ({n} runs)" for v, n in counts.items()))
         rows.append({"key": key, "value": text})
-    section.parts.append(f"Recorded by {len(environments)} of {len(statuses)} runs when they "
-                         "started.")
     section.parts.append(Table(pd.DataFrame(rows)))
     return section
+
+
+def numeric_environments(environments: list[dict]) -> list:
+    """The distinct environments, in the keys that change numbers, with a run count each,
+    and whether the runs of this report all share one."""
+    keys = [k for k in NUMERIC_ENVIRONMENT if any(e.get(k) is not None for e in environments)]
+    if not keys:
+        return []
+    combos = pd.Series([tuple(env_text(k, e.get(k)) for k in keys) for e in environments])
+    counts = combos.value_counts(sort=True)
+    table = pd.DataFrame([dict(zip(keys, combo)) | {"runs": n} for combo, n in counts.items()])
+    unrecorded = [k for k in keys if any(e.get(k) is None for e in environments)]
+    note = (f" Not every run recorded {', '.join(unrecorded)}: a run that did not may have "
+            "run under other values." if unrecorded else "")
+    if len(counts) == 1:  # the table below gives its values
+        return [f"All {len(environments)} runs that recorded an environment ran under one "
+                f"environment in what changes a run's numbers ({', '.join(keys)})." + note]
+    differ = [k for i, k in enumerate(keys) if len({combo[i] for combo in counts.index}) > 1]
+    return [f"The runs of this report were made under {len(counts)} different environments "
+            f"({', '.join(differ)} differ): runs of the same config need not give the same numbers "
+            "under two of them, so compare settings within one environment." + note,
+            Table(table)]
 
 
 # ----------------------------------------------------------------------------- rendering

@@ -282,3 +282,98 @@ def test_foreign_files_are_a_one_line_cli_error(tmp_path, capsys):
     assert code == 2
     assert err.startswith("sigprop: error: ") and err.count("\n") == 1
     assert "figure.png" in err and (theirs / "figure.png").is_file()
+
+
+# ----------------------------------------------------------------------------- reproducibility
+
+
+def seeded_grid(root: Path, outcomes: dict[int, list], test_size: int | None = None,
+                environments: list[dict] | None = None) -> Path:
+    """batch size x seed; ``outcomes[batch]``: per seed a final accuracy, or "diverged".
+    ``environments``: per run (in order) keys to set in its recorded environment."""
+    runs = []
+    for batch, seeds in outcomes.items():
+        for seed, outcome in enumerate(seeds):
+            run_id = f"b{batch}-s{seed}"
+            diverged = outcome == "diverged"
+            acc = None if diverged else outcome
+            config = {"model": {"name": "nf_resnet26"}, "batch_size": batch, "seed": seed,
+                      "clip": {"mode": "none"}, "data": "synthetic", "base_lr": 0.1,
+                      "epochs": 2, "test_size": test_size}
+            runs.append({
+                "run_id": run_id, "state": "diverged" if diverged else "completed",
+                "axes": {"batch_size": batch, "seed": seed}, "config": config,
+                "summary": {"final_acc": acc, "best_acc": acc,
+                            "diverged_step": 5 if diverged else None, "steps_done": 40},
+                "metrics": fake_metrics(run_id, diverged_step=5 if diverged else None,
+                                        ids=False),
+                "blocks": variance_blocks(run_id)})
+    grid_dir = write_fake_grid(root, "seeded", runs)
+    for run, changes in zip(runs, environments or []):
+        path = grid_dir / "runs" / run["run_id"] / "status.json"
+        status = json.loads(path.read_text())
+        status["environment"] = {**status["environment"], **changes}
+        path.write_text(json.dumps(status))
+    return grid_dir
+
+
+def section(md: str, title: str) -> str:
+    return md.split(f"## {title}\n")[1].split("\n## ")[0]
+
+
+def test_settings_whose_seeds_disagree_beyond_the_test_set_are_flagged(tmp_path):
+    # batch 64: seeds split; 256: 10%-80% on 1000 test examples (width 6.2%); 1024: 80.0% and
+    # 80.5%, within the 5.0% a test set of 1000 resolves at 80%
+    grid_dir = seeded_grid(tmp_path, {64: [0.8, "diverged"], 256: [0.1, 0.8],
+                                      1024: [0.8, 0.805]}, test_size=1000)
+    md = build_report(grid_dir)["md"].read_text()
+    key = section(md, "Key results")
+    row = next(line for line in key.splitlines() if line.startswith("| all runs |"))
+    cells = split_row(row)[1:]
+    assert ["†" in c for c in cells] == [True, True, False], row
+    assert "2 × 1.96·√(p(1−p)/n)" in key and "sensitive to float rounding" in key
+    summary = section(md, "Summary")
+    items = [line for line in summary.splitlines() if line.startswith("- batch")]
+    assert len(items) == 2
+    assert items[0] == "- batch 64: seeds split: 1 of 2 diverged"
+    assert items[1] == ("- batch 256: seed range 10.0%–80.0% is wider than 6.2% (95% interval "
+                        "at 45% on 1000 test examples)")
+
+
+def test_a_full_test_set_narrows_the_width_and_one_seed_is_never_flagged(tmp_path):
+    # 80.0% vs 80.5% is within the 3.5% of synthetic's 2000 test examples at 80%, and 74% vs
+    # 80.5% is not (3.7% at 77%); a single seed cannot disagree with itself
+    grid_dir = seeded_grid(tmp_path, {64: [0.8, 0.805], 256: [0.74, 0.805], 1024: [0.3]})
+    md = build_report(grid_dir)["md"].read_text()
+    row = next(line for line in section(md, "Key results").splitlines()
+               if line.startswith("| all runs |"))
+    assert ["†" in c for c in split_row(row)[1:]] == [False, True, False], row
+    assert ("batch 256: seed range 74.0%–80.5% is wider than 3.7% (95% interval at 77% on 2000 "
+            "test examples)") in section(md, "Summary")
+
+
+def test_environment_lists_each_distinct_environment_and_says_when_they_differ(tmp_path):
+    envs = [{"threads": 1, "deterministic": False, "device": "cpu"},
+            {"threads": 1, "deterministic": False, "device": "cpu"},
+            {"threads": 2, "deterministic": False, "device": "cpu"},
+            {"device": "cpu"}]  # a run stored before threads were recorded
+    grid_dir = seeded_grid(tmp_path, {64: [0.8, 0.81], 256: [0.7, 0.71]}, environments=envs)
+    env = section(build_report(grid_dir)["md"].read_text(), "Environment")
+    assert "made under 3 different environments (threads, deterministic differ)" in env
+    assert "Not every run recorded threads, deterministic" in env
+    first = next(block for block in env.split("\n\n") if block.startswith("| "))
+    table = [split_row(line) for line in first.splitlines() if line.startswith("| ")]
+    header = [c.strip() for c in table[0]]
+    assert header == ["torch", "device", "threads", "deterministic", "runs"]
+    rows = sorted(tuple(c.strip() for c in r) for r in table[1:])
+    assert rows == [("2.13.0+cpu", "cpu", "1", "False", "2"),
+                    ("2.13.0+cpu", "cpu", "2", "False", "1"),
+                    ("2.13.0+cpu", "cpu", "not recorded", "not recorded", "1")]
+
+
+def test_one_environment_is_said_to_be_one(tmp_path):
+    envs = [{"threads": 1, "device": "cuda:0"}, {"threads": 1, "device": "cuda:1"}]
+    grid_dir = seeded_grid(tmp_path, {64: [0.8, 0.81]}, environments=envs)
+    env = section(build_report(grid_dir)["md"].read_text(), "Environment")
+    assert "All 2 runs that recorded an environment ran under one environment" in env
+    assert "different environments" not in env
