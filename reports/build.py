@@ -30,7 +30,15 @@ from matplotlib.figure import Figure
 
 from ablations.claims import ClaimError, Verdict, evaluate_claims, parse_claims, verdict_counts
 from ablations.spec import THRESHOLD_MODES
-from ablations.store import DAMAGED, FINISHED, DamagedFile, GridStore, load_results, write_bytes
+from ablations.store import (
+    DAMAGED,
+    FINISHED,
+    SUMMARY_COLUMNS,
+    DamagedFile,
+    GridStore,
+    load_results,
+    write_bytes,
+)
 from reports.figures.accuracy import plot_accuracy_vs_batch
 from reports.figures.alpha import plot_alpha_sweep
 from reports.figures.clipping import plot_agc_clip_fraction
@@ -126,7 +134,7 @@ def build_report(grid_dir: str | Path, out: str | Path | None = None) -> dict[st
     if not grid_dir.is_dir():
         raise UserError(f"not a folder: {grid_dir} (expected a grid folder holding runs/)")
     results = load_results(grid_dir)
-    runs = results.runs
+    runs = typed_runs(results.runs)
     if runs.empty:
         raise UserError(f"no runs in {grid_dir}: run the grid first (run_ablations.py run SPEC)")
     grids = sorted(runs["grid"].unique())
@@ -258,6 +266,49 @@ def owned_files(files_dir: Path, unnamed_pages: list[Path], legacy: bool) -> set
                                     "--out another place or move it")
     return figures
 
+def typed_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with every run whose stored fields hold valid JSON of the wrong type (a list
+    where a state or a number belongs) turned into a damaged row, as the store turns a file it
+    cannot parse into one: the report neither guesses at such a run's numbers nor trips on
+    them."""
+    problems = {}
+    for index, row in runs.iterrows():
+        if row.get("status") != DAMAGED:
+            why = wrong_type(row)
+            if why:
+                problems[index] = why
+    if not problems:
+        return runs
+    damaged = pd.DataFrame([{"grid": runs.at[i, "grid"], "run_id": runs.at[i, "run_id"],
+                             "status": DAMAGED, "axes": (), "error": f"status.json: {why}"}
+                            for i, why in problems.items()])
+    return pd.concat([runs.drop(index=list(problems)), damaged], ignore_index=True)
+
+
+def wrong_type(row: pd.Series) -> str | None:
+    """What in a run's row has the wrong type for the report to read it; None when nothing."""
+    def kind(value: Any) -> str:
+        return {"list": "an array", "dict": "an object", "str": "text", "bool": "a boolean",
+                "tuple": "an array"}.get(type(value).__name__, type(value).__name__)
+
+    if not isinstance(row.get("status"), str):
+        return f"state is {kind(row.get('status'))}, not text"
+    for column in SUMMARY_COLUMNS:
+        value = row.get(column)
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            continue
+        if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
+            return f"summary.{column} is {kind(value)}, not a number"
+    error = row.get("error")
+    if error is not None and not isinstance(error, str) \
+            and not (isinstance(error, float) and np.isnan(error)):
+        return f"error is {kind(error)}, not text"
+    lines = row.get("warnings")
+    if isinstance(lines, tuple | list) and not all(isinstance(line, str) for line in lines):
+        return "warnings holds something other than text"
+    return None
+
+
 def readable_status(store: GridStore, run_id: str) -> dict:
     try:
         return store.status(run_id)
@@ -346,7 +397,13 @@ def claim_verdicts(spec: dict, runs: pd.DataFrame,
     except ClaimError as err:
         warnings.warn(f"the stored spec's claims cannot be read: {err}", stacklevel=2)
         return None
-    return evaluate_claims(claims, runs, frontier) if claims else None
+    if not claims:
+        return None
+    try:
+        return evaluate_claims(claims, runs, frontier)
+    except UserError as err:  # a stored value the checks refuse (a data set no longer known)
+        warnings.warn(f"the stored spec's claims cannot be checked: {err}", stacklevel=2)
+        return None
 
 
 def grid_frontier(grid_dir: Path) -> pd.DataFrame | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+import ablations.store as store_module
 from reports.build import MANIFEST, ForeignFilesError, build_report
 from run_ablations import main
 from tests.test_reports import PNG_MAGIC, fake_blocks, fake_metrics, write_fake_grid
@@ -377,3 +378,46 @@ def test_one_environment_is_said_to_be_one(tmp_path):
     env = section(build_report(grid_dir)["md"].read_text(), "Environment")
     assert "All 2 runs that recorded an environment ran under one environment" in env
     assert "different environments" not in env
+
+
+# ----------------------------------------------------------------------------- wrong types
+
+# valid JSON, wrong types: what a hand-edited or foreign status.json can hold
+WRONG_STATUS = {
+    "state is an array": {"state": ["completed"]},
+    "state is a number": {"state": 5},
+    "accuracy is text": {"summary": {"final_acc": "high", "steps_done": 40}},
+    "steps are an array": {"summary": {"final_acc": 0.8, "steps_done": [40]}},
+    "accuracy is a boolean": {"summary": {"final_acc": True}},
+    "error is an object": {"state": "diverged", "error": {"why": "nan"}},
+    "warnings are numbers": {"warnings": [1, 2]},
+}
+
+
+@pytest.mark.parametrize("case", sorted(WRONG_STATUS))
+def test_a_wrong_typed_status_is_a_damaged_run_not_a_traceback(tmp_path, case):
+    grid_dir = seeded_grid(tmp_path, {64: [0.8, 0.81], 256: [0.7, 0.71]})
+    path = grid_dir / "runs" / "b64-s0" / "status.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **WRONG_STATUS[case]}))
+    md = build_report(grid_dir)["md"].read_text()
+    damaged = section(md, "Damaged runs")
+    assert "`b64-s0`: status.json: " in damaged
+    assert "Runs: 4 (3 completed, 1 damaged)." in section(md, "Summary")
+    runs = section(md, "Runs")
+    assert not [line for line in runs.splitlines() if line.startswith("| b64-s0 | completed")]
+
+
+@pytest.mark.skipif(not hasattr(store_module, "check_status"),
+                    reason="needs the store's type checks of status.json / config.json")
+@pytest.mark.parametrize("file, change", [
+    ("status.json", {"summary": ["final_acc", 0.8]}),
+    ("status.json", {"environment": "cpu"}),
+    ("config.json", {"effective": [1]}),
+    ("config.json", {"axes": "batch_size"}),
+])
+def test_wrong_types_the_store_catches_reach_the_report_as_damaged(tmp_path, file, change):
+    grid_dir = seeded_grid(tmp_path, {64: [0.8, 0.81], 256: [0.7, 0.71]})
+    path = grid_dir / "runs" / "b64-s0" / file
+    path.write_text(json.dumps({**json.loads(path.read_text()), **change}))
+    md = build_report(grid_dir)["md"].read_text()
+    assert f"`b64-s0`: {file}: " in section(md, "Damaged runs")
