@@ -242,7 +242,10 @@ def owned_files(files_dir: Path, unnamed_pages: list[Path], legacy: bool) -> set
     a page the user did not name (the Markdown twin beside ``--out x.html``) exists and no
     report of ours wrote it."""
     manifest = read_manifest(files_dir)
-    present = {p.name for p in files_dir.iterdir()} - {MANIFEST}
+    try:
+        present = {p.name for p in files_dir.iterdir()} - {MANIFEST}
+    except OSError as err:  # writable but not listable: what it holds is unknown
+        raise ForeignFilesError(f"cannot list {files_dir}: {err.strerror or err}") from None
     if manifest is not None:
         figures, pages = manifest
     elif legacy:
