@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -30,7 +31,15 @@ from matplotlib.figure import Figure
 from ablations.claims import ClaimError, Verdict, evaluate_claims, parse_claims, verdict_counts
 from ablations.recipe import recipe_departures
 from ablations.spec import THRESHOLD_MODES
-from ablations.store import DAMAGED, FINISHED, DamagedFile, GridStore, load_results, write_bytes
+from ablations.store import (
+    DAMAGED,
+    FINISHED,
+    SUMMARY_COLUMNS,
+    DamagedFile,
+    GridStore,
+    load_results,
+    write_bytes,
+)
 from reports.figures.accuracy import plot_accuracy_vs_batch
 from reports.figures.alpha import plot_alpha_sweep
 from reports.figures.clipping import plot_agc_clip_fraction
@@ -126,7 +135,7 @@ def build_report(grid_dir: str | Path, out: str | Path | None = None) -> dict[st
     if not grid_dir.is_dir():
         raise UserError(f"not a folder: {grid_dir} (expected a grid folder holding runs/)")
     results = load_results(grid_dir)
-    runs = results.runs
+    runs = typed_runs(results.runs)
     if runs.empty:
         raise UserError(f"no runs in {grid_dir}: run the grid first (run_ablations.py run SPEC)")
     grids = sorted(runs["grid"].unique())
@@ -140,6 +149,11 @@ def build_report(grid_dir: str | Path, out: str | Path | None = None) -> dict[st
     why = writable_dir_error(files_dir)
     if why:
         raise UserError(f"cannot write the report to {html_path.parent}: {why}")
+    named = None  # the page the user named; the other one is ours only if we wrote it
+    if out is not None and Path(out).suffix and not Path(out).is_dir():
+        named = md_path if Path(out).suffix == ".md" else html_path
+    legacy = html_path == grid_dir / "report.html"  # the grid's own report, maybe pre-manifest
+    owned = owned_files(files_dir, [p for p in (html_path, md_path) if p != named], legacy)
 
     store = GridStore(grid_dir.parent, grid_dir.name)
     statuses = {rid: readable_status(store, rid) for rid in runs["run_id"]}
@@ -149,7 +163,7 @@ def build_report(grid_dir: str | Path, out: str | Path | None = None) -> dict[st
 
     plots = [part for section in sections for part in section.parts if isinstance(part, Plot)]
     try:
-        write_files(html_path, md_path, files_dir, title, sections, plots)
+        write_files(html_path, md_path, files_dir, title, sections, plots, owned)
     except OSError as err:
         raise UserError(f"cannot write the report to {html_path.parent}: "
                         f"{err.strerror or err}") from None
@@ -157,18 +171,146 @@ def build_report(grid_dir: str | Path, out: str | Path | None = None) -> dict[st
 
 
 def write_files(html_path: Path, md_path: Path, files_dir: Path, title: str,
-                sections: list[Section], plots: list[Plot]) -> None:
-    written = set()
+                sections: list[Section], plots: list[Plot], owned: set[str]) -> None:
+    """Write the pages and figures; delete only the figures of an earlier report that the
+    manifest lists (``owned``) and this one no longer draws."""
+    names = {f"{plot.name}.png" for plot in plots}
+    pages = [html_path.name, md_path.name]
+    # listed before they exist: a report interrupted midway leaves no unlisted file behind
+    write_manifest(files_dir, owned | names, pages)
     for plot in plots:
         write_bytes(files_dir / f"{plot.name}.png", plot.png)
-        written.add(f"{plot.name}.png")
-    for stale in files_dir.glob("*.png"):  # figures of an earlier report that no longer apply
-        if stale.name not in written:
-            stale.unlink()
+    for stale in sorted(owned - names):  # figures of an earlier report that no longer apply
+        path = files_dir / stale
+        if path.is_file() or path.is_symlink():
+            path.unlink()
     write_bytes(html_path, render_html(title, sections).encode())
     write_bytes(md_path, render_markdown(title, sections, files_dir.name).encode())
-    for path in (html_path, md_path, *(files_dir / name for name in written)):
+    write_manifest(files_dir, names, pages)
+    for path in (html_path, md_path, *(files_dir / name for name in names)):
         path.chmod(0o644)  # the atomic writer's temporary files are private; a report is not
+
+
+# The report's files folder holds this manifest of what the report wrote, so that a later
+# report deletes its own stale figures and nothing else: the folder may be one that nbconvert or
+# pandoc made for the user's own page of the same name.
+MANIFEST = ".sigprop-report.json"
+MANIFEST_KIND = "sigprop report files"
+FIGURE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*\.png")
+PAGE_NAME = re.compile(r"[^/\\\x00]+\.(html|md)")
+# figures of reports written before the manifest: adopted only in a grid's own report_files/
+LEGACY_FIGURES = frozenset(f"{name}.png" for name in (
+    "accuracy-vs-batch", "accuracy-by-setting", "stability-heatmap", "alpha-sweep",
+    "training-curves", "gradient-heatmap", "gains", "agc-clip-fraction", "spp", "frontier",
+    "frontier-accuracy"))
+
+
+class ForeignFilesError(UserError):
+    """The report would overwrite or share a folder with files it did not write."""
+
+
+def write_manifest(files_dir: Path, figures: set[str], pages: list[str]) -> None:
+    data = {"kind": MANIFEST_KIND, "figures": sorted(figures), "pages": pages}
+    write_bytes(files_dir / MANIFEST, (json.dumps(data, indent=1) + "\n").encode())
+    (files_dir / MANIFEST).chmod(0o644)
+
+
+def read_manifest(files_dir: Path) -> tuple[set[str], set[str]] | None:
+    """(figures, pages) an earlier report listed in ``files_dir``; None without a manifest.
+    Raises :class:`ForeignFilesError` for a manifest that is not ours or not readable: what
+    it lists is then no evidence of what we wrote."""
+    path = files_dir / MANIFEST
+    if not path.exists() and not path.is_symlink():
+        return None
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        data = None
+    figures = data.get("figures") if isinstance(data, dict) else None
+    pages = data.get("pages") if isinstance(data, dict) else None
+    if not (isinstance(data, dict) and data.get("kind") == MANIFEST_KIND
+            and isinstance(figures, list) and isinstance(pages, list)
+            and all(isinstance(n, str) and FIGURE_NAME.fullmatch(n) for n in figures)
+            and all(isinstance(n, str) and PAGE_NAME.fullmatch(n) for n in pages)):
+        raise ForeignFilesError(f"{path} is not a manifest this report can read; remove "
+                                f"{files_dir} or give --out another place")
+    return set(figures), set(pages)
+
+
+def owned_files(files_dir: Path, unnamed_pages: list[Path], legacy: bool) -> set[str]:
+    """The figures in ``files_dir`` an earlier report wrote (the ones it may delete).
+    Raises :class:`ForeignFilesError` (one line) when the folder holds anything else, or when
+    a page the user did not name (the Markdown twin beside ``--out x.html``) exists and no
+    report of ours wrote it."""
+    manifest = read_manifest(files_dir)
+    try:
+        present = {p.name for p in files_dir.iterdir()} - {MANIFEST}
+    except OSError as err:  # writable but not listable: what it holds is unknown
+        raise ForeignFilesError(f"cannot list {files_dir}: {err.strerror or err}") from None
+    if manifest is not None:
+        figures, pages = manifest
+    elif legacy:
+        figures = present & LEGACY_FIGURES
+        pages = {"report.html", "report.md"}
+    else:
+        figures, pages = set(), set()
+    # temporary files of an interrupted atomic write of a listed figure, and write probes
+    leftovers = {name for name in present if name.startswith(".sigprop-write-test-")
+                 or (name.endswith(".tmp")
+                     and any(name.startswith(f".{n}.") for n in figures | {MANIFEST}))}
+    foreign = sorted(present - figures - leftovers)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3
+                                          else "")
+        raise ForeignFilesError(f"{files_dir} holds files this report did not write ({shown}); "
+                                "give --out another place or move them")
+    for page in unnamed_pages:
+        if (page.exists() or page.is_symlink()) and page.name not in pages:
+            raise ForeignFilesError(f"{page} exists and this report did not write it; give "
+                                    "--out another place or move it")
+    return figures
+
+def typed_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with every run whose stored fields hold valid JSON of the wrong type (a list
+    where a state or a number belongs) turned into a damaged row, as the store turns a file it
+    cannot parse into one: the report neither guesses at such a run's numbers nor trips on
+    them."""
+    problems = {}
+    for index, row in runs.iterrows():
+        if row.get("status") != DAMAGED:
+            why = wrong_type(row)
+            if why:
+                problems[index] = why
+    if not problems:
+        return runs
+    damaged = pd.DataFrame([{"grid": runs.at[i, "grid"], "run_id": runs.at[i, "run_id"],
+                             "status": DAMAGED, "axes": (), "error": f"status.json: {why}"}
+                            for i, why in problems.items()])
+    return pd.concat([runs.drop(index=list(problems)), damaged], ignore_index=True)
+
+
+def wrong_type(row: pd.Series) -> str | None:
+    """What in a run's row has the wrong type for the report to read it; None when nothing."""
+    def kind(value: Any) -> str:
+        return {"list": "an array", "dict": "an object", "str": "text", "bool": "a boolean",
+                "tuple": "an array"}.get(type(value).__name__, type(value).__name__)
+
+    if not isinstance(row.get("status"), str):
+        return f"state is {kind(row.get('status'))}, not text"
+    for column in SUMMARY_COLUMNS:
+        value = row.get(column)
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            continue
+        if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
+            return f"summary.{column} is {kind(value)}, not a number"
+    error = row.get("error")
+    if error is not None and not isinstance(error, str) \
+            and not (isinstance(error, float) and np.isnan(error)):
+        return f"error is {kind(error)}, not text"
+    lines = row.get("warnings")
+    if isinstance(lines, tuple | list) and not all(isinstance(line, str) for line in lines):
+        return "warnings holds something other than text"
+    return None
 
 
 def readable_status(store: GridStore, run_id: str) -> dict:
@@ -262,7 +404,13 @@ def claim_verdicts(spec: dict, runs: pd.DataFrame,
     except ClaimError as err:
         warnings.warn(f"the stored spec's claims cannot be read: {err}", stacklevel=2)
         return None
-    return evaluate_claims(claims, runs, frontier) if claims else None
+    if not claims:
+        return None
+    try:
+        return evaluate_claims(claims, runs, frontier)
+    except UserError as err:  # a stored value the checks refuse (a data set no longer known)
+        warnings.warn(f"the stored spec's claims cannot be checked: {err}", stacklevel=2)
+        return None
 
 
 def grid_frontier(grid_dir: Path) -> pd.DataFrame | None:
@@ -324,6 +472,12 @@ def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str],
     if spec.get("untested_claims"):
         section.parts.append("Claims of the spec this run of it could not test:")
         section.parts.append(Bullets([str(line) for line in spec["untested_claims"]]))
+    sensitive = rounding_items(frame)
+    if sensitive:
+        section.parts.append(f"Sensitive to float rounding ({ROUNDING_MARK} in Key results, "
+                             "which states the rule): these settings' numbers need not "
+                             "reproduce bit for bit on another machine, thread count or device.")
+        section.parts.append(Bullets(sensitive))
     flagged = run_warnings(frame)
     if flagged:
         section.parts.append("Warnings raised by the runs:")
@@ -502,8 +656,56 @@ def departure_default(frame: pd.DataFrame, key: str) -> Any:
     return None
 
 
-def key_results(frame: pd.DataFrame) -> Section | None:
-    """Setting x batch size table of mean final accuracy and divergences: the answer in text."""
+# A setting (runs equal in every axis but the seed) whose seeds disagree beyond what its test
+# set can resolve sits near an edge, where float rounding (thread count, device, library
+# version) moves a run as much as a seed does: its numbers need not reproduce elsewhere.
+ROUNDING_MARK = "†"
+ROUNDING_RULE = (
+    f"{ROUNDING_MARK} sensitive to float rounding: the setting's seeds split between diverged "
+    "and completed, or the range of their final accuracy is wider than the 95% interval of one "
+    "accuracy measured on its test set, 2 × 1.96·√(p(1−p)/n) (p: the setting's mean accuracy, "
+    "n: its test examples). Seeds that disagree beyond what the test set resolves mean the "
+    "setting sits near an edge, where a different thread count, device or library version can "
+    "move a run as much as a seed does: its numbers need not reproduce bit for bit elsewhere.")
+# test examples of each data set when the config's test_size does not cut it (sigprop.data)
+FULL_TEST_SIZES = {"synthetic": 2000, "cifar10": 10000, "cifar100": 10000, "digits": 297}
+
+
+def test_examples(frame: pd.DataFrame) -> pd.Series:
+    """Each run's number of test examples; NaN where the data set's size is not known."""
+    full = (frame["data"].map(lambda d: FULL_TEST_SIZES.get(d) if isinstance(d, str) else None)
+            if "data" in frame else pd.Series(np.nan, index=frame.index))
+    full = pd.to_numeric(full, errors="coerce")
+    if "test_size" not in frame:
+        return full
+    cut = pd.to_numeric(frame["test_size"], errors="coerce")
+    cut = cut.where(cut > 0)
+    return cut.where(full.isna(), np.fmin(cut, full)).fillna(full)
+
+
+def rounding_width(mean: float, n_test: float) -> float:
+    """Width of the 95% (normal approximation) interval of an accuracy near ``mean`` measured
+    on ``n_test`` examples; NaN when either is unknown."""
+    if not (np.isfinite(mean) and np.isfinite(n_test) and n_test > 0 and 0 <= mean <= 1):
+        return np.nan
+    return 2 * 1.96 * float(np.sqrt(mean * (1 - mean) / n_test))
+
+
+def rounding_reason(row: pd.Series) -> str:
+    """Why a setting's numbers are sensitive to float rounding (ROUNDING_RULE); "" if not."""
+    done = int(row["n_completed"] + row["n_diverged"])
+    if row["n_diverged"] and row["n_completed"]:
+        return f"seeds split: {int(row['n_diverged'])} of {done} diverged"
+    width = rounding_width(row["mean"], row["n_test"])
+    if row["n_completed"] >= 2 and np.isfinite(width) and row["high"] - row["low"] > width:
+        return (f"seed range {row['low']:.1%}–{row['high']:.1%} is wider than {width:.1%} "
+                f"(95% interval at {row['mean']:.0%} on {int(row['n_test'])} test examples)")
+    return ""
+
+
+def key_summary(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[str]] | None:
+    """The key-results cells: one row per setting (``rows`` x ``columns``, the batch size when
+    it varied) with seed_summary's columns, ``n_test`` and ``rounding`` (rounding_reason)."""
     if "final_acc" not in frame:
         return None
     settings = setting_axes(frame)
@@ -512,6 +714,37 @@ def key_results(frame: pd.DataFrame) -> Section | None:
     summary = seed_summary(frame, [*rows, *columns], "final_acc")
     if summary.empty:
         return None
+    # same groups in the same order: the fewest test examples among each cell's completed runs
+    sized = frame.assign(_n_test=test_examples(frame).to_numpy())
+    summary["n_test"] = seed_summary(sized, [*rows, *columns], "_n_test")["low"].to_numpy()
+    summary["rounding"] = [rounding_reason(r) for _, r in summary.iterrows()]
+    return summary, rows, columns
+
+
+def setting_names(summary: pd.DataFrame, rows: list[str]) -> list[str]:
+    return (list(summary[rows].apply(lambda r: ", ".join(fmt_value(r[c]) for c in rows), axis=1))
+            if rows else ["all runs"] * len(summary))
+
+
+def rounding_items(frame: pd.DataFrame) -> list[str]:
+    """The summary's list of settings flagged sensitive to float rounding."""
+    found = key_summary(frame)
+    if found is None:
+        return []
+    summary, rows, columns = found
+    names = setting_names(summary, rows) if rows else [""] * len(summary)
+    batches = ([f"batch {fmt_value(b)}" for b in summary["batch_size"]] if columns
+               else [""] * len(summary))
+    return [(", ".join(n for n in (name, batch) if n) or "all runs") + f": {r['rounding']}"
+            for name, batch, (_, r) in zip(names, batches, summary.iterrows()) if r["rounding"]]
+
+
+def key_results(frame: pd.DataFrame) -> Section | None:
+    """Setting x batch size table of mean final accuracy and divergences: the answer in text."""
+    found = key_summary(frame)
+    if found is None:
+        return None
+    summary, rows, columns = found
     summary["best"] = False
     for _, group in (summary.groupby(columns, sort=False) if columns else [(None, summary)]):
         ran = group[group["n_completed"] + group["n_diverged"] > 0]
@@ -519,10 +752,11 @@ def key_results(frame: pd.DataFrame) -> Section | None:
             ranked = ran.sort_values(["n_diverged", "mean"], ascending=[True, False],
                                      na_position="last")
             summary.loc[ranked.index[0], "best"] = True
-    summary["cell"] = [f"**{result_cell(r)}**" if r["best"] else result_cell(r)
-                       for _, r in summary.iterrows()]
-    summary["setting"] = (summary[rows].apply(
-        lambda r: ", ".join(fmt_value(r[c]) for c in rows), axis=1) if rows else "all runs")
+    cells = [result_cell(r) + (f" {ROUNDING_MARK}" if r["rounding"] else "")
+             for _, r in summary.iterrows()]
+    summary["cell"] = [f"**{c}**" if r["best"] else c
+                       for c, (_, r) in zip(cells, summary.iterrows())]
+    summary["setting"] = setting_names(summary, rows)
     settings_order = list(dict.fromkeys(summary["setting"]))
     if columns:
         table = summary.pivot(index="setting", columns="batch_size", values="cell")
@@ -537,6 +771,7 @@ def key_results(frame: pd.DataFrame) -> Section | None:
         "diverged runs; the best setting of each column (fewest divergences, then highest "
         "accuracy) is in bold.",
         Table(table.fillna("").reset_index()),
+        ROUNDING_RULE,
     ])
 
 
@@ -768,14 +1003,32 @@ def describe(frame: pd.DataFrame, row: pd.Series) -> str:
                      if not (isinstance(row[a], float) and np.isnan(row[a]))) or "base config"
 
 
+# Recorded environment keys that change a run's numbers for the same config (the rest say
+# where and with what it ran); the report groups runs by these, whichever of them a run has.
+NUMERIC_ENVIRONMENT = ["torch", "device", "device_name", "threads", "interop_threads",
+                       "deterministic", "cudnn_deterministic", "cudnn_benchmark",
+                       "cublas_workspace_config"]
+
+
+def env_text(key: str, value: Any) -> str:
+    if value is None:
+        return "not recorded"
+    if key == "device" and isinstance(value, str):
+        return value.split(":")[0]  # cuda:0 and cuda:1 are the same kind of device
+    return str(value)
+
+
 def environment_section(statuses: dict[str, dict]) -> Section:
     environments = [s["environment"] for s in statuses.values()
-                    if isinstance(s.get("environment"), dict)]
+                    if isinstance(s, dict) and isinstance(s.get("environment"), dict)]
     section = Section("Environment")
     if not environments:
         section.parts.append("No run recorded its environment yet (they record it when they "
                              "start).")
         return section
+    section.parts.append(f"Recorded by {len(environments)} of {len(statuses)} runs when they "
+                         "started.")
+    section.parts += numeric_environments(environments)
     keys = ENVIRONMENT_KEYS + sorted({k for e in environments for k in e} - set(ENVIRONMENT_KEYS))
     rows = []
     for key in keys:
@@ -786,10 +1039,30 @@ def environment_section(statuses: dict[str, dict]) -> Section:
         text = (counts.index[0] if len(counts) == 1 else
                 "; ".join(f"{v} ({n} runs)" for v, n in counts.items()))
         rows.append({"key": key, "value": text})
-    section.parts.append(f"Recorded by {len(environments)} of {len(statuses)} runs when they "
-                         "started.")
     section.parts.append(Table(pd.DataFrame(rows)))
     return section
+
+
+def numeric_environments(environments: list[dict]) -> list:
+    """The distinct environments, in the keys that change numbers, with a run count each,
+    and whether the runs of this report all share one."""
+    keys = [k for k in NUMERIC_ENVIRONMENT if any(e.get(k) is not None for e in environments)]
+    if not keys:
+        return []
+    combos = pd.Series([tuple(env_text(k, e.get(k)) for k in keys) for e in environments])
+    counts = combos.value_counts(sort=True)
+    table = pd.DataFrame([dict(zip(keys, combo)) | {"runs": n} for combo, n in counts.items()])
+    unrecorded = [k for k in keys if any(e.get(k) is None for e in environments)]
+    note = (f" Not every run recorded {', '.join(unrecorded)}: a run that did not may have "
+            "run under other values." if unrecorded else "")
+    if len(counts) == 1:  # the table below gives its values
+        return [f"All {len(environments)} runs that recorded an environment ran under one "
+                f"environment in what changes a run's numbers ({', '.join(keys)})." + note]
+    differ = [k for i, k in enumerate(keys) if len({combo[i] for combo in counts.index}) > 1]
+    return [f"The runs of this report were made under {len(counts)} different environments "
+            f"({', '.join(differ)} differ): runs of the same config need not give the same numbers "
+            "under two of them, so compare settings within one environment." + note,
+            Table(table)]
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -954,32 +1227,94 @@ def render_html(title: str, sections: list[Section]) -> str:
     return "\n".join(out) + "\n"
 
 
+# Markdown quoting. report.md quotes text from specs and stores (descriptions, claims, errors,
+# tracebacks, config and environment values): it must read as that text in any Markdown
+# renderer, never as markup. So HTML's specials become entities, the punctuation that opens
+# Markdown structure gets a backslash (both CommonMark and Python-Markdown honour these
+# escapes), and line breaks, which would start headings or list items, fold into spaces. As in
+# the HTML page, `code` spans are the only markup that passes through.
+MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+MD_ESCAPED = frozenset("\\`*{}[]")  # {} too: attr_list turns "{: onclick=...}" into attributes
+LINE_BREAKS = re.compile(r"\s*[\r\n\v\f\u2028\u2029\x85]\s*")
+# what opens a block at the start of a line: a heading, a list item or rule, an ordered item
+BLOCK_START = re.compile(r"^(#|[-+](?=[\s+-]|$)|\d+[.)](?=\s|$))")
+
+
+def block_safe(line: str) -> str:
+    return BLOCK_START.sub(lambda m: f"{m.group(1)[:-1]}\\{m.group(1)[-1]}", line)
+
+
+def one_line(text: Any) -> str:
+    return LINE_BREAKS.sub(" ", str(text)).strip()
+
+
+def md_escape(text: str, cell: bool = False) -> str:
+    """``text`` (one line) escaped to render as itself; ``cell``: inside a table row."""
+    out = []
+    for i, char in enumerate(text):
+        if char in MD_ENTITIES:
+            out.append(MD_ENTITIES[char])
+        elif char in MD_ESCAPED or (cell and char == "|"):  # "\|" is literal outside tables
+            out.append("\\" + char)
+        elif char == "_" and not (0 < i < len(text) - 1 and text[i - 1].isalnum()
+                                  and text[i + 1].isalnum()):
+            out.append("\\_")  # an underscore inside a word (run_id) never emphasises
+        else:
+            out.append(char)
+    return "".join(out)
+
+
+def md_inline(text: Any) -> str:
+    """A paragraph, list item or caption: escaped prose with its `code` spans kept."""
+    text = one_line(text)
+    out, at = [], 0
+    for match in CODE.finditer(text):
+        out += [md_escape(text[at:match.start()]), f"`{match.group(1)}`"]
+        at = match.end()
+    out.append(md_escape(text[at:]))
+    line = "".join(out)
+    return block_safe(line)
+
+
 def md_cell(value: Any) -> str:
-    return str(value).replace("|", "\\|").replace("\n", " ")
+    text = one_line("" if value is None else value)
+    bold = text.startswith("**") and text.endswith("**") and len(text) > 4  # as table_html
+    # a cell holds inline text only: no heading or list can start in it
+    shown = md_escape(text[2:-2] if bold else text, cell=True)
+    return f"**{shown}**" if bold else shown
+
+
+def md_code_block(text: str) -> list[str]:
+    """Indented, not fenced: an indented block is core Markdown in every renderer (a fence
+    needs an extension in Python-Markdown, without which its content is parsed as Markdown),
+    and no line of the quoted text can end it."""
+    return ["    " + line if line.strip() else "" for line in text.strip("\n").splitlines()]
 
 
 def table_markdown(frame: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(md_cell(c) for c in frame.columns) + " |",
              "|" + "---|" * len(frame.columns)]
     for row in frame.itertuples(index=False):
-        lines.append("| " + " | ".join(md_cell("" if v is None else v) for v in row) + " |")
+        lines.append("| " + " | ".join(md_cell(v) for v in row) + " |")
     return "\n".join(lines)
 
 
 def render_markdown(title: str, sections: list[Section], files_dir: str) -> str:
-    out = [f"# {title}", ""]
+    from urllib.parse import quote
+
+    out = [f"# {md_inline(title)}", ""]
     for section in sections:
-        out += [f"## {section.title}", ""]
+        out += [f"## {md_inline(section.title)}", ""]
         for part in section.parts:
             if isinstance(part, str):
-                out += [part, ""]
+                out += [md_inline(part), ""]
             elif isinstance(part, Bullets):
-                out += [f"- {item}" for item in part.items] + [""]
+                out += [f"- {md_inline(item)}" for item in part.items] + [""]
             elif isinstance(part, Table):
                 out += [table_markdown(part.frame), ""]
             elif isinstance(part, Plot):
-                out += [f"![{part.name}]({files_dir}/{part.name}.png)", "", f"*{part.caption}*",
-                        ""]
+                out += [f"![{md_escape(part.name)}]({quote(files_dir)}/{quote(part.name)}.png)",
+                        "", f"*{md_inline(part.caption)}*", ""]
             elif isinstance(part, Details):
-                out += [f"{part.summary}:", "", "```", part.text, "```", ""]
+                out += [f"{md_inline(part.summary)}:", "", *md_code_block(part.text), ""]
     return "\n".join(out)
