@@ -513,7 +513,7 @@ def metric_column(runs: pd.DataFrame, metric: str) -> pd.Series:
     return column(metric)
 
 
-def test_images(runs: pd.DataFrame) -> np.ndarray:
+def n_test_images(runs: pd.DataFrame) -> np.ndarray:
     """How many test images each run's accuracy was measured on: the run's ``test_images``
     (its summary), else its ``test_size``, else the data set's default split."""
     n = pd.Series(np.nan, index=runs.index, dtype=float)
@@ -656,7 +656,7 @@ def resolve_margin(claim: Claim, reference: np.ndarray, reference_runs: pd.DataF
         return (f"margin {fmt(claim, claim.margin, difference=True)} (derived: one step of the "
                 "frontier's lr lattice, its resolution)")
     if claim.margin_rule == "test_set":
-        n = test_images(reference_runs)
+        n = n_test_images(reference_runs)
         n = float(np.nanmin(n)) if len(n) and np.isfinite(n).any() else math.nan
         p = float(np.mean(reference)) if len(reference) else math.nan
         claim.margin = binomial_half_width(p, n)
@@ -858,7 +858,7 @@ def evaluate_share(claim: Claim, runs: pd.DataFrame) -> Verdict:
                         errors="coerce")
     chance = pd.Series(chance_levels(done), index=done.index)
     if claim.chance_margin is None:  # not above chance by a one-sided 95% binomial test
-        n = pd.Series(test_images(done), index=done.index)
+        n = pd.Series(n_test_images(done), index=done.index)
         bar = chance + Z95_ONE_SIDED * np.sqrt(chance * (1 - chance) / n)
     else:
         bar = chance + claim.chance_margin

@@ -28,7 +28,15 @@ import pandas as pd
 import tomllib
 from matplotlib.figure import Figure
 
-from ablations.claims import ClaimError, Verdict, evaluate_claims, parse_claims, verdict_counts
+from ablations.claims import (
+    ClaimError,
+    Verdict,
+    binomial_half_width,
+    evaluate_claims,
+    n_test_images,
+    parse_claims,
+    verdict_counts,
+)
 from ablations.recipe import recipe_departures
 from ablations.spec import THRESHOLD_MODES
 from ablations.store import (
@@ -667,28 +675,12 @@ ROUNDING_RULE = (
     "n: its test examples). Seeds that disagree beyond what the test set resolves mean the "
     "setting sits near an edge, where a different thread count, device or library version can "
     "move a run as much as a seed does: its numbers need not reproduce bit for bit elsewhere.")
-# test examples of each data set when the config's test_size does not cut it (sigprop.data)
-FULL_TEST_SIZES = {"synthetic": 2000, "cifar10": 10000, "cifar100": 10000, "digits": 297}
-
-
-def test_examples(frame: pd.DataFrame) -> pd.Series:
-    """Each run's number of test examples; NaN where the data set's size is not known."""
-    full = (frame["data"].map(lambda d: FULL_TEST_SIZES.get(d) if isinstance(d, str) else None)
-            if "data" in frame else pd.Series(np.nan, index=frame.index))
-    full = pd.to_numeric(full, errors="coerce")
-    if "test_size" not in frame:
-        return full
-    cut = pd.to_numeric(frame["test_size"], errors="coerce")
-    cut = cut.where(cut > 0)
-    return cut.where(full.isna(), np.fmin(cut, full)).fillna(full)
-
-
 def rounding_width(mean: float, n_test: float) -> float:
     """Width of the 95% (normal approximation) interval of an accuracy near ``mean`` measured
     on ``n_test`` examples; NaN when either is unknown."""
-    if not (np.isfinite(mean) and np.isfinite(n_test) and n_test > 0 and 0 <= mean <= 1):
+    if not (0 <= mean <= 1):
         return np.nan
-    return 2 * 1.96 * float(np.sqrt(mean * (1 - mean) / n_test))
+    return 2 * binomial_half_width(mean, n_test)
 
 
 def rounding_reason(row: pd.Series) -> str:
@@ -715,7 +707,7 @@ def key_summary(frame: pd.DataFrame) -> tuple[pd.DataFrame, list[str], list[str]
     if summary.empty:
         return None
     # same groups in the same order: the fewest test examples among each cell's completed runs
-    sized = frame.assign(_n_test=test_examples(frame).to_numpy())
+    sized = frame.assign(_n_test=n_test_images(frame))
     summary["n_test"] = seed_summary(sized, [*rows, *columns], "_n_test")["low"].to_numpy()
     summary["rounding"] = [rounding_reason(r) for _, r in summary.iterrows()]
     return summary, rows, columns
