@@ -9,8 +9,15 @@ import pytest
 
 from ablations.claims import parse_claims
 from ablations.recipe import recipe_departures
-from ablations.spec import GRIDS_DIR, SpecError, expand, flatten, load_spec, shipped_grids, \
-    spec_from_dict
+from ablations.spec import (
+    GRIDS_DIR,
+    SpecError,
+    expand,
+    flatten,
+    load_spec,
+    shipped_grids,
+    spec_from_dict,
+)
 
 ARXIV = re.compile(r"arXiv (2101\.08692|2102\.06171)")
 WHERE = re.compile(r"\b(section|appendix|Figure|Table) [0-9A-Z]")
