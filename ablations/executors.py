@@ -17,16 +17,16 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
+from multiprocessing import popen_spawn_posix, spawn
 from typing import Any
 
 from ablations.worker import execute_run, resolve_device
 from sigprop.errors import UserError
-from sigprop.files import atomic_path
 
 ResultCallback = Callable[[dict], "list[str] | None"]
 StepCallback = Callable[[int, str, int, int, "float | None"], None]
@@ -57,55 +57,66 @@ def set_parent_death_signal(parent_pid: int) -> None:
         os._exit(1)
 
 
-# The spawn "executable" of the worker processes on Linux: sets the parent-death signal as its
-# first instruction, then execs the real interpreter (the signal survives exec). Without it a
-# worker still importing torch when the runner is killed (seconds on a busy machine) would
-# live on until it reached the pool's initializer.
-DEATHSIG_LAUNCHER = """#!{python} -SE
-import ctypes, os, signal, sys
-ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-if str(os.getppid()) != os.environ.get("SIGPROP_RUNNER_PID"):
-    os._exit(1)  # the runner died before the line above
-os.execv({python!r}, [{python!r}, *sys.argv[1:]])
-"""
+# Run by each worker process on Linux before anything else (before it unpickles its task, which
+# imports torch): set the parent-death signal, then check that the runner is still its parent.
+# Without it a worker still importing torch when the runner is killed (seconds on a busy
+# machine) would live on until it reached the pool's initializer. The code goes inline in the
+# worker's ``python -c`` command line: no launcher file is written or exec'd (one in the shared
+# temp folder could be planted or rewritten by another local user).
+DEATHSIG_PRELUDE = (
+    "import ctypes, os, signal; "
+    "ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL); "  # PR_SET_PDEATHSIG
+    "os.getppid() != {pid} and os._exit(1); "  # the runner died before the line above
+)
+_prelude = threading.local()
 
 
-def deathsig_launcher() -> str | None:
-    """Path of the launcher script for this interpreter (written once, in the temp folder)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import hashlib
-    import tempfile
+def deathsig_command_line(cmd: list[str]) -> list[str]:
+    """``cmd`` (a spawn command line: ``python [opts] -c CODE ...``) with the prelude put
+    before CODE, naming this process as the runner."""
+    at = len(cmd) - cmd[::-1].index("-c")  # the last -c: the stdlib puts its own after opts
+    return [*cmd[:at], DEATHSIG_PRELUDE.format(pid=os.getpid()) + cmd[at], *cmd[at + 1:]]
 
-    text = DEATHSIG_LAUNCHER.format(python=sys.executable)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    path = Path(tempfile.gettempdir()) / f"sigprop-launcher-{os.getuid()}-{digest}"
-    if not path.is_file() or path.read_text() != text:
+
+def _command_line(original: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    def command_line(**kwds: Any) -> list[str]:
+        cmd = original(**kwds)
+        if getattr(_prelude, "active", False) and "-c" in cmd:
+            return deathsig_command_line(cmd)
+        return cmd
+
+    command_line.sigprop_prelude = True  # type: ignore[attr-defined]
+    return command_line
+
+
+class _DeathsigPopen(popen_spawn_posix.Popen):
+    def _launch(self, process_obj: Any) -> None:
+        # The stdlib builds the command line in spawn.get_command_line; the wrapper installed
+        # once adds the prelude only for launches of this class, in this thread.
+        if not getattr(spawn.get_command_line, "sigprop_prelude", False):
+            spawn.get_command_line = _command_line(spawn.get_command_line)
+        _prelude.active = True
         try:
-            with atomic_path(path) as tmp:
-                tmp.write_text(text)
-                tmp.chmod(0o755)
-        except OSError:
-            return None
-    return str(path)
+            super()._launch(process_obj)
+        finally:
+            _prelude.active = False
 
 
-@contextlib.contextmanager
-def deathsig_spawning() -> Iterator[None]:
-    """Processes spawned inside start through :func:`deathsig_launcher`."""
-    from multiprocessing import spawn
+class _DeathsigProcess(mp.context.SpawnProcess):
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        return _DeathsigPopen(process_obj)
 
-    launcher = deathsig_launcher()
-    if launcher is None:
-        yield
-        return
-    previous = spawn.get_executable()
-    os.environ["SIGPROP_RUNNER_PID"] = str(os.getpid())
-    spawn.set_executable(launcher)
-    try:
-        yield
-    finally:
-        spawn.set_executable(previous)
+
+class _DeathsigContext(mp.context.SpawnContext):
+    Process = _DeathsigProcess
+
+
+def worker_context() -> Any:
+    """The multiprocessing context of the worker pools: spawn, with the prelude on Linux."""
+    if sys.platform.startswith("linux"):
+        return _DeathsigContext()
+    return mp.get_context("spawn")
 
 
 _EVENTS: Any = None  # this worker's end of the progress queue (set by _init_worker)
@@ -206,7 +217,7 @@ class LocalExecutor:
         slots = self.slots()
         threads = self.threads_per_worker()
         worker_environment()
-        ctx = mp.get_context("spawn")
+        ctx = worker_context()
         events: Any = None
 
         def new_pool() -> ProcessPoolExecutor:
@@ -262,7 +273,7 @@ class LocalExecutor:
                         continue
                     slot = free.pop(0)
                     try:
-                        with stop_signals_blocked(), deathsig_spawning():
+                        with stop_signals_blocked():
                             future = pool.submit(_pool_task, root, grid, rid, slots[slot],
                                                  threads, slot)
                     except BrokenProcessPool:
