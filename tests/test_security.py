@@ -12,24 +12,37 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import pickle
 import shutil
 import signal
+import struct
 import sys
 import tempfile
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ablations import executors
 from ablations.executors import LocalExecutor
-from ablations.runner import run_grid
+from ablations.runner import run_grid, status_table
 from ablations.spec import load_spec
-from tests.test_faults import write_spec
+from run_ablations import main
+from sigprop import data
+from sigprop.data import load_dataset
+from sigprop.errors import UserError
+from sigprop.train import train
+from tests.test_data import cifar_entry, write_cifar10
+from tests.test_faults import InlineExecutor, write_spec
+from tests.test_train import TINY_MODEL
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux launcher")
 NOBODY = 65534
+SPP_SMALL = ["--model", "nf_resnet26", "--set", "width_mult=0.125", "--set", "stem=cifar",
+             "--set", "depths=[2,2]", "--set", "widths=[256,512]", "--input-shape", "4,3,32,32",
+             "--seeds", "1"]
 
 # What the runner used to write to, and exec from, <tmp>/sigprop-launcher-<uid>-<digest>
 OLD_LAUNCHER = """#!{python} -SE
@@ -140,3 +153,177 @@ def test_workers_start_with_the_parent_death_signal_set_inline():
     assert results.get(timeout=60) == signal.SIGKILL
     proc.join(timeout=60)
     assert proc.exitcode == 0
+
+
+# ----------------------------------------------------------------------------- CIFAR batches
+class RunsACommand:
+    """Unpickling this runs ``touch MARKER``: what a hostile data_batch_1 can hold."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant_batch(data_dir: Path, entry, name: str = "data_batch_1", per_batch: int = 4) -> Path:
+    """A CIFAR-10 folder in the exact on-disk format, with ``name`` replaced by ``entry``
+    (pickled) or, for bytes, by those bytes."""
+    write_cifar10(data_dir, per_batch=per_batch)
+    path = data_dir / "cifar-10-batches-py" / name
+    path.write_bytes(entry if isinstance(entry, bytes) else pickle.dumps(entry))
+    return path
+
+
+def hostile(marker: Path) -> dict:
+    return {b"data": RunsACommand(marker), b"labels": [0, 1, 2, 3]}
+
+
+def one_line_naming(message: str, path: Path) -> None:
+    assert "\n" not in message and str(path) in message, message
+
+
+def test_a_batch_whose_unpickling_runs_a_command_does_not_run_it_in_train(tmp_path):
+    marker = tmp_path / "command-ran"
+    path = plant_batch(tmp_path / "data", hostile(marker))
+    config = {"data": "cifar10", "data_dir": str(tmp_path / "data"), "model": TINY_MODEL,
+              "train_size": 8, "test_size": 2, "batch_size": 4, "steps": 1, "eval_every": 0}
+    with pytest.raises(UserError, match="refusing to load posix.system") as info:
+        train(config)
+    assert not marker.exists()
+    one_line_naming(str(info.value), path)
+
+
+def test_a_batch_whose_unpickling_runs_a_command_does_not_run_it_in_a_grid_run(tmp_path):
+    marker = tmp_path / "command-ran"
+    path = plant_batch(tmp_path / "data", hostile(marker))
+    spec = load_spec(write_spec(tmp_path, steps=1, seeds="[0]"),
+                     ["data=cifar10", f"data_dir={tmp_path / 'data'}", "train_size=16",
+                      "test_size=2"])
+    outcome = run_grid(spec, tmp_path / "out", InlineExecutor(), stream=io.StringIO())
+    assert outcome.counts == {"failed": 1} and not marker.exists()
+    one_line_naming(status_table(tmp_path / "out")["error"][0], path)
+
+
+def test_a_batch_whose_unpickling_runs_a_command_does_not_run_it_in_spp(tmp_path, capsys):
+    marker = tmp_path / "command-ran"
+    path = plant_batch(tmp_path / "data", hostile(marker))
+    rc = main(["spp", "--input", "cifar10", "--data-dir", str(tmp_path / "data"), *SPP_SMALL,
+               "--out", str(tmp_path / "spp")])
+    err = capsys.readouterr().err
+    assert rc == 2 and not marker.exists(), err
+    assert err.startswith("sigprop: error: ") and "Traceback" not in err
+    one_line_naming(err.strip(), path)
+
+
+class Python2Pickler(pickle._Pickler):
+    """Writes bytes as Python 2 ``str`` (BINSTRING opcodes), as the official batches hold."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2_str(self, obj: bytes) -> None:
+        size = len(obj)
+        if size < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([size]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", size) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2_str
+
+
+@pytest.mark.parametrize("style", ["python2, numpy 1", "protocol 2", "protocol 5"])
+def test_the_restricted_unpickler_reads_the_official_format(tmp_path, style):
+    entry = cifar_entry(6, b"labels", 10, 3)
+    if style == "python2, numpy 1":  # how cPickle wrote the official files
+        out = io.BytesIO()
+        Python2Pickler(out, protocol=2).dump(entry)
+        raw = out.getvalue().replace(b"cnumpy._core.", b"cnumpy.core.")
+        assert b"cnumpy.core.multiarray\n_reconstruct\n" in raw and b"_codecs" not in raw
+    else:
+        raw = pickle.dumps(entry, protocol=int(style[-1]))
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(raw)
+    x, y = data.read_cifar_batch(path, b"labels", 10)
+    assert x.dtype == np.uint8 and x.shape == (6, 3, 32, 32)
+    assert np.array_equal(x.reshape(6, -1), entry[b"data"])
+    assert y.tolist() == entry[b"labels"]
+
+
+class Unknown:
+    """A class no CIFAR batch holds (its module is importable: plain pickle would build it)."""
+
+
+def good_entry(n: int = 4) -> dict:
+    return cifar_entry(n, b"labels", 10, 1)
+
+
+MALFORMED = {
+    "a list": ([1, 2, 3], "holds a list, not a dict"),
+    "None": (None, "holds None, not a dict"),
+    "no data": ({b"labels": [0]}, "has no 'data' entry"),
+    "None data": ({**good_entry(), b"data": None}, "its data is None"),
+    "list data": ({**good_entry(), b"data": [[0] * 3072] * 4}, "its data is a list"),
+    "an unknown class": ({**good_entry(), b"data": Unknown()},
+                         "refusing to load tests.test_security.Unknown"),
+    "float data": ({**good_entry(), b"data": np.zeros((4, 3072))}, "dtype float64"),
+    "wrong shape": ({**good_entry(), b"data": np.zeros((4, 100), np.uint8)},
+                    r"shape \(4, 100\), not \(N, 3072\)"),
+    "pixels over 255": ({**good_entry(), b"data": np.full((4, 3072), 300, np.int64)},
+                        r"outside \[0, 255\]"),
+    "label out of range": ({**good_entry(), b"labels": [0, 1, 10, 2]},
+                           r"label 10 \(sample 2\) is outside \[0, 10\)"),
+    "negative label": ({**good_entry(), b"labels": [0, -1, 1, 2]}, "label -1"),
+    "None labels": ({**good_entry(), b"labels": None}, "its labels are None"),
+    "labels of strings": ({**good_entry(), b"labels": ["a", "b", "c", "d"]},
+                          "not a flat list of integer"),
+    "labels with None": ({**good_entry(), b"labels": [0, None, 1, 2]},
+                         "not a flat list of integer"),
+    "fewer labels": ({**good_entry(), b"labels": [0, 1]}, "4 images but 2 labels"),
+    "not a pickle": (b"not a pickle", "not a CIFAR python batch"),
+    "truncated": (pickle.dumps(good_entry())[:500], "not a CIFAR python batch"),
+    "empty": (b"", "not a CIFAR python batch"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_every_malformed_batch_is_one_line_naming_the_file_and_the_fault(tmp_path, case):
+    entry, fault = MALFORMED[case]
+    path = plant_batch(tmp_path, entry)
+    with pytest.raises(UserError, match=fault) as info:
+        load_dataset("cifar10", data_dir=tmp_path)
+    one_line_naming(str(info.value), path)
+    assert str(info.value).startswith(f"cannot read CIFAR batch {path}: ")
+    assert "not the published file" in str(info.value)  # its md5 is not data_batch_1's
+
+
+@pytest.mark.parametrize("case", ["a list", "None data", "an unknown class",
+                                  "label out of range", "wrong shape"])
+def test_spp_names_a_malformed_batch_in_one_line(tmp_path, capsys, case):
+    path = plant_batch(tmp_path / "data", MALFORMED[case][0], per_batch=103)  # spp takes 512
+    rc = main(["spp", "--input", "cifar10", "--data-dir", str(tmp_path / "data"), *SPP_SMALL,
+               "--out", str(tmp_path / "spp")])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("sigprop: error: cannot read CIFAR batch"), err
+    one_line_naming(err.strip(), path)
+
+
+def test_a_malformed_test_batch_is_named_in_a_grid_run(tmp_path):
+    path = plant_batch(tmp_path / "data", MALFORMED["label out of range"][0], "test_batch")
+    spec = load_spec(write_spec(tmp_path, steps=1, seeds="[0, 1]"),
+                     ["data=cifar10", f"data_dir={tmp_path / 'data'}", "train_size=16",
+                      "test_size=2"])
+    outcome = run_grid(spec, tmp_path / "out", InlineExecutor(), stream=io.StringIO())
+    assert outcome.counts == {"failed": 2}
+    for error in status_table(tmp_path / "out")["error"]:
+        one_line_naming(error, path)
+        assert "label 10 (sample 2)" in error
+
+
+def test_the_published_per_file_md5s_are_the_ones_checked():
+    assert data.SOURCES["cifar10"].file_md5["data_batch_1"] == "c99cafc152244af753f735de768cd75f"
+    assert data.SOURCES["cifar10"].file_md5["test_batch"] == "40351d587109b95175f43aff81a1287e"
+    assert data.SOURCES["cifar100"].file_md5["train"] == "16019d7e3df5f24257cddd939b257f8d"
+    assert set(data.SOURCES["cifar10"].file_md5) == {
+        *data.SOURCES["cifar10"].train_files, *data.SOURCES["cifar10"].test_files,
+        "batches.meta"}
