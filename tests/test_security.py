@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
@@ -17,7 +18,9 @@ import shutil
 import signal
 import struct
 import sys
+import tarfile
 import tempfile
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -327,3 +330,107 @@ def test_the_published_per_file_md5s_are_the_ones_checked():
     assert set(data.SOURCES["cifar10"].file_md5) == {
         *data.SOURCES["cifar10"].train_files, *data.SOURCES["cifar10"].test_files,
         "batches.meta"}
+
+
+# ----------------------------------------------------------------------------- tarballs
+@pytest.fixture
+def no_network(monkeypatch) -> list[str]:
+    """Every download attempt is recorded (and fails, as offline)."""
+    tried: list[str] = []
+
+    def urlopen(url, *args, **kwargs):
+        tried.append(str(url))
+        raise OSError("network disabled in this test")
+
+    monkeypatch.setattr(urllib.request, "urlopen", urlopen)
+    return tried
+
+
+def corrupt_tarball(data_dir: Path) -> tuple[Path, bytes]:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    archive = data_dir / "cifar-10-python.tar.gz"
+    archive.write_bytes(b"a partial download of the user's own")
+    return archive, archive.read_bytes()
+
+
+def cifar_grid(tmp_path: Path, data_dir: Path, seeds: str = "[0, 1]") -> Path:
+    spec = write_spec(tmp_path, steps=1, seeds=seeds)
+    spec.write_text(spec.read_text().replace(
+        'data = "synthetic"', f'data = "cifar10"\ndata_dir = "{data_dir}"'))
+    return spec
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_a_corrupt_tarball_stops_the_grid_in_one_line_and_stays(
+        tmp_path, capsys, no_network, download):
+    archive, content = corrupt_tarball(tmp_path / "data")
+    args = ["--download"] if download else []
+    rc = main(["run", str(cifar_grid(tmp_path, tmp_path / "data")), "--out",
+               str(tmp_path / "out"), "--device", "cpu", "--no-report", *args])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert f"checksum mismatch for {archive}" in err and "left in place" in err
+    assert archive.read_bytes() == content  # not ours: never deleted
+    assert no_network == []  # and nothing downloaded in its place
+    assert not (tmp_path / "out" / "tiny" / "runs").exists()  # stopped before any run
+
+
+def test_runs_spp_and_the_library_never_download_unless_asked(tmp_path, capsys, no_network):
+    config = {"data": "cifar10", "data_dir": str(tmp_path / "none"), "model": TINY_MODEL,
+              "steps": 1}
+    with pytest.raises(UserError, match="download is off"):
+        train(config)
+    with pytest.raises(UserError, match="download is off"):
+        load_dataset("cifar10", data_dir=tmp_path / "none")
+    rc = main(["spp", "--input", "cifar10", "--data-dir", str(tmp_path / "none"), *SPP_SMALL,
+               "--out", str(tmp_path / "spp")])
+    assert rc == 2 and "download is off" in capsys.readouterr().err
+    archive, content = corrupt_tarball(tmp_path / "data")
+    with pytest.raises(UserError, match="checksum mismatch"):
+        train({**config, "data_dir": str(tmp_path / "data")})
+    assert archive.read_bytes() == content
+    assert no_network == []
+
+
+def tarball_of(tmp_path: Path, per_batch: int = 4) -> tuple[Path, dict[str, str]]:
+    """A tarball of CIFAR-10 batches in the exact format, and the md5 of each of its files."""
+    staging = tmp_path / "staging"
+    write_cifar10(staging, per_batch=per_batch)
+    archive = tmp_path / "data" / "cifar-10-python.tar.gz"
+    archive.parent.mkdir(parents=True)
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(staging / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    files = {p.name: data.md5_of(p) for p in (staging / "cifar-10-batches-py").iterdir()}
+    return archive, files
+
+
+def test_extracted_files_must_match_the_published_md5s(tmp_path, monkeypatch, no_network):
+    archive, _ = tarball_of(tmp_path)
+    # the tarball passes its own check; its files are not the published ones
+    source = data.SOURCES["cifar10"]
+    monkeypatch.setitem(data.SOURCES, "cifar10",
+                        dataclasses.replace(source, md5=data.md5_of(archive)))
+    with pytest.raises(UserError, match="data_batch_1 in .* has md5 .*, not the published "
+                                        "c99cafc152244af753f735de768cd75f") as info:
+        load_dataset("cifar10", data_dir=tmp_path / "data")
+    assert "\n" not in str(info.value)
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cifar-10-python.tar.gz"]
+
+
+def test_a_good_tarball_in_data_dir_is_extracted_once_before_the_grid_runs(
+        tmp_path, monkeypatch, no_network):
+    archive, files = tarball_of(tmp_path)
+    source = data.SOURCES["cifar10"]
+    monkeypatch.setitem(data.SOURCES, "cifar10", dataclasses.replace(
+        source, md5=data.md5_of(archive), file_md5=files))
+    spec = load_spec(cifar_grid(tmp_path, tmp_path / "data"), ["train_size=16", "test_size=2"])
+    extracted = []
+    real = data._extract
+    monkeypatch.setattr(data, "_extract", lambda *a: (extracted.append(a), real(*a)))
+    outcome = run_grid(spec, tmp_path / "out", InlineExecutor(), stream=io.StringIO())
+    assert outcome.counts == {"completed": 2} and len(extracted) == 1
+    folder = tmp_path / "data" / "cifar-10-batches-py"
+    assert {p.name: data.md5_of(p) for p in folder.iterdir()} == files
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
+        "cifar-10-batches-py", "cifar-10-python.tar.gz"]  # no staging folder left
+    assert no_network == []
