@@ -401,6 +401,76 @@ def store_check_task(root: str) -> tuple[str, str | None]:
     return node, writable_dir_error(root)
 
 
+HEAD_GRACE_S = 10.0  # the Ray head unreachable this long: it is lost (Ray's own limit: 60 s)
+HEAD_CHECK_S = 1.0
+HEAD_LOCK_WAIT_S = 10.0  # then, for the runs its workers held, to let go of them
+
+
+class HeadWatch:
+    """Whether the Ray head still answers: a TCP connect to its GCS every ``HEAD_CHECK_S``,
+    lost once none succeeded for ``grace_s``. Without it, Ray ends the driver from inside,
+    60 s after the head died (exit 1, Ray's log lines, nothing said of the runs)."""
+
+    def __init__(self, address: str | None, grace_s: float = HEAD_GRACE_S):
+        host, _, port = (address or "").rpartition(":")
+        self.address, self.host = address, host.strip("[]")
+        self.port = int(port) if port.isdigit() else None  # unknown (Ray client): not watched
+        self.grace_s = grace_s
+        self.last_ok = self.next_check = time.monotonic()
+
+    def lost(self) -> bool:
+        import socket
+
+        now = time.monotonic()
+        if self.port is None:
+            return False
+        if now >= self.next_check:
+            self.next_check = now + HEAD_CHECK_S
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1.0):
+                    self.last_ok = time.monotonic()
+            except OSError:
+                pass
+        return time.monotonic() - self.last_ok > self.grace_s
+
+
+def requeue_if_free(root: str, grid: str, run_id: str) -> bool:
+    """Store ``run_id`` as queued unless a live process holds it; False if one does."""
+    from ablations.store import DamagedFile, GridStore
+
+    store = GridStore(root, grid)
+    lock = store.lock(run_id)
+    if not lock.acquire():
+        return False
+    try:
+        if store.status(run_id).get("state") == "running":
+            store.update_status(run_id, state="queued")
+    except (DamagedFile, OSError):
+        pass  # a damaged status is repaired by the next run; the run is not held
+    finally:
+        lock.release()
+    return True
+
+
+def head_lost(root: str, grid: str, run_ids: list[str], head: HeadWatch) -> UserError:
+    """Requeue the runs in flight when the Ray head was lost (waiting a little for workers
+    cut off from it to let go of theirs) and say so in one line."""
+    waiting = set(run_ids)
+    deadline = time.monotonic() + HEAD_LOCK_WAIT_S
+    while True:
+        waiting = {rid for rid in waiting if not requeue_if_free(root, grid, rid)}
+        if not waiting or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    held = (f"; {len(waiting)} still held by workers cut off from it, which a rerun continues "
+            f"once they stop" if waiting else "")
+    return UserError(
+        f"lost the Ray head at {head.address} (no answer for {head.grace_s:g} s): "
+        f"{len(run_ids) - len(waiting)} unfinished run(s) queued again{held}; run the same "
+        f"command again (with or without Ray) to finish the grid"
+    )
+
+
 def ray_run_task(root: str, grid: str, run_id: str, gpus: float, threads: int,
                  events: Any) -> dict:
     import ray
@@ -511,8 +581,13 @@ class RayExecutor:
         submit = lambda rid: task.remote(root, grid, rid, self.gpus_per_run, threads, events)  # noqa: E731
         refs = {submit(rid): rid for rid in run_ids}
         retry_at: dict[str, float] = {}
+        head = HeadWatch(getattr(ray.get_runtime_context(), "gcs_address", None))
+        lost: UserError | None = None
         try:
             while refs or retry_at:
+                if head.lost():
+                    lost = head_lost(root, grid, [*refs.values(), *retry_at], head)
+                    break
                 for rid, when in list(retry_at.items()):
                     if when <= time.monotonic():
                         retry_at.pop(rid)
@@ -553,7 +628,10 @@ class RayExecutor:
                     on_result({"run_id": rid, "state": "interrupted"})
             raise
         finally:
-            try:
-                ray.kill(events.actor)
-            except RayError:
-                pass
+            if lost is None:  # without a head, Ray calls would wait for it
+                try:
+                    ray.kill(events.actor)
+                except RayError:
+                    pass
+        if lost is not None:
+            raise lost
