@@ -17,9 +17,11 @@ import pickle
 import shutil
 import signal
 import struct
+import subprocess
 import sys
 import tarfile
 import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -38,7 +40,7 @@ from sigprop.data import load_dataset
 from sigprop.errors import UserError
 from sigprop.train import train
 from tests.test_data import cifar_entry, write_cifar10
-from tests.test_faults import InlineExecutor, write_spec
+from tests.test_faults import ROOT, InlineExecutor, wait_for, write_spec
 from tests.test_train import TINY_MODEL
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux launcher")
@@ -434,3 +436,61 @@ def test_a_good_tarball_in_data_dir_is_extracted_once_before_the_grid_runs(
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == [
         "cifar-10-batches-py", "cifar-10-python.tar.gz"]  # no staging folder left
     assert no_network == []
+
+
+# ----------------------------------------------------------------------------- Ray head
+@linux_only
+@pytest.mark.slow
+@pytest.mark.ray
+def test_losing_the_ray_head_ends_the_grid_in_one_line_and_a_rerun_finishes_it(
+        tmp_path, monkeypatch):
+    pytest.importorskip("ray", reason="the ray extra is not installed")
+    from ray._common import utils as common_utils
+    from ray._private import utils as private_utils
+    from ray.cluster_utils import Cluster
+
+    from ablations.store import GridStore, load_results
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    # not published in /tmp/ray/ray_current_cluster (see test_faults' Ray test)
+    monkeypatch.setattr(private_utils, "write_ray_address", lambda *a, **k: None)
+    monkeypatch.setattr(common_utils, "reset_ray_address", lambda *a, **k: None)
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2,
+                                                            "include_dashboard": False})
+    try:
+        spec, out = write_spec(tmp_path, steps=20, seeds="[0, 1]"), tmp_path / "out"
+        runner = subprocess.Popen(
+            [sys.executable, str(ROOT / "run_ablations.py"), "run", str(spec), "--out",
+             str(out), "--device", "cpu", "--no-report", "--executor", "ray"],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "RAY_ADDRESS": cluster.address})
+        store = GridStore(out, "tiny")
+
+        def both_training() -> bool:
+            try:
+                return all(store.status(rid).get("state") == "running"
+                           and (store.run_dir(rid) / "checkpoint.pt").exists()
+                           for rid in store.run_ids()) and len(store.run_ids()) == 2
+            except Exception:  # noqa: BLE001 - polled while being written
+                return False
+
+        wait_for(both_training, timeout=120)
+        cluster.head_node.kill_all_processes(check_alive=False, allow_graceful=False)
+        killed = time.monotonic()
+        _, stderr = runner.communicate(timeout=60)
+        assert time.monotonic() - killed < executors.HEAD_GRACE_S + 15  # not Ray's 60 s
+    finally:
+        cluster.shutdown()
+    assert runner.returncode == 2, stderr
+    # Ray's own C++ log may precede it ("Failed to push error to driver for task ...")
+    lines = stderr.splitlines()
+    assert lines[-1].startswith("sigprop: error: lost the Ray head at "), stderr
+    assert stderr.count("sigprop:") == 1 and "Traceback" not in stderr, stderr
+    assert "2 unfinished run(s) queued again" in lines[-1]
+    assert [store.state(rid) for rid in store.run_ids()] == ["queued", "queued"]
+    assert not any(store.is_locked(rid) for rid in store.run_ids())
+
+    outcome = run_grid(load_spec(spec), out, InlineExecutor(), stream=io.StringIO())
+    assert outcome.counts == {"completed": 2}
+    steps = load_results(out).metrics.dropna(subset=["loss"]).groupby("run_id")["step"]
+    assert [list(s) for _, s in steps] == [list(range(20))] * 2  # resumed, every step once
