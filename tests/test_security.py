@@ -5,6 +5,8 @@
   after the runner checked it. The planted code must never run.
 - CIFAR batch files: a batch whose unpickling runs a command must not run it, in a grid run on
   ``data_dir`` and in ``spp --input cifar10``; malformed batches are one line naming the file.
+- Data that is not ours: a corrupt tarball is reported and kept, nothing downloads unless asked.
+- Losing the Ray head mid-grid ends the grid in one line, its runs queued again for a rerun.
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ def as_nobody(action) -> bool:
 
 
 @linux_only
+@pytest.mark.slow  # a real worker process imports torch
 @pytest.mark.parametrize("plant", ["file", "symlink"])
 def test_a_launcher_planted_in_the_shared_temp_folder_never_runs(
         tmp_path, monkeypatch, shared_temp_folder, plant):
