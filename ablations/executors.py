@@ -17,16 +17,16 @@ import os
 import queue
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
+from multiprocessing import popen_spawn_posix, spawn
 from typing import Any
 
 from ablations.worker import DEFAULT_THREADS, check_threads, execute_run, resolve_device
 from sigprop.errors import UserError
-from sigprop.files import atomic_path
 
 ResultCallback = Callable[[dict], "list[str] | None"]
 StepCallback = Callable[[int, str, int, int, "float | None"], None]
@@ -57,55 +57,66 @@ def set_parent_death_signal(parent_pid: int) -> None:
         os._exit(1)
 
 
-# The spawn "executable" of the worker processes on Linux: sets the parent-death signal as its
-# first instruction, then execs the real interpreter (the signal survives exec). Without it a
-# worker still importing torch when the runner is killed (seconds on a busy machine) would
-# live on until it reached the pool's initializer.
-DEATHSIG_LAUNCHER = """#!{python} -SE
-import ctypes, os, signal, sys
-ctypes.CDLL("libc.so.6").prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-if str(os.getppid()) != os.environ.get("SIGPROP_RUNNER_PID"):
-    os._exit(1)  # the runner died before the line above
-os.execv({python!r}, [{python!r}, *sys.argv[1:]])
-"""
+# Run by each worker process on Linux before anything else (before it unpickles its task, which
+# imports torch): set the parent-death signal, then check that the runner is still its parent.
+# Without it a worker still importing torch when the runner is killed (seconds on a busy
+# machine) would live on until it reached the pool's initializer. The code goes inline in the
+# worker's ``python -c`` command line: no launcher file is written or exec'd (one in the shared
+# temp folder could be planted or rewritten by another local user).
+DEATHSIG_PRELUDE = (
+    "import ctypes, os, signal; "
+    "ctypes.CDLL('libc.so.6').prctl(1, signal.SIGKILL); "  # PR_SET_PDEATHSIG
+    "os.getppid() != {pid} and os._exit(1); "  # the runner died before the line above
+)
+_prelude = threading.local()
 
 
-def deathsig_launcher() -> str | None:
-    """Path of the launcher script for this interpreter (written once, in the temp folder)."""
-    if not sys.platform.startswith("linux"):
-        return None
-    import hashlib
-    import tempfile
+def deathsig_command_line(cmd: list[str]) -> list[str]:
+    """``cmd`` (a spawn command line: ``python [opts] -c CODE ...``) with the prelude put
+    before CODE, naming this process as the runner."""
+    at = len(cmd) - cmd[::-1].index("-c")  # the last -c: the stdlib puts its own after opts
+    return [*cmd[:at], DEATHSIG_PRELUDE.format(pid=os.getpid()) + cmd[at], *cmd[at + 1:]]
 
-    text = DEATHSIG_LAUNCHER.format(python=sys.executable)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:12]
-    path = Path(tempfile.gettempdir()) / f"sigprop-launcher-{os.getuid()}-{digest}"
-    if not path.is_file() or path.read_text() != text:
+
+def _command_line(original: Callable[..., list[str]]) -> Callable[..., list[str]]:
+    def command_line(**kwds: Any) -> list[str]:
+        cmd = original(**kwds)
+        if getattr(_prelude, "active", False) and "-c" in cmd:
+            return deathsig_command_line(cmd)
+        return cmd
+
+    command_line.sigprop_prelude = True  # type: ignore[attr-defined]
+    return command_line
+
+
+class _DeathsigPopen(popen_spawn_posix.Popen):
+    def _launch(self, process_obj: Any) -> None:
+        # The stdlib builds the command line in spawn.get_command_line; the wrapper installed
+        # once adds the prelude only for launches of this class, in this thread.
+        if not getattr(spawn.get_command_line, "sigprop_prelude", False):
+            spawn.get_command_line = _command_line(spawn.get_command_line)
+        _prelude.active = True
         try:
-            with atomic_path(path) as tmp:
-                tmp.write_text(text)
-                tmp.chmod(0o755)
-        except OSError:
-            return None
-    return str(path)
+            super()._launch(process_obj)
+        finally:
+            _prelude.active = False
 
 
-@contextlib.contextmanager
-def deathsig_spawning() -> Iterator[None]:
-    """Processes spawned inside start through :func:`deathsig_launcher`."""
-    from multiprocessing import spawn
+class _DeathsigProcess(mp.context.SpawnProcess):
+    @staticmethod
+    def _Popen(process_obj: Any) -> Any:
+        return _DeathsigPopen(process_obj)
 
-    launcher = deathsig_launcher()
-    if launcher is None:
-        yield
-        return
-    previous = spawn.get_executable()
-    os.environ["SIGPROP_RUNNER_PID"] = str(os.getpid())
-    spawn.set_executable(launcher)
-    try:
-        yield
-    finally:
-        spawn.set_executable(previous)
+
+class _DeathsigContext(mp.context.SpawnContext):
+    Process = _DeathsigProcess
+
+
+def worker_context() -> Any:
+    """The multiprocessing context of the worker pools: spawn, with the prelude on Linux."""
+    if sys.platform.startswith("linux"):
+        return _DeathsigContext()
+    return mp.get_context("spawn")
 
 
 _EVENTS: Any = None  # this worker's end of the progress queue (set by _init_worker)
@@ -208,7 +219,7 @@ class LocalExecutor:
         slots = self.slots()
         threads = self.threads_per_worker()
         worker_environment()
-        ctx = mp.get_context("spawn")
+        ctx = worker_context()
         events: Any = None
 
         def new_pool() -> ProcessPoolExecutor:
@@ -264,7 +275,7 @@ class LocalExecutor:
                         continue
                     slot = free.pop(0)
                     try:
-                        with stop_signals_blocked(), deathsig_spawning():
+                        with stop_signals_blocked():
                             future = pool.submit(_pool_task, root, grid, rid, slots[slot],
                                                  threads, slot, self.deterministic)
                     except BrokenProcessPool:
@@ -392,6 +403,76 @@ def store_check_task(root: str) -> tuple[str, str | None]:
     return node, writable_dir_error(root)
 
 
+HEAD_GRACE_S = 10.0  # the Ray head unreachable this long: it is lost (Ray's own limit: 60 s)
+HEAD_CHECK_S = 1.0
+HEAD_LOCK_WAIT_S = 10.0  # then, for the runs its workers held, to let go of them
+
+
+class HeadWatch:
+    """Whether the Ray head still answers: a TCP connect to its GCS every ``HEAD_CHECK_S``,
+    lost once none succeeded for ``grace_s``. Without it, Ray ends the driver from inside,
+    60 s after the head died (exit 1, Ray's log lines, nothing said of the runs)."""
+
+    def __init__(self, address: str | None, grace_s: float = HEAD_GRACE_S):
+        host, _, port = (address or "").rpartition(":")
+        self.address, self.host = address, host.strip("[]")
+        self.port = int(port) if port.isdigit() else None  # unknown (Ray client): not watched
+        self.grace_s = grace_s
+        self.last_ok = self.next_check = time.monotonic()
+
+    def lost(self) -> bool:
+        import socket
+
+        now = time.monotonic()
+        if self.port is None:
+            return False
+        if now >= self.next_check:
+            self.next_check = now + HEAD_CHECK_S
+            try:
+                with socket.create_connection((self.host, self.port), timeout=1.0):
+                    self.last_ok = time.monotonic()
+            except OSError:
+                pass
+        return time.monotonic() - self.last_ok > self.grace_s
+
+
+def requeue_if_free(root: str, grid: str, run_id: str) -> bool:
+    """Store ``run_id`` as queued unless a live process holds it; False if one does."""
+    from ablations.store import DamagedFile, GridStore
+
+    store = GridStore(root, grid)
+    lock = store.lock(run_id)
+    if not lock.acquire():
+        return False
+    try:
+        if store.status(run_id).get("state") == "running":
+            store.update_status(run_id, state="queued")
+    except (DamagedFile, OSError):
+        pass  # a damaged status is repaired by the next run; the run is not held
+    finally:
+        lock.release()
+    return True
+
+
+def head_lost(root: str, grid: str, run_ids: list[str], head: HeadWatch) -> UserError:
+    """Requeue the runs in flight when the Ray head was lost (waiting a little for workers
+    cut off from it to let go of theirs) and say so in one line."""
+    waiting = set(run_ids)
+    deadline = time.monotonic() + HEAD_LOCK_WAIT_S
+    while True:
+        waiting = {rid for rid in waiting if not requeue_if_free(root, grid, rid)}
+        if not waiting or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    held = (f"; {len(waiting)} still held by workers cut off from it, which a rerun continues "
+            f"once they stop" if waiting else "")
+    return UserError(
+        f"lost the Ray head at {head.address} (no answer for {head.grace_s:g} s): "
+        f"{len(run_ids) - len(waiting)} unfinished run(s) queued again{held}; run the same "
+        f"command again (with or without Ray) to finish the grid"
+    )
+
+
 def ray_run_task(root: str, grid: str, run_id: str, gpus: float, threads: int,
                  events: Any, deterministic: bool = False) -> dict:
     import ray
@@ -505,8 +586,13 @@ class RayExecutor:
                                          events, self.deterministic)
         refs = {submit(rid): rid for rid in run_ids}
         retry_at: dict[str, float] = {}
+        head = HeadWatch(getattr(ray.get_runtime_context(), "gcs_address", None))
+        lost: UserError | None = None
         try:
             while refs or retry_at:
+                if head.lost():
+                    lost = head_lost(root, grid, [*refs.values(), *retry_at], head)
+                    break
                 for rid, when in list(retry_at.items()):
                     if when <= time.monotonic():
                         retry_at.pop(rid)
@@ -547,7 +633,10 @@ class RayExecutor:
                     on_result({"run_id": rid, "state": "interrupted"})
             raise
         finally:
-            try:
-                ray.kill(events.actor)
-            except RayError:
-                pass
+            if lost is None:  # without a head, Ray calls would wait for it
+                try:
+                    ray.kill(events.actor)
+                except RayError:
+                    pass
+        if lost is not None:
+            raise lost

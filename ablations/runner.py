@@ -150,11 +150,12 @@ def check_data(runs: list[Run], download: bool = False) -> None:
     """Every data set the runs left to run need is there, checked once before anything is
     written.
 
-    CIFAR counts as there when its extracted batches or its tarball (checked and extracted by
-    the first run) are in the run's data_dir; otherwise ``download`` fetches it now, once, and
-    without it the grid stops naming where the files go (runs would each fail on their own).
+    CIFAR counts as there when its extracted batches are in the run's data_dir, or its
+    tarball, which is checked and extracted here, once (a bad one stops the grid in one line,
+    and stays); otherwise ``download`` fetches it now, once, and without it the grid stops
+    naming where the files go (runs would each fail on their own). Runs never download.
     """
-    from sigprop.data import SOURCES, default_data_dir, load_dataset
+    from sigprop.data import SOURCES, default_data_dir, ensure_cifar
 
     needed = sorted({(r.config["data"], r.config.get("data_dir") or "") for r in runs})
     for name, data_dir in needed:
@@ -171,10 +172,8 @@ def check_data(runs: list[Run], download: bool = False) -> None:
         files = source.train_files + source.test_files
         if all((folder / source.folder / f).is_file() for f in files):
             continue
-        if (folder / source.filename).is_file():
-            continue
-        if download:
-            load_dataset(name, folder, train_size=1, test_size=1, download=True)
+        if download or (folder / source.filename).is_file():
+            ensure_cifar(name, folder, download)
             continue
         raise UserError(
             f"data set {name} not found: put {source.folder}/ (extracted from "

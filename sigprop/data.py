@@ -8,8 +8,11 @@ Names (:func:`load_dataset`):
   strong pixel noise, so a small ResNet learns it well above chance but not perfectly in a few
   hundred steps. Sample k of a split is the same whatever the requested size.
 - ``cifar10`` / ``cifar100``: the official python-pickle batches, read from ``data_dir``
-  (``cifar-10-batches-py/`` or ``cifar-100-python/``). When missing, the official tarball is
-  downloaded into ``data_dir``, its md5 checked, and extracted.
+  (``cifar-10-batches-py/`` or ``cifar-100-python/``). When missing, the official tarball in
+  ``data_dir`` (downloaded there first only when asked: ``download=True``) has its md5 checked,
+  is extracted, and every extracted file is checked against its published md5. Batches are
+  read with a restricted unpickler (:class:`BatchUnpickler`) whatever their origin: it builds
+  only dicts, lists, numbers, bytes and numpy arrays, so a hostile batch cannot run code.
 - ``digits``: scikit-learn's bundled 8x8 digits (needs the optional ``scikit-learn``),
   upsampled to ``image_size`` and repeated over three channels.
 
@@ -27,15 +30,18 @@ mirrored digit, or a mirrored synthetic class pattern, is not the same class).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
+import io
 import math
 import os
 import pickle
 import shutil
 import tarfile
+import tempfile
 import urllib.request
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -196,6 +202,9 @@ class RemoteArchive:
     train_files: tuple[str, ...]
     test_files: tuple[str, ...]
     label_key: bytes
+    # the published md5 of each file the tarball extracts to (torchvision's values)
+    file_md5: dict[str, str] = field(default_factory=dict)
+    num_classes: int = 10
 
 
 SOURCES: dict[str, RemoteArchive] = {
@@ -207,6 +216,16 @@ SOURCES: dict[str, RemoteArchive] = {
         train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
         test_files=("test_batch",),
         label_key=b"labels",
+        file_md5={
+            "data_batch_1": "c99cafc152244af753f735de768cd75f",
+            "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+            "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+            "data_batch_4": "634d18415352ddfa80567beed471001a",
+            "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+            "test_batch": "40351d587109b95175f43aff81a1287e",
+            "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+        },
+        num_classes=10,
     ),
     "cifar100": RemoteArchive(
         url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
@@ -216,8 +235,15 @@ SOURCES: dict[str, RemoteArchive] = {
         train_files=("train",),
         test_files=("test",),
         label_key=b"fine_labels",
+        file_md5={
+            "train": "16019d7e3df5f24257cddd939b257f8d",
+            "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
+            "meta": "7973b15100ade9c7d40fb424638fde48",
+        },
+        num_classes=100,
     ),
 }
+CIFAR_PIXELS = (3, 32, 32)
 
 
 def md5_of(path: Path) -> str:
@@ -228,18 +254,126 @@ def md5_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def read_cifar_batch(path: Path, label_key: bytes) -> tuple[np.ndarray, np.ndarray]:
-    """One CIFAR python batch: uint8 images (N, 3, 32, 32) and int64 labels."""
+class _Refused(pickle.UnpicklingError):
+    """A class or function a CIFAR batch does not hold: the file is not unpickled further."""
+
+
+def _latin1(text: str, encoding: str = "latin1", errors: str = "strict") -> bytes:
+    # how protocol-2 pickles written by Python 3 spell bytes; any other codec is refused
+    if encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise _Refused(f"refusing _codecs.encode with {encoding!r}")
+    return codecs.encode(text, "latin1")
+
+
+def _batch_globals() -> dict[tuple[str, str], object]:
+    # This numpy's own array and scalar reconstructors, under the module names numpy 1 and
+    # numpy 2 write (the official batches name numpy.core.multiarray).
+    array = np.zeros(1, dtype=np.uint8)
+    found: dict[tuple[str, str], object] = {
+        ("numpy", "ndarray"): np.ndarray, ("numpy", "dtype"): np.dtype,
+        ("_codecs", "encode"): _latin1,
+    }
+    for core in ("numpy.core", "numpy._core"):
+        found[(f"{core}.multiarray", "_reconstruct")] = array.__reduce__()[0]
+        found[(f"{core}.multiarray", "scalar")] = np.int64(0).__reduce__()[0]
+        found[(f"{core}.numeric", "_frombuffer")] = array.__reduce_ex__(5)[0]
+    return found
+
+
+BATCH_GLOBALS = _batch_globals()
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Unpickles what a CIFAR python batch holds (dicts, lists, numbers, bytes, numpy arrays)
+    and refuses every other class or function, so unpickling runs no code of the file's."""
+
+    def find_class(self, module: str, name: str) -> object:
+        try:
+            return BATCH_GLOBALS[(module, name)]
+        except KeyError:
+            raise _Refused(
+                f"refusing to load {module}.{name} (a CIFAR batch holds only arrays, lists, "
+                f"numbers and bytes)"
+            ) from None
+
+    def persistent_load(self, pid: object) -> object:
+        raise _Refused("refusing a persistent id (not in a CIFAR batch)")
+
+
+class _Malformed(ValueError):
+    """What is wrong with a batch file's content (the caller names the file)."""
+
+
+def _kind(value: object) -> str:
+    return "None" if value is None else f"a {type(value).__name__}"
+
+
+def _batch_arrays(entry: object, label_key: bytes,
+                  num_classes: int | None) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(entry, dict):
+        raise _Malformed(f"it holds {_kind(entry)}, not a dict of images and labels")
+    for key in (b"data", label_key):
+        if key not in entry:
+            raise _Malformed(f"it has no {key.decode()!r} entry")
+    data, labels = entry[b"data"], entry[label_key]
+    if not isinstance(data, np.ndarray):
+        raise _Malformed(f"its data is {_kind(data)}, not an array of pixel bytes")
+    if data.dtype.kind not in "ui":
+        raise _Malformed(f"its data has dtype {data.dtype}, not uint8 pixels")
+    if data.ndim == 2 and data.shape[1] == math.prod(CIFAR_PIXELS):
+        data = data.reshape(-1, *CIFAR_PIXELS)
+    elif data.shape[1:] != CIFAR_PIXELS:
+        raise _Malformed(f"its data has shape {tuple(data.shape)}, not (N, 3072): rows of "
+                         f"32x32 RGB pixels")
+    if data.dtype != np.uint8:
+        if data.size and (data.min() < 0 or data.max() > 255):
+            raise _Malformed("its data holds values outside [0, 255]")
+        data = data.astype(np.uint8)
+    name = label_key.decode()
+    if not isinstance(labels, (list, tuple, np.ndarray)):
+        raise _Malformed(f"its {name} are {_kind(labels)}, not a list of class indices")
     try:
-        with open(path, "rb") as f:
-            entry = pickle.load(f, encoding="bytes")
-        data = np.asarray(entry[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = np.asarray(entry[label_key], dtype=np.int64)
-    except (OSError, KeyError, ValueError, pickle.UnpicklingError, EOFError) as err:
-        raise UserError(f"cannot read CIFAR batch {path}: {err}") from None
-    if len(labels) != len(data):
-        raise UserError(f"CIFAR batch {path} has {len(data)} images but {len(labels)} labels")
-    return data, labels
+        y = np.asarray(labels)
+    except ValueError as err:
+        raise _Malformed(f"its {name} are not a flat list of class indices ({err})") from None
+    if len(y) and (y.dtype.kind not in "ui" or y.ndim != 1):
+        raise _Malformed(f"its {name} are not a flat list of integer class indices")
+    y = y.astype(np.int64)
+    if len(y) != len(data):
+        raise _Malformed(f"it has {len(data)} images but {len(y)} {name}")
+    if num_classes is not None:
+        bad = np.flatnonzero((y < 0) | (y >= num_classes))
+        if bad.size:
+            raise _Malformed(f"label {y[bad[0]]} (sample {bad[0]}) is outside "
+                             f"[0, {num_classes})")
+    return data, y
+
+
+def read_cifar_batch(path: Path, label_key: bytes, num_classes: int | None = None,
+                     md5: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One CIFAR python batch: uint8 images (N, 3, 32, 32) and int64 labels in
+    [0, ``num_classes``).
+
+    Every file goes through :class:`BatchUnpickler`, the guard: batches written elsewhere (a
+    shared data folder, tests writing the exact on-disk format) are read as data, never as
+    code. ``md5`` (the published one) only adds to the error of a file that is not the
+    published file; the bytes are read once, so the check and the unpickling see one content.
+    Anything malformed is a :class:`UserError` naming the file and what is wrong.
+    """
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as err:
+        raise UserError(f"cannot read CIFAR batch {path}: {err.strerror or err}") from None
+    try:
+        entry = BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        return _batch_arrays(entry, label_key, num_classes)
+    except Exception as err:  # noqa: BLE001 - a hostile file can make unpickling raise anything
+        why = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+        if not isinstance(err, (_Malformed, _Refused)):
+            why = f"not a CIFAR python batch ({type(err).__name__}: {why})"
+        if md5 is not None and hashlib.md5(raw).hexdigest() != md5:
+            why += "; it is not the published file (md5 differs)"
+        raise UserError(f"cannot read CIFAR batch {path}: {why}") from None
 
 
 def _fetch(url: str, dest: Path) -> None:
@@ -263,7 +397,11 @@ def _safe_extract(archive: Path, into: Path) -> None:
         tar.extractall(into)
 
 
-def _ensure_cifar(name: str, data_dir: Path, download: bool) -> Path:
+def ensure_cifar(name: str, data_dir: Path, download: bool = False) -> Path:
+    """The folder of ``name``'s extracted batches in ``data_dir``; extracts the tarball found
+    there (downloaded first only with ``download``) after checking its md5, and every file it
+    extracts against the published md5s. A tarball that fails its check is deleted only if
+    this call downloaded it: one found in ``data_dir`` is the user's, and stays."""
     source = SOURCES[name]
     folder = data_dir / source.folder
     needed = source.train_files + source.test_files
@@ -272,6 +410,7 @@ def _ensure_cifar(name: str, data_dir: Path, download: bool) -> Path:
     where = (f"put {source.folder}/ (extracted from {source.filename}, {source.url}) "
              f"under {data_dir}")
     archive = data_dir / source.filename
+    downloaded = False
     if not archive.is_file():
         if not download:
             raise UserError(f"{name}: files not found in {folder} and download is off; {where}")
@@ -283,21 +422,59 @@ def _ensure_cifar(name: str, data_dir: Path, download: bool) -> Path:
             raise UserError(
                 f"{name}: files not found in {folder} and download failed ({reason}); {where}"
             ) from None
-    digest = md5_of(archive)
+        downloaded = True
+    try:
+        digest = md5_of(archive)
+    except OSError as err:
+        raise UserError(f"{name}: cannot read {archive}: {err.strerror or err}") from None
     if digest != source.md5:
-        archive.unlink()
+        if downloaded:
+            archive.unlink(missing_ok=True)
+            raise UserError(
+                f"{name}: checksum mismatch for the download of {source.url} (md5 {digest}, "
+                f"expected {source.md5}); it was removed, try again or {where}"
+            )
         raise UserError(
             f"{name}: checksum mismatch for {archive} (md5 {digest}, expected {source.md5}); "
-            f"the file was removed, try again or {where}"
+            f"it is left in place: replace it with the official file (or remove it and "
+            f"download again), or {where}"
         )
-    try:
-        _safe_extract(archive, data_dir)
-    except (tarfile.TarError, OSError) as err:
-        raise UserError(f"{name}: cannot extract {archive}: {err}") from None
-    missing = [f for f in needed if not (folder / f).is_file()]
-    if missing:
-        raise UserError(f"{name}: {archive} lacks {', '.join(missing)}; {where}")
+    _extract(name, archive, data_dir, source, where)
     return folder
+
+
+def _extract(name: str, archive: Path, data_dir: Path, source: RemoteArchive,
+             where: str) -> None:
+    # Into a private folder first, checked there, then moved in file by file: a run reading
+    # the folder meanwhile never sees half a file, and files already there (the user's) stay.
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".sigprop-extract-", dir=data_dir))
+    except OSError as err:
+        raise UserError(f"{name}: cannot extract {archive}: {err.strerror or err}") from None
+    try:
+        try:
+            _safe_extract(archive, staging)
+        except (tarfile.TarError, OSError, EOFError) as err:
+            raise UserError(f"{name}: cannot extract {archive}: {err}") from None
+        extracted = staging / source.folder
+        needed = source.train_files + source.test_files
+        missing = [f for f in needed if not (extracted / f).is_file()]
+        if missing:
+            raise UserError(f"{name}: {archive} lacks {', '.join(missing)}; {where}")
+        for file, want in source.file_md5.items():
+            got = md5_of(extracted / file) if (extracted / file).is_file() else want
+            if got != want:
+                raise UserError(f"{name}: {file} in {archive} has md5 {got}, not the published "
+                                f"{want}; nothing was extracted; {where}")
+        folder = data_dir / source.folder
+        folder.mkdir(exist_ok=True)
+        for path in sorted(extracted.iterdir()):
+            if path.is_file() and not (folder / path.name).exists():
+                os.replace(path, folder / path.name)
+    except OSError as err:
+        raise UserError(f"{name}: cannot extract {archive}: {err.strerror or err}") from None
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _load_cifar(name: str) -> Callable:
@@ -306,22 +483,18 @@ def _load_cifar(name: str) -> Callable:
         image_size: int, download: bool,
     ):
         source = SOURCES[name]
-        folder = _ensure_cifar(name, data_dir or default_data_dir(), download)
+        folder = ensure_cifar(name, data_dir or default_data_dir(), download)
         parts = {}
         for split, files in (("train", source.train_files), ("test", source.test_files)):
-            batches = [read_cifar_batch(folder / f, source.label_key) for f in files]
+            batches = [read_cifar_batch(folder / f, source.label_key, source.num_classes,
+                                        source.file_md5.get(f)) for f in files]
             x = np.concatenate([b[0] for b in batches])
             y = np.concatenate([b[1] for b in batches])
             limit = train_size if split == "train" else test_size
             if limit is not None:
                 x, y = x[:limit], y[:limit]
             parts[split] = (torch.from_numpy(x).float().div_(255.0), torch.from_numpy(y))
-        num_classes = 10 if name == "cifar10" else 100
-        for split in parts:
-            labels = parts[split][1]
-            if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-                raise UserError(f"{name}: {split} labels outside [0, {num_classes})")
-        return (*parts["train"], *parts["test"], num_classes)
+        return (*parts["train"], *parts["test"], source.num_classes)
 
     return load
 
@@ -421,13 +594,14 @@ def load_dataset(
     test_size: int | None = None,
     seed: int = 0,
     image_size: int = 32,
-    download: bool = True,
+    download: bool = False,
 ) -> ImageDataset:
     """Load data set ``name`` as normalized float32 CPU tensors (move with ``.to(device)``).
 
     ``train_size`` / ``test_size`` keep the first samples (None: all; synthetic: 10000 / 2000);
     asking for more than there are raises :class:`UserError`. ``seed`` only affects
-    ``synthetic``. Images are resized (bilinear) to ``image_size`` when they differ.
+    ``synthetic``. Images are resized (bilinear) to ``image_size`` when they differ. Nothing
+    is downloaded unless ``download`` is True (CIFAR: see :func:`ensure_cifar`).
     """
     info = dataset_info(name)
     _check_size(train_size, "train_size")

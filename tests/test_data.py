@@ -159,7 +159,7 @@ def test_download_verifies_checksum_and_extracts(tmp_path, monkeypatch):
     archive = tmp_path / "served.tar.gz"
     md5 = make_archive(staging, archive)
     patch_source(monkeypatch, archive.as_uri(), md5)
-    ds = load_dataset("cifar10", data_dir=cache)
+    ds = load_dataset("cifar10", data_dir=cache, download=True)
     assert ds.test_y.tolist() == entries["test_batch"][b"labels"]
     assert (cache / "cifar-10-batches-py" / "data_batch_5").is_file()
     assert not list(cache.glob("*.part"))
@@ -172,7 +172,7 @@ def test_download_with_wrong_checksum_is_rejected(tmp_path, monkeypatch):
     make_archive(staging, archive)
     patch_source(monkeypatch, archive.as_uri(), "0" * 32)
     with pytest.raises(UserError, match="checksum mismatch") as info:
-        load_dataset("cifar10", data_dir=cache)
+        load_dataset("cifar10", data_dir=cache, download=True)
     assert "\n" not in str(info.value)
     assert not (cache / "cifar-10-python.tar.gz").exists()  # the bad file is gone
     assert not (cache / "cifar-10-batches-py").exists()  # and nothing was extracted
@@ -181,7 +181,7 @@ def test_download_with_wrong_checksum_is_rejected(tmp_path, monkeypatch):
 def test_missing_files_offline_say_where_to_put_them(tmp_path, monkeypatch):
     patch_source(monkeypatch, (tmp_path / "no-such-file.tar.gz").as_uri(), "0" * 32)
     with pytest.raises(UserError, match="download failed") as info:
-        load_dataset("cifar10", data_dir=tmp_path / "cache")
+        load_dataset("cifar10", data_dir=tmp_path / "cache", download=True)
     message = str(info.value)
     assert "cifar-10-batches-py" in message and str(tmp_path / "cache") in message
     assert "\n" not in message
@@ -198,7 +198,7 @@ def test_archive_with_path_escape_is_refused(tmp_path, monkeypatch):
         tar.addfile(info, io.BytesIO(payload))
     patch_source(monkeypatch, archive.as_uri(), hashlib.md5(archive.read_bytes()).hexdigest())
     with pytest.raises(UserError, match="refusing to extract"):
-        load_dataset("cifar10", data_dir=tmp_path / "cache")
+        load_dataset("cifar10", data_dir=tmp_path / "cache", download=True)
     assert not (tmp_path / "escaped.txt").exists()
 
 

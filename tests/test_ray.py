@@ -55,7 +55,7 @@ def test_ray_failing_run_is_stored_as_failed(tmp_path, local_ray):
     outcome = run_grid(load_spec(path), tmp_path / "out", RayExecutor(), stream=io.StringIO())
     assert outcome.counts == {"completed": 1, "failed": 1}
     runs = load_results(tmp_path / "out").runs.set_index("data")
-    assert runs.loc["cifar10", "error"].startswith("UserError: cifar10: checksum mismatch")
+    assert runs.loc["cifar10", "error"].startswith("UserError: cannot read CIFAR batch")
 
 
 def test_unwritable_store_is_reported_before_running(tmp_path, local_ray):
