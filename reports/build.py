@@ -474,6 +474,9 @@ def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str],
                              f"{verdict_counts(verdicts)} (see Claims).")
         section.parts.append(Bullets([f"{v.claim.id}: {v.verdict} — {v.claim.text}"
                                       for v in verdicts]))
+    elif spec and spec.get("claims") and verdicts is None:
+        section.parts.append("The stored spec's claims could not be read or checked (see the "
+                             "warnings), so no verdict is given.")
     elif spec and not spec.get("untested_claims"):
         section.parts.append("This grid states no claims: the figures and tables below are the "
                              "whole finding.")
