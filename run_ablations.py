@@ -105,7 +105,7 @@ class OutputLost(KeyboardInterrupt):
 class GuardedStream:
     """``sys.stdout`` or ``sys.stderr`` while a command runs.
 
-    Text the stream's encoding cannot hold (a grid named "grille-\u00e9" under
+    Text the stream's encoding cannot hold (a grid named "grille-é" under
     PYTHONIOENCODING=ascii) is written with backslash escapes instead of raising. The first
     write that fails points the file descriptor at /dev/null (so the interpreter's flush at
     exit says nothing more) and, on stdout (``fatal``), raises :class:`OutputLost`; whatever
