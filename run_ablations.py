@@ -8,11 +8,17 @@ Heavy modules (torch, pandas) are imported inside the commands, so ``--help`` an
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
+import math
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TextIO
 
 from ablations.spec import GRIDS_DIR, parse_value, shipped_grids, spec_path
-from sigprop.errors import UserError
+from sigprop.errors import UserError, did_you_mean
 
 DESCRIPTION = ("Signal-propagation analysis and ablation grids for normalizer-free networks: "
                "list models, plot signal propagation at init, run, resume and report grids.")
@@ -28,6 +34,25 @@ class OneLineParser(argparse.ArgumentParser):
                 r"(^|\s)(-v+|--verbose)(\s|$)", message.split(":", 1)[1]):
             message += f" (-v/--verbose is taken by {', '.join(VERBOSE_HELP)})"
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def _check_value(self, action: argparse.Action, value) -> None:
+        # argparse's own check, with the did-you-mean every other name gets (`modles`)
+        choices = action.choices
+        if choices is not None and value not in choices:
+            raise argparse.ArgumentError(
+                action, f"invalid choice: {value!r}{did_you_mean(value, choices)} (choose from "
+                f"{', '.join(map(repr, choices))})")
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        args, extras = self.parse_known_args(args, namespace)
+        if extras:  # the closest option of the command given (`--dryrun`: --dry-run)
+            commands = getattr(self, "commands", {})
+            parser = commands.get(getattr(args, "command", None), self)
+            flags = [flag for action in parser._actions for flag in action.option_strings]
+            first = next((word for word in extras if word.startswith("-")), "")
+            hint = did_you_mean(first.split("=", 1)[0], flags) if first else ""
+            self.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+        return args
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -65,6 +90,113 @@ class VersionAction(argparse.Action):
     def __call__(self, parser, namespace, values, option_string=None) -> None:
         print(f"{parser.prog} {package_version()}")
         parser.exit()
+
+
+class OutputLost(KeyboardInterrupt):
+    """Standard output failed (``| head`` closed the pipe, ``> /dev/full``). A
+    KeyboardInterrupt, so a grid stops as on Ctrl-C: the runs in flight store themselves as
+    queued and the next invocation resumes them. ``note``: what became of the grid."""
+
+    def __init__(self, error: OSError, note: str = "") -> None:
+        super().__init__(error)
+        self.error, self.note = error, note
+
+
+class GuardedStream:
+    """``sys.stdout`` or ``sys.stderr`` while a command runs.
+
+    Text the stream's encoding cannot hold (a grid named "grille-é" under
+    PYTHONIOENCODING=ascii) is written with backslash escapes instead of raising. The first
+    write that fails points the file descriptor at /dev/null (so the interpreter's flush at
+    exit says nothing more) and, on stdout (``fatal``), raises :class:`OutputLost`; whatever
+    is written after that is dropped."""
+
+    def __init__(self, stream: TextIO, fatal: bool) -> None:
+        self.stream, self.fatal = stream, fatal
+        self.lost: OSError | None = None
+
+    def write(self, text: str) -> int:
+        if self.lost is None:
+            self._guard(self._write, text)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.lost is None:
+            self._guard(self.stream.flush)
+
+    def _write(self, text: str) -> None:
+        try:
+            self.stream.write(text)
+        except UnicodeEncodeError:  # raised before anything is buffered: write it escaped
+            encoding = self.stream.encoding or "ascii"
+            self.stream.write(text.encode(encoding, "backslashreplace").decode(encoding))
+
+    def _guard(self, call, *args) -> None:
+        try:
+            call(*args)
+        except OSError as err:
+            self.lost = err
+            self._to_devnull()
+            if self.fatal:
+                raise OutputLost(err) from None
+
+    def _to_devnull(self) -> None:
+        try:
+            fd = self.stream.fileno()
+            null = os.open(os.devnull, os.O_WRONLY)
+        except (OSError, ValueError):  # not a file (a test's StringIO)
+            return
+        try:
+            os.dup2(null, fd)
+        except OSError:
+            pass
+        finally:
+            os.close(null)
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def guarded_streams() -> Iterator[GuardedStream]:
+    """sys.stdout and sys.stderr as :class:`GuardedStream` for the body (stdout yielded)."""
+    out, err = GuardedStream(sys.stdout, fatal=True), GuardedStream(sys.stderr, fatal=False)
+    sys.stdout, sys.stderr = out, err  # type: ignore[assignment]
+    try:
+        yield out
+    finally:
+        sys.stdout, sys.stderr = out.stream, err.stream
+
+
+def fd_closed(fd: int) -> bool:
+    try:
+        os.fstat(fd)
+    except OSError:
+        return True
+    return False
+
+
+def reserve_closed_fds() -> bool:
+    """Put /dev/null on a closed stdin or stderr (else the next file opened, a store's, would
+    get that number and a child's stray output would land in it); True if stdout is closed."""
+    for fd in (0, 2):
+        if fd_closed(fd):
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            if fd == 2:
+                sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115 - for the process
+    return sys.stdout is None  # how Python starts with fd 1 closed
+
+
+def output_lost(error: OSError, note: str = "") -> int:
+    """The one line for a standard output that failed; 141 (as a shell reports a process
+    ended by SIGPIPE) for a closed pipe, 1 for anything else (a full disk)."""
+    why = error.strerror or str(error)
+    print(f"sigprop: error: cannot write to standard output ({why})"
+          f"{'; ' + note if note else ''}", file=sys.stderr)
+    return 141 if error.errno == errno.EPIPE else 1
 
 
 def verbosity(args: argparse.Namespace) -> int:
@@ -372,9 +504,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     import itertools
 
     from ablations.runner import dry_run_table
-    from ablations.spec import check_keys, expand, grid_size, iter_runs, load_spec
+    from ablations.spec import check_keys, check_run_claims, expand, grid_size, iter_runs
 
-    spec = load_spec(spec_path(args.spec), args.set)
+    spec = load_grid(args, spec_path(args.spec))
     if args.dry_run:
         check_keys(spec)  # before the first line, so a bad key is the only line
         size, limit = grid_size(spec), max_runs(args)
@@ -387,12 +519,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             return 0
         print(f"grid {spec.name}: {size:,} combinations (fewer runs where an axis does not "
               f"apply); the first {DRY_RUN_ROWS}:", flush=True)
-        first = list(itertools.islice(iter_runs(spec), DRY_RUN_ROWS + 1))
-        print(dry_run_table(first[:DRY_RUN_ROWS], list(spec.grid)).to_string(index=False))
-        if len(first) <= DRY_RUN_ROWS:  # the inapplicable axes left no more than these
-            print(f"{len(first)} runs in grid {spec.name}")
-        if size > limit:
+        remaining = iter_runs(spec)  # the first rows at once, then the count
+        first = list(itertools.islice(remaining, DRY_RUN_ROWS + 1))
+        print(dry_run_table(first[:DRY_RUN_ROWS], list(spec.grid)).to_string(index=False),
+              flush=True)
+        if size > limit:  # counting could take as long as the limit is there to prevent
+            if len(first) <= DRY_RUN_ROWS:  # the inapplicable axes left no more than these
+                print(f"{len(first)} runs in grid {spec.name}")
             print(f"over the limit of {limit:,} runs: `run` needs --max-runs {size}")
+            return 0
+        runs = first + list(remaining)
+        check_run_claims(spec, runs)
+        shown = f" (the first {DRY_RUN_ROWS} above)" if len(runs) > DRY_RUN_ROWS else ""
+        print(f"{len(runs)} runs in grid {spec.name}{shown}")
+        for line in spec.untested_claims:
+            print(f"claim {line}")
         return 0
     outcome = execute(spec, args)
     if not args.no_report and not outcome.interrupted:
@@ -415,10 +556,9 @@ QUICKSTART_SPP_MODELS = [
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """The quickstart grid on digits, the SPPs of the models at init, the report."""
-    from ablations.spec import load_spec
     from sigprop.spp import write_spp
 
-    spec = load_spec(GRIDS_DIR / "quickstart.toml", args.set)
+    spec = load_grid(args, GRIDS_DIR / "quickstart.toml")
     outcome = execute(spec, args)
     if outcome.interrupted:
         return exit_code(outcome)
@@ -443,9 +583,72 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def heartbeat_s(args: argparse.Namespace) -> float:
-    if args.heartbeat < 0:
-        raise UserError(f"--heartbeat must be >= 0 seconds, got {args.heartbeat:g}")
+    if not (math.isfinite(args.heartbeat) and args.heartbeat >= 0):
+        raise UserError(f"--heartbeat must be a finite number of seconds >= 0 (0: none), got "
+                        f"{args.heartbeat:g}")
     return args.heartbeat
+
+
+def load_grid(args: argparse.Namespace, path: Path):
+    """The spec at ``path`` with ``--set``, once every run option is known to be valid and the
+    grid's folder fits the file system (so a dry run catches all of it too)."""
+    from ablations.spec import load_spec
+
+    check_run_options(args)
+    spec = load_spec(path, args.set)
+    check_grid_path(args.out, spec.name)
+    return spec
+
+
+def check_run_options(args: argparse.Namespace) -> None:
+    """The numbers of the run options, checked before anything runs."""
+    heartbeat_s(args)
+    max_runs(args)
+    for flag, value in (("--workers", args.workers), ("--runs-per-gpu", args.runs_per_gpu)):
+        if value < 1:
+            raise UserError(f"{flag} must be >= 1, got {value}")
+    if args.max_retries < 0:  # Ray takes -1 for "retry forever"
+        raise UserError(f"--max-retries must be >= 0, got {args.max_retries}")
+    if not (math.isfinite(args.cpus_per_run) and args.cpus_per_run > 0):
+        raise UserError(f"--cpus-per-run must be a finite number > 0, got {args.cpus_per_run:g}")
+    if not (math.isfinite(args.gpus_per_run) and args.gpus_per_run >= 0):
+        raise UserError(f"--gpus-per-run must be a finite number >= 0, got "
+                        f"{args.gpus_per_run:g}")
+
+
+# Bytes the store adds below a grid's folder, with room to spare: the deepest is a run's
+# checkpoint being written, runs/<id>/.checkpoint.pt.<random>.tmp (45 bytes).
+GRID_FILES_BYTES = 100
+
+
+def check_grid_path(out: str, name: str) -> None:
+    """``out/name`` and the store's files below it fit the file system's limits."""
+    from ablations.spec import NAME_MAX
+
+    if "\0" in out:
+        raise UserError(f"--out {out!r} holds a NUL character")
+    long_part = next((part for part in Path(out).parts
+                      if len(os.fsencode(part)) > NAME_MAX), None)
+    if long_part is not None:
+        raise UserError(f"--out: the folder name {long_part[:40]!r}... is "
+                        f"{len(os.fsencode(long_part))} bytes, over the limit of {NAME_MAX}")
+    folder = os.path.abspath(os.path.join(out, name))
+    limit = path_max(Path(folder))
+    size = len(os.fsencode(folder))
+    if size + GRID_FILES_BYTES >= limit:
+        raise UserError(f"the grid folder {folder[:60]}... is a path of {size} bytes; with the "
+                        f"store's files below it ({GRID_FILES_BYTES} more) it passes the file "
+                        f"system's limit of {limit} bytes: use a shorter --out")
+
+
+def path_max(path: Path) -> int:
+    """The longest path the file system holding ``path`` (its nearest existing parent)
+    accepts, in bytes."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    try:
+        return os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        return 4096  # Linux's PATH_MAX
 
 
 def make_executor(args: argparse.Namespace):
@@ -458,6 +661,13 @@ def make_executor(args: argparse.Namespace):
                          deterministic=args.deterministic)
 
 
+def check_output(note: str) -> None:
+    """:class:`OutputLost` with ``note`` if standard output failed (what stopped the grid)."""
+    lost = getattr(sys.stdout, "lost", None)
+    if lost is not None:
+        raise OutputLost(lost, note)
+
+
 def execute(spec, args: argparse.Namespace):
     from ablations.runner import run_grid
 
@@ -468,6 +678,9 @@ def execute(spec, args: argparse.Namespace):
                        rerun_if_env_differs=args.rerun_if_env_differs)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
     if outcome.interrupted:
+        check_output(f"the grid stopped after {outcome.duration_s:.0f}s "
+                     f"({counts or 'nothing finished'}): finished runs are stored, the ones in "
+                     f"flight queued; run the same command to resume")
         print(f"interrupted after {outcome.duration_s:.0f}s ({counts or 'nothing finished'}); "
               f"finished runs are stored, run the same command to resume", file=sys.stderr)
     elif counts:
@@ -482,9 +695,8 @@ def cmd_frontier(args: argparse.Namespace) -> int:
 
     from ablations.frontier import cells_of, lattice, run_frontier
     from ablations.runner import dry_run_table
-    from ablations.spec import load_spec
 
-    spec = load_spec(spec_path(args.spec), args.set)
+    spec = load_grid(args, spec_path(args.spec))
     if args.dry_run:
         settings, cells = cells_of(spec, max_runs(args))
         points = lattice(settings)
@@ -503,6 +715,8 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     probes = (f"{outcome.probes_run} probe runs ({outcome.probes_stored} read back from the "
               f"store; a full grid at this resolution: {outcome.full_grid} runs)")
     if outcome.interrupted:
+        check_output(f"the search stopped after {outcome.duration_s:.0f}s: {probes}; finished "
+                     f"probes are stored, run the same command to resume")
         print(f"interrupted after {outcome.duration_s:.0f}s: {probes}; finished probes are "
               f"stored, run the same command to resume", file=sys.stderr)
         return exit_code(outcome)
@@ -576,6 +790,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action=VersionAction)
     add_verbosity(parser, top=True)
     sub = parser.add_subparsers(dest="command", parser_class=OneLineParser, metavar="COMMAND")
+    parser.commands = sub.choices  # type: ignore[attr-defined] # the flags of each, for hints
 
     p = add_command(sub, "models", help="list the registered models",
                     description="The model registry: name, family, parameters, depth and "
@@ -636,7 +851,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the exit code. No command prints the help and a hint (exit 0:
-    asking what there is is no error; ``make demo`` names ``quickstart``)."""
+    asking what there is is no error; ``make demo`` names ``quickstart``).
+
+    Standard output that fails (a closed pipe, a full disk) ends the command with one line on
+    stderr and exit code 141 (closed pipe) or 1, a grid stopped as on Ctrl-C; a closed one
+    (``>&-``) is refused before anything runs."""
+    if reserve_closed_fds():
+        print("sigprop: error: standard output is closed; send it to a file or /dev/null "
+              "(> /dev/null) instead of closing it", file=sys.stderr)
+        return 2
+    with guarded_streams() as out:
+        try:
+            code = run_command(argv)
+            sys.stdout.flush()  # a full disk shows here, not as a message at exit
+        except OutputLost as lost:
+            return output_lost(lost.error, lost.note)
+        if out.lost is not None:  # failed where the command went on (export --live)
+            return output_lost(out.lost)
+        return code
+
+
+def run_command(argv: list[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:
@@ -648,12 +883,11 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as err:
         print(f"sigprop: error: {err}", file=sys.stderr)
         return 2
+    except OutputLost:
+        raise
     except KeyboardInterrupt:
         print("sigprop: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # output piped into head and closed
-        sys.stderr.close()
-        return 0
 
 
 if __name__ == "__main__":

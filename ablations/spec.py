@@ -171,6 +171,7 @@ def spec_from_dict(raw: dict, default_name: str = "grid") -> GridSpec:
     name = raw.get("name", default_name)
     if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
         raise SpecError(f"name must be a plain non-empty string (used as a folder), got {name!r}")
+    check_name(name)
     grid = {}
     for key, values in flatten(raw.get("grid", {})).items():
         if not isinstance(values, list):
@@ -217,6 +218,24 @@ def parse_departures(table: Any) -> dict:
             raise SpecError(f"departures.{key}.why must say, in words, what was measured")
         out[key] = {"paper": entry["paper"], "why": " ".join(entry["why"].split())}
     return out
+
+
+NAME_MAX = 255  # bytes in one path component (Linux, macOS): the grid's folder
+
+
+def check_name(name: str) -> None:
+    """A grid name is a folder name: no control characters (NUL, newline, escapes), at most
+    ``NAME_MAX`` bytes."""
+    import unicodedata
+
+    bad = next((c for c in name if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise SpecError(f"name {name!r} holds the control character {bad!r}; a grid name is "
+                        f"a folder name")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > NAME_MAX:
+        raise SpecError(f"name is {size} bytes long; a grid name is a folder name, at most "
+                        f"{NAME_MAX} bytes: {name[:40]!r}...")
 
 
 def parse_when(table: dict, grid: dict) -> dict[str, dict[str, list]]:

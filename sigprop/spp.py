@@ -78,6 +78,10 @@ INPUT_TITLES = {
 DATASET_TRAIN_SIZE = {"synthetic": None, "digits": 1500, "cifar10": 50000}
 DATASET_NATIVE_PX = {"synthetic": 32, "digits": 8, "cifar10": 32}
 DATA_POOL = 512  # the first training images, from which each seed draws its batch
+# An SPP plans for at most this share of the machine's memory (its input batches, a data set's
+# resized image pool and the first activation of a model, float32), checked before anything
+# is built or written: a shape that does not fit is one line, not an allocation error.
+MEMORY_FRACTION = 0.5
 # Feature maps whose smaller side is below this are "tiny". A 3x3 zero-padded conv on an s x s
 # map sees ((3s - 2) / 3s)^2 of its taps on average, and NF-ResNet residual variances follow
 # it (docs/spp.md): 0.97 on 128x128 maps, 0.91 at 16x16, 0.84 at 8x8, 0.67 at 4x4, 0.40 at
@@ -184,7 +188,7 @@ def input_batches(
 
     # A fixed pool, so a seed's batch does not depend on which other seeds run
     available = DATASET_TRAIN_SIZE[kind]
-    pool_size = max(n, DATA_POOL) if available is None else min(max(n, DATA_POOL), available)
+    pool_size = _pool_size(kind, n)
     if pool_size < n:
         raise UserError(f"input {kind!r} has {available} training images, fewer than N={n}")
     images = load_dataset(
@@ -200,6 +204,65 @@ def input_batches(
         var, mean = torch.var_mean(x, dim=(0, 2, 3), unbiased=False, keepdim=True)
         batches[s] = ((x - mean) / var.clamp_min(1e-12).sqrt()).contiguous()
     return batches
+
+
+def _pool_size(kind: str, n: int) -> int:
+    available = DATASET_TRAIN_SIZE[kind]
+    return max(n, DATA_POOL) if available is None else min(max(n, DATA_POOL), available)
+
+
+def memory_bound() -> tuple[int, str]:
+    """The bytes an SPP may plan for, and how that was set (for the error line)."""
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    where = "this machine's"
+    try:  # a container's limit (cgroup v2) when lower: "max" when there is none
+        limit = int(Path("/sys/fs/cgroup/memory.max").read_text())
+    except (OSError, ValueError):
+        limit = None
+    if limit is not None and limit < total:
+        total, where = limit, "this container's"
+    return int(total * MEMORY_FRACTION), f"{MEMORY_FRACTION:.0%} of {where} {_gb(total)}"
+
+
+def _gb(size: float) -> str:
+    return f"{size / 2**30:,.1f} GiB"
+
+
+def first_activation_bytes(name: str, overrides: dict, shape: Sequence[int]) -> int:
+    """Bytes of model ``name``'s first convolution output on ``shape`` (float32), read from the
+    model built on the meta device (no memory); 0 where that cannot be built."""
+    n, _, height, width = shape
+    try:
+        with torch.device("meta"):
+            model = create_model(name, **overrides)
+    except (RuntimeError, NotImplementedError, TypeError):
+        return 0
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        return 0
+    rows, cols = (-(-side // stride) for side, stride in zip((height, width), conv.stride))
+    return 4 * n * conv.out_channels * rows * cols
+
+
+def check_memory(kind: str, shape: Sequence[int], seeds: Sequence[int],
+                 models: Sequence[tuple[str, dict]] = ()) -> None:
+    """A :class:`UserError` naming the estimate when the input batches (every seed's, built
+    up front, and a data set's image pool resized to H x W) and the largest first activation
+    of ``models`` ((name, SPP overrides) pairs) pass :func:`memory_bound`."""
+    n, channels, height, width = shape
+    image = 4 * channels * height * width
+    inputs = image * n * len(seeds) + (0 if kind == "noise" else image * _pool_size(kind, n))
+    bound, why = memory_bound()
+    activation = 0
+    if inputs <= bound:  # else no model needs building to know
+        activation = max((first_activation_bytes(name, own, shape) for name, own in models),
+                         default=0)
+    if inputs + activation > bound:
+        parts = f"input batches {_gb(inputs)}"
+        parts += f" + first activation {_gb(activation)}" if activation else ""
+        raise UserError(f"input shape {','.join(map(str, shape))} needs about "
+                        f"{_gb(inputs + activation)} ({parts}), over the bound of {_gb(bound)} "
+                        f"({why}); use a smaller --input-shape")
 
 
 def _channel_var(x: torch.Tensor) -> float:
@@ -312,6 +375,9 @@ def signal_propagation(
     seed_list = _seed_list(seeds)
     if batch is None:
         shape = check_input_shape(DEFAULT_INPUT_SHAPE if input_shape is None else input_shape)
+        named = [(model_or_name, spp_overrides(model_or_name, overrides))] \
+            if isinstance(model_or_name, str) else []
+        check_memory(input, shape, seed_list, named)
         batches = input_batches(input, shape, seed_list, data_dir)
     if isinstance(model_or_name, str):
         name_overrides = spp_overrides(model_or_name, overrides)
@@ -491,8 +557,10 @@ def write_spp(
     check_overrides([name for name, _ in entries], overrides)
     shape = check_input_shape(input_shape)
     seed_list = _seed_list(seeds)
-    for name, own in entries:  # bad values (padding="valid", width_mult=-1) before any work
-        resolve_config(name, **spp_overrides(name, {**(overrides or {}), **own}))
+    chosen = [(name, spp_overrides(name, {**(overrides or {}), **own})) for name, own in entries]
+    for name, options in chosen:  # bad values (padding="valid", width_mult=-1) before any work
+        resolve_config(name, **options)
+    check_memory(input, shape, seed_list, chosen)
     path = _writable_dir(out_dir)
     batches = input_batches(input, shape, seed_list, data_dir)
 

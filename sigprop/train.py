@@ -71,6 +71,11 @@ METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "clip_fraction", "
 EVAL_COLUMNS = ["step", "epoch", "test_acc", "test_loss", "train_loss"]
 # Fields a resumed run may change without changing the trajectory.
 RESUME_FREE_FIELDS = ("checkpoint_every", "device", "compile", "eval_batch_size", "data_dir")
+SEED_MAX = 2**63 - 1
+# Training images of the data sets with a fixed training split (synthetic renders as many as
+# train_size asks, by default 10000): a batch larger than that is refused before any run.
+TRAIN_SAMPLES = {"digits": 1500, "cifar10": 50_000, "cifar100": 50_000}
+SYNTHETIC_TRAIN_SAMPLES = 10_000
 # Left out of ``to_dict`` while unset, so the configs (and run ids) written before they existed
 # stay the same.
 UNSET_OMITTED_FIELDS = ("micro_batch",)
@@ -209,6 +214,7 @@ class TrainConfig:
             setattr(self, name, check_field(name, getattr(self, name), hints[name]))
         self._check_values()
         self._check_micro_batch()
+        self._check_seeds_and_sizes()
         self._check_model()
 
     def _check_micro_batch(self) -> None:
@@ -217,6 +223,22 @@ class TrainConfig:
                 f"micro_batch must be a positive integer no larger than batch_size "
                 f"({self.batch_size}), or unset; got {self.micro_batch!r}"
             )
+
+    def _check_seeds_and_sizes(self) -> None:
+        # here, not as failed runs: torch.manual_seed overflows above 2**64-1 and numpy's
+        # SeedSequence (the synthetic data) refuses negative seeds; one range for both
+        for name in ("seed", "data_seed"):
+            if not 0 <= getattr(self, name) <= SEED_MAX:
+                raise UserError(f"{name} must be in 0 .. 2**63-1, got {getattr(self, name)!r}")
+        have = TRAIN_SAMPLES.get(self.data)
+        if have is not None and self.train_size is not None and self.train_size > have:
+            raise UserError(f"train_size {self.train_size} is more than data set {self.data!r} "
+                            f"has ({have} training images)")
+        samples = self.train_size or have or SYNTHETIC_TRAIN_SAMPLES
+        if self.batch_size > samples:
+            where = "train_size" if self.train_size else f"all of {self.data!r}"
+            raise UserError(f"batch_size {self.batch_size} is larger than the training set "
+                            f"({samples} samples: {where})")
 
     def _check_values(self) -> None:
         if self.data not in dataset_names():

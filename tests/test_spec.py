@@ -107,8 +107,8 @@ def test_data_profile_applies_for_its_data_set_and_set_wins_over_it():
                                                         "model": {"width_mult": 0.25}}})
     run = expand(s)[0]
     assert run.config["train_size"] == 128 and run.config["model"]["width_mult"] == 0.25
-    run = expand(apply_overrides(s, ["train_size=96"]))[0]
-    assert run.config["train_size"] == 96 and run.config["model"]["width_mult"] == 0.25
+    run = expand(apply_overrides(s, ["train_size=192"]))[0]
+    assert run.config["train_size"] == 192 and run.config["model"]["width_mult"] == 0.25
     assert expand(apply_overrides(s, ["data=digits"]))[0].config["train_size"] == 256
 
 
@@ -230,14 +230,14 @@ def test_a_when_on_any_tied_key_applies_to_the_whole_tie():
 def test_effective_settings_give_the_peak_lr_and_the_clipping_as_applied():
     from ablations.spec import effective_settings
 
-    runs = expand(spec({"batch_size": [64, 512], "clip.mode": ["none", "agc"],
+    runs = expand(spec({"batch_size": [64, 256], "clip.mode": ["none", "agc"],
                         "clip.threshold": [0.02]}))
     for run in runs:
         assert run.effective["lr"] == pytest.approx(0.1 * run.config["batch_size"] / 256)
         mode = run.config["clip"]["mode"]
         assert run.effective["clip.mode"] == mode
         assert run.effective["clip.threshold"] == (0.02 if mode == "agc" else None)
-    given = effective_settings({**BASE, "lr": 0.3, "batch_size": 512})
+    given = effective_settings({**BASE, "lr": 0.3, "batch_size": 256})
     assert given["lr"] == 0.3
 
 
