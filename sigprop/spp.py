@@ -561,8 +561,9 @@ def write_spp(
     for name, options in chosen:  # bad values (padding="valid", width_mult=-1) before any work
         resolve_config(name, **options)
     check_memory(input, shape, seed_list, chosen)
-    path = _writable_dir(out_dir)
+    # the data first: a missing or malformed set must not leave an output folder behind
     batches = input_batches(input, shape, seed_list, data_dir)
+    path = _writable_dir(out_dir)
 
     frames = []
     for (name, own), label in zip(entries, labels):

@@ -312,3 +312,14 @@ def test_mistyped_commands_and_flags_get_a_suggestion(argv, suggestion, capsys):
     captured = capsys.readouterr()
     assert captured.out == ""
     assert captured.err.count("\n") == 1 and suggestion in captured.err
+
+
+def test_spp_on_missing_data_leaves_no_output_folder(tmp_path, capsys):
+    out = tmp_path / "spp"
+    empty = tmp_path / "data"
+    empty.mkdir()
+    assert main(["spp", "--model", "nf_resnet26", "--input", "cifar10", "--data-dir",
+                 str(empty), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "files not found" in err
+    assert not out.exists()
