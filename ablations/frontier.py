@@ -51,7 +51,10 @@ from ablations.runner import (
     Progress,
     check_data,
     describe_run,
+    environment_mismatches,
+    executor_environment,
     interruptible,
+    mismatch_text,
     runs_to_execute,
 )
 from ablations.spec import (
@@ -350,6 +353,14 @@ def run_frontier(
     store = GridStore(out, spec.name)
     check_data(cells, download)
     store.prepare(spec.to_toml_dict(), [])
+    # probes are found as the search goes, so every stored one is checked: a reused probe
+    # made under another thread count or torch may not give this machine's edge
+    stored = [Run(run_id, {}, {}) for run_id in store.run_ids()]
+    mismatches = environment_mismatches(store, stored, executor_environment(executor),
+                                        retry_failed)
+    if mismatches:
+        print(f"warning: probes: {mismatch_text(mismatches)}; reused as "
+              "stored, so the edges may differ from a search here", file=stream, flush=True)
     search = FrontierSearch(spec, store, cells, settings, retry_failed, stream, verbosity,
                             heartbeat_s)
     outcome = FrontierOutcome(store.dir, len(cells),

@@ -514,3 +514,27 @@ def test_the_search_on_ray_finds_what_the_local_executor_finds(tmp_path):
     assert remote.probes_run == local.probes_run >= 2
     columns = ["cell_id", "status", "max_stable_lr", "min_unstable_lr", "n_probes", "final_acc"]
     pd.testing.assert_frame_equal(remote.frame[columns], local.frame[columns])
+
+
+def test_probes_stored_under_another_environment_are_said_first(tmp_path):
+    import json
+
+    from ablations.store import environment
+
+    _, _, first = search(tmp_path)
+    assert "warning: probes" not in first
+    runs = sorted((tmp_path / "out" / "edge" / "runs").iterdir())
+    for folder in runs:  # as the real worker records them: this machine, 1 thread
+        path = folder / "status.json"
+        status = json.loads(path.read_text())
+        status["environment"] = {**environment("cpu"), "threads": 1, "deterministic": False}
+        path.write_text(json.dumps(status))
+    _, again, text = search(tmp_path)
+    assert again.executed == [] and "warning: probes" not in text
+    path = runs[0] / "status.json"
+    status = json.loads(path.read_text())
+    status["environment"]["threads"] = 2
+    path.write_text(json.dumps(status))
+    _, _, text = search(tmp_path)
+    assert text.startswith("warning: probes: 1 run stored under a different environment: "
+                           "threads 2 vs 1 (1 run); reused as stored")
