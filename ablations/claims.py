@@ -588,12 +588,14 @@ def too_few(claim: Claim, counts: Mapping[str, int]) -> str:
     return f"too few finished runs (needs {claim.min_runs} per selection; {', '.join(short)})"
 
 
-def at_best(claim: Claim, runs: pd.DataFrame, done: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """``done`` cut to the value of ``best_of`` with the best mean metric (compare's
-    ``best_of``: "at the best lambda for each batch size"), and that choice in words."""
+def at_best(claim: Claim, runs: pd.DataFrame, selection: Mapping[str, list],
+            done: pd.DataFrame, total: int) -> tuple[pd.DataFrame, int, str]:
+    """``done`` (the finished runs of ``selection``) cut to the value of ``best_of`` with the
+    best mean metric ("at the best lambda for each batch size"), the selection's run count at
+    that value, and the choice in words."""
     if not claim.best_of or claim.best_of not in done or done.empty \
             or done[claim.best_of].nunique(dropna=True) < 2:
-        return done, ""  # nothing to choose (e.g. no threshold for unclipped runs)
+        return done, total, ""  # nothing to choose (e.g. no threshold for unclipped runs)
     means = {}
     for choice in done[claim.best_of].dropna().unique():
         cell = done[done[claim.best_of].map(lambda v, c=choice: same(v, c))]
@@ -601,17 +603,19 @@ def at_best(claim: Claim, runs: pd.DataFrame, done: pd.DataFrame) -> tuple[pd.Da
         if len(values) >= claim.min_runs:
             means[choice] = values.mean()
     if not means:
-        return done.iloc[0:0], ""
+        return done.iloc[0:0], total, ""
     best = max(means, key=means.get)
     chosen = done[done[claim.best_of].map(lambda v: same(v, best))]
-    return chosen, (f" at its best {claim.best_of} {fv(best)} (of "
+    everything = select(runs, selection)
+    at_choice = int(everything[claim.best_of].map(lambda v: same(v, best)).sum())
+    return chosen, at_choice, (f" at its best {claim.best_of} {fv(best)} (of "
                     f"{', '.join(fv(c) for c in sorted(means))}; picked after the fact, so "
                     "slightly optimistic)")
 
 
 def evaluate_compare(claim: Claim, runs: pd.DataFrame) -> Verdict:
     done_a, total_a = finished(runs, claim.selections["a"])
-    done_a, best_a = at_best(claim, runs, done_a)
+    done_a, total_a, best_a = at_best(claim, runs, claim.selections["a"], done_a, total_a)
     a = run_values(claim, done_a)
     where_a = selection_text(runs, claim.selections["a"])
     evidence = [f"a ({where_a}){best_a}: {describe(claim, a, done_a, total_a)}"]
@@ -619,7 +623,7 @@ def evaluate_compare(claim: Claim, runs: pd.DataFrame) -> Verdict:
     done_b = None
     if claim.value is None:
         done_b, total_b = finished(runs, claim.selections["b"])
-        done_b, best_b = at_best(claim, runs, done_b)
+        done_b, total_b, best_b = at_best(claim, runs, claim.selections["b"], done_b, total_b)
         b = run_values(claim, done_b)
         where_b = selection_text(runs, claim.selections["b"])
         evidence.append(f"b ({where_b}){best_b}: {describe(claim, b, done_b, total_b)}")
@@ -774,7 +778,7 @@ def evaluate_interaction(claim: Claim, runs: pd.DataFrame) -> Verdict:
     evidence, counts, groups = [], {}, []
     for name, weight in (("a", 1.0), ("b", -1.0), ("c", -1.0), ("d", 1.0)):
         done, total = finished(runs, claim.selections[name])
-        done, best = at_best(claim, runs, done)
+        done, total, best = at_best(claim, runs, claim.selections[name], done, total)
         values = run_values(claim, done)
         where = selection_text(runs, claim.selections[name])
         evidence.append(f"{name} ({where}){best}: {describe(claim, values, done, total)}")

@@ -450,7 +450,8 @@ def test_best_of_compares_each_selection_at_its_best_value():
                     margin="test_set", best_of="clip.threshold")
     verdict = one(claim, frame)
     assert "at its best clip.threshold 0.16 (of 0.01, 0.16" in verdict.evidence
-    assert "93.5%" in verdict.evidence
+    assert "93.5% (93.0%–94.0%); 2 runs;" in verdict.evidence
+    assert "not finished" not in verdict.evidence  # the other threshold's runs are not missing
 
 
 def test_consistent_asks_whether_the_interval_holds_the_expected_value():
