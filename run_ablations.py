@@ -644,11 +644,19 @@ def check_grid_path(out: str, name: str) -> None:
 def path_max(path: Path) -> int:
     """The longest path the file system holding ``path`` (its nearest existing parent)
     accepts, in bytes."""
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("/"))
+    existing = next((p for p in (path, *path.parents) if exists(p)), Path("/"))
     try:
         return os.pathconf(existing, "PC_PATH_MAX")
     except (OSError, ValueError):
         return 4096  # Linux's PATH_MAX
+
+
+def exists(path: Path) -> bool:
+    """Path.exists that answers False for a path the OS refuses to look up (too long)."""
+    try:
+        return path.exists()
+    except OSError:
+        return False
 
 
 def make_executor(args: argparse.Namespace):
