@@ -762,9 +762,9 @@ def key_results(frame: pd.DataFrame) -> Section | None:
         table = summary.set_index("setting")[["cell"]].rename(columns={"cell": "final accuracy"})
     table.index.name = " / ".join(label(c) for c in rows) or "setting"
     return Section("Key results", [
-        "Mean final test accuracy over completed seeds (min to max in brackets); ✗ counts "
-        "diverged runs; the best setting of each column (fewest divergences, then highest "
-        "accuracy) is in bold.",
+        "Mean final test accuracy over the finished seeds of each setting, a diverged seed "
+        "counted at chance (min to max in brackets); ✗ counts the diverged runs; the best "
+        "setting of each column (fewest divergences, then highest accuracy) is in bold.",
         Table(table.fillna("").reset_index()),
         ROUNDING_RULE,
     ])
@@ -774,11 +774,14 @@ def result_cell(row: pd.Series) -> str:
     done = int(row["n_completed"] + row["n_diverged"])
     parts = []
     if np.isfinite(row["mean"]):
+        counted = row["n_completed"] + row.get("n_at_chance", 0)
         spread = (f" ({row['low']:.1%}–{row['high']:.1%})"
-                  if row["n_completed"] > 1 and row["high"] > row["low"] else "")
+                  if counted > 1 and row["high"] > row["low"] else "")
         parts.append(f"{row['mean']:.1%}{spread}")
     if row["n_diverged"]:
-        parts.append(f"✗ {int(row['n_diverged'])}/{done} diverged")
+        # said at chance only when it was averaged in: an unknown class count leaves it out
+        note = " (at chance)" if row.get("n_at_chance", 0) == row["n_diverged"] else ""
+        parts.append(f"✗ {int(row['n_diverged'])} of {done} diverged{note}")
     if row["n_failed"]:
         parts.append(f"{int(row['n_failed'])} failed")
     if row["n_pending"]:
@@ -809,10 +812,10 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
     batch_sizes = finished["batch_size"].nunique() if "batch_size" in finished else 0
     if "batch_size" in axes and batch_sizes >= 2:
         add("Accuracy vs batch size", "accuracy-vs-batch",
-            "Mean final test accuracy over completed seeds (band: min to max; the title gives "
-            "the seed count), on an axis from 0 with chance level dotted. Lines with diverged "
-            "runs get a row in a strip under the plot: a cross where k of n finished runs "
-            "diverged.",
+            "Mean final test accuracy over finished seeds, a diverged seed at chance (band: "
+            "min to max; the title gives the seed count), on an axis from 0 with chance level "
+            "dotted. Lines with diverged runs get a row in a strip under the plot: a cross "
+            "where k of n finished runs diverged.",
             lambda: plot_accuracy_vs_batch(frame))
     else:
         others = [a for a in setting_axes(finished) if a != "model.alpha"]
@@ -820,17 +823,18 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
             x = next((a for a in others if all(is_number(v) for v in
                                                finished[a].dropna().unique())), others[0])
             add(f"Accuracy by {label(x)}", "accuracy-by-setting",
-                "Mean final test accuracy over completed seeds (band: min to max), on an axis "
-                "from 0 with chance level dotted; the strip below marks where runs diverged "
-                "(k of n).",
+                "Mean final test accuracy over finished seeds, a diverged seed at chance (band: "
+                "min to max), on an axis from 0 with chance level dotted; the strip below marks "
+                "where runs diverged (k of n).",
                 lambda: plot_accuracy_vs_batch(frame, x=x))
         elif "model.alpha" not in axes:
             skipped.append("accuracy plot: no axis other than the seed varied")
 
     if {"clip.threshold", "batch_size"} <= set(axes) and heatmap_fits(finished):
         add("Stability: clipping threshold × batch size", "stability-heatmap",
-            "Mean final accuracy per clipping threshold λ and batch size; hatched cells: every "
-            "seed diverged; ×k/n: k of n runs diverged; boxed: the best λ for each batch size.",
+            "Mean final accuracy per clipping threshold λ and batch size, a diverged seed at "
+            "chance; hatched cells: every seed diverged; ×k/n: k of n runs diverged; boxed: the "
+            "best λ for each batch size.",
             lambda: plot_stability_heatmap(frame))
     else:
         skipped.append("stability heatmap: needs at least two clipping thresholds of one "
@@ -938,8 +942,11 @@ def runs_section(frame: pd.DataFrame) -> Section:
     columns = ["run_id", "status", *axes, *[m for m in SUMMARY_METRICS if m in frame]]
     if "model.name" in axes and "model" in frame:  # the model as built, not its registry name
         columns[columns.index("model.name")] = "model"
-    table = sort_frame(frame, axes)[columns].copy()
-    for column in ("final_acc", "best_acc", "clip_fraction"):
+    ordered = sort_frame(frame, axes)
+    table = ordered[columns].copy()
+    if "final_acc" in table:
+        table["final_acc"] = [final_acc_cell(r) for _, r in ordered.iterrows()]
+    for column in ("best_acc", "clip_fraction"):
         if column in table:
             table[column] = [f"{v:.1%}" if np.isfinite(v) else "" for v in table[column]]
     for column in ("diverged_step", "steps_done"):
@@ -962,8 +969,23 @@ def runs_section(frame: pd.DataFrame) -> Section:
             for v, a in zip(table[axis], run_axes if run_axes is not None else table[axis])
         ]
     table = table.rename(columns=RUN_HEADERS)
-    return Section("Runs", [f"{len(table)} runs; blank cells: not applicable or not recorded.",
+    return Section("Runs", [f"{len(table)} runs; blank cells: not applicable or not recorded; "
+                            "final acc ✗: diverged, shown (and sorted) at chance.",
                             Table(table)])
+
+
+def final_acc_cell(row: pd.Series) -> str:
+    """A run's final accuracy as the runs table shows it: a diverged run at chance with its
+    mark, so that sorting the column puts it where it counts (at chance), not last both
+    ways."""
+    if row["status"] == "diverged":
+        step = row.get("diverged_step")
+        when = f" at step {int(step)}" if is_number(step) and np.isfinite(step) else ""
+        chance = row.get("acc_chance")
+        return (f"{chance:.1%} ✗ diverged{when} (at chance)"
+                if is_number(chance) and np.isfinite(chance) else f"✗ diverged{when}")
+    value = row.get("final_acc")
+    return f"{value:.1%}" if is_number(value) and np.isfinite(value) else ""
 
 
 def problems_section(frame: pd.DataFrame, statuses: dict[str, dict]) -> Section | None:
