@@ -463,7 +463,8 @@ def test_gradient_heatmap_blocks_by_steps_on_a_log_scale():
     assert (zero_column < axes[1].collections[0].norm.vmin).all()
     assert np.ma.is_masked(axes[0].collections[0].get_array()[0, 1])  # not recorded
     keys = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert keys == ["not recorded", "exactly zero", "divergence step", HEAD_NOTE]
+    assert keys == ["not recorded", "exactly zero", "divergence step", "after divergence",
+                    HEAD_NOTE]
     mesh = axes[0].collections[0]
     assert mesh.get_array().shape == (len(BLOCKS), 4)
     assert isinstance(mesh.norm, LogNorm)

@@ -339,14 +339,15 @@ def run_title(runs: pd.DataFrame, run_id: str, grid: PanelGrid | None = None) ->
     return "\n".join(line for line in lines if line) or run_id
 
 
-def shared_settings(runs: pd.DataFrame, grid: PanelGrid) -> str:
+def shared_settings(runs: pd.DataFrame, grid: PanelGrid, exclude: Sequence[str] = ()) -> str:
     """The settings every panel of ``grid`` shares, which :func:`run_title` leaves out of the
-    panel titles: "SkipInit gain at init 0, steps 100" (for the figure's title)."""
+    panel titles: "SkipInit gain at init 0, steps 100" (for the figure's title); ``exclude``:
+    settings not to name."""
     frame = with_derived(runs)
     shown = frame[frame["run_id"].isin(grid.run_ids)]
     if shown.empty:
         return ""
-    keys = [c for c in setting_axes(shown, exclude=["batch_size", "seed"])
+    keys = [c for c in setting_axes(shown, exclude=["batch_size", "seed", *exclude])
             if c in shown and c not in (grid.row, grid.col)
             and shown[c].nunique(dropna=False) == 1]
     row = shown.iloc[0]
