@@ -1134,7 +1134,7 @@ def problems_section(frame: pd.DataFrame, statuses: dict[str, dict],
                           if not p.startswith("seed=")) or "base config"
         ids = ", ".join(f"`{r}`" for r in group["run_id"])
         section.parts.append(
-            f"{where}: all {len(group)} diverged seeds ({ids}) broke the same way: "
+            f"{where}: the {len(group)} diverged seeds ({ids}) broke the same way: "
             f"{first['diverged_first_kind']} moved first, in block `{first['diverged_block']}`;"
             f" diverged at steps {steps or 'not recorded'}.")
         section.parts.append(Bullets([f"`{r['run_id']}`: {diagnosis_text(r)}"
