@@ -21,10 +21,9 @@ from reports.build import build_report, forensic_flight, with_diagnosis
 from reports.figures.forensics import plot_divergence_timeline
 from reports.figures.gradients import plot_gradient_heatmap
 from reports.figures.stability import plot_stability_heatmap
-from tests.test_reports import fake_blocks, fake_metrics, gids, run_row, write_fake_grid
+from tests.test_reports import BLOCKS, fake_blocks, fake_metrics, gids, run_row, write_fake_grid
 
-FLIGHT_BLOCKS = [("stem", -1, -1), ("stages.0.0", 0, 0), ("stages.0.1", 0, 1),
-                 ("other", -1, 2)]
+FLIGHT_BLOCKS = [b for b in BLOCKS if b[0] in ("stem", "stages.0.0", "stages.0.1", "other")]
 FLIGHT_STATS = ("var", "sq_mean", "grad_norm", "agc_ratio_max", "update_ratio", "clipped")
 
 

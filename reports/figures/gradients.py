@@ -118,7 +118,7 @@ def plot_gradient_heatmap(
     # on a log scale: they get the "under" colour, distinct from steps never recorded
     cmap = matplotlib.colormaps[GRADIENT_CMAP].with_extremes(under=ZERO_COLOUR)
     frame = with_derived(runs)
-    has_zero = has_missing = has_head = has_after = False
+    has_zero = has_missing = has_head = has_after = has_infinite = False
     spans = {run_id: step_span(rows, run_id) for run_id in grid.run_ids}
     differ = len(set(spans.values())) > 1  # then each panel says its own steps
 
@@ -142,6 +142,7 @@ def plot_gradient_heatmap(
             zero = values <= 0
             has_zero |= bool(zero.any())
             has_missing |= bool(np.isnan(values).any())
+            has_infinite |= bool(np.isinf(values).any())  # a diverged step's statistics
             values = np.where(zero, norm.vmin / 10, values)
             mesh = ax.pcolormesh(step_edges(steps), np.arange(len(table) + 1) - 0.5,
                                  np.ma.masked_invalid(values), norm=norm, cmap=cmap,
@@ -184,8 +185,10 @@ def plot_gradient_heatmap(
     colourbar.set_ticks(ticks, labels=[fmt_tick(t) for t in ticks])
     colourbar.ax.yaxis.set_minor_locator(NullLocator())
     keys = []
-    if has_missing:
-        keys.append(Patch(facecolor=MISSING_COLOUR, edgecolor="grey", label="not recorded"))
+    if has_missing or has_infinite:
+        keys.append(Patch(facecolor=MISSING_COLOUR, edgecolor="grey", label=(
+            "not recorded" if not has_infinite else "not finite" if not has_missing
+            else "not recorded or not finite")))
     if has_zero:
         keys.append(Patch(facecolor=ZERO_COLOUR, edgecolor="grey", label="exactly zero"))
     if gids_of(fig, "diverged"):
@@ -197,7 +200,8 @@ def plot_gradient_heatmap(
     if has_head:
         keys.append(Line2D([], [], linestyle="none", label=HEAD_NOTE))
     if keys:
-        fig.legend(handles=keys, loc="outside lower center", ncols=min(len(keys), 4),
+        # three a row: the head note is long, four entries overflow a two-panel figure
+        fig.legend(handles=keys, loc="outside lower center", ncols=min(len(keys), 3),
                    frameon=False)
     # the configured length is not what a panel that diverged shows: leave it to the panels
     shared = (shared_settings(frame, grid, exclude=("steps", "epochs") if differ else ())
