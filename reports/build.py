@@ -46,13 +46,16 @@ from ablations.store import (
     DamagedFile,
     GridStore,
     load_results,
+    read_parquet,
     write_bytes,
 )
 from reports.figures.accuracy import plot_accuracy_vs_batch
 from reports.figures.alpha import plot_alpha_sweep
 from reports.figures.clipping import plot_agc_clip_fraction
 from reports.figures.curves import plot_training_curves
+from reports.figures.forensics import plot_divergence_timeline
 from reports.figures.frames import (
+    DIVERGED_RULE,
     PENDING,
     dependent_on,
     ordered_values,
@@ -166,7 +169,9 @@ def build_report(grid_dir: str | Path, out: str | Path | None = None) -> dict[st
     store = GridStore(grid_dir.parent, grid_dir.name)
     statuses = {rid: readable_status(store, rid) for rid in runs["run_id"]}
     spec = parse_spec(results.specs.get(grid_dir.name, ""))
-    sections = assemble(grid_dir, runs, results.metrics, results.blocks, statuses, spec)
+    runs = with_diagnosis(runs, statuses)
+    flight = forensic_flight(store, results, runs)
+    sections = assemble(grid_dir, runs, results.metrics, results.blocks, statuses, spec, flight)
     title = f"Ablation report: {grid_dir.name}"
 
     plots = [part for section in sections for part in section.parts if isinstance(part, Plot)]
@@ -350,9 +355,10 @@ def parse_spec(text: str) -> dict:
 
 
 def assemble(grid_dir: Path, runs: pd.DataFrame, metrics: pd.DataFrame, blocks: pd.DataFrame,
-             statuses: dict[str, dict], spec: dict) -> list[Section]:
+             statuses: dict[str, dict], spec: dict,
+             flight: pd.DataFrame | None = None) -> list[Section]:
     frame = with_derived(runs)
-    figures, skipped = figure_sections(grid_dir, frame, metrics, blocks)
+    figures, skipped = figure_sections(grid_dir, frame, metrics, blocks, flight)
     frontier = grid_frontier(grid_dir)
     verdicts = claim_verdicts(spec, runs, frontier)
     sections = [summary_section(frame, spec, skipped, verdicts)]
@@ -368,7 +374,7 @@ def assemble(grid_dir: Path, runs: pd.DataFrame, metrics: pd.DataFrame, blocks: 
     sections += figures
     sections += frontier_sections(frontier)
     sections.append(runs_section(frame))
-    problems = problems_section(frame, statuses)
+    problems = problems_section(frame, statuses, flight)
     if problems is not None:
         sections.append(problems)
     damaged = damaged_section(frame)
@@ -499,6 +505,8 @@ def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str],
     if items:
         section.parts.append(Bullets(items))
     section.parts.append(f"Runs: {len(frame)} ({counts_line(frame)}).")
+    if frame["status"].eq("diverged").any():
+        section.parts.append(DIVERGED_RULE)
     finished = frame["status"].isin(FINISHED)
     missing = []
     pending = frame[frame["status"].isin(PENDING)]
@@ -762,9 +770,9 @@ def key_results(frame: pd.DataFrame) -> Section | None:
         table = summary.set_index("setting")[["cell"]].rename(columns={"cell": "final accuracy"})
     table.index.name = " / ".join(label(c) for c in rows) or "setting"
     return Section("Key results", [
-        "Mean final test accuracy over completed seeds (min to max in brackets); ✗ counts "
-        "diverged runs; the best setting of each column (fewest divergences, then highest "
-        "accuracy) is in bold.",
+        "Mean final test accuracy over the finished seeds of each setting, a diverged seed "
+        "counted at chance (min to max in brackets); ✗ counts the diverged runs; the best "
+        "setting of each column (fewest divergences, then highest accuracy) is in bold.",
         Table(table.fillna("").reset_index()),
         ROUNDING_RULE,
     ])
@@ -774,11 +782,14 @@ def result_cell(row: pd.Series) -> str:
     done = int(row["n_completed"] + row["n_diverged"])
     parts = []
     if np.isfinite(row["mean"]):
+        counted = row["n_completed"] + row.get("n_at_chance", 0)
         spread = (f" ({row['low']:.1%}–{row['high']:.1%})"
-                  if row["n_completed"] > 1 and row["high"] > row["low"] else "")
+                  if counted > 1 and row["high"] > row["low"] else "")
         parts.append(f"{row['mean']:.1%}{spread}")
     if row["n_diverged"]:
-        parts.append(f"✗ {int(row['n_diverged'])}/{done} diverged")
+        # said at chance only when it was averaged in: an unknown class count leaves it out
+        note = " (at chance)" if row.get("n_at_chance", 0) == row["n_diverged"] else ""
+        parts.append(f"✗ {int(row['n_diverged'])} of {done} diverged{note}")
     if row["n_failed"]:
         parts.append(f"{int(row['n_failed'])} failed")
     if row["n_pending"]:
@@ -787,7 +798,8 @@ def result_cell(row: pd.Series) -> str:
 
 
 def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
-                    blocks: pd.DataFrame) -> tuple[list[Section], list[str]]:
+                    blocks: pd.DataFrame, flight: pd.DataFrame | None = None
+                    ) -> tuple[list[Section], list[str]]:
     """The figures that fit this grid, and one line per figure that does not, saying why."""
     axes = varied_axes(frame)
     finished = frame[frame["status"].isin(FINISHED)]
@@ -809,10 +821,10 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
     batch_sizes = finished["batch_size"].nunique() if "batch_size" in finished else 0
     if "batch_size" in axes and batch_sizes >= 2:
         add("Accuracy vs batch size", "accuracy-vs-batch",
-            "Mean final test accuracy over completed seeds (band: min to max; the title gives "
-            "the seed count), on an axis from 0 with chance level dotted. Lines with diverged "
-            "runs get a row in a strip under the plot: a cross where k of n finished runs "
-            "diverged.",
+            "Mean final test accuracy over finished seeds, a diverged seed at chance (band: "
+            "min to max; the title gives the seed count), on an axis from 0 with chance level "
+            "dotted. Lines with diverged runs get a row in a strip under the plot: a cross "
+            "where k of n finished runs diverged.",
             lambda: plot_accuracy_vs_batch(frame))
     else:
         others = [a for a in setting_axes(finished) if a != "model.alpha"]
@@ -820,17 +832,18 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
             x = next((a for a in others if all(is_number(v) for v in
                                                finished[a].dropna().unique())), others[0])
             add(f"Accuracy by {label(x)}", "accuracy-by-setting",
-                "Mean final test accuracy over completed seeds (band: min to max), on an axis "
-                "from 0 with chance level dotted; the strip below marks where runs diverged "
-                "(k of n).",
+                "Mean final test accuracy over finished seeds, a diverged seed at chance (band: "
+                "min to max), on an axis from 0 with chance level dotted; the strip below marks "
+                "where runs diverged (k of n).",
                 lambda: plot_accuracy_vs_batch(frame, x=x))
         elif "model.alpha" not in axes:
             skipped.append("accuracy plot: no axis other than the seed varied")
 
     if {"clip.threshold", "batch_size"} <= set(axes) and heatmap_fits(finished):
         add("Stability: clipping threshold × batch size", "stability-heatmap",
-            "Mean final accuracy per clipping threshold λ and batch size; hatched cells: every "
-            "seed diverged; ×k/n: k of n runs diverged; boxed: the best λ for each batch size.",
+            "Mean final accuracy per clipping threshold λ and batch size, a diverged seed at "
+            "chance; hatched cells: every seed diverged; ×k/n: k of n runs diverged; boxed: the "
+            "best λ for each batch size.",
             lambda: plot_stability_heatmap(frame))
     else:
         skipped.append("stability heatmap: needs at least two clipping thresholds of one "
@@ -862,8 +875,10 @@ def figure_sections(grid_dir: Path, frame: pd.DataFrame, metrics: pd.DataFrame,
             "Gradient norm of each block's parameters over training (log colour scale): a row "
             "per model (normalizer-free first, then BN where the grid has it), a column per "
             "clipping setting, each the lowest seed at the largest batch size. `head`: the "
-            "classifier and any layer after the last block. A dashed line marks divergence.",
-            lambda: plot_gradient_heatmap(blocks, frame))
+            "classifier and any layer after the last block. A dashed line marks divergence, "
+            "hatched grey what follows it; a diverged run's panel shows every step kept before "
+            "its divergence where the store has them.",
+            lambda: plot_gradient_heatmap(blocks, frame, flight=flight))
     else:
         skipped.append("gradient propagation: no block gradient statistics were recorded "
                        "(probe_every = 0)")
@@ -938,8 +953,11 @@ def runs_section(frame: pd.DataFrame) -> Section:
     columns = ["run_id", "status", *axes, *[m for m in SUMMARY_METRICS if m in frame]]
     if "model.name" in axes and "model" in frame:  # the model as built, not its registry name
         columns[columns.index("model.name")] = "model"
-    table = sort_frame(frame, axes)[columns].copy()
-    for column in ("final_acc", "best_acc", "clip_fraction"):
+    ordered = sort_frame(frame, axes)
+    table = ordered[columns].copy()
+    if "final_acc" in table:
+        table["final_acc"] = [final_acc_cell(r) for _, r in ordered.iterrows()]
+    for column in ("best_acc", "clip_fraction"):
         if column in table:
             table[column] = [f"{v:.1%}" if np.isfinite(v) else "" for v in table[column]]
     for column in ("diverged_step", "steps_done"):
@@ -962,32 +980,202 @@ def runs_section(frame: pd.DataFrame) -> Section:
             for v, a in zip(table[axis], run_axes if run_axes is not None else table[axis])
         ]
     table = table.rename(columns=RUN_HEADERS)
-    return Section("Runs", [f"{len(table)} runs; blank cells: not applicable or not recorded.",
+    return Section("Runs", [f"{len(table)} runs; blank cells: not applicable or not recorded; "
+                            "final acc ✗: diverged, shown (and sorted) at chance.",
                             Table(table)])
 
 
-def problems_section(frame: pd.DataFrame, statuses: dict[str, dict]) -> Section | None:
+def final_acc_cell(row: pd.Series) -> str:
+    """A run's final accuracy as the runs table shows it: a diverged run at chance with its
+    mark, so that sorting the column puts it where it counts (at chance), not last both
+    ways."""
+    if row["status"] == "diverged":
+        step = row.get("diverged_step")
+        when = f" at step {int(step)}" if is_number(step) and np.isfinite(step) else ""
+        chance = row.get("acc_chance")
+        return (f"{chance:.1%} ✗ diverged{when} (at chance)"
+                if is_number(chance) and np.isfinite(chance) else f"✗ diverged{when}")
+    value = row.get("final_acc")
+    return f"{value:.1%}" if is_number(value) and np.isfinite(value) else ""
+
+
+# The diagnosis of a diverged run (``ablations`` stores it in the run's summary), stated here
+# in words: the report cannot import the rule's constant from every store's version.
+DIAGNOSIS_RULE = (
+    "Diagnosis of a diverged run, from its flight record (every step kept before the "
+    "divergence): the first step at which a per-block statistic is more than 10x its median "
+    "over the run's first steps (up to 10) or not finite; the block(s) where that happens; "
+    "what kind of statistic moved first (activations, gradients, update size); whether "
+    "clipping was active then.")
+# summary fields of the diagnosis, each with the type a stored value must have to be shown
+DIAGNOSIS_FIELDS = {"diverged_block": str, "diverged_first_step": int,
+                    "diverged_first_stat": str, "diverged_first_kind": str,
+                    "diverged_clipping_active": bool, "diagnosis": str}
+FLIGHT_COLUMNS = ["step", "block", "stage", "index", "stat", "value"]
+TIMELINE_PANELS = 6
+
+
+def typed_field(value: Any, kind: type) -> Any:
+    """``value`` when it has the field's type (an int that is not a bool; a finite float
+    with an integer value counts as an int), else None: a store's fields are untrusted."""
+    if isinstance(value, float | np.floating) and kind is int:
+        return int(value) if np.isfinite(value) and float(value).is_integer() else None
+    if kind is int:
+        return int(value) if isinstance(value, int | np.integer) and not isinstance(
+            value, bool | np.bool_) else None
+    if kind is bool:
+        return bool(value) if isinstance(value, bool | np.bool_) else None
+    return value if isinstance(value, kind) and value else None
+
+
+def with_diagnosis(runs: pd.DataFrame, statuses: dict[str, dict]) -> pd.DataFrame:
+    """``runs`` with the diagnosis columns (:data:`DIAGNOSIS_FIELDS`): the runs frame's own
+    where ``load_results`` gives them, else the run's stored summary; None where neither
+    holds a value of the right type."""
+    frame = runs.copy()
+    for column, kind in DIAGNOSIS_FIELDS.items():
+        own = frame[column] if column in frame else pd.Series(None, index=frame.index)
+        values = []
+        for run_id, value in zip(frame["run_id"], own):
+            shown = typed_field(value, kind)
+            if shown is None:
+                summary = statuses.get(run_id, {}).get("summary")
+                if isinstance(summary, dict):
+                    shown = typed_field(summary.get(column), kind)
+            values.append(shown)
+        frame[column] = pd.Series(values, index=frame.index, dtype=object)
+    return frame
+
+
+def forensic_flight(store: GridStore, results: Any, runs: pd.DataFrame) -> pd.DataFrame | None:
+    """The diverged runs' flight records: ``load_results``'s ``flight`` frame where it has
+    one, else each diverged run's ``flight.parquet`` (stores read by an ``ablations`` without
+    the frame); None when no run has one. A file that cannot be read is left out, warned."""
+    diverged = runs.loc[runs["status"].eq("diverged"), "run_id"].tolist()
+    flight = getattr(results, "flight", None)
+    if isinstance(flight, pd.DataFrame):
+        if "run_id" not in flight:
+            return None
+        part = flight[flight["run_id"].isin(diverged)]
+        if "grid" in part:
+            part = part[part["grid"] == store.grid]
+        return part if len(part) else None
+    frames = []
+    for run_id in diverged:
+        file = store.run_dir(run_id) / "flight.parquet"
+        if not file.is_file():
+            continue
+        try:
+            frame = read_parquet(file)
+        except DamagedFile as err:
+            warnings.warn(f"{err}; the report leaves the flight record of {run_id} out",
+                          stacklevel=2)
+            continue
+        if not set(FLIGHT_COLUMNS) <= set(frame):
+            warnings.warn(f"{file} lacks the flight columns "
+                          f"{sorted(set(FLIGHT_COLUMNS) - set(frame))}; left out", stacklevel=2)
+            continue
+        frame = frame[FLIGHT_COLUMNS].copy()
+        frame.insert(0, "run_id", run_id)
+        frame.insert(0, "grid", store.grid)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def diverged_text(row: pd.Series) -> str:
+    step = row.get("diverged_step")
+    return f"diverged at step {int(step)}" if is_number(step) and np.isfinite(step) \
+        else "diverged"
+
+
+def diagnosis_text(row: pd.Series) -> str:
+    return row["diagnosis"] if isinstance(row.get("diagnosis"), str) else \
+        "no diagnosis recorded"
+
+
+def diverged_groups(frame: pd.DataFrame, diverged: pd.DataFrame) -> list[pd.DataFrame]:
+    """The diverged runs, one group per setting whose seeds (two or more) agree on the block
+    and kind of what moved first, one group per run otherwise; in the runs' order."""
+    settings = [c for c in setting_axes(frame) if c in diverged]
+    groups: list[pd.DataFrame] = []
+    parts = diverged.groupby(settings, dropna=False, sort=False) if settings else \
+        [((), diverged)]
+    for _, part in parts:
+        blocks, kinds = part["diverged_block"], part["diverged_first_kind"]
+        agree = (len(part) >= 2 and blocks.notna().all() and kinds.notna().all()
+                 and blocks.nunique() == 1 and kinds.nunique() == 1)
+        groups += [part] if agree else [part.loc[[i]] for i in part.index]
+    return groups
+
+
+def problems_section(frame: pd.DataFrame, statuses: dict[str, dict],
+                     flight: pd.DataFrame | None = None) -> Section | None:
     bad = sort_frame(frame[frame["status"].isin(["diverged", "failed"])], ["status"])
     if bad.empty:
         return None
     section = Section("Diverged and failed runs")
-    for _, row in bad.iterrows():
-        where = describe(frame, row)
+    diverged = bad[bad["status"] == "diverged"]
+    if len(diverged):
+        section.parts.append(DIAGNOSIS_RULE)
+    shown: list[str] = []  # one run per entry: the timeline's panels
+    for group in diverged_groups(frame, diverged) if len(diverged) else []:
+        first = group.iloc[0]
+        shown.append(first["run_id"])
+        if len(group) == 1:
+            error = first.get("error")
+            detail = diverged_text(first) + (f": {error}" if isinstance(error, str) and error
+                                             else "")
+            section.parts.append(f"`{first['run_id']}` ({describe(frame, first)}) {detail}. "
+                                 f"Diagnosis: {diagnosis_text(first)}.")
+            continue
+        steps = ", ".join(str(int(s)) for s in group["diverged_step"] if is_number(s)
+                          and np.isfinite(s))
+        where = ", ".join(p for p in describe(frame, first).split(", ")
+                          if not p.startswith("seed=")) or "base config"
+        ids = ", ".join(f"`{r}`" for r in group["run_id"])
+        section.parts.append(
+            f"{where}: the {len(group)} diverged seeds ({ids}) broke the same way: "
+            f"{first['diverged_first_kind']} moved first, in block `{first['diverged_block']}`;"
+            f" diverged at steps {steps or 'not recorded'}.")
+        section.parts.append(Bullets([f"`{r['run_id']}`: {diagnosis_text(r)}"
+                                      for _, r in group.iterrows()]))
+    if len(diverged):
+        section.parts += timeline_parts(frame, flight, shown)
+    for _, row in bad[bad["status"] == "failed"].iterrows():
         error = row.get("error")
         error = error if isinstance(error, str) and error else None
-        if row["status"] == "diverged":
-            step = row.get("diverged_step")
-            detail = f"diverged at step {int(step)}" if is_number(step) else "diverged"
-            if error:
-                detail += f": {error}"
-        else:
-            detail = f"failed: {error or 'no error recorded'}"
-        section.parts.append(f"`{row['run_id']}` ({where}) {detail}")
+        section.parts.append(f"`{row['run_id']}` ({describe(frame, row)}) failed: "
+                             f"{error or 'no error recorded'}")
         trace = statuses.get(row["run_id"], {}).get("traceback")
-        if row["status"] == "failed" and isinstance(trace, str) and trace.strip():
+        if isinstance(trace, str) and trace.strip():
             tail = "\n".join(trace.rstrip().splitlines()[-TRACEBACK_LINES:])
             section.parts.append(Details(f"traceback of {row['run_id']}", tail))
     return section
+
+
+def timeline_parts(frame: pd.DataFrame, flight: pd.DataFrame | None, shown: list[str]) -> list:
+    """The divergence timeline of the runs ``shown`` (one per entry above) that have a flight
+    record, or one line saying why there is none."""
+    have = set(flight["run_id"]) if flight is not None and "run_id" in flight else set()
+    with_record = [r for r in shown if r in have]
+    if not with_record:
+        return ["No per-step record (flight.parquet) was kept for the diverged runs (a store "
+                "written before the flight recorder), so no timeline is drawn."]
+    panels = with_record[:TIMELINE_PANELS]
+    more = (f" Drawn: {len(panels)} of the {len(with_record)} with a record."
+            if len(with_record) > len(panels) else "")
+    try:
+        fig = plot_divergence_timeline(flight, frame, run_ids=panels)
+    except Exception as err:  # one figure failing must not cost the whole report
+        line = (f"{type(err).__name__}: {err}".splitlines() or ["error"])[0]
+        return [f"Figure divergence-timeline could not be drawn: {line}"]
+    stat = fig.axes[-1].get_ylabel().split("\n")[0]
+    return [Plot("divergence-timeline",
+                 f"{stat.capitalize()} of each block at every step kept before the divergence "
+                 "(log colour scale), one panel per diverged run (one per setting whose seeds "
+                 "agree); dashed: the divergence step; dotted and ringed: the first step and "
+                 "block out of range (the diagnosis); a white line: steps the recorder did not "
+                 f"keep.{more}", figure_bytes(fig))]
 
 
 def describe(frame: pd.DataFrame, row: pd.Series) -> str:

@@ -278,7 +278,13 @@ def test_seed_summary_averages_completed_runs_and_counts_the_rest():
     summary = seed_summary(runs, ["clip.threshold", "batch_size"])
     cell = summary[(summary["clip.threshold"] == 0.04) & (summary["batch_size"] == 4096)].iloc[0]
     assert (cell["n_completed"], cell["n_diverged"], cell["n_runs"]) == (1, 1, 2)
-    assert cell["mean"] == pytest.approx(0.9 - 0.2 - 0.04)  # seed 0 only
+    # the final accuracy counts the diverged seed at chance (synthetic data: 10 classes)
+    assert cell["mean"] == pytest.approx((0.9 - 0.2 - 0.04 + 0.1) / 2)
+    assert cell["n_at_chance"] == 1
+    # any other metric averages the completed seeds only
+    grad = seed_summary(runs, ["clip.threshold", "batch_size"], "max_grad_norm")
+    assert grad["mean"].tolist()[:8] == [3.0] * 8 and np.isnan(grad["mean"].iloc[8])
+    assert not grad["n_at_chance"].any()
     assert list(summary["batch_size"][:3]) == [256, 1024, 4096]  # numeric order
 
 
@@ -293,11 +299,12 @@ def test_stability_heatmap_marks_divergence_and_the_best_threshold():
     image = ax.get_images()[0].get_array()
     assert image.shape == (3, 3)
     assert image[0, 0] == pytest.approx(0.9 - 0.01 + 0.005)  # mean of seeds 0 and 1
-    assert np.ma.is_masked(image[2, 2])  # every seed diverged: no accuracy
+    assert image[2, 2] == pytest.approx(0.1)  # every seed diverged: at chance, hatched
+    assert image[1, 2] == pytest.approx((0.9 - 0.2 - 0.04 + 0.1) / 2)  # one of two at chance
     hatched = gids(fig, "diverged-cell")
     assert len(hatched) == 1 and hatched[0].get_xy() == (1.5, 1.5)
     counts = sorted(t.get_text() for t in gids(fig, "diverged-count"))
-    assert counts == [f"{0.9 - 0.2 - 0.04:.1%}\n×1/2", "×2/2\ndiverged"]
+    assert counts == ["10.0%\n×2/2 diverged", f"{(0.9 - 0.2 - 0.04 + 0.1) / 2:.1%}\n×1/2"]
     best = gids(fig, "best")
     assert len(best) == 3  # one per batch size: the smallest lambda wins everywhere here
     assert sorted(r.get_xy() for r in best) == [(-0.5, -0.5), (0.5, -0.5), (1.5, -0.5)]
@@ -349,8 +356,10 @@ def test_accuracy_vs_batch_lines_bands_and_diverged_marks():
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert legend[:3] == ["no clipping", "global norm λ=1", "AGC λ=0.01"]
     assert {"NF-ResNet-26", "BN-ResNet-26 v2", "diverged run"} <= set(legend)
-    # unclipped NF has no completed run at 4096: its line stops there, the others do not
-    assert sorted(int(np.isfinite(ln.get_ydata()[-1])) for ln in lines) == [0, 1, 1, 1]
+    # unclipped NF has no completed run at 4096: its line ends there at chance (every seed
+    # diverged), global norm's counts its one diverged seed at chance
+    assert sorted(ln.get_ydata()[-1] for ln in lines) == pytest.approx(
+        [0.1, (0.75 + 0.76 + 0.1) / 3, 0.76, 0.81])
     # one strip row per line with divergences: NF unclipped (3 of 3) and global norm (1 of 3)
     assert [t.get_text() for t in strip.get_yticklabels()] == [
         "no clipping, NF-ResNet-26", "global norm λ=1, NF-ResNet-26"]
@@ -454,7 +463,8 @@ def test_gradient_heatmap_blocks_by_steps_on_a_log_scale():
     assert (zero_column < axes[1].collections[0].norm.vmin).all()
     assert np.ma.is_masked(axes[0].collections[0].get_array()[0, 1])  # not recorded
     keys = [t.get_text() for t in fig.legends[0].get_texts()]
-    assert keys == ["not recorded", "exactly zero", "divergence step", HEAD_NOTE]
+    assert keys == ["not recorded", "exactly zero", "divergence step", "after divergence",
+                    HEAD_NOTE]
     mesh = axes[0].collections[0]
     assert mesh.get_array().shape == (len(BLOCKS), 4)
     assert isinstance(mesh.norm, LogNorm)
@@ -526,7 +536,9 @@ def test_alpha_sweep_three_panels():
     assert slope.get_xscale() == "log" and slope.get_yscale() == "log"
     assert [t.get_text() for t in acc.get_xticklabels()] == ["0.1", "0.2", "0.4", "0.8"]
     (mean,) = [ln for ln in acc.get_lines() if ln.get_gid() == "mean"]
-    assert np.allclose(mean.get_ydata(), [0.9 - a / 4 for a in (0.1, 0.2, 0.4, 0.8)])
+    # alpha 0.8: one of its two seeds diverged and counts at chance
+    assert np.allclose(mean.get_ydata(), [0.9 - a / 4 for a in (0.1, 0.2, 0.4)]
+                       + [(0.9 - 0.8 / 4 + 0.1) / 2])
     assert len(gids(fig, "diverged")) == 1
     assert_png(fig)
     only_accuracy = plot_alpha_sweep(runs)
@@ -691,7 +703,7 @@ def test_report_of_a_partial_grid(tmp_path):
     assert "| run_id | status |" in md and "RuntimeError: CUDA out of memory" in md
     key = md.split("## Key results")[1].split("##")[0]
     assert "| clipping | batch 64 | batch 256 |" in key
-    assert "✗ 1/1 diverged" in key and "**" in key
+    assert "10.0%, ✗ 1 of 1 diverged (at chance)" in key and "**" in key
 
 
 def test_report_of_a_grid_with_nothing_finished(tmp_path):
@@ -855,10 +867,11 @@ addEventListener("load", () => {
     dom = subprocess.run(command, capture_output=True, text=True, timeout=60).stdout
     found = dict(re.findall(r'data-(up|down|sort|shown|count)="([^"]*)"', dom))
     assert set(found) == {"up", "down", "sort", "shown", "count"}, dom[-500:]
-    # numbers by value, blanks (failed, queued, diverged runs) last either way
+    # numbers by value (a diverged run at chance), blanks (failed, queued runs) last
     up = [v for v in found["up"].split("|") if v]
     down = [v for v in found["down"].split("|") if v]
-    assert up == sorted(up, key=lambda v: float(v.rstrip("%"))) and down == up[::-1]
+    assert up == sorted(up, key=lambda v: float(v.split("%")[0])) and down == up[::-1]
+    assert up[0] == "10.0% ✗ diverged at step 12 (at chance)"
     assert found["up"].endswith("||") and found["down"].endswith("||")
     assert found["sort"] == "descending"
     shown = found["shown"].split("|")

@@ -4,8 +4,10 @@ The grid figures take the documented frames of ``ablations.store.load_results`` 
 ``metrics``, ``blocks``). Defaults come from what the grid varied (the ``axes`` column): the
 clipping mode and threshold are shown together as one "clipping" setting, model names by
 family, and any varied axis a figure does not map to x, hue or style becomes a panel column,
-so seeds are the only thing ever averaged over. Means are over the completed seeds of a
-setting; diverged runs are counted, never averaged in.
+so seeds are the only thing ever averaged over. Means are over the finished seeds of a
+setting by one rule (:data:`DIVERGED_RULE`, as the claims count them): in the final accuracy a
+diverged run counts at chance (``acc_chance``); in every other metric it is counted, never
+averaged in.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ from reports.figures.style import (
 from sigprop.errors import UserError
 
 PENDING = ("queued", "running", "interrupted")
+# The metrics in which a diverged run counts at chance (as ablations.claims counts it): a
+# network that diverged predicts no better than guessing. Elsewhere it drops out of means.
+AT_CHANCE = ("final_acc", "acc_chance")
+DIVERGED_RULE = ("A diverged run counts at chance accuracy (1/classes) in every table, heatmap "
+                 "and claim, and is marked ✗ (or hatched) wherever it is counted.")
 
 
 # Axes listed first are the ones a reader looks for first; the rest follow alphabetically.
@@ -54,12 +61,42 @@ def with_derived(runs: pd.DataFrame) -> pd.DataFrame:
             names = frame["model_label"].where(frame["model_label"].notna(), names)
         frame["model"] = names
     for column in ("final_acc", "best_acc", "diverged_step", "max_grad_norm", "clip_fraction",
-                   "steps_done", "duration_s"):
+                   "steps_done", "duration_s", "acc_chance"):
         if column in frame:
             frame[column] = pd.to_numeric(frame[column], errors="coerce")
     if "status" not in frame:
         frame["status"] = "completed"
+    if "final_acc" in frame and "acc_chance" not in frame:  # stores before the column
+        frame["acc_chance"] = acc_at_chance(frame)
     return frame
+
+
+def chance_per_run(runs: pd.DataFrame) -> np.ndarray:
+    """Each run's chance accuracy, 1 / its class count (the model's ``num_classes``, else its
+    data set's); NaN where neither is known."""
+    out = np.full(len(runs), np.nan)
+    if "model.num_classes" in runs:
+        classes = pd.to_numeric(runs["model.num_classes"], errors="coerce").to_numpy(float)
+        out = np.where(classes >= 2, 1.0 / np.where(classes >= 2, classes, 1.0), np.nan)
+    if "data" in runs:
+        from sigprop.data import dataset_info
+
+        for i, name in enumerate(runs["data"]):
+            if np.isnan(out[i]) and isinstance(name, str):
+                try:
+                    out[i] = 1.0 / dataset_info(name).num_classes
+                except UserError:  # a data set this version does not know: chance unknown
+                    pass
+    return out
+
+
+def acc_at_chance(runs: pd.DataFrame) -> pd.Series:
+    """``final_acc`` with diverged runs at chance (:data:`DIVERGED_RULE`); NaN for runs not
+    finished. The same as the store's ``acc_chance`` column, for stores without it."""
+    status = runs["status"] if "status" in runs else pd.Series("completed", index=runs.index)
+    final = pd.to_numeric(runs["final_acc"], errors="coerce").astype(float)
+    chance = pd.Series(chance_per_run(runs), index=runs.index)
+    return final.where(status.eq("completed")).where(~status.eq("diverged"), chance)
 
 
 def varied_axes(runs: pd.DataFrame) -> list[str]:
@@ -168,18 +205,23 @@ def require(frame: pd.DataFrame, columns: Sequence[str], what: str) -> None:
 
 
 def seed_summary(runs: pd.DataFrame, keys: Sequence[str], value: str = "final_acc") -> pd.DataFrame:
-    """Per setting (``keys``): mean/low/high of ``value`` over completed runs, and counts.
+    """Per setting (``keys``): mean/low/high of ``value`` over completed runs, and counts; in
+    the final accuracy (:data:`AT_CHANCE`) diverged runs count at chance (``acc_chance``).
 
-    Columns: keys, mean, low, high, n_runs, n_completed, n_diverged, n_failed, n_pending.
+    Columns: keys, mean, low, high, n_runs, n_completed, n_diverged, n_failed, n_pending,
+    n_at_chance (the diverged runs averaged in at chance).
     """
     frame = with_derived(runs)
     keys = list(keys)
     require(frame, [*keys, value], "a seed summary")
+    at_chance = value in AT_CHANCE and "acc_chance" in frame
+    counted = ("completed", "diverged") if at_chance else ("completed",)
+    source = "acc_chance" if at_chance else value
     rows = []
     groups = frame.groupby(keys, dropna=False, sort=False) if keys else [((), frame)]
     for key, group in groups:
         key = key if isinstance(key, tuple) else (key,)
-        ok = group.loc[group["status"].eq("completed"), value].astype(float)
+        ok = group.loc[group["status"].isin(counted), source].astype(float)
         ok = ok[np.isfinite(ok)]
         rows.append({
             **dict(zip(keys, key)),
@@ -191,6 +233,8 @@ def seed_summary(runs: pd.DataFrame, keys: Sequence[str], value: str = "final_ac
             "n_diverged": int(group["status"].eq("diverged").sum()),
             "n_failed": int(group["status"].eq("failed").sum()),
             "n_pending": int(group["status"].isin(PENDING).sum()),
+            "n_at_chance": int(np.isfinite(group.loc[group["status"].eq("diverged"), source]
+                                           .astype(float)).sum()) if at_chance else 0,
         })
     return sort_frame(pd.DataFrame(rows), keys)
 
@@ -295,14 +339,15 @@ def run_title(runs: pd.DataFrame, run_id: str, grid: PanelGrid | None = None) ->
     return "\n".join(line for line in lines if line) or run_id
 
 
-def shared_settings(runs: pd.DataFrame, grid: PanelGrid) -> str:
+def shared_settings(runs: pd.DataFrame, grid: PanelGrid, exclude: Sequence[str] = ()) -> str:
     """The settings every panel of ``grid`` shares, which :func:`run_title` leaves out of the
-    panel titles: "SkipInit gain at init 0, steps 100" (for the figure's title)."""
+    panel titles: "SkipInit gain at init 0, steps 100" (for the figure's title); ``exclude``:
+    settings not to name."""
     frame = with_derived(runs)
     shown = frame[frame["run_id"].isin(grid.run_ids)]
     if shown.empty:
         return ""
-    keys = [c for c in setting_axes(shown, exclude=["batch_size", "seed"])
+    keys = [c for c in setting_axes(shown, exclude=["batch_size", "seed", *exclude])
             if c in shown and c not in (grid.row, grid.col)
             and shown[c].nunique(dropna=False) == 1]
     row = shown.iloc[0]

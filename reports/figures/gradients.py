@@ -51,6 +51,28 @@ def step_edges(steps: np.ndarray) -> np.ndarray:
     return np.concatenate([[2 * steps[0] - middle[0]], middle, [2 * steps[-1] - middle[-1]]])
 
 
+def with_flight(rows: pd.DataFrame, flight: pd.DataFrame | None, stat: str) -> pd.DataFrame:
+    """``rows`` (one statistic of the blocks frame) plus the flight record's rows of ``stat``
+    at the steps the probes did not record, for the runs the flight record holds."""
+    if flight is None or flight.empty or not {"run_id", "step", "block", "index", "stat",
+                                              "value"} <= set(flight):
+        return rows
+    extra = flight[(flight["stat"] == stat) & (flight["block"] != "run")]
+    if "param" in extra:
+        extra = extra[extra["param"].isna()]
+    if extra.empty:
+        return rows
+    have = set(zip(rows["run_id"], rows["step"]))
+    extra = extra[[(r, s) not in have for r, s in zip(extra["run_id"], extra["step"])]]
+    columns = [c for c in rows.columns if c in extra.columns]
+    return pd.concat([rows, extra[columns]], ignore_index=True)
+
+
+def step_span(rows: pd.DataFrame, run_id: str) -> tuple[float, float]:
+    steps = rows.loc[rows["run_id"] == run_id, "step"].astype(float)
+    return (float(steps.min()), float(steps.max())) if len(steps) else (np.nan, np.nan)
+
+
 def empty_panel(ax: Any, grid: PanelGrid, row_value: Any, col_value: Any) -> None:
     """A cell of the panel grid the runs do not fill: said in words, no empty frame."""
     ax.set_axis_off()
@@ -74,13 +96,16 @@ def plot_gradient_heatmap(
     stat: str = "grad_norm",
     max_panels: int = 4,
     row: str | None = None,
+    flight: pd.DataFrame | None = None,
 ) -> Figure:
     """Block (rows, input at the top, the head last) x recorded step (columns) of ``stat`` on
     a log colour scale, one panel per run: ``run_ids`` in one row, or a grid of one run per
     ``row`` (default: the model, normalizer-free first, when several were run) and ``col``
     (default: clipping) at the largest batch size (:func:`pick_panels`). A diverged run's
-    divergence step is a dashed line."""
-    rows = block_rows(blocks, stat)
+    divergence step is a dashed line, what follows it is hatched grey; with its ``flight``
+    record (the steps kept before the divergence, ``reports.figures.forensics``) its panel
+    shows every kept step, not only the probes' every-N-steps record."""
+    rows = with_flight(block_rows(blocks, stat), flight, stat)
     if rows.empty:
         raise UserError(f"the blocks frame has no {stat!r} rows")
     grid = selected_panels(rows, runs, run_ids, col, row, max_panels)
@@ -93,7 +118,9 @@ def plot_gradient_heatmap(
     # on a log scale: they get the "under" colour, distinct from steps never recorded
     cmap = matplotlib.colormaps[GRADIENT_CMAP].with_extremes(under=ZERO_COLOUR)
     frame = with_derived(runs)
-    has_zero = has_missing = has_head = False
+    has_zero = has_missing = has_head = has_after = has_infinite = False
+    spans = {run_id: step_span(rows, run_id) for run_id in grid.run_ids}
+    differ = len(set(spans.values())) > 1  # then each panel says its own steps
 
     n_blocks = rows["block"].nunique()
     n_rows, n_cols = len(grid.cells), len(grid.col_values)
@@ -115,6 +142,7 @@ def plot_gradient_heatmap(
             zero = values <= 0
             has_zero |= bool(zero.any())
             has_missing |= bool(np.isnan(values).any())
+            has_infinite |= bool(np.isinf(values).any())  # a diverged step's statistics
             values = np.where(zero, norm.vmin / 10, values)
             mesh = ax.pcolormesh(step_edges(steps), np.arange(len(table) + 1) - 0.5,
                                  np.ma.masked_invalid(values), norm=norm, cmap=cmap,
@@ -131,12 +159,25 @@ def plot_gradient_heatmap(
             if len(steps) <= 8:
                 ax.set_xticks(steps, [f"{s:g}" for s in steps])
             ax.set_xlabel(label("step"))
-            ax.set_title(run_title(frame, run_id, grid), fontsize=10.5)
+            title = run_title(frame, run_id, grid)
+            if differ:
+                low, high = spans[run_id]
+                title += f"\nsteps {low:g}–{high:g} recorded"
+            ax.set_title(title, fontsize=10.5)
             info = frame.loc[frame["run_id"] == run_id]
             if len(info) and info.iloc[0]["status"] == "diverged" and is_number(
                     info.iloc[0].get("diverged_step")):
-                ax.axvline(info.iloc[0]["diverged_step"], color=DIVERGED_LINE, linestyle="--",
-                           linewidth=2.5, gid="diverged")
+                at = float(info.iloc[0]["diverged_step"])
+                ax.axvline(at, color=DIVERGED_LINE, linestyle="--", linewidth=2.5,
+                           gid="diverged")
+                # what follows the divergence: at least half a column, so the line never
+                # sits on the panel's edge
+                half = (steps[-1] - steps[-2]) / 2 if len(steps) > 1 else 0.5
+                right = max(ax.get_xlim()[1], at + half)
+                ax.axvspan(at, right, facecolor=MISSING_COLOUR, edgecolor="#969696",
+                           hatch="//", linewidth=0, zorder=0.5, gid="after-divergence")
+                ax.set_xlim(ax.get_xlim()[0], right)
+                has_after = True
         axes[r][0].set_ylabel(row_label(grid, r, "block (input → output)"))
     colourbar = fig.colorbar(mesh, ax=axes.ravel().tolist(), shrink=0.9)
     colourbar.set_label(f"{label(stat)} (log scale)")
@@ -144,19 +185,27 @@ def plot_gradient_heatmap(
     colourbar.set_ticks(ticks, labels=[fmt_tick(t) for t in ticks])
     colourbar.ax.yaxis.set_minor_locator(NullLocator())
     keys = []
-    if has_missing:
-        keys.append(Patch(facecolor=MISSING_COLOUR, edgecolor="grey", label="not recorded"))
+    if has_missing or has_infinite:
+        keys.append(Patch(facecolor=MISSING_COLOUR, edgecolor="grey", label=(
+            "not recorded" if not has_infinite else "not finite" if not has_missing
+            else "not recorded or not finite")))
     if has_zero:
         keys.append(Patch(facecolor=ZERO_COLOUR, edgecolor="grey", label="exactly zero"))
     if gids_of(fig, "diverged"):
         keys.append(Line2D([], [], color=DIVERGED_LINE, linestyle="--", linewidth=2.5,
                            label="divergence step"))
+    if has_after:
+        keys.append(Patch(facecolor=MISSING_COLOUR, edgecolor="#969696", hatch="//",
+                          label="after divergence"))
     if has_head:
         keys.append(Line2D([], [], linestyle="none", label=HEAD_NOTE))
     if keys:
-        fig.legend(handles=keys, loc="outside lower center", ncols=min(len(keys), 4),
+        # three a row: the head note is long, four entries overflow a two-panel figure
+        fig.legend(handles=keys, loc="outside lower center", ncols=min(len(keys), 3),
                    frameon=False)
-    shared = shared_settings(frame, grid) if run_ids is None else ""
+    # the configured length is not what a panel that diverged shows: leave it to the panels
+    shared = (shared_settings(frame, grid, exclude=("steps", "epochs") if differ else ())
+              if run_ids is None else "")
     fig.suptitle(f"Gradient propagation during training: {stat.replace('_', ' ')} per block"
                  + (f"\n(every panel: {shared})" if shared else ""), fontsize=12)
     return fig

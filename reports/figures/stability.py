@@ -46,10 +46,12 @@ def plot_stability_heatmap(
     value: str = "final_acc",
     col: str | Sequence[str] | None = None,
 ) -> Figure:
-    """Threshold x batch size, coloured by ``value`` averaged over completed seeds.
+    """Threshold x batch size, coloured by ``value`` averaged over completed seeds; in the
+    final accuracy a diverged run counts at chance (``DIVERGED_RULE``).
 
-    Cells whose runs all diverged are hatched grey; any diverged runs are counted in the cell
-    ("×2/3"). The best y per x column is boxed: the fewest diverged runs, then the highest mean.
+    Cells whose runs all diverged are hatched (coloured at chance where ``value`` is the final
+    accuracy, grey otherwise); any diverged runs are counted in the cell ("×2/3"). The best y
+    per x column is boxed: the fewest diverged runs, then the highest mean.
     Runs not finished yet leave their cell empty, labelled with their state. With the default
     y (``clip.threshold``) unclipped runs are left out, each clipping mode gets its own panel
     (global-norm and AGC thresholds are different scales) and, when some mode sweeps two or
@@ -129,8 +131,9 @@ def plot_stability_heatmap(
                                  gid="chance")
             colourbar.set_label(f"{colourbar.ax.get_ylabel()}; dotted: chance")
     fig.suptitle(f"Stability: {label(value)} by {label(y).split(' (')[0]} and "
-                 f"{label(x).split(' (')[0]}\n□ best per column   ×k/n: k of n runs diverged "
-                 "(hatched: all)", fontsize=11.5)
+                 f"{label(x).split(' (')[0]}\n□ best per column   ×k/n: k of n runs diverged"
+                 + (", counted at chance" if summary["n_at_chance"].any() else "")
+                 + " (hatched: all)", fontsize=11.5)
     return fig
 
 
@@ -142,10 +145,18 @@ def annotate_cell(ax: Any, i: int, j: int, row: pd.Series, norm: Normalize, cmap
         text = f"{row['mean']:.1%}" if value in FRACTION_COLUMNS else f"{row['mean']:.3g}"
         if diverged:
             text += f"\n×{diverged}/{done}"
+        every = diverged and not row["n_completed"]
+        if every:  # every seed diverged: its colour is chance, the hatching says why
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#636363",
+                                   hatch="xx", linewidth=0, gid="diverged-cell"))
+            text += " diverged"
         r, g, b, _ = cmap(norm(row["mean"]))
-        colour = "black" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "white"
-        ax.text(j, i, text, ha="center", va="center", fontsize=10, color=colour,
-                gid="diverged-count" if diverged else "value")
+        light = every or 0.299 * r + 0.587 * g + 0.114 * b > 0.5  # a boxed label is on white
+        ax.text(j, i, text, ha="center", va="center", fontsize=10,
+                color="black" if light else "white",
+                gid="diverged-count" if diverged else "value",
+                bbox={"facecolor": "white", "edgecolor": "none", "pad": 1.5, "alpha": 0.85}
+                if every else None)
     elif diverged:
         ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=DIVERGED_GREY,
                                edgecolor="#636363", hatch="xx", linewidth=0, gid="diverged-cell"))
