@@ -299,3 +299,50 @@ def test_summary_fields_of_the_wrong_type_make_the_status_damaged(store_with_a_d
     path.write_text(json.dumps(status))
     row = load_results(out).runs.set_index("run_id").loc[rid]
     assert row["status"] == "damaged" and "diverged_clipping_active" in row["error"]
+
+
+FRONTIER_SPEC = """
+name = "edge"
+[base]
+data = "synthetic"
+train_size = 64
+test_size = 32
+steps = 4
+batch_size = 16
+eval_every = 0
+seed = 0
+[base.model]
+name = "nf_resnet26"
+stem = "cifar"
+width_mult = 0.125
+depths = [1, 1, 1, 1]
+[base.clip]
+mode = "none"
+[frontier]
+lr_min = 0.01
+lr_max = 1e6
+resolution = 100.0
+"""
+
+
+@pytest.mark.slow
+def test_a_diverged_frontier_probe_gets_its_flight_file(tmp_path):
+    import io
+
+    from ablations.executors import LocalExecutor
+    from ablations.frontier import run_frontier
+    from ablations.spec import load_spec
+
+    spec = tmp_path / "edge.toml"
+    spec.write_text(textwrap.dedent(FRONTIER_SPEC))
+    run_frontier(load_spec(spec), tmp_path / "out", LocalExecutor(1, "cpu"),
+                 stream=io.StringIO())
+    results = load_results(tmp_path / "out")
+    diverged = results.runs[results.runs["status"] == "diverged"]
+    assert len(diverged) >= 1
+    store = GridStore(tmp_path / "out", "edge")
+    for rid, step in zip(diverged["run_id"], diverged["diverged_step"]):
+        assert (store.run_dir(rid) / "flight.parquet").is_file()
+        kept = results.flight[results.flight["run_id"] == rid]
+        assert set(kept["step"]) == set(range(int(step) + 1))
+    assert diverged["diagnosis"].map(lambda t: isinstance(t, str) and bool(t)).all()
