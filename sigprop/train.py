@@ -27,6 +27,13 @@ Host syncs: losses and clip statistics stay on the device and move to the host i
 step on CPU, where a "sync" costs nothing; every ``SYNC_EVERY_CUDA`` steps on CUDA), so
 divergence is detected within that many steps; ``step_time`` is host wall time (on CUDA it
 includes queueing, not the kernels' completion, except at sync points).
+
+Flight recorder (:mod:`sigprop.recorder`, on unless ``record_early = record_ring = 0`` or
+``compile``): every step's per-block statistics stay in a device buffer (the first
+``record_early`` steps, then a ring of the last ``record_ring``); a diverged run's result
+carries them up to the diverged step (``TrainResult.flight``, one transfer), any other run's
+never leave the device. The buffer is not checkpointed: a run resumed mid-way records from the
+step it resumed at (a diverged run's record is kept in its final checkpoint).
 """
 
 from __future__ import annotations
