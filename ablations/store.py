@@ -44,6 +44,7 @@ from typing import Any
 
 import pandas as pd
 
+from sigprop.diagnosis import FIELDS as DIAGNOSIS_FIELDS
 from sigprop.errors import UserError
 from sigprop.files import atomic_path, writable_dir_error
 
@@ -658,9 +659,13 @@ class Results:
 SUMMARY_COLUMNS = [
     "final_acc", "best_acc", "diverged_step", "max_grad_norm", "clip_fraction",
     "steps_done", "duration_s", "gain_clip_ratio", "var_growth", "var_growth_rel",
-    "test_images", "diverged_block", "diverged_first_step", "diverged_first_stat",
-    "diverged_first_kind", "diverged_clipping_active", "diagnosis",
+    "test_images", *DIAGNOSIS_FIELDS,
 ]
+# The summary columns that hold text or true/false (the diagnosis, sigprop.diagnosis); every
+# other one is a number.
+DIAGNOSIS_COLUMNS = DIAGNOSIS_FIELDS
+NON_NUMERIC_SUMMARY_COLUMNS = ("diverged_block", "diverged_first_stat", "diverged_first_kind",
+                               "diverged_clipping_active", "diagnosis")
 FLIGHT_COLUMNS = ["grid", "run_id", "step", "block", "stage", "index", "stat", "value"]
 
 
