@@ -742,10 +742,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     from ablations.runner import status_table
 
     table = status_table(args.dir)
+    # a diagnosis is a sentence: one line per diverged run under the table, not a column
+    diagnoses = table.pop("diagnosis") if "diagnosis" in table else None
     with pd.option_context("display.width", 200, "display.max_colwidth", 60):
         print(table.to_string(index=False))
     counts = table["status"].value_counts().to_dict()
     print(", ".join(f"{n} {state}" for state, n in sorted(counts.items())))
+    if diagnoses is not None:
+        lines = [f"  {grid}/{rid}: {text}" for grid, rid, text
+                 in zip(table["grid"], table["run_id"], diagnoses) if text]
+        if lines:
+            print("where the diverged runs broke (first statistic over 10x its early median):")
+            print("\n".join(lines))
     return 0
 
 

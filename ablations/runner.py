@@ -485,7 +485,8 @@ def run_grid(
 def status_table(path: str | Path) -> pd.DataFrame:
     """One row per run: grid, id, state (a running run with its step, from its progress
     record), the values of the keys the grid varies as the run uses them, and its summary
-    metrics; sorted by those values. Blank where there is nothing, never None or NaN."""
+    metrics, and ``diagnosis`` (where and when a diverged run broke, :mod:`sigprop.diagnosis`);
+    sorted by those values. Blank where there is nothing, never None or NaN."""
     results = load_results(path, with_frames=False)
     runs = results.runs
     order = {key: i for i, key in enumerate(grid_axis_order(results.specs))}
@@ -498,7 +499,7 @@ def status_table(path: str | Path) -> pd.DataFrame:
     if environments is not None:
         runs = runs.assign(environment=environments)
     columns = ["grid", "run_id", "status", "progress", *axis_columns, "final_acc",
-               "diverged_step", "duration_s", "environment", "error"]
+               "diverged_step", "duration_s", "environment", "error", "diagnosis"]
     table = runs[[c for c in columns if c in runs]].copy()
     if "final_acc" in table:
         table["final_acc"] = pd.to_numeric(table["final_acc"]).round(3)
@@ -513,7 +514,7 @@ def status_table(path: str | Path) -> pd.DataFrame:
     for column in table:
         if table[column].isna().any():
             table[column] = table[column].astype(object).map(blank)
-    empty = [c for c in ("progress", "diverged_step", "environment", "error")
+    empty = [c for c in ("progress", "diverged_step", "environment", "error", "diagnosis")
              if c in table and table[c].map(blank).eq("").all()]
     return table.drop(columns=empty)  # a column with nothing to say
 

@@ -12,6 +12,8 @@ Layout under the output root (``runs/`` by default)::
     <grid>/runs/<run_id>/progress.json  {"step", "total", "loss", "at"} while it trains
     <grid>/runs/<run_id>/metrics.parquet  one row per step (+ test_acc / test_loss at evals)
     <grid>/runs/<run_id>/blocks.parquet   probe records (step, block, stage, index, stat, value)
+    <grid>/runs/<run_id>/flight.parquet   diverged runs only: every step's block statistics
+                                          up to the divergence (sigprop.recorder)
     <grid>/runs/<run_id>/checkpoint.pt    resumable training state
     <grid>/frontier.parquet             `frontier` only: one row per cell (ablations.frontier)
 
@@ -42,6 +44,7 @@ from typing import Any
 
 import pandas as pd
 
+from sigprop.diagnosis import FIELDS as DIAGNOSIS_FIELDS
 from sigprop.errors import UserError
 from sigprop.files import atomic_path, writable_dir_error
 
@@ -49,6 +52,7 @@ STATES = ("queued", "running", "completed", "diverged", "failed")
 FINISHED = ("completed", "diverged")
 DAMAGED = "damaged"  # shown by status/report for a run whose files cannot be read
 RESULT_FILES = ("metrics.parquet", "blocks.parquet")
+FLIGHT_FILE = "flight.parquet"  # a diverged run's flight record (sigprop.recorder), if any
 PROGRESS_FILE = "progress.json"  # written by the worker every few seconds while a run trains
 FRONTIER_FILE = "frontier.parquet"  # written by ablations.frontier
 
@@ -115,7 +119,10 @@ SUMMARY_FIELDS: dict[str, tuple[str, ...]] = {
     "final_acc": NUMBER, "best_acc": NUMBER, "diverged_step": ("integer", "null"),
     "max_grad_norm": NUMBER, "clip_fraction": NUMBER, "steps_done": ("integer", "null"),
     "steps": ("integer", "null"), "duration_s": NUMBER, "gain_clip_ratio": NUMBER,
-    "var_growth": NUMBER,
+    "var_growth": NUMBER, "var_growth_rel": NUMBER, "test_images": ("integer", "null"),
+    "diverged_block": TEXT, "diverged_first_step": ("integer", "null"),
+    "diverged_first_stat": TEXT, "diverged_first_kind": TEXT,
+    "diverged_clipping_active": ("bool", "null"), "diagnosis": TEXT,
 }
 ENVIRONMENT_FIELDS: dict[str, tuple[str, ...]] = {
     "threads": ("integer", "null"), "interop_threads": ("integer", "null"),
@@ -467,6 +474,10 @@ class GridStore:
                 why = parquet_damage(run_dir / name)
                 if why:
                     return DamagedFile(run_dir / name, why)
+        if status.get("state") == "diverged":
+            why = parquet_damage(run_dir / FLIGHT_FILE)
+            if why not in (None, "missing"):  # a run without a recorder has none
+                return DamagedFile(run_dir / FLIGHT_FILE, why)
         return None
 
     def repair(self, run: Any) -> str | None:
@@ -482,10 +493,10 @@ class GridStore:
         try:
             run_dir = self.run_dir(run.run_id)
             moved = []
-            for name in ("config.json", "status.json", *RESULT_FILES):
+            for name in ("config.json", "status.json", *RESULT_FILES, FLIGHT_FILE):
                 path = run_dir / name
-                damaged = (parquet_damage(path) not in (None, "missing") if name in RESULT_FILES
-                           else _json_damaged(path))
+                damaged = (parquet_damage(path) not in (None, "missing")
+                           if name.endswith(".parquet") else _json_damaged(path))
                 if damaged:
                     moved.append(set_aside(path).name)
             if not (run_dir / "config.json").exists():
@@ -517,7 +528,8 @@ class GridStore:
             # the checkpoint first: a queued run beside a finished checkpoint would take the
             # old result back at once; the status last, so a cut-short restart reads damaged
             kept = [set_aside(run_dir / name, "env").name
-                    for name in ("checkpoint.pt", PROGRESS_FILE, *RESULT_FILES, "status.json")
+                    for name in ("checkpoint.pt", PROGRESS_FILE, *RESULT_FILES, FLIGHT_FILE,
+                                 "status.json")
                     if (run_dir / name).is_file()]
             write_json(run_dir / "status.json", {
                 "state": "queued", "attempts": 0, "queued_at": time.time(),
@@ -533,10 +545,14 @@ class GridStore:
         return status
 
     def write_results(self, run_id: str, metrics: pd.DataFrame, blocks: pd.DataFrame,
-                      **status_fields: Any) -> dict:
+                      flight: pd.DataFrame | None = None, **status_fields: Any) -> dict:
+        """The run's parquet files (``flight``: a diverged run's flight record, written when
+        given), then its status."""
         run_dir = self.run_dir(run_id)
         write_parquet(run_dir / "metrics.parquet", metrics)
         write_parquet(run_dir / "blocks.parquet", blocks)
+        if flight is not None:
+            write_parquet(run_dir / FLIGHT_FILE, flight)
         return self.update_status(run_id, **status_fields)  # last: makes the run a result
 
     def lock(self, run_id: str) -> RunLock:
@@ -623,13 +639,17 @@ class RunLock:
 
 
 class Results:
-    """Frames read from a store: ``runs`` (one row per run), ``metrics``, ``blocks``, and
-    ``frontier`` (one row per cell of the grids that ``frontier`` searched; None if none)."""
+    """Frames read from a store: ``runs`` (one row per run), ``metrics``, ``blocks``,
+    ``flight`` (the diverged runs' flight records; empty with :data:`FLIGHT_COLUMNS` when
+    none) and ``frontier`` (one row per cell of the grids that ``frontier`` searched; None if
+    none)."""
 
     def __init__(self, runs: pd.DataFrame, metrics: pd.DataFrame, blocks: pd.DataFrame,
-                 specs: dict[str, str], frontier: pd.DataFrame | None = None):
+                 specs: dict[str, str], frontier: pd.DataFrame | None = None,
+                 flight: pd.DataFrame | None = None):
         self.runs, self.metrics, self.blocks, self.specs = runs, metrics, blocks, specs
         self.frontier = frontier
+        self.flight = empty_flight_frame() if flight is None else flight
 
     def __repr__(self) -> str:
         counts = self.runs["status"].value_counts().to_dict() if len(self.runs) else {}
@@ -639,8 +659,42 @@ class Results:
 SUMMARY_COLUMNS = [
     "final_acc", "best_acc", "diverged_step", "max_grad_norm", "clip_fraction",
     "steps_done", "duration_s", "gain_clip_ratio", "var_growth", "var_growth_rel",
-    "test_images",
+    "test_images", *DIAGNOSIS_FIELDS,
 ]
+# The summary columns that hold text or true/false (the diagnosis, sigprop.diagnosis); every
+# other one is a number.
+DIAGNOSIS_COLUMNS = DIAGNOSIS_FIELDS
+NON_NUMERIC_SUMMARY_COLUMNS = ("diverged_block", "diverged_first_stat", "diverged_first_kind",
+                               "diverged_clipping_active", "diagnosis")
+FLIGHT_COLUMNS = ["grid", "run_id", "step", "block", "stage", "index", "stat", "value"]
+
+
+def empty_flight_frame() -> pd.DataFrame:
+    from sigprop.recorder import empty_flight
+
+    frame = empty_flight()
+    frame.insert(0, "run_id", pd.Series(dtype="object"))
+    frame.insert(0, "grid", pd.Series(dtype="object"))
+    return frame
+
+
+def chance_accuracy(config: dict, state: str, final_acc: Any) -> float | None:
+    """``final_acc`` with a diverged run counted at chance (1 / its number of classes), the
+    rule the claims use; None for runs that did not finish."""
+    if state == "completed":
+        return None if final_acc is None else float(final_acc)
+    if state != "diverged":
+        return None
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    classes = model.get("num_classes")
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
+        from sigprop.data import dataset_info
+
+        try:
+            classes = dataset_info(config.get("data", "synthetic")).num_classes
+        except (UserError, TypeError, ValueError, KeyError):
+            return None
+    return 1.0 / classes
 
 
 def flatten_config(config: dict, prefix: str = "") -> dict:
@@ -748,8 +802,17 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
     ``axes`` (the keys the grid varied for this run), the summary metrics ``SUMMARY_COLUMNS``
     (``gain_clip_ratio``: the median ratio of zero-initialised gains' gradients to what AGC
     lets through over the first steps, see ``sigprop.gains``; None when no such gain) and
-    ``warnings`` (a tuple of lines the run raised about itself). ``metrics`` and ``blocks``
-    concatenate every finished run's parquet files with ``grid`` and ``run_id``.
+    ``warnings`` (a tuple of lines the run raised about itself). ``acc_chance``: ``final_acc``
+    with a diverged run counted at chance (1 / number of classes), as the claims count it: the
+    column to average over seeds (``final_acc`` is blank for a diverged run, so its mean
+    averages the survivors); None for runs that did not finish. The diagnosis of a diverged
+    run (:mod:`sigprop.diagnosis`; all None for other runs): ``diverged_block`` (None where
+    the data singles out no block), ``diverged_first_step``, ``diverged_first_stat``,
+    ``diverged_first_kind`` (activations / gradients / update), ``diverged_clipping_active``
+    and ``diagnosis`` (one line). ``metrics`` and ``blocks`` concatenate every finished run's
+    parquet files with ``grid`` and ``run_id``; ``flight`` the diverged runs' flight.parquet
+    (every step's block statistics up to the divergence, :mod:`sigprop.recorder`), empty
+    with :data:`FLIGHT_COLUMNS` when none has one.
     ``env.threads``, ``env.torch``, ``env.device``, ``env.deterministic``: what the run
     recorded of :data:`NUMERIC_ENVIRONMENT` (None: not recorded, e.g. stores written before
     it was); ``env.earlier``: for a run resumed from a checkpoint made under other values,
@@ -774,7 +837,7 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
         raise UserError(f"cannot read {path}: {err.strerror or err}") from None
     if not grids:
         raise UserError(f"no results found in {path} (expected <grid>/runs/<run_id>/...)")
-    rows, metrics, blocks, specs, frontiers = [], [], [], {}, []
+    rows, metrics, blocks, flights, specs, frontiers = [], [], [], [], {}, []
     for grid_dir in grids:
         store = GridStore(grid_dir.parent, grid_dir.name)
         spec_path = grid_dir / "spec.toml"
@@ -810,6 +873,7 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
             configs[rid] = flatten_config(cfg["config"])
             row.update(applied_values(cfg["config"], cfg.get("effective")))
             row.update({k: summary.get(k) for k in SUMMARY_COLUMNS})
+            row["acc_chance"] = chance_accuracy(cfg["config"], state, summary.get("final_acc"))
             row["warnings"] = tuple(status.get("warnings") or ())
             env = status.get("environment") or {}
             row.update({f"env.{key}": env.get(key) for key in NUMERIC_ENVIRONMENT})
@@ -820,7 +884,10 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
                 run_dir = store.run_dir(rid)
                 frames = []
                 try:
-                    for name, sink in (("metrics", metrics), ("blocks", blocks)):
+                    files = [("metrics", metrics), ("blocks", blocks)]
+                    if state == "diverged" and (run_dir / FLIGHT_FILE).exists():
+                        files.append(("flight", flights))  # none: run without a recorder
+                    for name, sink in files:
                         file = run_dir / f"{name}.parquet"
                         if not with_frames:
                             why = parquet_damage(file)
@@ -854,4 +921,5 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
         pd.concat(blocks, ignore_index=True) if blocks else pd.DataFrame(),
         specs,
         pd.concat(frontiers, ignore_index=True) if frontiers else None,
+        pd.concat(flights, ignore_index=True) if flights else None,
     )

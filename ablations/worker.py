@@ -27,6 +27,7 @@ from ablations.store import (
     set_aside,
     write_json,
 )
+from sigprop.diagnosis import diagnose
 
 PROGRESS_INTERVAL_S = 0.5  # progress events to the runner's console
 PROGRESS_RECORD_S = 5.0  # the run folder's progress.json (read by `status`)
@@ -207,9 +208,11 @@ def _train_and_store(store: GridStore, run_id: str, status: dict, record: dict, 
     metrics = step_metrics(result)
     summary = summarize(result, metrics, duration)
     blocks = result.blocks if isinstance(result.blocks, pd.DataFrame) else pd.DataFrame()
+    flight = flight_frame(result)
     return _record(
         store, run_id, {"run_id": run_id, "state": result.status, "summary": summary},
-        store.write_results, metrics, blocks, state=result.status, finished_at=time.time(),
+        store.write_results, metrics, blocks, flight=flight, state=result.status,
+        finished_at=time.time(),
         duration_s=duration, summary=summary, warnings=list(getattr(result, "warnings", [])),
     )
 
@@ -276,6 +279,15 @@ def step_metrics(result: Any) -> pd.DataFrame:
     return metrics.reset_index(drop=True)
 
 
+def flight_frame(result: Any) -> pd.DataFrame | None:
+    """A diverged run's flight record (stored as flight.parquet), None for any other run or
+    one without a record."""
+    flight = getattr(result, "flight", None)
+    if result.status != "diverged" or not isinstance(flight, pd.DataFrame) or flight.empty:
+        return None
+    return flight
+
+
 def summarize(result: Any, metrics: pd.DataFrame, duration: float) -> dict:
     def col_stat(column: str, how: str) -> float | None:
         if column not in metrics or metrics[column].dropna().empty:
@@ -294,6 +306,8 @@ def summarize(result: Any, metrics: pd.DataFrame, duration: float) -> dict:
         "var_growth": variance_growth(getattr(result, "blocks", None)),
         "var_growth_rel": variance_growth(getattr(result, "blocks", None), relative=True),
         "test_images": getattr(result, "test_images", None),
+        **diagnose(flight_frame(result), result.diverged_step if result.status == "diverged"
+                   else None),
     }
 
 

@@ -1,4 +1,5 @@
-"""Training-step cost of a Probe: no probe vs recording every 10 steps vs every step.
+"""Training-step cost of a Probe: no probe vs recording every 10 steps vs every step, and of
+the flight recorder (sigprop.recorder, on by default in every training run).
 
 Each variant trains its own copy of the same small NF-ResNet on a fixed random batch (the
 probe changes no number, so the three copies follow the same trajectory). The variants take
@@ -17,6 +18,12 @@ time), and the report gives that time as a fraction of the step. It misses indir
 (autograd bookkeeping of the tensor hooks, cache effects), so it is a lower bound that the
 end-to-end ratio brackets from above.
 
+The "recorder" variant is a :class:`~sigprop.recorder.FlightRecorder` with the trainer's
+defaults (50 early steps, a ring of 32) driven as the trainer drives it (``start_step``,
+``before_update`` / ``after_update`` around the optimizer step, ``end_step``); its steps are
+all past the early window after the warm-up, so it measures the ring, which records on every
+step of a run, diverging or not. Nothing of it reaches the host (the benchmark checks).
+
     .venv/bin/python -m benchmarks.bench_probe [--rounds 30] [--block 10] [--threads 1] ...
 """
 
@@ -33,8 +40,9 @@ import torch.nn.functional as F
 import sigprop
 from benchmarks.timing import interleaved_rounds
 from sigprop.probes import Probe
+from sigprop.recorder import FlightRecorder
 
-VARIANTS = ("no probe", "every 10", "every 1")
+VARIANTS = ("no probe", "every 10", "every 1", "recorder")
 TARGETS = {"every 10": 1.02, "every 1": 1.10}
 
 
@@ -97,6 +105,19 @@ class TimedProbe(Probe):
         return self._timed(super()._make_param_hook(q))
 
 
+class TimedRecorder(TimedProbe, FlightRecorder):
+    """A FlightRecorder that adds up the CPU time of its hooks and of the trainer's calls."""
+
+    def before_update(self):
+        return self._timed(super().before_update)()
+
+    def after_update(self):
+        return self._timed(super().after_update)()
+
+    def end_step(self, *args):
+        return self._timed(super().end_step)(*args)
+
+
 def _quartiles(values: list[float]) -> tuple[float, float, float]:
     q1, q2, q3 = statistics.quantiles(values, n=4)
     return q1, q2, q3
@@ -125,8 +146,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name in VARIANTS:
         model = copy.deepcopy(base).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        probe = None if name == "no probe" else Probe(model, every=int(name.split()[1]))
+        if name == "recorder":
+            probe = FlightRecorder(model, early=50, ring=32)
+        else:
+            probe = None if name == "no probe" else Probe(model, every=int(name.split()[1]))
         runs[name] = {"model": model, "opt": opt, "probe": probe, "step": 0}
+    not_clipped = torch.zeros((), device=device)
 
     def run_block(run: dict) -> tuple[float, float]:
         sync()
@@ -137,7 +162,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             loss = F.cross_entropy(run["model"](x), y)
             run["opt"].zero_grad(set_to_none=True)
             loss.backward()
+            recorder = run["probe"] if isinstance(run["probe"], FlightRecorder) else None
+            if recorder is not None:
+                recorder.before_update()
             run["opt"].step()
+            if recorder is not None:
+                recorder.after_update()
+                recorder.end_step(loss, 0.01, not_clipped)
             run["step"] += 1
         sync()
         wall, cpu = time.perf_counter() - start, time.process_time() - start_cpu
@@ -170,7 +201,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         result[name] = cpu_ratio
         result[f"{name} wall"] = statistics.median(paired["wall"])
         probe = runs[name]["probe"]
-        recorded = "-" if probe is None else str(probe.records()["step"].nunique())
+        if isinstance(probe, FlightRecorder):
+            assert probe.host_transfers == 0  # the ring stayed on the device
+            recorded = f"{len(probe.recorded_steps())} kept"
+        else:
+            recorded = "-" if probe is None else str(probe.records()["step"].nunique())
         target = f"{TARGETS[name]:.2f}" if name in TARGETS else "-"
         print(
             f"{name:<10} {statistics.median(times['wall'][name]) * 1e3:>12.2f} "
@@ -184,7 +219,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     for name in VARIANTS[1:]:
         model = copy.deepcopy(base).train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        probe = TimedProbe(model, every=int(name.split()[1]))
+        if name == "recorder":
+            probe = TimedRecorder(model, early=50, ring=32)
+        else:
+            probe = TimedProbe(model, every=int(name.split()[1]))
         run = {"model": model, "opt": opt, "probe": probe, "step": 0}
         run_block(run)  # warm-up: builds the probe's cached index plans
         probe.self_time, step_cpu = 0.0, 0.0

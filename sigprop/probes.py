@@ -284,6 +284,9 @@ class Probe:
             None if p.branch is None else modules[p.branch] for p in self.points
         ]
         self._num_points = len(self.points)
+        # what a subclass may leave out (the flight recorder keeps only the cheap statistics)
+        self._branches = True  # res_sq_mean, res_var
+        self._grad_out = True  # grad_out_norm
 
         # Each trainable parameter belongs to the innermost point module containing it, or to
         # the "other" group (index len(points)).
@@ -375,7 +378,7 @@ class Probe:
             return
         for i, (module, branch) in enumerate(zip(self._point_modules, self._branch_modules)):
             self._armed.append(module.register_forward_hook(self._make_output_hook(i)))
-            if branch is not None:
+            if branch is not None and self._branches:
                 self._armed.append(branch.register_forward_hook(self._make_branch_hook(i)))
         if self.gradients:
             for q, param in enumerate(self._params):
@@ -399,13 +402,14 @@ class Probe:
             step, self._forward_count = self._forward_count, self._forward_count + 1
         else:
             step = self._explicit_step
-        if step % self.every:
+        if not self._records(step):
             self._grad_row = None
             self._disarm()
             return
         self._arm()
-        self._row = self._begin_row(step, self._device(args))
-        self._grad_row = (self._generation, self._rows_used - 1)
+        index = self._begin_row(step, self._device(args))
+        self._row = self._buffer[index]
+        self._grad_row = (self._generation, index)
         if self._gains:
             row = self._row
             slots = list(range(self._gain_base, self._gain_base + len(self._gains)))
@@ -422,7 +426,11 @@ class Probe:
             return first.device
         return next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
 
-    def _begin_row(self, step: int, device: torch.device) -> torch.Tensor:
+    def _records(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def _begin_row(self, step: int, device: torch.device) -> int:
+        """The buffer row of ``step`` (allocating the buffer on first use)."""
         if self._buffer is not None and self._buffer.device != device:
             self._flush()
             self._buffer = None
@@ -435,7 +443,7 @@ class Probe:
                 self._flush()
             self._row_steps.append(step)
             self._rows_used += 1
-        return self._buffer[self._rows_used - 1]
+        return self._rows_used - 1
 
     def _make_output_hook(self, point: int):
         def hook(module: nn.Module, args, output) -> None:
@@ -443,7 +451,8 @@ class Probe:
                 return
             tensor = self._tensor_output(output, self.points[point].module)
             self._pending_acts.append((point, *channel_sums(tensor)))
-            if self.gradients and tensor.requires_grad and torch.is_grad_enabled():
+            if (self.gradients and self._grad_out and tensor.requires_grad
+                    and torch.is_grad_enabled()):
                 tensor.register_hook(self._make_grad_out_hook(point))
 
         return hook

@@ -27,6 +27,13 @@ Host syncs: losses and clip statistics stay on the device and move to the host i
 step on CPU, where a "sync" costs nothing; every ``SYNC_EVERY_CUDA`` steps on CUDA), so
 divergence is detected within that many steps; ``step_time`` is host wall time (on CUDA it
 includes queueing, not the kernels' completion, except at sync points).
+
+Flight recorder (:mod:`sigprop.recorder`, on unless ``record_early = record_ring = 0`` or
+``compile``): every step's per-block statistics stay in a device buffer (the first
+``record_early`` steps, then a ring of the last ``record_ring``); a diverged run's result
+carries them up to the diverged step (``TrainResult.flight``, one transfer), any other run's
+never leave the device. The buffer is not checkpointed: a run resumed mid-way records from the
+step it resumed at (a diverged run's record is kept in its final checkpoint).
 """
 
 from __future__ import annotations
@@ -70,7 +77,8 @@ CHECKPOINT_FORMAT = 1
 METRIC_COLUMNS = ["step", "epoch", "loss", "lr", "grad_norm", "clip_fraction", "step_time"]
 EVAL_COLUMNS = ["step", "epoch", "test_acc", "test_loss", "train_loss"]
 # Fields a resumed run may change without changing the trajectory.
-RESUME_FREE_FIELDS = ("checkpoint_every", "device", "compile", "eval_batch_size", "data_dir")
+RESUME_FREE_FIELDS = ("checkpoint_every", "device", "compile", "eval_batch_size", "data_dir",
+                      "record_early", "record_ring")
 SEED_MAX = 2**63 - 1
 # Training images of the data sets with a fixed training split (synthetic renders as many as
 # train_size asks, by default 10000): a batch larger than that is refused before any run.
@@ -79,6 +87,8 @@ SYNTHETIC_TRAIN_SAMPLES = 10_000
 # Left out of ``to_dict`` while unset, so the configs (and run ids) written before they existed
 # stay the same.
 UNSET_OMITTED_FIELDS = ("micro_batch",)
+# Left out of ``to_dict`` at their default, for the same reason (and they change no number).
+DEFAULT_OMITTED_FIELDS = {"record_early": 50, "record_ring": 32}
 
 
 @dataclass
@@ -105,6 +115,10 @@ class TrainConfig:
     A last slice smaller than ``micro_batch`` is weighted by its size. A probe then records the
     activation statistics (and block-output gradient norms) of the step's last slice, and the
     parameter-gradient statistics of the accumulated gradient.
+    ``record_early``, ``record_ring``: the flight recorder (:mod:`sigprop.recorder`) keeps
+    per-block statistics of every one of the first ``record_early`` steps and of the last
+    ``record_ring`` steps, on the device, and hands them over (``TrainResult.flight``) only
+    when the run diverges; both 0 turn it off, and it is off for compiled runs.
     """
 
     model: dict = field(default_factory=lambda: dict(DEFAULT_MODEL))
@@ -139,6 +153,8 @@ class TrainConfig:
     diverge_loss: float = 100.0
     checkpoint_every: int = 0
     micro_batch: int | None = None
+    record_early: int = DEFAULT_OMITTED_FIELDS["record_early"]
+    record_ring: int = DEFAULT_OMITTED_FIELDS["record_ring"]
 
     def __post_init__(self) -> None:
         self.validate()
@@ -192,6 +208,8 @@ class TrainConfig:
         for name in self.field_names():
             value = getattr(self, name)
             if name in UNSET_OMITTED_FIELDS and value is None:
+                continue
+            if name in DEFAULT_OMITTED_FIELDS and value == DEFAULT_OMITTED_FIELDS[name]:
                 continue
             if name == "clip":
                 value = value.to_dict()
@@ -267,7 +285,8 @@ class TrainConfig:
             raise UserError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
         if self.nesterov and self.momentum == 0:
             raise UserError("nesterov needs momentum > 0; set nesterov = false or a momentum")
-        for name in ("eval_every", "probe_every", "checkpoint_every"):
+        for name in ("eval_every", "probe_every", "checkpoint_every", "record_early",
+                     "record_ring"):
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise UserError(f"{name} must be >= 0, got {value!r}")
@@ -333,6 +352,8 @@ class TrainResult:
     (test accuracy and loss, and the mean training loss since the previous evaluation).
     ``final_acc``: the last evaluation's accuracy (NaN when diverged or none ran);
     ``best_acc``: the best evaluation (NaN if none). ``blocks``: the probe's records.
+    ``flight``: the flight recorder's rows up to the diverged step (:mod:`sigprop.recorder`);
+    empty unless the run diverged with the recorder on.
     ``warnings``: findings about the run a reader must see (AGC holding zero-initialised gains
     at 0, :mod:`sigprop.gains`); ``gain_check``: that check's numbers (None when no AGC-clipped
     gain started at 0).
@@ -351,6 +372,7 @@ class TrainResult:
     warnings: list[str] = field(default_factory=list)
     gain_check: dict | None = None
     test_images: int | None = None  # how many test images the accuracies were measured on
+    flight: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
 ProgressArg = Callable[[int, int, float | None], object] | None
@@ -489,6 +511,14 @@ class _Run:
             lam = config.clip.threshold if config.clip.mode == "agc" else 0.01
             self.probe = Probe(model, every=config.probe_every, agc_lambda=lam)
             self.owns_probe = True
+        self.recorder = None
+        if (config.record_early or config.record_ring) and not config.compile:
+            from sigprop.recorder import FlightRecorder
+
+            lam = config.clip.threshold if config.clip.mode == "agc" else 0.01
+            self.recorder = FlightRecorder(model, config.record_early, config.record_ring,
+                                           slack=self.sync_every - 1, agc_lambda=lam)
+        self.flight_frame: pd.DataFrame | None = None
         self.forward = model
         if config.compile:
             if self.probe is not None:
@@ -539,6 +569,9 @@ class _Run:
             xb = xb.contiguous(memory_format=torch.channels_last)
         if self.probe is not None:
             self.probe.start_step(step)
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.start_step(step)
         loss = self.forward_backward(xb, yb)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)  # clip the unscaled gradient
@@ -552,11 +585,16 @@ class _Run:
         lr = lr_at(step, self.total_steps, self.peak_lr, self.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        if recorder is not None:
+            recorder.before_update()
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
             self.optimizer.step()
+        if recorder is not None:
+            recorder.after_update()
+            recorder.end_step(loss, lr, stats.clip_fraction)
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema_model is not None:
             with torch.no_grad():
@@ -628,6 +666,8 @@ class _Run:
             "last_eval": [self.last_eval_step, self.last_eval_row],
             "blocks": None if blocks.empty else _frame_to_bytes(blocks),
             "gain_check": self.gain_check.state(),
+            # only a diverged run's: the recorder's buffer is not carried over a resume
+            "flight": None if self.status != "diverged" else _frame_to_bytes(self.flight()),
         }
 
     def load(self, state: dict, path: Path) -> None:
@@ -661,6 +701,8 @@ class _Run:
         self.last_eval_step, self.last_eval_row = state["last_eval"]
         self.earlier_blocks = _frame_from_bytes(state["blocks"])
         self.gain_check.load(state.get("gain_check"))
+        if state.get("flight") is not None:
+            self.flight_frame = _frame_from_bytes(state["flight"])
 
     def blocks(self) -> pd.DataFrame:
         if self.probe is None:
@@ -669,6 +711,16 @@ class _Run:
         if self.earlier_blocks.empty:
             return current
         return pd.concat([self.earlier_blocks, current], ignore_index=True)
+
+    def flight(self) -> pd.DataFrame:
+        """The flight record of a diverged run (empty otherwise); reads the device once."""
+        from sigprop.recorder import empty_flight
+
+        if self.flight_frame is None:
+            if self.status != "diverged" or self.recorder is None:
+                return empty_flight()
+            self.flight_frame = self.recorder.flight(self.diverged_step)
+        return self.flight_frame
 
     def result(self) -> TrainResult:
         metrics = pd.DataFrame(self.metric_rows, columns=METRIC_COLUMNS).astype({"step": "int64"})
@@ -682,7 +734,7 @@ class _Run:
             final_acc=final, best_acc=best, blocks=self.blocks(), steps_done=self.step,
             total_steps=self.total_steps, config=self.config.to_dict(),
             warnings=[warning] if warning else [], gain_check=self.gain_check.summary(),
-            test_images=int(self.data.test_y.shape[0]),
+            test_images=int(self.data.test_y.shape[0]), flight=self.flight(),
         )
 
 
@@ -729,6 +781,8 @@ def train(
                 run.status = "running"
             _loop(run, path, stop_after)
         finally:
+            if run.recorder is not None:
+                run.recorder.remove()  # its buffer stays readable for flight()
             if run.probe is not None and run.owns_probe:
                 blocks = run.blocks()
                 run.probe.remove()

@@ -15,7 +15,14 @@ from sigprop import create_model
 from sigprop.clipping import ClipConfig
 from sigprop.data import BatchStream, load_dataset
 from sigprop.errors import UserError
-from sigprop.train import METRIC_COLUMNS, UNSET_OMITTED_FIELDS, TrainConfig, lr_at, train
+from sigprop.train import (
+    DEFAULT_OMITTED_FIELDS,
+    METRIC_COLUMNS,
+    UNSET_OMITTED_FIELDS,
+    TrainConfig,
+    lr_at,
+    train,
+)
 
 TINY_MODEL = {
     "name": "nf_resnet26", "stem": "cifar", "width_mult": 0.125, "depths": [1, 1, 1, 1],
@@ -252,8 +259,10 @@ def test_to_dict_is_canonical_json_and_round_trips():
     assert list(d["model"]) == sorted(d["model"]) and d["model"]["depths"] == [1, 1, 1, 1]
     assert d["clip"] == {"mode": "norm", "threshold": 1.0, "eps": 1e-3, "exclude": None,
                          "clip_classifier": False}
-    # fields added later (micro_batch) are left out while unset, so old run ids stay valid
-    assert list(d) == [f for f in TrainConfig.field_names() if f not in UNSET_OMITTED_FIELDS]
+    # fields added later (micro_batch; the recorder's) are left out while unset or at their
+    # default, so old run ids stay valid
+    assert list(d) == [f for f in TrainConfig.field_names()
+                       if f not in UNSET_OMITTED_FIELDS and f not in DEFAULT_OMITTED_FIELDS]
     assert TrainConfig.from_dict(d).to_dict() == d
 
 
