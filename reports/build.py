@@ -42,6 +42,7 @@ from ablations.spec import THRESHOLD_MODES
 from ablations.store import (
     DAMAGED,
     FINISHED,
+    NON_NUMERIC_SUMMARY_COLUMNS,
     SUMMARY_COLUMNS,
     DamagedFile,
     GridStore,
@@ -69,6 +70,7 @@ from reports.figures.gains import GAIN_PREFIX, plot_gains
 from reports.figures.gradients import plot_gradient_heatmap
 from reports.figures.stability import plot_stability_heatmap
 from reports.figures.style import figure_png, fmt_value, is_number, label
+from sigprop.diagnosis import RULE
 from sigprop.errors import UserError
 from sigprop.files import writable_dir_error
 
@@ -313,6 +315,10 @@ def wrong_type(row: pd.Series) -> str | None:
     for column in SUMMARY_COLUMNS:
         value = row.get(column)
         if value is None or (isinstance(value, float) and np.isnan(value)):
+            continue
+        if column in NON_NUMERIC_SUMMARY_COLUMNS:  # the diagnosis: text, or a flag
+            if not isinstance(value, str | bool | np.bool_):
+                return f"summary.{column} is {kind(value)}, not text or a boolean"
             continue
         if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
             return f"summary.{column} is {kind(value)}, not a number"
@@ -1001,12 +1007,8 @@ def final_acc_cell(row: pd.Series) -> str:
 
 # The diagnosis of a diverged run (``ablations`` stores it in the run's summary), stated here
 # in words: the report cannot import the rule's constant from every store's version.
-DIAGNOSIS_RULE = (
-    "Diagnosis of a diverged run, from its flight record (every step kept before the "
-    "divergence): the first step at which a per-block statistic is more than 10x its median "
-    "over the run's first steps (up to 10) or not finite; the block(s) where that happens; "
-    "what kind of statistic moved first (activations, gradients, update size); whether "
-    "clipping was active then.")
+DIAGNOSIS_RULE = ("Diagnosis of a diverged run, from its flight record (every step kept before "
+                  f"the divergence; `sigprop.diagnosis`). {RULE}")
 # summary fields of the diagnosis, each with the type a stored value must have to be shown
 DIAGNOSIS_FIELDS = {"diverged_block": str, "diverged_first_step": int,
                     "diverged_first_stat": str, "diverged_first_kind": str,
