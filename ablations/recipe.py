@@ -27,7 +27,7 @@ PAPER_RECIPE: dict[str, tuple[Any, str]] = {
 # AGC thresholds the paper uses (§4.1's sweep); 0.01 is its recipe for batch 1024 to 4096
 PAPER_AGC_THRESHOLDS = (0.01, 0.02, 0.04, 0.08, 0.16)
 AGC_THRESHOLD_SOURCE = f"{PAPER_B} §4.1: lambda in [0.01, 0.02, 0.04, 0.08, 0.16]"
-# keys a spec may name in [departures] besides the recipe's own
+# the fields of one [departures] entry
 DEPARTURE_FIELDS = ("paper", "why")
 
 

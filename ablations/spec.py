@@ -55,6 +55,7 @@ from typing import Any
 
 import tomllib
 
+from ablations.recipe import DEPARTURE_FIELDS
 from sigprop.errors import UserError, did_you_mean
 
 GRIDS_DIR = Path(__file__).resolve().parent / "grids"
@@ -201,8 +202,6 @@ def spec_from_dict(raw: dict, default_name: str = "grid") -> GridSpec:
 def parse_departures(table: Any) -> dict:
     """``[departures]``: each a table ``{paper = <the paper's value>, why = "<the measurement
     behind the change>"}``, keyed by the setting (``ablations.recipe``)."""
-    from ablations.recipe import DEPARTURE_FIELDS
-
     if not isinstance(table, dict):
         raise SpecError("[departures] must be a table of settings")
     out = {}
