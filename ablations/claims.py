@@ -259,6 +259,9 @@ def parse_claim(table: Mapping, index: int) -> Claim:
     if check == "interaction":
         claim.rule = "t95"
         parse_relation(claim, table, where, RELATIONS[:2])
+        if claim.margin_rule:
+            raise ClaimError(f"{where}.margin: an interaction takes a number (a difference of "
+                             f"differences), not the derived {claim.margin_rule!r}")
     if check == "spread":
         if not isinstance(table.get("over"), str) or not table["over"]:
             raise ClaimError(f"{where}.over must name a run key (e.g. clip.threshold)")

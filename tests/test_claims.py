@@ -432,6 +432,8 @@ def test_interaction_checks_a_difference_of_differences():
     assert one(interaction(), reverse).verdict == "does not hold"
     with pytest.raises(ClaimError, match="relation must be one of exceeds, below"):
         parse_claims([interaction(relation="within")])
+    with pytest.raises(ClaimError, match="an interaction takes a number"):
+        parse_claims([interaction(margin="test_set")])
 
 
 def test_best_of_compares_each_selection_at_its_best_value():
