@@ -263,6 +263,9 @@ def parse_claim(table: Mapping, index: int) -> Claim:
             raise ClaimError(f"{where}.margin: an interaction takes a number (a difference of "
                              f"differences), not the derived {claim.margin_rule!r}")
     if check == "spread":
+        if claim.margin_rule:
+            raise ClaimError(f"{where}.margin: a spread takes a number, not the derived "
+                             f"{claim.margin_rule!r}")
         if not isinstance(table.get("over"), str) or not table["over"]:
             raise ClaimError(f"{where}.over must name a run key (e.g. clip.threshold)")
         claim.over = table["over"]
