@@ -282,3 +282,15 @@ def test_a_bad_spp_input_warns_of_no_overwrite_and_keeps_the_stored_one(tmp_path
     err = capsys.readouterr().err
     assert "overwriting" not in err and err.count("\n") == 1
     assert (out / "spp.parquet").read_bytes() == before
+
+
+def test_scattered_deviations_are_summarised_per_stage():
+    # one noisy seed over two stages of six blocks: every other block off by 15%
+    res = [0.85 if i % 2 else 1.0 for i in range(12)]
+    exp = {"deep": [1.04] * 12}
+    frame = spp_frame({"deep": {"sq_mean": [0.1] * 13, "var": [1.0] + [1.04] * 12,
+                                "res_var": res}}, seeds=1, expected=exp)
+    frame["stage"] = np.where(frame["index"] < 0, -1, frame["index"] // 6)
+    caption = plot_spp(frame)._supxlabel.get_text().replace("\n", " ")
+    assert ("deep: residual variance off at 6 blocks: stage 0 (blocks 1-6) 3 at 0.85, "
+            "stage 1 (blocks 7-12) 3 at 0.85.") in caption

@@ -293,17 +293,26 @@ def spp_caption(frame: pd.DataFrame, hue: str = "model", names: Sequence | None 
     return lines + spp_deviations(frame, hue, names)
 
 
-def _block_ranges(xs: Sequence[int], most: int = 6) -> str:
-    """"block 1", "blocks 1-3, 6": runs of consecutive block positions, at most ``most``."""
+MAX_RUNS = 4  # more runs of consecutive deviating blocks than this: summarised per stage
+
+
+def _runs(xs: Sequence[int]) -> list[list[int]]:
     runs: list[list[int]] = []
     for x in sorted(xs):
         if runs and x == runs[-1][1] + 1:
             runs[-1][1] = x
         else:
             runs.append([x, x])
-    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs[:most])
-    if len(runs) > most:
-        text += f", ... ({len(xs)} blocks)"
+    return runs
+
+
+def _run_count(xs: Sequence[int]) -> int:
+    return len(_runs([int(x) for x in xs]))
+
+
+def _block_ranges(xs: Sequence[int]) -> str:
+    """"block 1", "blocks 1-3, 6": runs of consecutive block positions."""
+    text = ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in _runs(xs))
     return ("block " if len(xs) == 1 else "blocks ") + text
 
 
@@ -345,10 +354,20 @@ def spp_deviations(frame: pd.DataFrame, hue: str = "model",
             off = rel[rel.abs() > DEVIATION_TOLERANCE]
             if off.empty:
                 continue
-            where = _block_ranges([int(i) + 1 for i in off.index])
-            shown = _span(off.tolist(), "+.0%") if stat == "var" else _span(
-                measured[off.index].tolist(), ".2f")
-            parts.append(f"{words} {shown} at {where}")
+            shown = off if stat == "var" else measured[off.index]
+            fmt = "+.0%" if stat == "var" else ".2f"
+            if _run_count(off.index) <= MAX_RUNS:
+                parts.append(f"{words} {_span(shown.tolist(), fmt)} at "
+                             f"{_block_ranges([int(i) + 1 for i in off.index])}")
+            else:  # scattered (a noisy single seed, a 600-block net): per stage
+                stage = (var.groupby("index")["stage"].first() if "stage" in var
+                         else pd.Series(0, index=expected.index))
+                pieces = []
+                for number, in_stage in shown.groupby(stage.reindex(shown.index)):
+                    blocks = stage.index[stage == number] + 1
+                    pieces.append(f"stage {int(number)} (blocks {blocks.min()}-{blocks.max()}) "
+                                  f"{len(in_stage)} at {_span(in_stage.tolist(), fmt)}")
+                parts.append(f"{words} off at {len(off)} blocks: {', '.join(pieces)}")
             shaded |= set(off.index) & tiny
         if parts:
             note = f" ({len(shaded)} of them shaded)" if shaded else ""
