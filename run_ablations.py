@@ -288,6 +288,13 @@ def cmd_models(args: argparse.Namespace) -> int:
     from sigprop.models.table import model_table
 
     table = model_table(family=args.family)
+    # the README's words, "name, family, params, depth, px": params in millions, depth as the
+    # total of blocks and the per-stage pattern, px the default input side
+    table = table.assign(
+        params=[f"{m:g}M" for m in table["params_M"]],
+        depth=[f"{n} ({pattern})" for n, pattern in zip(table["blocks"], table["depth"])],
+        px=table["resolution"],
+    )[["name", "family", "params", "depth", "px"]]
     print(table.to_string(index=False))
     return 0
 

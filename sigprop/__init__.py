@@ -2,20 +2,55 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+import sys as _sys
+import types as _types
+from collections.abc import Callable as _Callable
 
 __version__ = "0.1.0"
-__all__ = ["BlockInfo", "ModelError", "count_parameters", "create_model", "list_models"]
+
+# Public name -> the module defining it. Loaded on first use, so `import sigprop`, `sigprop
+# --help` and light submodules (sigprop.errors) start without torch.
+_EXPORTS = {
+    "BlockInfo": "sigprop.models",
+    "ModelError": "sigprop.models",
+    "count_parameters": "sigprop.models",
+    "create_model": "sigprop.models",
+    "list_models": "sigprop.models",
+    "train": "sigprop.train",
+    "TrainConfig": "sigprop.train",
+    "ClipConfig": "sigprop.clipping",
+    "Probe": "sigprop.probes",
+    "signal_propagation": "sigprop.spp",
+}
+__all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str) -> Any:
-    # torch loads on first use of a model name, so `sigprop --help` and light submodules
-    # (sigprop.errors) start without it
-    if name in __all__:
-        return getattr(importlib.import_module("sigprop.models"), name)
+def __getattr__(name: str) -> object:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'sigprop' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *__all__])
+    return sorted({"__version__", *__all__})
+
+
+class _Package(_types.ModuleType):
+    """``sigprop.train`` is the function, as ``__all__`` says, even once the submodule of the
+    same name has loaded (the import system then binds the package attribute to the module).
+    The module stays reachable by path: ``from sigprop.train import TrainConfig``."""
+
+    @property
+    def train(self) -> _Callable:
+        from sigprop.train import train
+
+        return train
+
+    @train.setter
+    def train(self, _module: object) -> None:
+        pass  # the import system binding the submodule; sys.modules keeps it
+
+
+_sys.modules[__name__].__class__ = _Package

@@ -405,7 +405,14 @@ def signal_propagation(
     out = pd.concat(frames, ignore_index=True)
     out.insert(0, "model", label)
     out.insert(1, "input", input)
-    return apply_theory_limits(out)[SPP_COLUMNS]
+    out = apply_theory_limits(out)[SPP_COLUMNS]
+    if len(seed_list) > 1:
+        # what the seeds changed, which the rows cannot show: the figure's title says it
+        named = isinstance(model_or_name, str)
+        out.attrs["seeds_vary"] = {(True, True): "init and input", (True, False): "init",
+                                   (False, True): "input", (False, False): "nothing"}[
+                                       (named, batch is None)]
+    return out
 
 
 def summarize_spp(frame: pd.DataFrame) -> pd.DataFrame:
@@ -515,6 +522,9 @@ def spp_warning(frame: pd.DataFrame) -> str | None:
     )
 
 
+SPP_FILES = ("spp.parquet", "spp.csv", "spp_summary.csv", "spp.png")  # what an SPP folder holds
+
+
 def write_spp(
     models: Sequence[str | tuple[str, dict]],
     overrides: dict | None = None,
@@ -535,7 +545,8 @@ def write_spp(
     (on top of ``overrides``, which apply to every model that has the option; an option no
     model has is an error); such a model is labelled :func:`model_label`. ``input``: see
     :func:`signal_propagation`. ``warn`` is
-    called with one line when some block sees a tiny feature map. Input errors raise
+    called with one line before an earlier SPP in ``out_dir`` is overwritten, and with one
+    when some block sees a tiny feature map. Input errors raise
     :class:`UserError` before any model runs.
     """
     if not models:
@@ -564,6 +575,11 @@ def write_spp(
     # the data first: a missing or malformed set must not leave an output folder behind
     batches = input_batches(input, shape, seed_list, data_dir)
     path = _writable_dir(out_dir)
+    stored = [name for name in SPP_FILES if (path / name).exists()]
+    if stored and warn is not None:
+        # after every check and before the measurement: a bad input overwrites nothing, and an
+        # unwanted overwrite can still be stopped
+        warn(f"overwriting the SPP in {path} ({', '.join(stored)}); --out DIR keeps it")
 
     frames = []
     for (name, own), label in zip(entries, labels):
@@ -574,6 +590,8 @@ def write_spp(
         ]
         frames.extend(per_seed)
     frame = pd.concat(frames, ignore_index=True)
+    if len(seed_list) > 1:
+        frame.attrs["seeds_vary"] = "init and input"  # a fresh model and batch per seed
     paths = {
         "parquet": path / "spp.parquet",
         "csv": path / "spp.csv",

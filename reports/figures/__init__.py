@@ -10,9 +10,40 @@
     clipping    plot_agc_clip_fraction: the share of units AGC clips, per block
     alpha       plot_alpha_sweep (and spp_slopes): variance growth and accuracy against alpha
     gains       plot_gains: SkipInit gains over training
+    frontier    plot_frontier, plot_frontier_accuracy: the stable batch-size x lr frontier
+    forensics   plot_divergence_timeline: what happened before each divergence
 
 The grid figures read only the frames of ``ablations.store.load_results``; ``plot_spp`` reads
-the frame of ``sigprop.spp``. Import from the modules (``from reports.figures.accuracy import
-plot_accuracy_vs_batch``): the package re-exports nothing, so importing one figure does not
-import the others.
+the frame of ``sigprop.spp``. ``from reports.figures import plot_spp`` works for every plot
+function above; each loads its own module on first use, so importing one figure does not
+import the others (nor matplotlib before a figure is asked for).
 """
+
+# Public name -> the module (under reports.figures) that defines it.
+_EXPORTS = {
+    "plot_spp": "spp",
+    "plot_stability_heatmap": "stability",
+    "plot_accuracy_vs_batch": "accuracy",
+    "plot_training_curves": "curves",
+    "plot_gradient_heatmap": "gradients",
+    "plot_agc_clip_fraction": "clipping",
+    "plot_alpha_sweep": "alpha",
+    "spp_slopes": "alpha",
+    "plot_gains": "gains",
+    "plot_frontier": "frontier",
+    "plot_frontier_accuracy": "frontier",
+    "plot_divergence_timeline": "forensics",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> object:
+    if name in _EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -148,10 +148,23 @@ def plot_accuracy_vs_batch(
         handles.append(chance_handle(chance))
     title = " / ".join(label(c) for c in (hue, style) if c) or None
     fig.legend(handles=handles, loc="outside right upper", title=title, frameon=False)
-    seeds = seeds_text(frame)
+    shown = [x, hue, style, *([col] if isinstance(col, str) else list(col or []))]
     fig.suptitle(f"{label(y).capitalize()} vs {label(x).split(' (')[0]}"
-                 + (f"\n(mean over {seeds})" if seeds else ""), fontsize=12)
+                 + _averaged_text(frame, summary, shown), fontsize=12)
     return fig
+
+
+def _averaged_text(frame: pd.DataFrame, summary: pd.DataFrame, shown: list) -> str:
+    """The title's second line: what each point averages. Seeds, unless the seed is itself
+    on an axis; then the runs each point holds ("one run per point")."""
+    if "seed" not in shown:
+        seeds = seeds_text(frame)
+        return f"\n(mean over {seeds})" if seeds else ""
+    counts = sorted({int(n) for n in summary["n_completed"] + summary["n_diverged"] if n > 0})
+    if not counts or counts == [1]:
+        return "\n(one run per point)" if counts else ""
+    span = str(counts[0]) if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
+    return f"\n(mean over {span} runs per point)"
 
 
 def draw_diverged_strip(strip: Any, part: pd.DataFrame, rows: list[tuple], select: Callable,

@@ -75,11 +75,21 @@ def create_model(name: str, **overrides) -> nn.Module:
     return model_spec(name).build(cfg)
 
 
-def count_parameters(name: str, **overrides) -> int:
-    """Parameter count without allocating weights (built on the meta device)."""
+def count_parameters(model: str | nn.Module, **overrides) -> int:
+    """Parameter count of a registered model (built on the meta device, so no weights are
+    allocated; ``overrides`` as :func:`create_model`) or of a module as it is."""
+    if isinstance(model, nn.Module):
+        if overrides:
+            raise ModelError(f"overrides ({', '.join(sorted(overrides))}) go with a model name, "
+                             f"not a module ({type(model).__name__})")
+        return sum(p.numel() for p in model.parameters())
+    if not isinstance(model, str):
+        # the type only: a repr can run to hundreds of lines
+        raise ModelError(f"count_parameters takes a model name or an nn.Module, got "
+                         f"{type(model).__name__}")
     with torch.device("meta"):
-        model = create_model(name, **overrides)
-    return sum(p.numel() for p in model.parameters())
+        built = create_model(model, **overrides)
+    return sum(p.numel() for p in built.parameters())
 
 
 def _load_families() -> None:
