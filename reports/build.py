@@ -1313,6 +1313,9 @@ td.inconclusive { color: #8a5a00; font-weight: 600; }
                                               background: none; }
   table.wrap td::before { content: attr(data-label) ": "; font-weight: 600; color: #555; }
   table.wrap td:empty { display: none; }
+  /* a phone has no room for a sticky first column beside a long cell ("10.0% ✗ diverged at
+     step 12 (at chance)"): the column scrolls away with the rest */
+  .scroll.overflows td:first-child, .scroll.overflows th:first-child { position: static; }
 }
 """
 # Sorting (click a header; numbers by value, blanks last) and filtering of every table with a
