@@ -22,6 +22,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import pandas as pd
@@ -199,7 +200,7 @@ def write_files(html_path: Path, md_path: Path, files_dir: Path, title: str,
         path = files_dir / stale
         if path.is_file() or path.is_symlink():
             path.unlink()
-    write_bytes(html_path, render_html(title, sections).encode())
+    write_bytes(html_path, render_html(title, sections, files_dir.name).encode())
     write_bytes(md_path, render_markdown(title, sections, files_dir.name).encode())
     write_manifest(files_dir, names, pages)
     for path in (html_path, md_path, *(files_dir / name for name in names)):
@@ -1257,29 +1258,38 @@ body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif;
        max-width: 1240px; margin: 24px auto; padding: 0 20px; }
 h1 { font-size: 26px; margin-bottom: 4px; } h2 { font-size: 20px; margin-top: 34px;
      border-bottom: 1px solid #ddd; padding-bottom: 4px; }
-code { background: #f3f3f3; padding: 1px 4px; border-radius: 3px; font-size: 13px; }
+code { background: #f3f3f3; padding: 1px 4px; border-radius: 3px; font-size: 13px;
+       overflow-wrap: anywhere; }
 table { border-collapse: collapse; font-size: 13px; margin: 0; }
 th, td { border: 1px solid #d9d9d9; padding: 4px 8px; text-align: left; vertical-align: top;
          white-space: nowrap; }
-th { background: #f0f0f0; } tr:nth-child(even) td { background: #fafafa; }
+/* headers wrap at their spaces ("max grad norm"): a header never makes its column wider
+   than its values */
+th { background: #f0f0f0; white-space: normal; min-width: 4.5em; }
+tr:nth-child(even) td { background: #fafafa; } td { background: #fff; }
 th button { font: inherit; font-weight: 600; background: none; border: 0; padding: 0;
             cursor: pointer; color: inherit; text-align: left; }
-th button::after { content: " \\2195"; color: #999; }
-th[aria-sort=ascending] button::after { content: " \\25B2"; color: #222; }
-th[aria-sort=descending] button::after { content: " \\25BC"; color: #222; }
+th button::after { content: "\\00a0\\2195"; color: #999; }
+th[aria-sort=ascending] button::after { content: "\\00a0\\25B2"; color: #222; }
+th[aria-sort=descending] button::after { content: "\\00a0\\25BC"; color: #222; }
 td.diverged { color: #8a3b00; font-weight: 600; } td.failed { color: #a00; font-weight: 600; }
 figure { margin: 12px 0 20px; }
-.figure-scroll { overflow-x: auto; max-width: 100%; }
-/* a figure shrinks with the page down to FIGURE_MIN_SCALE of its size (its text stays
-   readable), then scrolls sideways; it never grows past its own size */
-figure img { width: 100%; max-width: var(--natural, 100%); min-width: var(--least, 0);
-             height: auto; display: block; }
+/* a figure is never wider than the page: it shrinks with it (tap it for the full size) */
+figure img { max-width: 100%; height: auto; display: block; }
 figcaption { color: #555; font-size: 13px; margin-top: 4px; }
 pre { background: #f6f6f6; padding: 8px; overflow-x: auto; font-size: 12px; }
 nav a { margin-right: 12px; display: inline-block; }
-.scroll { overflow-x: auto; max-width: 100%; margin: 8px 0; }
+/* a table scrolls sideways in its own frame, which may reach past the text column to the
+   window's right edge; the first column stays in view while it scrolls, and the filter line
+   says that it scrolls (an overlay scroll bar shows nothing) */
+.scroll { overflow-x: auto; width: max-content; margin: 8px 0;
+          max-width: calc(100% + (100vw - 100%) / 2 - 12px); }
+.scroll.overflows td:first-child, .scroll.overflows th:first-child {
+  position: sticky; left: 0; z-index: 1; }
+.scroll.overflows th:first-child { background: #f0f0f0; }
 .table-tools { margin: 8px 0 4px; font-size: 13px; color: #555; }
-.table-tools input { font: inherit; padding: 3px 6px; width: 16em; max-width: 60%; }
+.table-tools input { font: inherit; padding: 3px 6px; width: 22em; max-width: 70%; }
+.table-tools .hint { display: none; } .table-tools.overflows .hint { display: inline; }
 table.wrap td { white-space: normal; min-width: 6em; }
 table.wrap td:nth-child(2) { min-width: 16em; }
 td.holds { color: #006d2c; font-weight: 600; } td.does-not-hold { color: #a00; font-weight: 600; }
@@ -1287,23 +1297,58 @@ td.inconclusive { color: #8a5a00; font-weight: 600; }
 @media (max-width: 900px) {
   body { margin: 12px auto; padding: 0 10px; }
   h1 { font-size: 22px; } h2 { font-size: 18px; }
+  .scroll { max-width: 100%; }
+}
+/* on a phone a table of prose (claims, departures) becomes one card per row, each cell under
+   its column's name; the header row stays as a row of sort buttons */
+@media (max-width: 640px) {
+  table.wrap, table.wrap tbody, table.wrap tr, table.wrap td { display: block; }
+  table.wrap { width: 100%; }
+  .scroll:has(> table.wrap) { width: auto; }
+  table.wrap thead tr { display: flex; flex-wrap: wrap; gap: 4px 12px; margin-bottom: 6px; }
+  table.wrap th { border: 0; background: none; padding: 0; min-width: 0; }
+  table.wrap tbody tr { border: 1px solid #d9d9d9; border-radius: 4px; margin: 0 0 10px;
+                        padding: 4px 8px; }
+  table.wrap td, table.wrap td:nth-child(2) { border: 0; padding: 2px 0; min-width: 0;
+                                              background: none; }
+  table.wrap td::before { content: attr(data-label) ": "; font-weight: 600; color: #555; }
+  table.wrap td:empty { display: none; }
+  /* a phone has no room for a sticky first column beside a long cell ("10.0% ✗ diverged at
+     step 12 (at chance)"): the column scrolls away with the rest */
+  .scroll.overflows td:first-child, .scroll.overflows th:first-child { position: static; }
 }
 """
-# Figures shrink with the page to this fraction of their pixel size, then scroll sideways:
-# their 10-11 pt text at 110 dpi stays at 10 px or more.
-FIGURE_MIN_SCALE = 0.65
-# Sorting (click a header; numbers by value, blanks last) and filtering (rows containing the
-# typed text) of every table with a header, in plain DOM code: the report needs no network.
+# Sorting (click a header; numbers by value, blanks last) and filtering of every table with a
+# header, in plain DOM code: the report needs no network. A filter term is a word that some
+# cell of the row contains, or column=value in the runner's own syntax (clip.mode=agc; also
+# !=, <, <=, >, >=): the column by its header or key, numbers compared as numbers (97.6% is
+# 0.976), text equal ignoring case, an empty value meaning a blank cell. Terms are ANDed.
 SCRIPT = """
+const number = (text) => {
+  // a leading number ending the cell or followed by a space: "10.0% ✗ diverged", not the
+  // run id "0e74aa8032bf"
+  const match = text.trim().replace(/,/g, "")
+    .match(/^[-+]?(\\d+\\.?\\d*|\\.\\d+)(e[-+]?\\d+)?(%?)(?=\\s|$)/i);
+  return match ? parseFloat(match[0]) / (match[3] ? 100 : 1) : NaN;
+};
+const NUMBER = /^[-+]?(\\d+\\.?\\d*|\\.\\d+)(e[-+]?\\d+)?%?$/i;
+const named = (text) => text.trim().toLowerCase().replace(/[\\s_]+/g, " ");
+const TERM = /^([^=<>!]+?)(!=|<=|>=|=|<|>)(.*)$/;
+const test = (cell, op, want) => {
+  const a = number(cell), b = NUMBER.test(want) ? number(want) : NaN;
+  const numeric = !isNaN(a) && !isNaN(b);
+  const same = numeric ? Math.abs(a - b) <= 1e-9 * Math.max(1, Math.abs(b)) : cell === want;
+  const order = same ? 0 : numeric ? a - b : cell.localeCompare(want);
+  return {"=": same, "!=": !same, "<": order < 0, "<=": order <= 0, ">": order > 0,
+          ">=": order >= 0}[op] && (numeric || op === "=" || op === "!=" || cell !== "");
+};
 document.querySelectorAll("table.sortable").forEach((table) => {
   const body = table.tBodies[0];
   const rows = () => Array.from(body.rows);
   const value = (row, i) => row.cells[i] ? row.cells[i].textContent.trim() : "";
-  const number = (text) => {
-    const match = text.replace(/,/g, "").match(/^[-+]?(\\d+\\.?\\d*|\\.\\d+)(e[-+]?\\d+)?/i);
-    return match ? parseFloat(match[0]) : NaN;
-  };
-  table.querySelectorAll("thead th").forEach((th, i) => {
+  const heads = Array.from(table.querySelectorAll("thead th"));
+  const names = heads.map((th) => [named(th.textContent), named(th.dataset.key || "")]);
+  heads.forEach((th, i) => {
     const button = document.createElement("button");
     button.type = "button";
     button.textContent = th.textContent;
@@ -1312,7 +1357,7 @@ document.querySelectorAll("table.sortable").forEach((table) => {
     th.appendChild(button);
     button.addEventListener("click", () => {
       const up = th.getAttribute("aria-sort") !== "ascending";
-      table.querySelectorAll("thead th").forEach((o) => o.removeAttribute("aria-sort"));
+      heads.forEach((o) => o.removeAttribute("aria-sort"));
       th.setAttribute("aria-sort", up ? "ascending" : "descending");
       const sorted = rows().sort((a, b) => {
         const x = value(a, i), y = value(b, i);
@@ -1325,20 +1370,42 @@ document.querySelectorAll("table.sortable").forEach((table) => {
       sorted.forEach((row) => body.appendChild(row));
     });
   });
-  const tools = table.closest(".scroll").previousElementSibling;
-  const input = tools && tools.classList.contains("table-tools") && tools.querySelector("input");
+  const frame = table.closest(".scroll");
+  const tools = frame.previousElementSibling;
+  const hasTools = tools && tools.classList.contains("table-tools");
+  const mark = () => {  // a frame wider than the window shows a shadow and a hint
+    const over = frame.scrollWidth > frame.clientWidth + 1;
+    frame.classList.toggle("overflows", over);
+    if (hasTools) tools.classList.toggle("overflows", over);
+  };
+  mark();
+  addEventListener("resize", mark);
+  const input = hasTools && tools.querySelector("input");
   if (!input) return;
   const count = tools.querySelector("span");
   input.addEventListener("input", () => {
-    const words = input.value.toLowerCase().split(/\\s+/).filter(Boolean);
+    const unknown = [];
+    const checks = input.value.split(/\\s+/).filter(Boolean).map((term) => {
+      const match = term.match(TERM);
+      const key = match && named(match[1]);
+      const column = match ? names.findIndex(([head, alias]) => head === key || alias === key)
+        : -1;
+      if (match && column >= 0) {
+        const want = match[3].trim().toLowerCase();
+        return (row) => test(value(row, column).toLowerCase(), match[2], want);
+      }
+      if (match) unknown.push(match[1]);
+      const word = term.toLowerCase();
+      return (row) => row.textContent.toLowerCase().includes(word);
+    });
     let shown = 0;
     rows().forEach((row) => {
-      const text = row.textContent.toLowerCase();
-      const keep = words.every((w) => text.includes(w));
+      const keep = checks.every((check) => check(row));
       row.hidden = !keep;
       shown += keep;
     });
-    count.textContent = words.length ? `${shown} of ${rows().length} rows` : "";
+    count.textContent = checks.length ? `${shown} of ${rows().length} rows` +
+      (unknown.length ? ` (no column ${unknown.join(", ")})` : "") : "";
   });
 });
 """
@@ -1354,12 +1421,21 @@ def anchor(title: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", title.lower()).strip("-")
 
 
+# the key under which the runner names a column the runs table renames: a filter term may use
+# either (final_acc>0.9, "final acc" being the header)
+COLUMN_KEYS = {header: key for key, header in RUN_HEADERS.items()}
+
+
 def table_html(frame: pd.DataFrame, wrap: bool = False) -> str:
-    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in frame.columns)
+    names = [str(c) for c in frame.columns]
+    head = "".join(f'<th data-key="{html.escape(COLUMN_KEYS[n])}">{html.escape(n)}</th>'
+                   if n in COLUMN_KEYS else f"<th>{html.escape(n)}</th>" for n in names)
+    # each cell names its column: a narrow page shows a table of prose as cards
+    labels = [f' data-label="{html.escape(n)}"' if wrap else "" for n in names]
     body = []
     for row in frame.itertuples(index=False):
         cells = []
-        for column, value in zip(frame.columns, row):
+        for column, attr, value in zip(frame.columns, labels, row):
             text = "" if value is None else str(value)
             css = f' class="{text}"' if column == "status" and text in ("diverged", "failed") \
                 else ""
@@ -1367,19 +1443,25 @@ def table_html(frame: pd.DataFrame, wrap: bool = False) -> str:
                 css = f' class="{VERDICT_CLASSES[text]}"'
             bold = text.startswith("**") and text.endswith("**") and len(text) > 4
             shown = html.escape(text[2:-2] if bold else text)
-            cells.append(f"<td{css}>{f'<b>{shown}</b>' if bold else shown}</td>")
+            cells.append(f"<td{css}{attr}>{f'<b>{shown}</b>' if bold else shown}</td>")
         body.append(f"<tr>{''.join(cells)}</tr>")
     css = ' class="sortable wrap"' if wrap else ' class="sortable"'
     tools = ""
     if len(frame) > FILTER_ROWS:
+        example = next((f"{n}={v}" for n in ("clip.mode", "status") if n in frame
+                        for v in frame[n].astype(str) if v and " " not in v), "diverged 512")
         tools = ('<div class="table-tools"><label>Filter rows: <input type="search" '
-                 'placeholder="e.g. diverged 512" aria-label="filter rows"></label> '
-                 '<span aria-live="polite"></span></div>')
+                 f'placeholder="e.g. {html.escape(example)}" aria-label="filter rows"></label> '
+                 '<span aria-live="polite"></span>'
+                 f'<span class="hint"> · scroll the table sideways for all {len(names)} '
+                 "columns</span></div>")
     return (f'{tools}<div class="scroll"><table{css}><thead><tr>{head}</tr></thead>'
             f"<tbody>{''.join(body)}</tbody></table></div>")
 
 
-def render_html(title: str, sections: list[Section]) -> str:
+def render_html(title: str, sections: list[Section], files_dir: str | None = None) -> str:
+    """The HTML page; ``files_dir``: the folder (beside the page) holding each figure's PNG,
+    which a figure then links to at its full size."""
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
            '<meta name="viewport" content="width=device-width, initial-scale=1">',
            f"<title>{html.escape(title)}</title>", f"<style>{CSS}</style></head><body>",
@@ -1398,11 +1480,14 @@ def render_html(title: str, sections: list[Section]) -> str:
                 out.append(table_html(part.frame, part.wrap))
             elif isinstance(part, Plot):
                 data = base64.b64encode(part.png).decode()
-                width = png_width(part.png)
-                size = (f' style="--natural: {width}px; --least: '
-                        f'{round(width * FIGURE_MIN_SCALE)}px"' if width else "")
-                out.append(f'<figure><div class="figure-scroll"><img alt="{html.escape(part.name)}"'
-                           f'{size} src="data:image/png;base64,{data}"></div>'
+                width = png_width(part.png)  # reserves the figure's room before it decodes
+                image = (f'<img alt="{html.escape(part.name)}"'
+                         + (f' width="{width}"' if width else "")
+                         + f' src="data:image/png;base64,{data}">')
+                if files_dir:
+                    link = html.escape(f"{quote(files_dir)}/{quote(part.name)}.png")
+                    image = f'<a href="{link}" title="the figure at full size">{image}</a>'
+                out.append(f"<figure>{image}"
                            f"<figcaption>{inline_html(part.caption)}</figcaption></figure>")
             elif isinstance(part, Details):
                 out.append(f"<details><summary>{html.escape(part.summary)}</summary>"

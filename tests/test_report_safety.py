@@ -9,6 +9,7 @@ report's files folder carries a manifest, and nothing outside it is deleted.
 from __future__ import annotations
 
 import json
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -129,7 +130,9 @@ def assert_nothing_injected(page: Elements, scripts_allowed: int) -> None:
                 if name.lower().startswith("on")]
     assert handlers == []
     links = [a.get("href", "") for tag, a in page.tags if tag == "a"]
-    assert all(href.startswith("#") for href in links)  # only the report's own contents links
+    # only the report's own contents links, and each figure's link to its own file
+    assert all(href.startswith("#") or re.fullmatch(r"report_files/[A-Za-z0-9_-]+\.png", href)
+               for href in links), links
     images = [attrs.get("src", "") for tag, attrs in page.tags if tag == "img"]
     assert all(src.startswith(("data:image/png;base64,", "report_files/")) for src in images)
     assert [t for t in page.named("h1")] == ["Ablation report: hostile"]

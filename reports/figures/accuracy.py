@@ -42,6 +42,11 @@ from reports.figures.style import (
     styled,
 )
 
+# a strip row's height (inches) and where its name's top sits (in row units below the row's
+# top): tall enough that an 8 pt name clears the 10 pt crosses at the row's centre
+STRIP_ROW_INCHES = 0.5
+STRIP_NAME_TOP = 0.02
+
 
 @styled
 def plot_accuracy_vs_batch(
@@ -87,13 +92,14 @@ def plot_accuracy_vs_batch(
         return part[part[style] == sv] if style else part
 
     strip_rows = [(h, s) for h, s in lines if select(summary, h, s)["n_diverged"].sum()]
-    # the strip's row names sit left of the first panel: room for them, not a squeezed panel
-    names = [", ".join(fmt_value(v) for v in row if v is not None) for row in strip_rows]
-    width = panel_width(len(panels), 5.2, 3.0) + 0.075 * max(map(len, names), default=0)
+    width = panel_width(len(panels), 5.2, 3.0)
     if strip_rows:
-        fig = Figure(figsize=(width, 4.4 + 0.26 * len(strip_rows) + 0.3), layout="constrained")
+        # each strip row carries its name on a line of its own above the crosses, inside the
+        # panel: as tick labels left of it, a long name pushed every panel right
+        strip_height = STRIP_ROW_INCHES * len(strip_rows) + 0.3
+        fig = Figure(figsize=(width, 4.4 + strip_height), layout="constrained")
         grid = fig.subplots(2, len(panels), squeeze=False, sharex="col", sharey="row",
-                            gridspec_kw={"height_ratios": [4.4, 0.26 * len(strip_rows) + 0.3]})
+                            gridspec_kw={"height_ratios": [4.4, strip_height]})
         axes, strips = grid[:1], grid[1]
     else:
         fig, axes = new_figure(1, len(panels), width, 4.6, sharey=True)
@@ -183,8 +189,12 @@ def draw_diverged_strip(strip: Any, part: pd.DataFrame, rows: list[tuple], selec
                            gid="diverged-count")
     names = [", ".join(fmt_value(v) for v in (hv, sv) if v is not None) or "all"
              for hv, sv in rows]
-    strip.set_yticks(range(len(rows)), names, fontsize=9)
-    strip.set_ylim(len(rows) - 0.5, -0.5)
+    # a row spans 1 unit: its name in the top part, its crosses at the centre
+    for r, name in enumerate(names):
+        strip.text(0.005, r - 0.5 + STRIP_NAME_TOP, name, transform=strip.get_yaxis_transform(),
+                   ha="left", va="top", fontsize=8, color="#333", gid="diverged-row-name")
+    strip.set_yticks([])
+    strip.set_ylim(len(rows) - 0.5 + 0.15, -0.5)
     strip.grid(False, axis="y")
     strip.set_ylabel("diverged", fontsize=10)
     strip.spines["left"].set_visible(False)
