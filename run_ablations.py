@@ -729,7 +729,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
               f"stored, run the same command to resume", file=sys.stderr)
         return exit_code(outcome)
     say(args, f"frontier {spec.name} done in {outcome.duration_s:.0f}s: {len(outcome.frame)} "
-        f"cells ({counts}); {probes}")
+        f"cells ({counts}; {outcome.non_monotone} non-monotone); {probes}")
     say(args, f"frontier: {outcome.grid_dir / 'frontier.parquet'}")
     if not args.no_report:
         write_report(outcome.grid_dir, quiet=verbosity(args) < 0)
