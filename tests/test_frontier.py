@@ -592,7 +592,7 @@ def edge_of(row: pd.Series, edge) -> float:
 
 @pytest.mark.parametrize("edge, most", [(measured_edge, 4.0), (smooth_edge, 3.0)])
 def test_warm_starts_find_the_cold_edges_in_fewer_probes_on_a_frontier_batch_grid(
-        tmp_path, edge, most):
+        tmp_path, capsys, edge, most):
     """Measured: frontier_batch's own edges (seeds up to 4 lattice steps apart, batch trends
     that differ by setting); smooth: the same cells with an additive edge."""
     cold, cold_ran = batch_grid(tmp_path / "cold", "warm_start=false check_monotone=false", edge)
@@ -614,6 +614,16 @@ def test_warm_starts_find_the_cold_edges_in_fewer_probes_on_a_frontier_batch_gri
     assert w["start_lr"].notna().sum() >= 24 and c["start_lr"].isna().all()
     assert len(warm_ran.executed) == w["n_probes"].sum() == warm.probes_run
     assert len(set(warm_ran.executed)) == len(warm_ran.executed)  # no probe ran twice
+    # the benchmark compares the two stores the same way
+    from benchmarks.frontier_cost import main as cost_main
+
+    capsys.readouterr()
+    assert cost_main([str(tmp_path / "cold" / "frontier_batch"),
+                      str(tmp_path / "warm" / "frontier_batch")]) == 0
+    printed = capsys.readouterr().out
+    assert f"probes per cell 5.00 vs {warm_mean:.2f}" in printed
+    assert "equal in 36, within one lattice step in 36 of 36 cells" in printed
+    assert f"warm starts {int(w['start_lr'].notna().sum())} of 36 cells" in printed
 
 
 class StopAfter(OracleExecutor):
@@ -701,6 +711,12 @@ def test_a_non_monotone_cell_is_flagged_and_counted_and_the_check_can_be_off(tmp
         assert text.count("NON-MONOTONE") == 2
         stored = pd.read_parquet(folder / "out" / "edge" / "frontier.parquet")
         assert stored["non_monotone"].sum() == 2
+    # the report's table counts them per row; a store from before the check has no column
+    from reports.figures.frontier import frontier_table
+
+    table = frontier_table(load_results(folder / "out" / "edge").frontier)
+    assert dict(zip(table["batch size"], table["non-monotone"], strict=True)) == {16: 0, 64: 2}
+    assert "non-monotone" not in frontier_table(stored.drop(columns="non_monotone")).columns
     # off: no check probe, nothing flagged, fewer probes
     (tmp_path / "off").mkdir()
     off, executor_off, _ = search(tmp_path / "off", "check_monotone = false", BumpyOracle())
