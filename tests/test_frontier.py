@@ -744,3 +744,14 @@ def test_the_warm_start_and_check_settings_are_checked(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"frontier.{key} must be true or false, got 3" in err and err.count("\n") == 1
     assert main(["frontier", str(spec), "--set", "frontier.warm_start=false", "--dry-run"]) == 0
+
+
+def test_the_console_summary_line_counts_non_monotone_cells(tmp_path, capsys, monkeypatch):
+    import run_ablations
+
+    monkeypatch.setattr(run_ablations, "make_executor", lambda args: BumpyOracle())
+    spec = write_spec(tmp_path)
+    assert main(["frontier", str(spec), "--out", str(tmp_path / "out"), "--no-report"]) == 0
+    summary = [line for line in capsys.readouterr().out.splitlines()
+               if line.startswith("frontier edge done")]
+    assert len(summary) == 1 and "(4 found; 2 non-monotone)" in summary[0]
