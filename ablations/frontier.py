@@ -239,9 +239,12 @@ def warm_plan(cells: list[Run]) -> list[WarmPlan]:
         return tuple(sorted((k, repr(v)) for k, v in configs[i].items() if k != key))
 
     buckets: dict[tuple, list[int]] = {}  # (key, config without key) -> cells, in order
+    by_value: dict[str, dict[tuple, dict[str, list[int]]]] = {k: {} for k in keys}
     for i in range(len(cells)):
         for key in keys:
-            buckets.setdefault((key, without(i, key)), []).append(i)
+            rest = without(i, key)
+            buckets.setdefault((key, rest), []).append(i)
+            by_value[key].setdefault(rest, {}).setdefault(repr(configs[i].get(key)), []).append(i)
     plans = []
     for i in range(len(cells)):
         plan = WarmPlan()
@@ -260,13 +263,10 @@ def warm_plan(cells: list[Run]) -> list[WarmPlan]:
                     continue
                 # pairs (q1, q2) before i, one-key neighbours along key, q1 at j's value
                 # and q2 at i's: their edges' shift is the guess's correction
-                pairs = []
-                for (k, _), members in buckets.items():
-                    if k != key:
-                        continue
-                    a = [q for q in members if q < i and configs[q][key] == configs[j][key]]
-                    b = [q for q in members if q < i and configs[q][key] == configs[i][key]]
-                    pairs += [(q1, q2) for q1 in a for q2 in b]
+                va, vb = repr(configs[j].get(key)), repr(configs[i].get(key))
+                pairs = [(q1, q2) for values in by_value[key].values()
+                         for q1 in values.get(va, ()) if q1 < i
+                         for q2 in values.get(vb, ()) if q2 < i]
                 if pairs:  # without a measured shift the cell bisects cold (FrontierSearch.guess)
                     plan.neighbours.append((j, key, pairs))
                     plan.deps |= {j} | {q for pair in pairs for q in pair}
