@@ -720,6 +720,13 @@ def cmd_frontier(args: argparse.Namespace) -> int:
               f"{settings.lr_max:g} by x{settings.resolution:.4g}: {len(points)} rates, at most "
               f"{math.ceil(math.log2(len(points) + 1))} probes per cell (a full grid: "
               f"{len(cells) * len(points)} runs)")
+        # the bound above is the cold bisection's; say what changes it
+        extras = [("warm starts: 2 probes per cell near its start, more far from it"
+                   if settings.warm_start else ""),
+                  ("at most 1 more per cell for the monotonicity check"
+                   if settings.check_monotone else "")]
+        if any(extras):
+            print("; ".join(e for e in extras if e))
         for line in spec.untested_claims:
             print(f"claim {line}")
         return 0
@@ -736,7 +743,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
               f"stored, run the same command to resume", file=sys.stderr)
         return exit_code(outcome)
     say(args, f"frontier {spec.name} done in {outcome.duration_s:.0f}s: {len(outcome.frame)} "
-        f"cells ({counts}); {probes}")
+        f"cells ({counts}; {outcome.non_monotone} non-monotone); {probes}")
     say(args, f"frontier: {outcome.grid_dir / 'frontier.parquet'}")
     if not args.no_report:
         write_report(outcome.grid_dir, quiet=verbosity(args) < 0)

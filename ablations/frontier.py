@@ -20,6 +20,28 @@ rate (status ``unstable_at_lr_min``), one stable at lr_max ends "stable up to lr
 ordinary executors (local worker processes or Ray); ``on_result`` hands each cell's next
 probe back to the executor as the previous one ends.
 
+Warm starts (``[frontier] warm_start``, default true): cells that differ only in seed, then
+cells that differ in one numeric axis (batch size, threshold), start from what is known
+instead of the lattice's middle (:class:`WarmSearch`). A seed sibling starts at its sibling's
+edge; a neighbour along a numeric axis at the neighbour's edge moved by the median shift that
+already searched pairs of cells show between the same two values of that axis (an additive
+model in log-lr; the median over neighbours when several have one). With no such pair yet the
+cell bisects cold: a neighbour's edge alone can lie far off (12 lattice steps across global
+norm's 8x thresholds), and galloping there costs more than bisecting. The search probes the
+start, then one lattice step above it (below, when the start is unstable), and widens (offsets
+1, 2, 4, 8, ...) only when that does not bracket the edge; once bracketed it bisects as
+before. Which cells a start reads is fixed before anything runs (:func:`warm_plan`, from the
+cells' order), and a cell starts only when those have finished, so the probes a search makes
+never depend on timing: a rerun or a resume after kill -9 walks the same probes and finds
+them stored. At most as many cells search at once as the executor has slots, in the grid's
+order, so the starting points exist early. ``warm_start = false``: every cell bisects cold,
+all at once (the search before warm starts).
+
+Monotonicity check (``check_monotone``, default true): once a cell's edge is bracketed, one
+more probe two lattice steps above the largest stable rate (free when the search already
+probed it). If that probe is stable, stability is not monotone in the learning rate there;
+the cell keeps the edge the search found and is marked ``non_monotone``.
+
 Stability criterion (``[frontier]`` ``metric``, ``max_ratio``, ``window``): a probe is stable
 when it did not diverge (``TrainConfig.diverge_loss`` or a non-finite loss) and the mean
 training loss (``loss``, per step) over its last ``window`` steps (default: a tenth of the
@@ -84,7 +106,7 @@ SEARCHED = ("found", "stable_to_lr_max", "unstable_at_lr_min")  # the search end
 FRONTIER_COLUMNS = [
     "grid", "cell_id", "model_label", "axes", "status", "reason", "max_stable_lr",
     "min_unstable_lr", "final_acc", "n_probes", "probe_lrs", "probe_stable", "lr_min", "lr_max",
-    "resolution", "probe_steps",
+    "resolution", "probe_steps", "non_monotone", "check_lr", "start_lr",
 ]
 LR_KEYS = ("lr", "base_lr")
 LENGTH_KEYS = ("steps", "epochs")
@@ -158,10 +180,107 @@ class BisectSearch:
             self.hi = min(self.hi, index)
 
 
+class WarmSearch(BisectSearch):
+    """A search from a guessed edge index: the guess, then one step above it while stable (or
+    below while unstable); if that does not bracket the edge, it widens by a step and then by
+    doubling steps (offsets 1, 2, 4, 8, ... from the guess) until it does, then bisects the
+    bracket. Bounds as in :class:`BisectSearch`: lr_min and lr_max are probed only when the
+    widening reaches them."""
+
+    def __init__(self, n: int, guess: int):
+        super().__init__(n)
+        self.guess = min(max(guess, 0), n - 1)
+        self.widened = 0  # probes past the guess, in the one direction
+
+    def step(self) -> int:
+        return 1 if self.widened < 2 else 2 ** (self.widened - 1)
+
+    def next_index(self) -> int | None:
+        if self.hi - self.lo <= 1:
+            return None
+        if self.lo < 0 and self.hi == self.n:
+            return self.guess
+        if self.hi == self.n:
+            return min(self.n - 1, self.lo + self.step())
+        if self.lo < 0:
+            return max(0, self.hi - self.step())
+        return (self.lo + self.hi) // 2
+
+    def record(self, index: int, stable: bool) -> None:
+        up, down = self.hi == self.n and self.lo >= 0, self.lo < 0 and self.hi < self.n
+        super().record(index, stable)
+        if (stable and up) or (not stable and down):
+            self.widened += 1
+
+
+@dataclass
+class WarmPlan:
+    """What a cell's warm start reads: ``sibling`` (a cell differing only in seed), else
+    ``neighbours`` (cell, key) along a numeric axis, each with the pairs of cells that show
+    the shift between the same two values of ``key``; ``deps`` all of them."""
+
+    sibling: int | None = None
+    neighbours: list[tuple[int, str, list[tuple[int, int]]]] = field(default_factory=list)
+    deps: set[int] = field(default_factory=set)
+
+
+def numeric(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def warm_plan(cells: list[Run]) -> list[WarmPlan]:
+    """Each cell's warm start, from the cells before it in the grid's order only (so the
+    plan is the same on every invocation and its dependencies cannot cycle)."""
+    configs = [{k: v for k, v in flatten_config(cell.config).items() if k not in LR_KEYS}
+               for cell in cells]
+    keys = sorted({k for cell in cells for k in cell.axes if k not in LR_KEYS})
+
+    def without(i: int, key: str) -> tuple:
+        return tuple(sorted((k, repr(v)) for k, v in configs[i].items() if k != key))
+
+    buckets: dict[tuple, list[int]] = {}  # (key, config without key) -> cells, in order
+    by_value: dict[str, dict[tuple, dict[str, list[int]]]] = {k: {} for k in keys}
+    for i in range(len(cells)):
+        for key in keys:
+            rest = without(i, key)
+            buckets.setdefault((key, rest), []).append(i)
+            by_value[key].setdefault(rest, {}).setdefault(repr(configs[i].get(key)), []).append(i)
+    plans = []
+    for i in range(len(cells)):
+        plan = WarmPlan()
+        earlier = {key: [j for j in buckets[(key, without(i, key))] if j < i
+                         and configs[j].get(key) != configs[i].get(key)] for key in keys}
+        if earlier.get("seed"):
+            plan.sibling = earlier["seed"][0]
+            plan.deps = {plan.sibling}
+            plans.append(plan)
+            continue
+        for key in keys:
+            if key == "seed" or not numeric(configs[i].get(key)):
+                continue
+            for j in earlier[key]:
+                if not numeric(configs[j].get(key)):
+                    continue
+                # pairs (q1, q2) before i, one-key neighbours along key, q1 at j's value
+                # and q2 at i's: their edges' shift is the guess's correction
+                va, vb = repr(configs[j].get(key)), repr(configs[i].get(key))
+                pairs = [(q1, q2) for values in by_value[key].values()
+                         for q1 in values.get(va, ()) if q1 < i
+                         for q2 in values.get(vb, ()) if q2 < i]
+                if pairs:  # without a measured shift the cell bisects cold (FrontierSearch.guess)
+                    plan.neighbours.append((j, key, pairs))
+                    plan.deps |= {j} | {q for pair in pairs for q in pair}
+        plans.append(plan)
+    return plans
+
+
 @dataclass
 class Cell:
     run: Run  # the cell as the grid expands it (no probe lr)
     search: BisectSearch
+    start: int | None = None  # the warm start's lattice index (None: cold or not started)
+    started: bool = False
+    check: tuple[int, bool] | None = None  # the monotonicity probe: (index, stable)
     probes: dict[int, tuple[str, bool]] = field(default_factory=dict)  # index -> (id, stable)
     pending: tuple[int, str] | None = None  # the probe out at an executor
     ran: int = 0  # probes executed by this invocation (the rest were read back)
@@ -177,6 +296,7 @@ class FrontierOutcome:
     probes_stored: int = 0  # read back from the store
     full_grid: int = 0  # runs a grid over every lattice point would take
     counts: dict = field(default_factory=dict)  # cell status -> cells
+    non_monotone: int = 0  # cells stable again two lattice steps above their edge
     interrupted: bool = False
     signal: str | None = None
     duration_s: float = 0.0
@@ -188,10 +308,16 @@ class FrontierSearch:
 
     def __init__(self, spec: GridSpec, store: GridStore, cells: list[Run],
                  settings: FrontierSettings, retry_failed: bool, stream,
-                 verbosity: int = 0, heartbeat_s: float = HEARTBEAT_S):
+                 verbosity: int = 0, heartbeat_s: float = HEARTBEAT_S, slots: int = 1):
         self.spec, self.store, self.settings = spec, store, settings
         self.points = lattice(settings)
         self.cells = [Cell(run, BisectSearch(len(self.points))) for run in cells]
+        # warm: the plan of every cell's start, and at most `slots` cells searching at once;
+        # cold: every cell starts at once, as before warm starts
+        self.plans = warm_plan(cells) if settings.warm_start else None
+        self.slots = max(1, slots) if settings.warm_start else len(cells)
+        self.queue = list(range(len(cells)))
+        self.searching = 0
         self.by_probe: dict[str, list[Cell]] = {}  # probe out at the executor -> its cells
         self.retry_failed, self.stream, self.verbosity = retry_failed, stream, verbosity
         # the probes' own lines: failures always, start and end with -v, heartbeats
@@ -200,13 +326,77 @@ class FrontierSearch:
         self.executed = 0  # probes run by this invocation
 
     def start(self) -> list[str]:
-        """The first probe to execute of every cell (stored probes are read back first)."""
-        return [rid for cell in self.cells if (rid := self.advance(cell)) is not None]
+        """The first probe to execute of every cell that can start (stored probes are read
+        back first)."""
+        return self.launch()
+
+    def launch(self) -> list[str]:
+        """Start queued cells whose warm start can be read, in order, while slots are free;
+        the probes they need run."""
+        todo = []
+        while self.searching < self.slots:
+            ready = next((i for i in self.queue if self.plans is None
+                          or all(self.cells[j].finished for j in self.plans[i].deps)), None)
+            if ready is None:
+                break
+            self.queue.remove(ready)
+            cell = self.cells[ready]
+            if self.plans is not None:
+                cell.start = self.guess(self.plans[ready])
+                if cell.start is not None:
+                    cell.search = WarmSearch(len(self.points), cell.start)
+            cell.started = True
+            self.searching += 1
+            if (rid := self.advance(cell)) is not None:
+                todo.append(rid)
+        return todo
+
+    def edge_index(self, j: int, found_only: bool = False) -> int | None:
+        """The lattice index of cell j's edge (its largest stable rate; lr_min's index when
+        unstable there), None when its search gave none."""
+        cell, search = self.cells[j], self.cells[j].search
+        if cell.error or not cell.finished:
+            return None
+        if found_only and not (0 <= search.lo and search.hi == search.lo + 1 < search.n):
+            return None
+        return max(search.lo, 0)
+
+    def guess(self, plan: WarmPlan) -> int | None:
+        """Where a cell's warm search starts (module docstring); None: a cold bisection."""
+        if plan.sibling is not None:
+            return self.edge_index(plan.sibling)
+        # a neighbour's edge with no measured shift is no start: along a threshold it lay 12
+        # lattice steps off on frontier_batch's edges, and galloping that far costs more
+        # probes than a cold bisection (tests/test_frontier.py, measured shapes)
+        guesses = []
+        for j, _, pairs in plan.neighbours:
+            if (edge := self.edge_index(j)) is None:
+                continue
+            shifts = [b - a for q1, q2 in pairs
+                      if (a := self.edge_index(q1, True)) is not None
+                      and (b := self.edge_index(q2, True)) is not None]
+            if shifts:
+                guesses.append(edge + float(np.median(shifts)))
+        return int(round(float(np.median(guesses)))) if guesses else None
+
+    def check_index(self, cell: Cell) -> int | None:
+        """The monotonicity probe still to run, if any: two lattice steps above the largest
+        stable rate, once the edge is bracketed (reused when the search probed it)."""
+        search = cell.search
+        if not self.settings.check_monotone or cell.check is not None or cell.error \
+                or not (0 <= search.lo and search.hi == search.lo + 1 < search.n - 1):
+            return None
+        index = search.lo + 2
+        if index in cell.probes:
+            cell.check = (index, cell.probes[index][1])
+            return None
+        return index
 
     def advance(self, cell: Cell) -> str | None:
         """Walk the cell's search through stored probes; the id of the next probe to run, or
         None when the cell's search has ended (or waits on a probe another cell runs)."""
-        while (index := cell.search.next_index()) is not None:
+        while (index := cell.search.next_index()) is not None \
+                or (index := self.check_index(cell)) is not None:
             probe = probe_run(cell.run, self.points[index], self.settings)
             try:
                 self.store.add_runs([probe])
@@ -241,7 +431,10 @@ class FrontierSearch:
             cell.error = f"probe {rid}: {err.path.name} {err.reason}"
             return False
         cell.probes[index] = (rid, stable)
-        cell.search.record(index, stable)
+        if cell.search.next_index() is None:  # the search has ended: the monotonicity probe
+            cell.check = (index, stable)
+        else:
+            cell.search.record(index, stable)
         return True
 
     def on_result(self, result: dict) -> list[str]:
@@ -262,10 +455,11 @@ class FrontierSearch:
             follow_up = self.advance(cell)
             if follow_up:
                 follow_ups.append(follow_up)
-        return follow_ups
+        return follow_ups + self.launch()
 
     def finish(self, cell: Cell) -> None:
         cell.finished = True
+        self.searching -= 1
         self.done += 1
         row = self.row(cell)
         if self.verbosity >= 0 or cell.error:
@@ -287,6 +481,9 @@ class FrontierSearch:
             "lr_min": self.settings.lr_min, "lr_max": self.settings.lr_max,
             "resolution": self.settings.resolution,
             "probe_steps": self.settings.steps or config.get("steps"),
+            "non_monotone": bool(cell.check and cell.check[1]),
+            "check_lr": points[cell.check[0]] if cell.check else math.nan,
+            "start_lr": points[cell.start] if cell.start is not None else math.nan,
         }
         if search.lo >= 0:
             summary = self.store.status(cell.probes[search.lo][0]).get("summary") or {}
@@ -309,6 +506,10 @@ class FrontierSearch:
         else:
             row["status"] = "found"
             row["reason"] = ""
+            if row["non_monotone"]:
+                row["reason"] = (f"non-monotone: stable again at lr {row['check_lr']:g}, two "
+                                 f"lattice steps above the edge; the edge is where the search "
+                                 f"ended, not the largest stable rate")
         return row
 
     def frame(self) -> pd.DataFrame:
@@ -318,8 +519,10 @@ class FrontierSearch:
 def cell_summary(row: dict) -> str:
     acc = f", acc {row['final_acc']:.3f}" if np.isfinite(row["final_acc"]) else ""
     if row["status"] == "found":
+        flag = f"; NON-MONOTONE: stable again at {row['check_lr']:.4g}" \
+            if row["non_monotone"] else ""
         return (f"max stable lr {row['max_stable_lr']:.4g} (unstable at "
-                f"{row['min_unstable_lr']:.4g}){acc}")
+                f"{row['min_unstable_lr']:.4g}){acc}{flag}")
     if row["status"] == "stable_to_lr_max":
         return f"stable up to lr_max {row['max_stable_lr']:.4g}{acc}"
     return f"{row['status'].replace('_', ' ')}: {row['reason']}"
@@ -361,8 +564,9 @@ def run_frontier(
     if mismatches:
         print(f"warning: probes: {mismatch_text(mismatches)}; reused as "
               "stored, so the edges may differ from a search here", file=stream, flush=True)
+    slots = len(executor.slots()) if settings.warm_start else 1
     search = FrontierSearch(spec, store, cells, settings, retry_failed, stream, verbosity,
-                            heartbeat_s)
+                            heartbeat_s, slots)
     outcome = FrontierOutcome(store.dir, len(cells),
                               full_grid=len(cells) * len(search.points))
     if verbosity >= 0:
@@ -392,4 +596,5 @@ def run_frontier(
     outcome.probes_stored = len({rid for cell in search.cells
                                  for rid, _ in cell.probes.values()}) - search.executed
     outcome.counts = frame["status"].value_counts().to_dict()
+    outcome.non_monotone = int(frame["non_monotone"].sum()) if len(frame) else 0
     return outcome

@@ -317,6 +317,11 @@ class FrontierSettings:
     about 1), while a short run at a small but healthy rate may not yet have halved it
     (digits, 40 steps: ratios 0.4 to 0.7), and a stricter ratio would call small rates
     unstable, against the search's assumption that stability only fails above an edge.
+
+    ``warm_start``: a cell whose seed sibling or neighbour along a numeric axis has been
+    searched starts from that edge (``ablations.frontier``); False: every cell bisects cold.
+    ``check_monotone``: after the edge is found, one probe two lattice steps above it; a stable
+    one marks the cell ``non_monotone``. False saves that probe.
     """
 
     lr_min: float
@@ -326,6 +331,8 @@ class FrontierSettings:
     metric: str = "loss"
     max_ratio: float = 0.8
     window: int | None = None
+    warm_start: bool = True
+    check_monotone: bool = True
 
 
 FRONTIER_KEYS = {f.name for f in dataclasses.fields(FrontierSettings)}
@@ -373,8 +380,13 @@ def frontier_settings(spec: GridSpec) -> FrontierSettings:
     if max_ratio > 1:
         raise SpecError(f"frontier.max_ratio is the final loss over the initial one that still "
                         f"counts as training, at most 1; got {max_ratio!r}")
+    flags = {}
+    for name in ("warm_start", "check_monotone"):
+        flags[name] = raw.get(name, True)
+        if not isinstance(flags[name], bool):
+            raise SpecError(f"frontier.{name} must be true or false, got {flags[name]!r}")
     return FrontierSettings(lr_min, lr_max, float(resolution), steps, metric,
-                            float(max_ratio), window)
+                            float(max_ratio), window, **flags)
 
 
 # ----------------------------------------------------------------------------- overrides

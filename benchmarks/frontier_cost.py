@@ -1,7 +1,7 @@
 """What a frontier search cost against the full grid at the same resolution.
 
     python run_ablations.py frontier frontier_batch --workers 2 --out DIR
-    python -m benchmarks.frontier_cost DIR/frontier_batch
+    python -m benchmarks.frontier_cost DIR/frontier_batch [OTHER_DIR/frontier_batch]
 
 Reads a grid folder that ``frontier`` wrote (nothing runs): the probes it used and their
 summed run time, against the full grid that resolves the same edge to the same resolution
@@ -9,6 +9,11 @@ summed run time, against the full grid that resolves the same edge to the same r
 cell is costed at the measured duration of the cell's probe nearest to it in log-lr (diverged
 probes end early, so a rate above the edge costs what the nearest diverged probe cost).
 The wall time is from the first probe's start to the last one's end.
+
+With a second grid folder (the same grid searched another way, e.g. cold with
+``--set frontier.warm_start=false`` against warm), each is costed as above and their edges are
+compared cell by cell: the ratio of the largest stable rates, how many cells agree exactly and
+within one lattice step, and the probes per cell of each.
 """
 
 from __future__ import annotations
@@ -31,16 +36,53 @@ def same(a, b) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if len(argv) != 1:
-        print("usage: python -m benchmarks.frontier_cost GRID_DIR", file=sys.stderr)
-        return 2
-    grid_dir = Path(argv[0])
-    results = load_results(grid_dir)
-    frontier = results.frontier
-    if frontier is None:
-        print(f"{grid_dir} has no frontier.parquet: run `run_ablations.py frontier` first",
+    if len(argv) not in (1, 2):
+        print("usage: python -m benchmarks.frontier_cost GRID_DIR [OTHER_GRID_DIR]",
               file=sys.stderr)
         return 2
+    frames = []
+    for folder in argv:
+        frontier = load_results(Path(folder)).frontier
+        if frontier is None:
+            print(f"{folder} has no frontier.parquet: run `run_ablations.py frontier` first",
+                  file=sys.stderr)
+            return 2
+        if len(argv) == 2:
+            print(f"== {folder}")
+        cost(Path(folder), frontier)
+        frames.append(frontier)
+    if len(frames) == 2:
+        compare(*frames)
+    return 0
+
+
+def compare(a, b) -> None:
+    """The edges of two searches of the same cells, cell by cell."""
+    a, b = a.set_index("cell_id"), b.set_index("cell_id")
+    both = a.index.intersection(b.index)
+    step = math.log(float(a["resolution"].iloc[0]))
+    ratio = (b.loc[both, "max_stable_lr"] / a.loc[both, "max_stable_lr"]).astype(float)
+    steps = np.log(ratio.to_numpy()) / step
+    missing = np.isnan(steps)
+    agree_missing = sum(same(a.loc[c, "max_stable_lr"], b.loc[c, "max_stable_lr"])
+                        for c in both[missing])
+    found = steps[~missing]
+    print(f"== compared: {len(both)} cells in both ({len(a)} and {len(b)})")
+    print(f"probes per cell {a.loc[both, 'n_probes'].mean():.2f} vs "
+          f"{b.loc[both, 'n_probes'].mean():.2f}")
+    if len(found):
+        print(f"max stable lr, second / first: {np.exp(found * step).min():.3g} to "
+              f"{np.exp(found * step).max():.3g}; equal in {int((np.abs(found) < 1e-3).sum())}, "
+              f"within one lattice step in {int((np.abs(found) <= 1 + 1e-3).sum())} of "
+              f"{len(found)} cells with an edge in both")
+    print(f"no stable rate in both: {agree_missing}; in one only: "
+          f"{int(missing.sum()) - agree_missing}")
+    status = (a.loc[both, "status"] != b.loc[both, "status"]).sum()
+    print(f"cells whose search ended otherwise: {int(status)}")
+
+
+def cost(grid_dir: Path, frontier) -> None:
+    results = load_results(grid_dir)
     first = frontier.iloc[0]
     points = lattice(FrontierSettings(first["lr_min"], first["lr_max"], first["resolution"]))
     runs = results.runs.set_index("run_id")
@@ -78,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wall (first probe start to last probe end) {max(ends) - min(starts):.0f} s")
     print("cells by status: " + ", ".join(f"{n} {s}" for s, n in
                                           frontier["status"].value_counts().items()))
-    return 0
+    if "start_lr" in frontier.columns:  # stores from before warm starts and the check lack them
+        warm = int(frontier["start_lr"].notna().sum())
+        checked = int(frontier["check_lr"].notna().sum())
+        flagged = int(sum(v is True or v is np.True_ for v in frontier["non_monotone"]))
+        print(f"warm starts {warm} of {len(frontier)} cells; monotonicity checked in "
+              f"{checked} cells, {flagged} non-monotone")
 
 
 if __name__ == "__main__":

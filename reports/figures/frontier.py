@@ -189,8 +189,11 @@ def plot_frontier_accuracy(frontier: pd.DataFrame) -> Figure:
 
 def frontier_table(frontier: pd.DataFrame) -> pd.DataFrame:
     """One row per setting and batch size: the largest stable lr over seeds (geometric mean
-    and range), accuracy there, probes, and how the searches ended."""
+    and range), accuracy there, probes, and how the searches ended; with the monotonicity
+    check (stores written before it lack the column), the cells found stable again two
+    lattice steps above their edge."""
     frame = with_setting(frontier)
+    checked = "non_monotone" in frame.columns
     rows = []
     for setting in setting_order(frame):
         cells = frame[frame[SETTING] == setting]
@@ -203,11 +206,22 @@ def frontier_table(frontier: pd.DataFrame) -> pd.DataFrame:
                                              if len(lrs) > 1 else "")
             acc = group["final_acc"].dropna()
             statuses = group["status"].value_counts()
-            rows.append({
+            row = {
                 "setting": setting, "batch size": int(batch), "max stable lr": lr_text,
                 "acc there": f"{100 * acc.mean():.1f}%" if len(acc) else "",
                 "probes": int(group["n_probes"].sum()), "cells": len(group),
                 "searches": ", ".join(f"{n} {s.replace('_', ' ')}"
                                       for s, n in statuses.items()),
-            })
+            }
+            if checked:
+                row["non-monotone"] = non_monotone_count(group)
+            rows.append(row)
     return pd.DataFrame(rows)
+
+
+def non_monotone_count(frontier: pd.DataFrame) -> int:
+    """Cells marked non_monotone; a value that is not a plain true (an old or damaged store)
+    does not count."""
+    if "non_monotone" not in frontier.columns:
+        return 0
+    return int(sum(value is True or value is np.True_ for value in frontier["non_monotone"]))
