@@ -471,6 +471,13 @@ def frontier_sections(frontier: pd.DataFrame | None) -> list[Section]:
         except Exception as err:  # one figure failing must not cost the whole report
             line = (f"{type(err).__name__}: {err}".splitlines() or ["error"])[0]
             section.parts.append(f"Figure {name} could not be drawn: {line}")
+    if "non_monotone" in frontier.columns:
+        count = ff.non_monotone_count(frontier)
+        section.parts.append(
+            f"Monotonicity check (one probe two lattice steps above each edge): {count} of "
+            f"{len(frontier)} cells non-monotone (stable again above their edge)"
+            + (": for those the search's assumption fails and the edge is a lower bound." if
+               count else "."))
     section.parts.append(Table(ff.frontier_table(frontier)))
     return [section]
 

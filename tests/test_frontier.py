@@ -717,6 +717,11 @@ def test_a_non_monotone_cell_is_flagged_and_counted_and_the_check_can_be_off(tmp
     table = frontier_table(load_results(folder / "out" / "edge").frontier)
     assert dict(zip(table["batch size"], table["non-monotone"], strict=True)) == {16: 0, 64: 2}
     assert "non-monotone" not in frontier_table(stored.drop(columns="non_monotone")).columns
+    # the report says how many, once
+    from reports.build import frontier_sections
+
+    text = " ".join(str(p) for p in frontier_sections(stored)[0].parts)
+    assert "2 of 4 cells non-monotone (stable again above their edge)" in text
     # off: no check probe, nothing flagged, fewer probes
     (tmp_path / "off").mkdir()
     off, executor_off, _ = search(tmp_path / "off", "check_monotone = false", BumpyOracle())
