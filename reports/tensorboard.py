@@ -74,6 +74,7 @@ from ablations.tracking import (  # noqa: F401 - EVAL_METRIC_COLUMNS, HEAD: part
     as_text,
     run_folder_name,
     run_scalars,
+    write_scalars,
 )
 from sigprop.errors import UserError
 from sigprop.files import writable_dir_error
@@ -207,9 +208,9 @@ def session_end_summary(state: str, end_time: float) -> summary_pb2.Summary:
                             plugin_data_pb2.HParamsPluginData(session_end_info=info))
 
 
-# An event: (wall time, step, a summary proto) for the HParams data, or (wall time, step,
-# [(tag, value), ...]) for scalars.
-Event = tuple[float, int, "summary_pb2.Summary | list[tuple[str, float]]"]
+# An event: (wall time, step, a summary proto) for the HParams data, or (wall time of a step,
+# step, the run's (step, tag, value) scalar rows)
+Event = tuple
 
 
 def _write_events(folder: Path, events: Iterable[Event]) -> None:
@@ -219,8 +220,7 @@ def _write_events(folder: Path, events: Iterable[Event]) -> None:
             if isinstance(content, summary_pb2.Summary):
                 writer.file_writer.add_summary(content, step, wall_time)
             else:
-                for tag, value in content:
-                    writer.add_scalar(tag, value, step, walltime=wall_time)
+                write_scalars(writer, content, wall_time)
     finally:
         writer.close()
 
@@ -261,13 +261,7 @@ def _run_events(run: pd.Series, status: dict, hparams: dict[str, Any], metrics: 
     start_info = summary_v2.hparams_pb({k: v for k, v in hparams.items() if v is not None},
                                        trial_id=str(run["run_id"]), start_time_secs=start)
     yield start, 0, start_info
-    steps = scalars["step"].to_numpy()
-    tags, values = scalars["tag"].to_numpy(), scalars["value"].to_numpy()
-    bounds = np.flatnonzero(np.diff(steps)) + 1
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(steps)]):
-        if hi > lo:
-            step = int(steps[lo])
-            yield clock(step), step, list(zip(tags[lo:hi].tolist(), values[lo:hi].tolist()))
+    yield clock, None, scalars.sort_values("step", kind="stable")
     yield finished_at, last_step, session_end_summary(str(run["status"]), finished_at)
 
 

@@ -354,6 +354,22 @@ def test_mlflow_unreachable_never_fails_the_run(tmp_path, fast_live, monkeypatch
     assert len(live_folders(tmp_path / "out" / "live")) == 1  # TensorBoard still wrote
 
 
+def test_mlflow_server_not_there_is_one_line_before_anything_runs(tmp_path, capsys):
+    pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
+    from run_ablations import main
+
+    uri = f"http://127.0.0.1:{free_port()}"
+    start = time.monotonic()
+    assert main(["run", str(write_spec(tmp_path)), "--out", str(tmp_path / "out"),
+                 "--mlflow", uri]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"sigprop: error: --mlflow {uri}: the tracking "
+                                               "server does not answer")
+    assert not (tmp_path / "out").exists()
+    assert time.monotonic() - start < 30  # no minutes of retries
+
+
+@pytest.mark.slow
 def test_mlflow_local_sqlite_store(tmp_path, fast_live):
     pytest.importorskip("mlflow", reason="the mlflow extra is not installed")
     from mlflow.tracking import MlflowClient
