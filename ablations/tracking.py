@@ -49,6 +49,7 @@ import pandas as pd
 LIVE_DIR = "live"
 LIVE_MARK = "sigprop-live.json"
 LIVE_INTERVAL_S = 2.0  # rows to the trackers at most this often (a clock read per step)
+MAX_SHARE_INV = 100  # an update's cost is at most 1% of the run's time (Trackers._wait_after)
 FLUSH_S = 5  # SummaryWriter's flush interval: how stale a running run's curves may be
 MLFLOW_INTERVAL_S = 10.0  # one batch of HTTP requests this often
 MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch
@@ -145,13 +146,34 @@ def run_scalars(metrics: pd.DataFrame, blocks: pd.DataFrame) -> pd.DataFrame:
     return frame.astype({"step": "int64"}).sort_values("step", kind="stable")
 
 
-def update_metrics(metrics: pd.DataFrame, evals: pd.DataFrame) -> pd.DataFrame:
-    """A live update's metric and evaluation rows as one frame shaped like metrics.parquet
-    (the evaluations' epoch is the metrics' own column there)."""
-    if not len(evals):
-        return metrics
-    evals = evals.drop(columns=[c for c in ("epoch",) if c in evals.columns])
-    return pd.concat([metrics, evals], ignore_index=True) if len(metrics) else evals
+def update_scalars(update: Any) -> dict[int, list[tuple[str, float]]]:
+    """{step: [(tag, value), ...]} of a live update, the tags and values of
+    :func:`run_scalars` (without its frames: a few hundred rows every few seconds cost less
+    in plain loops than pandas' set-up)."""
+    out: dict[int, list[tuple[str, float]]] = {}
+    for frame, skip in ((update.metrics, ("step",)), (update.evals, ("step", "epoch"))):
+        if not len(frame):
+            continue
+        steps = [int(s) for s in frame["step"].tolist()]
+        for column in frame.columns:
+            if column in skip or not pd.api.types.is_numeric_dtype(frame[column]):
+                continue
+            tag = f"{'eval' if column in EVAL_METRIC_COLUMNS else 'train'}/{column}"
+            for step, value in zip(steps, frame[column].tolist()):
+                if value == value:  # NaN: not measured
+                    out.setdefault(step, []).append((tag, float(value)))
+    blocks = update.blocks
+    if len(blocks):
+        params = blocks["param"].tolist() if "param" in blocks.columns else [None] * len(blocks)
+        for step, block, stat, param, value in zip(
+                blocks["step"].tolist(), blocks["block"].tolist(), blocks["stat"].tolist(),
+                params, pd.to_numeric(blocks["value"], errors="coerce").tolist()):
+            if value != value:
+                continue
+            tag = (f"blocks/{block_label(block)}/{stat}" if _missing(param)
+                   else f"params/{param}/{stat}")
+            out.setdefault(int(step), []).append((tag, float(value)))
+    return out
 
 
 def run_hparams(record: dict) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -222,10 +244,13 @@ class LiveTensorBoard(Tracker):
         self.last_step = 0
 
     def write(self, update: Any) -> None:
-        scalars = run_scalars(update_metrics(update.metrics, update.evals), update.blocks)
-        write_scalars(self.writer, scalars)
-        if len(scalars):
-            self.last_step = max(self.last_step, int(scalars["step"].max()))
+        from tensorboard.compat.proto import summary_pb2
+
+        value = summary_pb2.Summary.Value
+        for step, pairs in sorted(update_scalars(update).items()):
+            summary = summary_pb2.Summary(value=[value(tag=t, simple_value=v) for t, v in pairs])
+            self.writer.file_writer.add_summary(summary, step)
+            self.last_step = max(self.last_step, step)
 
     def finish(self, state: str, summary: dict | None) -> None:
         from tensorboard.compat.proto import summary_pb2
@@ -300,15 +325,14 @@ class MlflowTracker(Tracker):
     def write(self, update: Any) -> None:
         from mlflow.entities import Metric
 
-        scalars = run_scalars(update_metrics(update.metrics, update.evals), update.blocks)
         now = int(time.time() * 1000)
-        for step, tag, value in zip(scalars["step"].tolist(), scalars["tag"].tolist(),
-                                    scalars["value"].tolist()):
-            key = _MLFLOW_UNSAFE.sub("_", tag)
-            if step <= self.logged_steps.get(key, -1):
-                continue
-            self.logged_steps[key] = step
-            self.pending.append(Metric(key, value, now, step))
+        for step, pairs in sorted(update_scalars(update).items()):
+            for tag, value in pairs:
+                key = _MLFLOW_UNSAFE.sub("_", tag)
+                if step <= self.logged_steps.get(key, -1):
+                    continue
+                self.logged_steps[key] = step
+                self.pending.append(Metric(key, value, now, step))
         if update.final or time.monotonic() - self.last_sent >= MLFLOW_INTERVAL_S:
             self.send()
 
@@ -367,13 +391,21 @@ class Trackers:
         self.trackers = trackers
         self.problems = list(problems or [])
         self.next_at = time.monotonic() + LIVE_INTERVAL_S
+        self.due_at = self.next_at
 
     def due(self) -> bool:
         now = time.monotonic()
-        if now < self.next_at:
+        if now < self.next_at or not self.trackers:
             return False
-        self.next_at = now + LIVE_INTERVAL_S
+        self.due_at = now
         return True
+
+    def _wait_after(self) -> None:
+        # the cost of an update (the trainer gathering the rows, the writers) since due() said
+        # yes: the next one waits at least MAX_SHARE_INV times as long, so updates never take
+        # more than 1 / MAX_SHARE_INV of the run, however many probe rows a long run gathers
+        now = time.monotonic()
+        self.next_at = now + max(LIVE_INTERVAL_S, MAX_SHARE_INV * (now - self.due_at))
 
     def _each(self, call: str, *args: Any) -> None:
         for tracker in list(self.trackers):
@@ -389,6 +421,7 @@ class Trackers:
 
     def write(self, update: Any) -> None:
         self._each("write", update)
+        self._wait_after()
 
     def finish(self, state: str, summary: dict | None) -> None:
         self._each("finish", state, summary)
