@@ -48,8 +48,8 @@ import pandas as pd
 
 LIVE_DIR = "live"
 LIVE_MARK = "sigprop-live.json"
-LIVE_INTERVAL_S = 2.0  # rows to the trackers at most this often (a clock read per step)
-MAX_SHARE_INV = 100  # an update's cost is at most 1% of the run's time (Trackers._wait_after)
+LIVE_INTERVAL_S = 5.0  # rows to the trackers at most this often (TensorBoard rereads every 5 s)
+MAX_SHARE_INV = 200  # an update costs at most 0.5% of the run's time (Trackers._wait_after)
 FLUSH_S = 5  # SummaryWriter's flush interval: how stale a running run's curves may be
 MLFLOW_INTERVAL_S = 10.0  # one batch of HTTP requests this often
 MLFLOW_BATCH = 1000  # MLflow's limit of metrics per log_batch
@@ -478,6 +478,9 @@ def open_trackers(grid_dir: Path, run_id: str, record: dict, started: float) -> 
         try:
             trackers.append(LiveTensorBoard(grid_dir / LIVE_DIR / name, run_id, axes, params,
                                             started))
+        except ImportError as err:
+            problems.append(f"live tensorboard: {_line(err)}; this run writes no event files "
+                            "(pip install -e \".[tensorboard]\", or --no-live-tensorboard)")
         except Exception as err:  # noqa: BLE001
             problems.append(f"live tensorboard: {_line(err)}; this run writes no event files")
     if uri:

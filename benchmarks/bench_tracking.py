@@ -11,7 +11,7 @@ divided by the untracked run's of the same round.
 
 Variants: ``off`` (no live sink), ``live`` (the default: rows every
 :data:`~ablations.tracking.LIVE_INTERVAL_S` seconds) and ``live, no interval`` (interval 0:
-updates as often as the 1% cost cap lets them, :data:`~ablations.tracking.MAX_SHARE_INV`; an
+updates as often as the cost cap lets them, :data:`~ablations.tracking.MAX_SHARE_INV`; an
 upper bound). "the sink's own time" is the time the training thread spends in the sink's
 calls, as a share of the step.
 

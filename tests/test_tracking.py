@@ -111,9 +111,10 @@ class WatchedExecutor(InlineExecutor):
 
 @pytest.fixture
 def fast_live(monkeypatch):
-    """Rows to the trackers after every step and a flush every second, so a short run shows
-    them mid-way."""
+    """Rows to the trackers after every step (no cost cap) and a flush every second, so a
+    short run shows them mid-way."""
     monkeypatch.setattr(tracking, "LIVE_INTERVAL_S", 0.0)
+    monkeypatch.setattr(tracking, "MAX_SHARE_INV", 0)
     monkeypatch.setattr(tracking, "FLUSH_S", 1)
     monkeypatch.setattr(worker, "PROGRESS_INTERVAL_S", 0.0)
     monkeypatch.delenv(ENV_LIVE, raising=False)
