@@ -166,6 +166,62 @@ def test_event_files_show_the_run_while_it_trains(tmp_path, fast_live):
     assert "tracking_warnings" not in GridStore(grid.parent, "live").status(run_id)
 
 
+class ServerWatcher(Watcher):
+    """Asks a running ``tensorboard`` server, as its dashboard does, for the run's loss."""
+
+    def __init__(self, url: str, at_step: int):
+        super().__init__(Path(), at_step)
+        self.url = url
+
+    def put(self, event: tuple) -> None:
+        import urllib.parse
+        import urllib.request
+
+        _, _, run_id, step, total, _ = event
+        if step != self.at_step or step in self.seen:
+            return
+        deadline, points = time.monotonic() + 30, []
+        while not points and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"{self.url}/data/runs", timeout=5) as answer:
+                    runs = [r for r in json.load(answer) if r.endswith(f"-{run_id}")]
+                if runs:
+                    query = urllib.parse.urlencode({"run": runs[0], "tag": "train/loss"})
+                    with urllib.request.urlopen(f"{self.url}/data/plugin/scalars/scalars?"
+                                                f"{query}", timeout=5) as answer:
+                        points = json.load(answer)
+            except OSError:
+                pass
+            if not points:
+                time.sleep(0.5)
+        self.seen[step] = [int(p[1]) for p in points]
+
+
+@pytest.mark.slow
+def test_a_tensorboard_server_shows_the_running_runs_curves(tmp_path, fast_live):
+    exe = Path(sys.executable).with_name("tensorboard")
+    if not exe.exists():
+        pytest.skip("no tensorboard executable beside this python")
+    grid = tmp_path / "out" / "live"
+    (grid / LIVE_DIR).mkdir(parents=True)
+    port = free_port()
+    log = (tmp_path / "tb.log").open("w")
+    server = subprocess.Popen([str(exe), "--logdir", str(grid / LIVE_DIR), "--host",
+                               "127.0.0.1", "--port", str(port), "--reload_interval", "1"],
+                              stdout=log, stderr=subprocess.STDOUT)
+    try:
+        watcher = ServerWatcher(f"http://127.0.0.1:{port}", at_step=5)
+        outcome = run_grid(load_spec(write_spec(tmp_path, steps=8)), tmp_path / "out",
+                           WatchedExecutor(watcher), stream=io.StringIO())
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()
+    assert outcome.counts == {"completed": 1}
+    # at step 5 of 8 the dashboard's own request already got losses of earlier steps
+    assert watcher.seen[5] and max(watcher.seen[5]) <= 4, (tmp_path / "tb.log").read_text()
+
+
 def test_opting_out_writes_nothing_and_keeps_run_ids(tmp_path, fast_live):
     spec = write_spec(tmp_path / "a", steps=2, lrs="[0.1, 0.2]")
     run_grid(load_spec(spec), tmp_path / "a" / "out", InlineExecutor(), stream=io.StringIO())
