@@ -694,11 +694,11 @@ def check_output(note: str) -> None:
 def tracking(args: argparse.Namespace):
     """The live trackers the workers open (ablations.tracking), set for one grid; --mlflow is
     checked here, before anything runs."""
-    from ablations.tracking import check_mlflow_uri, tracking_environment
+    from ablations.tracking import check_mlflow_uri, live_enabled, tracking_environment
 
     args.mlflow = check_mlflow_uri(getattr(args, "mlflow", None))
-    return tracking_environment(live=not getattr(args, "no_live_tensorboard", False),
-                                mlflow_uri=args.mlflow)
+    live = live_enabled() and not getattr(args, "no_live_tensorboard", False)  # env: default
+    return tracking_environment(live=live, mlflow_uri=args.mlflow)
 
 
 def execute(spec, args: argparse.Namespace):

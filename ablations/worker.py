@@ -178,10 +178,11 @@ def _train_and_store(store: GridStore, run_id: str, status: dict, record: dict, 
             if not post(events, ("step", slot, run_id, step, total, last_loss[0])):
                 events = None
 
-    # live curves (ablations.tracking): never fail the run, their problems go to the status
-    tracking = open_trackers(store.dir, run_id, record, started)
+    tracking: Trackers | None = None
     try:  # from here on an interrupt stores the run as queued again
         post(events, ("step", slot, run_id, 0, 0, None))  # total 0: the run has started
+        # live curves (ablations.tracking): never fail the run, their problems go to the status
+        tracking = open_trackers(store.dir, run_id, record, started)
         config = TrainConfig.from_dict({**record["config"], "device": device})
         try:
             result = train(config, progress=progress, checkpoint_path=checkpoint, resume=True,
