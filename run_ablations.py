@@ -475,6 +475,12 @@ def add_run_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heartbeat", type=float, default=30, metavar="SECONDS",
                    help="without a terminal: a line with step/total and loss per running "
                    "run every SECONDS (0: none)")
+    p.add_argument("--no-live-tensorboard", action="store_true",
+                   help="do not write running runs' curves to OUT/<grid>/live (TensorBoard "
+                   "event files; on by default, changes no run id)")
+    p.add_argument("--mlflow", default=None, metavar="URI",
+                   help="also log every run to MLflow (the mlflow extra): a tracking server "
+                   "http://HOST:PORT, sqlite:///FILE or a folder; one experiment per grid")
     add_reproducibility_options(p)
 
 
@@ -544,7 +550,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 0
     outcome = execute(spec, args)
     if not args.no_report and not outcome.interrupted:
-        write_report(outcome.grid_dir, quiet=verbosity(args) < 0)
+        write_report(outcome.grid_dir, quiet=verbosity(args) < 0, mlflow_uri=args.mlflow)
     return exit_code(outcome)
 
 
@@ -572,16 +578,25 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     spp = write_spp(QUICKSTART_SPP_MODELS, out_dir=outcome.grid_dir / "spp")
     say(args, f"signal propagation at init: {draw_spp(spp['parquet'])}")
     if not args.no_report:
-        write_report(outcome.grid_dir, quiet=verbosity(args) < 0)
+        write_report(outcome.grid_dir, quiet=verbosity(args) < 0, mlflow_uri=args.mlflow)
     return 0
 
 
-def write_report(grid_dir: Path, out: str | None = None, quiet: bool = False) -> None:
+def write_report(grid_dir: Path, out: str | None = None, quiet: bool = False,
+                 mlflow_uri: str | None = None) -> None:
     from reports.build import build_report
 
     paths = build_report(grid_dir, out)
     if not quiet:
         print(f"report: {paths['html']} (markdown: {paths['md']})")
+    if mlflow_uri:
+        from ablations.tracking import log_report
+
+        problem = log_report(mlflow_uri, Path(grid_dir).name, paths)
+        if problem:
+            print(f"warning: {problem}", file=sys.stderr)
+        elif not quiet:
+            print(f"report logged to MLflow ({mlflow_uri}), run 'report'")
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -683,14 +698,25 @@ def check_output(note: str) -> None:
         raise OutputLost(lost, note)
 
 
+def tracking(args: argparse.Namespace):
+    """The live trackers the workers open (ablations.tracking), set for one grid; --mlflow is
+    checked here, before anything runs."""
+    from ablations.tracking import check_mlflow_uri, live_enabled, tracking_environment
+
+    args.mlflow = check_mlflow_uri(getattr(args, "mlflow", None))
+    live = live_enabled() and not getattr(args, "no_live_tensorboard", False)  # env: default
+    return tracking_environment(live=live, mlflow_uri=args.mlflow)
+
+
 def execute(spec, args: argparse.Namespace):
     from ablations.runner import run_grid
 
     executor = make_executor(args)
-    outcome = run_grid(spec, args.out, executor, retry_failed=args.retry_failed,
-                       max_runs=max_runs(args), download=args.download,
-                       verbosity=verbosity(args), heartbeat_s=heartbeat_s(args),
-                       rerun_if_env_differs=args.rerun_if_env_differs)
+    with tracking(args):
+        outcome = run_grid(spec, args.out, executor, retry_failed=args.retry_failed,
+                           max_runs=max_runs(args), download=args.download,
+                           verbosity=verbosity(args), heartbeat_s=heartbeat_s(args),
+                           rerun_if_env_differs=args.rerun_if_env_differs)
     counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
     if outcome.interrupted:
         check_output(f"the grid stopped after {outcome.duration_s:.0f}s "
@@ -730,9 +756,11 @@ def cmd_frontier(args: argparse.Namespace) -> int:
         for line in spec.untested_claims:
             print(f"claim {line}")
         return 0
-    outcome = run_frontier(spec, args.out, make_executor(args), retry_failed=args.retry_failed,
-                           max_runs=max_runs(args), download=args.download,
-                           verbosity=verbosity(args), heartbeat_s=heartbeat_s(args))
+    with tracking(args):
+        outcome = run_frontier(spec, args.out, make_executor(args),
+                               retry_failed=args.retry_failed, max_runs=max_runs(args),
+                               download=args.download, verbosity=verbosity(args),
+                               heartbeat_s=heartbeat_s(args))
     counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
     probes = (f"{outcome.probes_run} probe runs ({outcome.probes_stored} read back from the "
               f"store; a full grid at this resolution: {outcome.full_grid} runs)")
@@ -746,7 +774,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
         f"cells ({counts}; {outcome.non_monotone} non-monotone); {probes}")
     say(args, f"frontier: {outcome.grid_dir / 'frontier.parquet'}")
     if not args.no_report:
-        write_report(outcome.grid_dir, quiet=verbosity(args) < 0)
+        write_report(outcome.grid_dir, quiet=verbosity(args) < 0, mlflow_uri=args.mlflow)
     return 0
 
 

@@ -27,6 +27,7 @@ from ablations.store import (
     set_aside,
     write_json,
 )
+from ablations.tracking import Trackers, open_trackers
 from sigprop.diagnosis import diagnose
 
 PROGRESS_INTERVAL_S = 0.5  # progress events to the runner's console
@@ -177,11 +178,15 @@ def _train_and_store(store: GridStore, run_id: str, status: dict, record: dict, 
             if not post(events, ("step", slot, run_id, step, total, last_loss[0])):
                 events = None
 
+    tracking: Trackers | None = None
     try:  # from here on an interrupt stores the run as queued again
         post(events, ("step", slot, run_id, 0, 0, None))  # total 0: the run has started
+        # live curves (ablations.tracking): never fail the run, their problems go to the status
+        tracking = open_trackers(store.dir, run_id, record, started)
         config = TrainConfig.from_dict({**record["config"], "device": device})
         try:
-            result = train(config, progress=progress, checkpoint_path=checkpoint, resume=True)
+            result = train(config, progress=progress, checkpoint_path=checkpoint, resume=True,
+                           live=tracking)
         except Exception:
             why = checkpoint_damage(checkpoint)
             if why is None:
@@ -190,18 +195,22 @@ def _train_and_store(store: GridStore, run_id: str, status: dict, record: dict, 
             note = (f"checkpoint {checkpoint} was damaged ({why}); kept as {kept.name}, "
                     f"restarted from step 0")
             store.update_status(run_id, restarted=note, earlier_environment=None)
-            result = train(config, progress=progress, checkpoint_path=checkpoint, resume=True)
+            tracking = restart_trackers(tracking, store.dir, run_id, record, started)
+            result = train(config, progress=progress, checkpoint_path=checkpoint, resume=True,
+                           live=tracking)
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the status write finish
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         return _record(store, run_id, {"run_id": run_id, "state": "interrupted"},
-                       store.update_status, state="queued", interrupted_at=time.time())
+                       store.update_status, state="queued", interrupted_at=time.time(),
+                       **finish_trackers(tracking, "interrupted", None))
     except Exception as err:  # a failing run is a result of the grid, not its end
         line = (f"{type(err).__name__}: {err}".strip().splitlines() or ["error"])[0]
         return _record(
             store, run_id, {"run_id": run_id, "state": "failed", "error": line},
             store.update_status, state="failed", error=line, traceback=traceback.format_exc(),
             finished_at=time.time(), duration_s=time.monotonic() - clock,
+            **finish_trackers(tracking, "failed", None),
         )
 
     duration = time.monotonic() - clock
@@ -214,7 +223,28 @@ def _train_and_store(store: GridStore, run_id: str, status: dict, record: dict, 
         store.write_results, metrics, blocks, flight=flight, state=result.status,
         finished_at=time.time(),
         duration_s=duration, summary=summary, warnings=list(getattr(result, "warnings", [])),
+        **finish_trackers(tracking, result.status, summary),
     )
+
+
+def restart_trackers(tracking: Trackers | None, grid_dir, run_id: str, record: dict,
+                     started: float) -> Trackers | None:
+    """Fresh trackers for a run restarted from step 0 (the first attempt's curves go)."""
+    if tracking is None:
+        return None
+    problems = finish_trackers(tracking, "interrupted", None).get("tracking_warnings", [])
+    fresh = open_trackers(grid_dir, run_id, record, started)
+    if fresh is not None:
+        fresh.problems = problems + fresh.problems
+    return fresh
+
+
+def finish_trackers(tracking: Trackers | None, state: str, summary: dict | None) -> dict:
+    """Close the run's trackers; the status fields that say what failed (none if nothing)."""
+    if tracking is None:
+        return {}
+    tracking.finish(state, summary)
+    return {"tracking_warnings": tracking.problems} if tracking.problems else {}
 
 
 def earlier_environment(status: dict, env: dict, resuming: bool) -> dict | None:

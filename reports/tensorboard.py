@@ -2,14 +2,17 @@
 
 Layout of the log dir (``GRID/tensorboard`` unless told otherwise)::
 
-    <out>/events.out.tfevents.*        the HParams experiment: the varied axes (discrete
-                                       domains) and the metrics final_acc, best_acc,
-                                       diverged_step, max_grad_norm
+    <out>/events.out.tfevents.*        the HParams experiment, named after the grid with
+                                       its spec's description: the varied axes and the
+                                       effective lr (discrete domains) and the metrics
+                                       final_acc, best_acc, diverged_step, max_grad_norm
     <out>/<axis=value,...>-<run_id>/   one folder per finished run (completed or diverged):
         events.out.tfevents.*          session start/end info (the run's axis values, status),
                                        train/<column> and eval/<column> from metrics.parquet,
                                        blocks/<block>/<stat> (and params/<param>/<stat>) from
-                                       blocks.parquet, summary/<metric> at the last step
+                                       blocks.parquet (the classifier's group is blocks/head,
+                                       as the report calls it), summary/<metric> at the last
+                                       step
         sigprop-run.json               written last: the run is completely exported
     <out>/sigprop-export.json          which grid this folder exports, and its hparams
 
@@ -26,16 +29,18 @@ None/NaN (``diverged_step`` of a run that did not diverge) is not written, and N
 the stored frames (a step without an evaluation) are skipped. Infinite values (a diverged loss)
 are written as they are.
 
-Events are written with tensorboard's own writer (``EventFileWriter``) and HParams protos
-(``tensorboard.plugins.hparams.summary_v2``), none of which needs TensorFlow.
+Events are written with ``torch.utils.tensorboard.SummaryWriter``; the HParams plugin data
+are summary protos by nature (``tensorboard.plugins.hparams.summary_v2`` for a session's
+start, the plugin's own protos for the experiment's name and description and a session's
+end status, which summary_v2 cannot set); none of this needs TensorFlow. Running runs write
+their own live event files (``GRID/live``, :mod:`ablations.tracking`) with the same folder
+names and tags.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -45,9 +50,10 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from tensorboard.compat.proto import event_pb2, summary_pb2
+import tomllib
+from tensorboard.compat.proto import summary_pb2
 from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2, summary_v2
-from tensorboard.summary.writer.event_file_writer import EventFileWriter
+from torch.utils.tensorboard import SummaryWriter
 
 from ablations.store import (
     FINISHED,
@@ -59,6 +65,16 @@ from ablations.store import (
     read_json,
     read_parquet,
     write_json,
+)
+from ablations.tracking import (  # noqa: F401 - EVAL_METRIC_COLUMNS, HEAD: part of this API
+    EVAL_METRIC_COLUMNS,
+    HEAD,
+    _missing,
+    _plain,
+    as_text,
+    run_folder_name,
+    run_scalars,
+    write_scalars,
 )
 from sigprop.errors import UserError
 from sigprop.files import writable_dir_error
@@ -74,13 +90,9 @@ METRICS = {
     "diverged_step": "step at which the run diverged (blank: it did not)",
     "max_grad_norm": "largest global gradient norm before clipping",
 }
-# Columns of metrics.parquet that only evaluations fill (sigprop.train.EVAL_COLUMNS without
-# step and epoch; kept here so the export does not import the trainer).
-EVAL_METRIC_COLUMNS = ("test_acc", "test_loss", "train_loss")
 # States that may still become results: ``--live`` waits for them.
 WAITING = ("queued", "running", "interrupted")
-_UNSAFE = re.compile(r"[^A-Za-z0-9._=,+-]+")
-_LABEL_CHARS = 120
+LR = "lr"  # the effective peak learning rate: an HParam of every export, varied or not
 
 
 @dataclass(frozen=True)
@@ -100,7 +112,7 @@ class HParamAxis:
             return bool(raw)
         if self.dtype is float:
             return float(raw)
-        return _as_text(raw)
+        return as_text(raw)
 
     def proto(self) -> api_pb2.HParamInfo:
         info = api_pb2.HParamInfo(name=self.name, differs=True)
@@ -134,14 +146,6 @@ class ExportResult:
 # ----------------------------------------------------------------------------- values
 
 
-def _plain(value: Any) -> Any:
-    return value.item() if isinstance(value, np.generic) else value
-
-
-def _missing(value: Any) -> bool:
-    return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
-
-
 def _kind(value: Any) -> type:
     if isinstance(value, bool):
         return bool
@@ -150,23 +154,14 @@ def _kind(value: Any) -> type:
     return str
 
 
-def _as_text(value: Any) -> str:
-    if isinstance(value, (list, tuple)):
-        return json.dumps(list(value), default=str)
-    return value if isinstance(value, str) else str(value)
-
-
-def _label_text(value: Any) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))  # batch_size=256, seed=0: number axes are floats in TensorBoard
-    return _as_text(value)
-
-
-def hparam_axes(runs: pd.DataFrame) -> list[HParamAxis]:
+def hparam_axes(runs: pd.DataFrame, lr: bool = False) -> list[HParamAxis]:
     """The axes the grid varied, each with the values its runs take (all runs, finished or not,
     so the domains stay the same while the grid runs). An axis mixing kinds (numbers and
-    words, lists) becomes a text axis."""
+    words, lists) becomes a text axis. ``lr``: also the effective peak learning rate (last),
+    varied or not, unless the grid varies ``lr`` itself."""
     names = sorted({a for axes in runs.get("axes", pd.Series(dtype=object)) for a in axes})
+    if lr and LR not in names:
+        names.append(LR)
     out = []
     for name in names:
         if name not in runs.columns:
@@ -182,44 +177,6 @@ def hparam_axes(runs: pd.DataFrame) -> list[HParamAxis]:
     return out
 
 
-def run_folder_name(hparams: dict[str, Any], run_id: str) -> str:
-    """``axis=value,...-<run_id>``: readable in TensorBoard's run list (and its regex filter),
-    unique by the run id."""
-    label = ",".join(f"{k}={_label_text(v)}" for k, v in sorted(hparams.items())
-                     if v is not None)
-    label = _UNSAFE.sub("_", label)[:_LABEL_CHARS]
-    return f"{label}-{run_id}" if label else run_id
-
-
-def run_scalars(metrics: pd.DataFrame, blocks: pd.DataFrame) -> pd.DataFrame:
-    """Long frame (step, tag, value) of a run's stored frames: ``train/<column>`` and
-    ``eval/<column>`` from metrics.parquet, ``blocks/<block>/<stat>`` (``params/<param>/<stat>``
-    for per-parameter records) from blocks.parquet. NaN entries (not measured) are left out."""
-    parts = []
-    if len(metrics):
-        columns = [c for c in metrics.columns if c not in ("grid", "run_id", "step")
-                   and pd.api.types.is_numeric_dtype(metrics[c])]
-        long = metrics.melt(id_vars="step", value_vars=columns, var_name="column")
-        prefix = np.where(long["column"].isin(EVAL_METRIC_COLUMNS), "eval/", "train/")
-        parts.append(pd.DataFrame({"step": long["step"], "tag": prefix + long["column"],
-                                   "value": long["value"]}))
-    if len(blocks):
-        tag = "blocks/" + blocks["block"].astype(str) + "/" + blocks["stat"].astype(str)
-        if "param" in blocks.columns:
-            per_param = blocks["param"].notna()
-            tag = tag.where(~per_param, "params/" + blocks["param"].astype(str) + "/"
-                            + blocks["stat"].astype(str))
-        parts.append(pd.DataFrame({"step": blocks["step"], "tag": tag,
-                                   "value": blocks["value"]}))
-    if not parts:
-        return pd.DataFrame({"step": pd.Series(dtype="int64"), "tag": pd.Series(dtype=str),
-                             "value": pd.Series(dtype="float64")})
-    frame = pd.concat(parts, ignore_index=True)
-    frame["value"] = pd.to_numeric(frame["value"], errors="coerce").astype("float64")
-    frame = frame[frame["value"].notna()]
-    return frame.astype({"step": "int64"}).sort_values("step", kind="stable")
-
-
 # ----------------------------------------------------------------------------- protos
 
 
@@ -230,9 +187,10 @@ def _hparams_summary(tag: str, data: plugin_data_pb2.HParamsPluginData) -> summa
     return summary
 
 
-def experiment_summary(axes: list[HParamAxis]) -> summary_pb2.Summary:
+def experiment_summary(axes: list[HParamAxis], name: str = "sigprop grid",
+                       description: str = "") -> summary_pb2.Summary:
     experiment = api_pb2.Experiment(
-        name="sigprop grid",
+        name=name, description=description,
         hparam_infos=[axis.proto() for axis in axes],
         metric_infos=[summary_v2.Metric(f"summary/{name}", display_name=name,
                                         description=text).as_proto()
@@ -250,16 +208,19 @@ def session_end_summary(state: str, end_time: float) -> summary_pb2.Summary:
                             plugin_data_pb2.HParamsPluginData(session_end_info=info))
 
 
-def _scalar_summary(tags: Iterable[str], values: Iterable[float]) -> summary_pb2.Summary:
-    return summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=t, simple_value=v)
-                                      for t, v in zip(tags, values)])
+# An event: (wall time, step, a summary proto) for the HParams data, or (wall time of a step,
+# step, the run's (step, tag, value) scalar rows)
+Event = tuple
 
 
-def _write_events(folder: Path, events: Iterable[event_pb2.Event]) -> None:
-    writer = EventFileWriter(str(folder), max_queue_size=1000)
+def _write_events(folder: Path, events: Iterable[Event]) -> None:
+    writer = SummaryWriter(log_dir=str(folder), max_queue=1000, flush_secs=30)
     try:
-        for event in events:
-            writer.add_event(event)
+        for wall_time, step, content in events:
+            if isinstance(content, summary_pb2.Summary):
+                writer.file_writer.add_summary(content, step, wall_time)
+            else:
+                write_scalars(writer, content, wall_time)
     finally:
         writer.close()
 
@@ -284,7 +245,7 @@ def _step_clock(metrics: pd.DataFrame, start: float) -> Callable[[int], float]:
 
 
 def _run_events(run: pd.Series, status: dict, hparams: dict[str, Any], metrics: pd.DataFrame,
-                blocks: pd.DataFrame) -> Iterable[event_pb2.Event]:
+                blocks: pd.DataFrame) -> Iterable[Event]:
     finished_at = status.get("finished_at") or time.time()
     start = status.get("started_at") or finished_at - (status.get("duration_s") or 0)
     clock = _step_clock(metrics, start)
@@ -299,17 +260,9 @@ def _run_events(run: pd.Series, status: dict, hparams: dict[str, Any], metrics: 
 
     start_info = summary_v2.hparams_pb({k: v for k, v in hparams.items() if v is not None},
                                        trial_id=str(run["run_id"]), start_time_secs=start)
-    yield event_pb2.Event(wall_time=start, step=0, summary=start_info)
-    steps = scalars["step"].to_numpy()
-    tags, values = scalars["tag"].to_numpy(), scalars["value"].to_numpy()
-    bounds = np.flatnonzero(np.diff(steps)) + 1
-    for lo, hi in zip(np.r_[0, bounds], np.r_[bounds, len(steps)]):
-        if hi > lo:
-            step = int(steps[lo])
-            yield event_pb2.Event(wall_time=clock(step), step=step,
-                                  summary=_scalar_summary(tags[lo:hi], values[lo:hi]))
-    yield event_pb2.Event(wall_time=finished_at, step=last_step,
-                          summary=session_end_summary(str(run["status"]), finished_at))
+    yield start, 0, start_info
+    yield clock, None, scalars.sort_values("step", kind="stable")
+    yield finished_at, last_step, session_end_summary(str(run["status"]), finished_at)
 
 
 # ----------------------------------------------------------------------------- the folder
@@ -397,8 +350,10 @@ def export_tensorboard(grid_dir: str | Path, out_dir: str | Path | None = None) 
 
 
 def _export(grid: Path, out: Path, manifest: dict) -> ExportResult:
-    runs = load_results(grid, with_frames=False).runs
-    axes = hparam_axes(runs[runs["status"] != "damaged"]) if len(runs) else []
+    results = load_results(grid, with_frames=False)
+    runs = results.runs
+    axes = hparam_axes(runs[runs["status"] != "damaged"], lr=True) if len(runs) else []
+    name, description = grid_title(grid.name, results.specs.get(grid.name, ""))
     record = _axes_record(axes)
     previous = manifest.get("hparams")
     result = ExportResult(out)
@@ -413,8 +368,7 @@ def _export(grid: Path, out: Path, manifest: dict) -> ExportResult:
     if previous != record or not root_files:
         for path in root_files:
             path.unlink()
-        _write_events(out, [event_pb2.Event(wall_time=time.time(), step=0,
-                                            summary=experiment_summary(axes))])
+        _write_events(out, [(time.time(), 0, experiment_summary(axes, name, description))])
         write_json(out / MANIFEST, {"format": EXPORT_FORMAT, **_where(grid, out),
                                     "hparams": record})
 
@@ -437,7 +391,8 @@ def _export(grid: Path, out: Path, manifest: dict) -> ExportResult:
                 result.left_out["damaged"] = result.left_out.get("damaged", 0) + 1
                 continue
             hparams = {axis.name: axis.value(run.get(axis.name)) for axis in axes}
-            folder = out / run_folder_name(hparams, rid)
+            varied = {k: v for k, v in hparams.items() if k in run.get("axes", ()) or k != LR}
+            folder = out / run_folder_name(varied, rid)  # named as its live folder
             if folder.exists():
                 shutil.rmtree(folder)
             _write_events(folder, _run_events(run, status, hparams, *frames))
@@ -445,6 +400,18 @@ def _export(grid: Path, out: Path, manifest: dict) -> ExportResult:
                                            "exported_at": time.time()})
             result.added.append(folder.name)
     return result
+
+
+def grid_title(grid: str, spec_text: str) -> tuple[str, str]:
+    """The HParams experiment's name (the grid's) and description (its spec's, empty when the
+    stored spec.toml has none or cannot be read: it is untrusted text, only parsed)."""
+    try:
+        spec = tomllib.loads(spec_text) if spec_text else {}
+    except (tomllib.TOMLDecodeError, ValueError):
+        spec = {}
+    name = spec.get("name") if isinstance(spec.get("name"), str) else grid
+    description = spec.get("description")
+    return name or grid, description.strip() if isinstance(description, str) else ""
 
 
 def check_interval(every_s: float) -> float:

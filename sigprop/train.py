@@ -378,6 +378,30 @@ class TrainResult:
 ProgressArg = Callable[[int, int, float | None], object] | None
 
 
+@dataclass
+class LiveUpdate:
+    """What a run produced since the previous update, for a live tracker (:func:`train`'s
+    ``live``): new rows of ``TrainResult.metrics`` (``METRIC_COLUMNS``) and ``evals``
+    (``EVAL_COLUMNS``), and the probe records of the steps not sent before. The first update
+    of a resumed run also carries the rows of the earlier attempt (from the checkpoint)."""
+
+    step: int
+    total_steps: int
+    metrics: pd.DataFrame
+    evals: pd.DataFrame
+    blocks: pd.DataFrame
+    final: bool = False  # the run's last update: its loop has ended
+
+
+class LiveSink(typing.Protocol):
+    """A live tracker: ``due()`` is asked after every step whose statistics are on the host
+    (so it must be cheap, a clock read); when it says yes, ``write(update)`` gets the rows."""
+
+    def due(self) -> bool: ...
+
+    def write(self, update: LiveUpdate) -> object: ...
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -440,7 +464,8 @@ def evaluate(
 class _Run:
     """The state of one training run; :func:`train` drives it."""
 
-    def __init__(self, config: TrainConfig, probe, progress: ProgressArg):
+    def __init__(self, config: TrainConfig, probe, progress: ProgressArg,
+                 live: LiveSink | None = None):
         from sigprop.models import create_model
 
         self.config = config
@@ -451,6 +476,8 @@ class _Run:
         self.channels_last = config.channels_last if config.channels_last is not None else cuda
         self.sync_every = SYNC_EVERY_CUDA if cuda else 1
         self.progress = progress
+        self.live = live
+        self.live_sent = (0, 0, -1)  # metric rows, eval rows, last probe step sent
 
         data = load_dataset(
             config.data, config.data_dir, config.train_size, config.test_size,
@@ -645,6 +672,32 @@ class _Run:
         else:
             self.progress(self.step, self.total_steps, loss)
 
+    def send_live(self, final: bool = False) -> None:
+        """The rows since the last update to the live tracker. Only called with no pending
+        step statistics, so it never waits for the device beyond the probe's one transfer; a
+        tracker that raises is dropped with a warning, the run goes on."""
+        if self.live is None or self.pending:
+            return
+        try:
+            if not (final or self.live.due()):
+                return
+            rows, evals, last_block = self.live_sent
+            blocks = self.blocks()
+            if len(blocks) and "step" in blocks:
+                blocks = blocks[blocks["step"] > last_block]
+                last_block = int(blocks["step"].max()) if len(blocks) else last_block
+            update = LiveUpdate(
+                step=self.step, total_steps=self.total_steps,
+                metrics=pd.DataFrame(self.metric_rows[rows:], columns=METRIC_COLUMNS),
+                evals=pd.DataFrame(self.eval_rows[evals:], columns=EVAL_COLUMNS),
+                blocks=blocks.reset_index(drop=True), final=final,
+            )
+            self.live_sent = (len(self.metric_rows), len(self.eval_rows), last_block)
+            self.live.write(update)
+        except Exception as err:  # noqa: BLE001 - tracking must never fail the run
+            warnings.warn(f"live tracker dropped: {type(err).__name__}: {err}", stacklevel=2)
+            self.live = None
+
     # ------------------------------------------------------------------ checkpoints
     def state(self) -> dict:
         blocks = self.blocks()
@@ -745,6 +798,7 @@ def train(
     checkpoint_path: str | os.PathLike | None = None,
     resume: bool = True,
     stop_after: int | None = None,
+    live: LiveSink | None = None,
 ) -> TrainResult:
     """Train ``config`` (a :class:`TrainConfig` or a dict for :meth:`TrainConfig.from_dict`).
 
@@ -761,6 +815,9 @@ def train(
             finished run returns its stored result at once.
         stop_after: stop (status "stopped", checkpoint saved) once this many steps are done;
             resuming later finishes the run exactly as if it had not stopped.
+        live: a :class:`LiveSink` (a TensorBoard or MLflow writer) that gets the new metric,
+            evaluation and probe rows whenever it says it is due, and once more at the end;
+            one that raises is dropped with a warning.
 
     Divergence ends the run with status "diverged"; it is not raised.
     """
@@ -773,7 +830,7 @@ def train(
     device = resolve_device(config.device)
     devices = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        run = _Run(config, probe, progress)
+        run = _Run(config, probe, progress, live)
         try:
             if path is not None and resume and path.is_file():
                 run.load(torch.load(path, map_location="cpu", weights_only=True), path)
@@ -811,6 +868,8 @@ def _loop(run: _Run, path: Path | None, stop_after: int | None) -> None:
             run.run_eval()
         last_loss = run.metric_rows[-1][2] if not run.pending and run.metric_rows else None
         run.report(last_loss)
+        if run.live is not None:
+            run.send_live()
         if due_ckpt:
             atomic_save(run.state(), path)
     run.flush()
@@ -818,5 +877,6 @@ def _loop(run: _Run, path: Path | None, stop_after: int | None) -> None:
         if run.last_eval_step != run.step:
             run.run_eval()
         run.status = "completed"
+    run.send_live(final=True)
     if path is not None:
         atomic_save(run.state(), path)

@@ -138,7 +138,7 @@ def test_export_round_trips_scalars_and_hparams(grid, tmp_path):
                 assert steps == want_steps, tag
                 np.testing.assert_array_equal(values, want, err_msg=tag)
         for (block, stat), frame in blocks.groupby(["block", "stat"]):
-            tag = f"blocks/{block}/{stat}"
+            tag = f"blocks/{'head' if block == 'other' else block}/{stat}"  # the report's name
             expected_tags.add(tag)
             steps, values = scalars(acc, tag)
             want_steps, want = expected_series(frame)
@@ -164,8 +164,9 @@ def test_export_round_trips_scalars_and_hparams(grid, tmp_path):
         start = metadata.parse_session_start_info_plugin_data(
             content[metadata.SESSION_START_INFO_TAG])
         assert start.group_name == run_id
-        assert set(start.hparams) == {"base_lr", "augment"}
+        assert set(start.hparams) == {"base_lr", "augment", "lr"}
         assert start.hparams["base_lr"].number_value == run["base_lr"]
+        assert start.hparams["lr"].number_value == run["lr"]  # the effective peak lr
         assert start.hparams["augment"].string_value == run["augment"]
         end = metadata.parse_session_end_info_plugin_data(content[metadata.SESSION_END_INFO_TAG])
         assert end.status == (api_pb2.STATUS_SUCCESS if run["status"] == "completed"
@@ -176,7 +177,8 @@ def test_export_round_trips_scalars_and_hparams(grid, tmp_path):
     experiment = metadata.parse_experiment_plugin_data(
         root.PluginTagToContent(metadata.PLUGIN_NAME)[metadata.EXPERIMENT_TAG])
     infos = {info.name: info for info in experiment.hparam_infos}
-    assert set(infos) == {"base_lr", "augment"}
+    assert set(infos) == {"base_lr", "augment", "lr"}
+    assert experiment.name == "tb"
     assert infos["base_lr"].type == api_pb2.DATA_TYPE_FLOAT64
     assert [v.number_value for v in infos["base_lr"].domain_discrete.values] == [0.1, 1e6]
     assert infos["augment"].type == api_pb2.DATA_TYPE_STRING
