@@ -663,9 +663,8 @@ SUMMARY_COLUMNS = [
 ]
 # The summary columns that hold text or true/false (the diagnosis, sigprop.diagnosis); every
 # other one is a number.
-DIAGNOSIS_COLUMNS = DIAGNOSIS_FIELDS
-NON_NUMERIC_SUMMARY_COLUMNS = ("diverged_block", "diverged_first_stat", "diverged_first_kind",
-                               "diverged_clipping_active", "diagnosis")
+NON_NUMERIC_SUMMARY_COLUMNS = tuple(k for k, kinds in SUMMARY_FIELDS.items()
+                                    if not {"number", "integer"} & set(kinds))
 FLIGHT_COLUMNS = ["grid", "run_id", "step", "block", "stage", "index", "stat", "value"]
 
 

@@ -45,12 +45,14 @@ from ablations.store import (
     FINISHED,
     NON_NUMERIC_SUMMARY_COLUMNS,
     SUMMARY_COLUMNS,
+    SUMMARY_FIELDS,
     DamagedFile,
     GridStore,
     load_results,
     read_parquet,
     write_bytes,
 )
+from ablations.store import FLIGHT_COLUMNS as STORE_FLIGHT_COLUMNS
 from reports.figures.accuracy import plot_accuracy_vs_batch
 from reports.figures.alpha import plot_alpha_sweep
 from reports.figures.clipping import plot_agc_clip_fraction
@@ -71,6 +73,7 @@ from reports.figures.gains import GAIN_PREFIX, plot_gains
 from reports.figures.gradients import plot_gradient_heatmap
 from reports.figures.stability import plot_stability_heatmap
 from reports.figures.style import figure_png, fmt_value, is_number, label
+from sigprop.diagnosis import FIELDS as DIAGNOSIS
 from sigprop.diagnosis import RULE
 from sigprop.errors import UserError
 from sigprop.files import writable_dir_error
@@ -1018,10 +1021,9 @@ def final_acc_cell(row: pd.Series) -> str:
 DIAGNOSIS_RULE = ("Diagnosis of a diverged run, from its flight record (every step kept before "
                   f"the divergence; `sigprop.diagnosis`). {RULE}")
 # summary fields of the diagnosis, each with the type a stored value must have to be shown
-DIAGNOSIS_FIELDS = {"diverged_block": str, "diverged_first_step": int,
-                    "diverged_first_stat": str, "diverged_first_kind": str,
-                    "diverged_clipping_active": bool, "diagnosis": str}
-FLIGHT_COLUMNS = ["step", "block", "stage", "index", "stat", "value"]
+DIAGNOSIS_FIELDS = {name: {"string": str, "integer": int, "bool": bool}[SUMMARY_FIELDS[name][0]]
+                    for name in DIAGNOSIS}
+FLIGHT_COLUMNS = [c for c in STORE_FLIGHT_COLUMNS if c not in ("grid", "run_id")]
 TIMELINE_PANELS = 6
 
 
