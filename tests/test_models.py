@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -210,3 +214,25 @@ def test_cli_bad_input_is_one_line_and_exit_2(capsys):
 
 def test_package_exports():
     assert sigprop.create_model is create_model
+
+
+@pytest.mark.parametrize("name", ["nf_resnet26", "nfnet_f0", "bn_resnet26_v2", "bn_resnet26_v1"])
+def test_every_family_lays_out_stages_alike(name):
+    # five stages: the first block of each strided 1, 2, 2, 2, and 2 again past the fourth
+    depths = (1, 2, 1, 1, 2)
+    with torch.device("meta"):
+        model = create_model(name, depths=depths, widths=(8, 16, 32, 32, 64),
+                             **{**TINY, "width_mult": 1.0})
+    strides = [model.get_submodule(b.name).conv1.stride[0] for b in model.blocks()]
+    assert strides == [1, 2, 1, 2, 2, 2, 1]
+    assert [b.transition for b in model.blocks()] == [True, True, False, True, True, True, False]
+    assert [b.stage for b in model.blocks()] == [0, 1, 1, 2, 3, 4, 4]
+
+
+def test_registry_is_complete_when_imported_alone():
+    # the families register on import of sigprop.models, which any submodule import runs first
+    code = ("from sigprop.models.registry import list_models, model_spec; names = list_models(); "
+            "print(len(names), *dict.fromkeys(model_spec(n).family for n in names))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.split() == ["29", "nf_resnet", "bn_resnet", "nfnet"]

@@ -1,4 +1,12 @@
-"""What every sigprop residual network shares: named probe points and the block listing.
+"""What every sigprop residual network shares: the ResNet stage tables, the stage builder with
+the normalizer-free variance bookkeeping, named probe points and the block listing.
+
+The bookkeeping is that of Brock, De, Smith, "Characterizing signal propagation to close the
+performance gap in unnormalized ResNets" (ICLR 2021, arXiv 2101.08692), used unchanged by
+Brock, De, Smith, Simonyan, "High-Performance Large-Scale Image Recognition Without
+Normalization" (arXiv 2102.06171): block i computes h + alpha * f(h * beta_i) with
+beta_i = 1 / sqrt(expected Var(h_i)); the expected variance grows by alpha^2 per block and is
+reset to 1 by a transition block, whose conv shortcut reads h * beta.
 
 A block's output is the block module itself; its residual branch output, before stochastic
 depth, the skip gain and alpha, is the ``branch_out`` identity inside it. Probes hook these by
@@ -9,12 +17,27 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from sigprop.fields import check_field
+
+# Bottleneck ResNet depths by name, as in the NF-ResNet paper and the authors' nf_resnet.py.
+RESNET_DEPTHS: dict[int, tuple[int, ...]] = {
+    26: (2, 2, 2, 2),
+    50: (3, 4, 6, 3),
+    101: (3, 4, 23, 3),
+    152: (3, 8, 36, 3),
+    200: (3, 24, 36, 3),
+    288: (24, 24, 24, 24),
+    600: (50, 50, 50, 50),
+}
+RESNET_WIDTHS = (256, 512, 1024, 2048)
+# Stride of each stage's first block, the last repeated for any stage after the fourth.
+STAGE_STRIDES = (1, 2, 2, 2)
 
 
 @dataclass(frozen=True)
@@ -27,27 +50,59 @@ class BlockInfo:
     expected_var: float | None  # NF bookkeeping (skip gain 1); None for BN / plain nets
 
 
-def expected_variances(depths: list[int], alpha: float, projections: list[bool]) -> list[float]:
-    """Expected Var(h) after every block: +alpha^2 per block, reset to 1 by projections.
+@dataclass(frozen=True)
+class BlockPlan:
+    """What the stage builder tells a block: its shape, and the NF bookkeeping at its place."""
 
-    ``projections[i]`` says whether block i has a conv shortcut acting on h/beta.
-    """
-    out, var = [], 1.0
-    for projected in projections:
-        var = (1.0 if projected else var) + alpha**2
-        out.append(var)
-    assert len(out) == sum(depths)
-    return out
+    in_ch: int
+    out_ch: int
+    stride: int
+    beta: float  # 1 / sqrt(expected Var of the block's input)
+    expected_var: float  # expected Var of the block's output (skip gain 1)
+    stochdepth_rate: float  # the net's rate * index / number of blocks: 0 for the first
+
+
+def build_stages(
+    in_ch: int,
+    widths: Sequence[int],
+    depths: Sequence[int],
+    make_block: Callable[[BlockPlan], nn.Module],
+    alpha: float = 0.0,
+    stochdepth_rate: float = 0.0,
+) -> nn.ModuleList:
+    """``stages``: one Sequential of ``make_block(plan)`` per stage, the first block of each
+    strided by ``STAGE_STRIDES``. A normalized net leaves alpha and the rate at 0 and its blocks
+    ignore the bookkeeping."""
+    num_blocks, index, expected_var = sum(depths), 0, 1.0
+    stages = []
+    for s, (width, depth) in enumerate(zip(widths, depths)):
+        blocks = []
+        for j in range(depth):
+            stride = STAGE_STRIDES[min(s, len(STAGE_STRIDES) - 1)] if j == 0 else 1
+            projected = stride > 1 or in_ch != width
+            # the conv shortcut reads h * beta, whose expected variance is 1
+            out_var = (1.0 if projected else expected_var) + alpha**2
+            plan = BlockPlan(
+                in_ch, width, stride, beta=expected_var**-0.5, expected_var=out_var,
+                stochdepth_rate=stochdepth_rate * index / num_blocks,
+            )
+            blocks.append(make_block(plan))
+            in_ch, expected_var, index = width, out_var, index + 1
+        stages.append(nn.Sequential(*blocks))
+    return nn.ModuleList(stages)
 
 
 class ResidualNet(nn.Module):
     """Mixin for the sigprop families: ``stem`` -> ``stages`` (ModuleList of Sequentials) -> head.
 
-    Subclasses define ``stem``, ``stages``, ``fc``, and ``forward_features`` / ``forward_head``.
+    Subclasses define ``stem``, ``stages`` (see :func:`build_stages`), ``drop``, ``fc`` and
+    ``forward_features``; the head is the same in every family: global mean pool, dropout,
+    linear.
     """
 
     stem: nn.Module
     stages: nn.ModuleList
+    drop: nn.Dropout
     fc: nn.Linear
 
     def blocks(self) -> list[BlockInfo]:
@@ -70,11 +125,11 @@ class ResidualNet(nn.Module):
     def get_classifier(self) -> nn.Linear:
         return self.fc
 
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.drop(x.mean(dim=(2, 3))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
-
-    def config_dict(self) -> dict:
-        return dataclasses.asdict(self.cfg)
 
 
 def check_values(config_cls: type, values: dict) -> dict:

@@ -1,7 +1,13 @@
 """BatchNorm ResNet baseline (the authors' resnet.py): v2 pre-activation by default, v1 option.
 
+v2 is He, Zhang, Ren, Sun, "Identity Mappings in Deep Residual Networks" (ECCV 2016, arXiv
+1603.05027); v1 is their "Deep Residual Learning for Image Recognition" (CVPR 2016, arXiv
+1512.03385). The baseline and its ablations are those of Brock, De, Smith, "Characterizing
+signal propagation to close the performance gap in unnormalized ResNets" (ICLR 2021, arXiv
+2101.08692), "the NF-ResNet paper" below.
+
 ``norm="none"`` removes every normalization layer: the unnormalized ResNet ablation.
-``order`` (v2 only) picks paper A Figure 1's two orderings of the pre-activation branch:
+``order`` (v2 only) picks the NF-ResNet paper's Figure 1 orderings of the pre-activation branch:
 "bn_act_conv" (BN-ReLU-Conv, the authors' v2) or "act_bn_conv" (ReLU-BN-Conv). He init
 (gain sqrt(2)) assumes a ReLU right before the conv; in ReLU-BN-Conv the conv sees BN's
 zero-mean unit-variance output instead, so its convs get the variance-preserving fan-in init
@@ -24,9 +30,16 @@ from sigprop.layers import (
     get_activation,
     he_conv2d,
 )
-from sigprop.models.base import ResidualNet, check_config, scaled
-from sigprop.models.nf_resnet import RESNET_DEPTHS, RESNET_WIDTHS, STAGE_STRIDES
-from sigprop.models.registry import ModelSpec, register
+from sigprop.models.base import (
+    RESNET_DEPTHS,
+    RESNET_WIDTHS,
+    BlockPlan,
+    ResidualNet,
+    build_stages,
+    check_config,
+    scaled,
+)
+from sigprop.models.registry import Variant, register_variants
 
 
 @dataclass
@@ -35,7 +48,7 @@ class BNResNetConfig:
     widths: tuple[int, ...] = RESNET_WIDTHS
     width_mult: float = 1.0
     version: str = "v2"  # "v2": BN-act-conv (pre-activation); "v1": conv-BN-act
-    order: str = "bn_act_conv"  # v2 only: or "act_bn_conv" (ReLU-BN-Conv, paper A Fig. 1)
+    order: str = "bn_act_conv"  # v2 only: or "act_bn_conv" (ReLU-BN-Conv, NF-ResNet paper Fig. 1)
     norm: str = "batch"  # or "none"
     activation: str = "relu"
     use_se: bool = False
@@ -70,8 +83,9 @@ def make_conv(cfg: BNResNetConfig, in_ch: int, out_ch: int, k: int, stride: int 
 
 
 class BNBottleneck(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, stride: int, cfg: BNResNetConfig):
+    def __init__(self, plan: BlockPlan, cfg: BNResNetConfig):
         super().__init__()
+        in_ch, out_ch, stride = plan.in_ch, plan.out_ch, plan.stride
         width = max(1, int(out_ch * cfg.bottleneck_ratio))
         self.preact = cfg.version == "v2"
         self.act_first = cfg.order == "act_bn_conv"
@@ -130,16 +144,8 @@ class BNResNet(ResidualNet):
             layers["pool"] = MaxPool2dPadded(3, 2)
         self.stem = nn.Sequential(layers)
 
-        stages = []
-        for s, (width, depth) in enumerate(zip(widths, cfg.depths)):
-            blocks = []
-            for j in range(depth):
-                stride = STAGE_STRIDES[min(s, 3)] if j == 0 else 1
-                blocks.append(BNBottleneck(ch, width, stride, cfg))
-                ch = width
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
-        self.num_features = ch
+        self.stages = build_stages(ch, widths, cfg.depths, lambda plan: BNBottleneck(plan, cfg))
+        self.num_features = ch = widths[-1]
         if cfg.version == "v2":
             self.final_norm = make_norm(cfg, ch)
             self.final_act = get_activation(cfg.activation, scaled=False)
@@ -157,19 +163,9 @@ class BNResNet(ResidualNet):
             x = stage(x)
         return self.final_act(self.final_norm(x))
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(x.mean(dim=(2, 3))))
 
-
-for _depth, _pattern in RESNET_DEPTHS.items():
-    for _version in ("v2", "v1"):
-        register(
-            ModelSpec(
-                name=f"bn_resnet{_depth}_{_version}",
-                family="bn_resnet",
-                build=BNResNet,
-                config_cls=BNResNetConfig,
-                defaults={"depths": _pattern, "version": _version},
-                resolution="224",
-            )
-        )
+register_variants(
+    "bn_resnet", BNResNet, BNResNetConfig,
+    [Variant(f"bn_resnet{depth}_{version}", {"depths": depths, "version": version})
+     for depth, depths in RESNET_DEPTHS.items() for version in ("v2", "v1")],
+)

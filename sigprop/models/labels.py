@@ -2,7 +2,8 @@
 
 ``nf_resnet26`` with its registry shape is "NF-ResNet-26"; overridden to depths [1, 1, 1, 1] and
 width 0.125 it is no longer a ResNet-26, so it is named by its shape: "NF-ResNet [1,1,1,1]
-x0.125". Names follow the papers: NF-ResNet, NFNet-F0, BN-ResNet v1/v2.
+x0.125". Names follow the papers: NF-ResNet (arXiv 2101.08692), NFNet-F0 (arXiv 2102.06171),
+BN-ResNet v1/v2 (arXiv 1512.03385 / 1603.05027).
 """
 
 from __future__ import annotations

@@ -1,4 +1,8 @@
-"""NF-ResNet (paper A): pre-activation bottleneck ResNet without normalization.
+"""NF-ResNet: pre-activation bottleneck ResNet without normalization.
+
+Brock, De, Smith, "Characterizing signal propagation to close the performance gap in
+unnormalized ResNets" (ICLR 2021, arXiv 2101.08692); the reference is the authors' JAX code
+(deepmind-research, nfnets/nf_resnet.py).
 
 h_{i+1} = h_i + alpha * skip_gain * f_i(h_i / beta_i), beta_i = sqrt(expected Var(h_i)).
 """
@@ -22,20 +26,16 @@ from sigprop.layers import (
     get_activation,
     he_conv2d,
 )
-from sigprop.models.base import ResidualNet, check_config, scaled
-from sigprop.models.registry import ModelSpec, register
-
-RESNET_DEPTHS: dict[int, tuple[int, ...]] = {
-    26: (2, 2, 2, 2),
-    50: (3, 4, 6, 3),
-    101: (3, 4, 23, 3),
-    152: (3, 8, 36, 3),
-    200: (3, 24, 36, 3),
-    288: (24, 24, 24, 24),
-    600: (50, 50, 50, 50),
-}
-RESNET_WIDTHS = (256, 512, 1024, 2048)
-STAGE_STRIDES = (1, 2, 2, 2)
+from sigprop.models.base import (
+    RESNET_DEPTHS,
+    RESNET_WIDTHS,
+    BlockPlan,
+    ResidualNet,
+    build_stages,
+    check_config,
+    scaled,
+)
+from sigprop.models.registry import Variant, register_variants
 
 
 @dataclass
@@ -50,7 +50,7 @@ class NFResNetConfig:
     scale_by_keep: bool = False
     use_se: bool = False
     se_ratio: float = 0.25
-    ws: bool = True  # False: plain He-init convs and plain activation (paper A's control)
+    ws: bool = True  # False: plain He-init convs and plain activation (the paper's control)
     # True: each activation's gamma, and each block's input scale beta, move into the scale of
     # the convs they feed (same maths, two fewer passes over the activations per block); the
     # activations inside the blocks are then the unscaled ones. Off: gamma and beta multiply the
@@ -75,17 +75,9 @@ def make_conv(ws: bool, gamma: float = 1.0):
 
 
 class NFBottleneck(nn.Module):
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        stride: int,
-        beta: float,
-        expected_var: float,
-        cfg: NFResNetConfig,
-        stochdepth_rate: float,
-    ):
+    def __init__(self, plan: BlockPlan, cfg: NFResNetConfig):
         super().__init__()
+        in_ch, out_ch, stride, beta = plan.in_ch, plan.out_ch, plan.stride, plan.beta
         fold = cfg.ws and cfg.fold_gamma
         # every conv of the block reads an activation's output; conv0 and the shortcut conv
         # read the block's input, scaled by beta
@@ -95,7 +87,7 @@ class NFBottleneck(nn.Module):
         width = max(1, int(out_ch * cfg.bottleneck_ratio))
         self.beta, self.alpha = beta, cfg.alpha
         self.input_scale = 1.0 if fold else beta
-        self.expected_var = expected_var
+        self.expected_var = plan.expected_var
         self.act = get_activation(cfg.activation, scaled=cfg.ws and not fold)
         self.conv0 = input_conv(in_ch, width, 1)
         self.conv1 = conv(width, width, 3, stride)
@@ -104,7 +96,7 @@ class NFBottleneck(nn.Module):
         self.conv_shortcut = input_conv(in_ch, out_ch, 1, stride) if projected else None
         self.se = SqueezeExcite(out_ch, out_ch, cfg.se_ratio) if cfg.use_se else None
         self.branch_out = nn.Identity()
-        self.stoch_depth = StochasticDepth(stochdepth_rate, cfg.scale_by_keep)
+        self.stoch_depth = StochasticDepth(plan.stochdepth_rate, cfg.scale_by_keep)
         self.skip_gain = nn.Parameter(torch.tensor(float(cfg.skipinit_gain)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,24 +132,11 @@ class NFResNet(ResidualNet):
         else:
             self.stem = nn.Sequential(OrderedDict(conv=conv(cfg.in_chans, ch, 3, 1)))
 
-        num_blocks, index, expected_var = sum(cfg.depths), 0, 1.0
-        stages = []
-        for s, (width, depth) in enumerate(zip(widths, cfg.depths)):
-            blocks = []
-            for j in range(depth):
-                stride = STAGE_STRIDES[min(s, 3)] if j == 0 else 1
-                projected = stride > 1 or ch != width
-                out_var = (1.0 if projected else expected_var) + cfg.alpha**2
-                blocks.append(
-                    NFBottleneck(
-                        ch, width, stride, beta=expected_var**-0.5, expected_var=out_var, cfg=cfg,
-                        stochdepth_rate=cfg.stochdepth_rate * index / num_blocks,
-                    )
-                )
-                ch, expected_var, index = width, out_var, index + 1
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
-        self.num_features = ch
+        self.stages = build_stages(
+            ch, widths, cfg.depths, lambda plan: NFBottleneck(plan, cfg),
+            alpha=cfg.alpha, stochdepth_rate=cfg.stochdepth_rate,
+        )
+        self.num_features = ch = widths[-1]
         self.final_act = get_activation(cfg.activation, scaled=cfg.ws)
         self.drop = nn.Dropout(cfg.drop_rate)
         self.fc = nn.Linear(ch, cfg.num_classes)
@@ -171,18 +150,8 @@ class NFResNet(ResidualNet):
             x = stage(x)
         return self.final_act(x)
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(x.mean(dim=(2, 3))))
 
-
-for _depth, _pattern in RESNET_DEPTHS.items():
-    register(
-        ModelSpec(
-            name=f"nf_resnet{_depth}",
-            family="nf_resnet",
-            build=NFResNet,
-            config_cls=NFResNetConfig,
-            defaults={"depths": _pattern},
-            resolution="224",
-        )
-    )
+register_variants(
+    "nf_resnet", NFResNet, NFResNetConfig,
+    [Variant(f"nf_resnet{depth}", {"depths": depths}) for depth, depths in RESNET_DEPTHS.items()],
+)

@@ -1,4 +1,9 @@
-"""NFNet F0-F7 (paper B): SE-ResNeXt-D style normalizer-free network with GELU."""
+"""NFNet F0-F7: SE-ResNeXt-D style normalizer-free network with GELU.
+
+Brock, De, Smith, Simonyan, "High-Performance Large-Scale Image Recognition Without
+Normalization" (arXiv 2102.06171); the reference is the authors' JAX code (deepmind-research,
+nfnets/nfnet.py, variants from nfnets/base.py).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +21,8 @@ from sigprop.layers import (
     apply_padding,
     get_activation,
 )
-from sigprop.models.base import ResidualNet, check_config, scaled
-from sigprop.models.registry import ModelSpec, register
+from sigprop.models.base import BlockPlan, ResidualNet, build_stages, check_config, scaled
+from sigprop.models.registry import Variant, register_variants
 
 # The authors' variant table (nfnets/base.py): F_k has k+1 times F0's depths.
 NFNET_VARIANTS: dict[str, dict] = {
@@ -33,7 +38,6 @@ NFNET_VARIANTS: dict[str, dict] = {
     )
 }
 NFNET_WIDTHS = (256, 512, 1536, 1536)
-STAGE_STRIDES = (1, 2, 2, 2)
 
 
 @dataclass
@@ -81,23 +85,14 @@ class NFNetConfig:
 
 
 class NFBlock(nn.Module):
-    def __init__(
-        self,
-        in_ch: int,
-        out_ch: int,
-        stride: int,
-        beta: float,
-        expected_var: float,
-        group_width: int,
-        cfg: NFNetConfig,
-        stochdepth_rate: float,
-    ):
+    def __init__(self, plan: BlockPlan, cfg: NFNetConfig, group_width: int):
         super().__init__()
+        in_ch, out_ch, stride, beta = plan.in_ch, plan.out_ch, plan.stride, plan.beta
         width = max(1, int(out_ch * cfg.bottleneck_ratio))
         groups = max(1, width // group_width)
         width = min(width, group_width) * groups  # round to whole groups, as the authors
         self.beta, self.alpha = beta, cfg.alpha
-        self.expected_var = expected_var
+        self.expected_var = plan.expected_var
         gamma = GAMMA[cfg.activation] if cfg.fold_gamma else 1.0  # every conv reads an act
         # conv0 and the shortcut conv read the block's input, scaled by beta
         input_gamma = gamma * beta if cfg.fold_gamma else 1.0
@@ -120,7 +115,7 @@ class NFBlock(nn.Module):
         )
         self.se = SqueezeExcite(out_ch, out_ch, cfg.se_ratio)
         self.branch_out = nn.Identity()
-        self.stoch_depth = StochasticDepth(stochdepth_rate, cfg.scale_by_keep)
+        self.stoch_depth = StochasticDepth(plan.stochdepth_rate, cfg.scale_by_keep)
         self.skip_gain = nn.Parameter(torch.tensor(float(cfg.skipinit_gain)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -159,24 +154,11 @@ class NFNet(ResidualNet):
             ch = width
         self.stem = nn.Sequential(layers)
 
-        num_blocks, index, expected_var = sum(cfg.depths), 0, 1.0
-        stages = []
-        for s, (width, depth) in enumerate(zip(widths, cfg.depths)):
-            blocks = []
-            for j in range(depth):
-                stride = STAGE_STRIDES[min(s, 3)] if j == 0 else 1
-                projected = stride > 1 or ch != width
-                out_var = (1.0 if projected else expected_var) + cfg.alpha**2
-                blocks.append(
-                    NFBlock(
-                        ch, width, stride, beta=expected_var**-0.5, expected_var=out_var,
-                        group_width=group_width, cfg=cfg,
-                        stochdepth_rate=cfg.stochdepth_rate * index / num_blocks,
-                    )
-                )
-                ch, expected_var, index = width, out_var, index + 1
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
+        self.stages = build_stages(
+            ch, widths, cfg.depths, lambda plan: NFBlock(plan, cfg, group_width),
+            alpha=cfg.alpha, stochdepth_rate=cfg.stochdepth_rate,
+        )
+        ch = widths[-1]
         self.num_features = int(cfg.final_conv_mult * ch)
         self.final_conv = ScaledStdConv2d(ch, self.num_features, 1)
         self.final_act = get_activation(cfg.activation)
@@ -194,18 +176,10 @@ class NFNet(ResidualNet):
             x = stage(x)
         return self.final_act(self.final_conv(x))
 
-    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.drop(x.mean(dim=(2, 3))))
 
-
-for _variant, _table in NFNET_VARIANTS.items():
-    register(
-        ModelSpec(
-            name=f"nfnet_{_variant.lower()}",
-            family="nfnet",
-            build=NFNet,
-            config_cls=NFNetConfig,
-            defaults={"variant": _variant},
-            resolution=f"{_table['train_px']}/{_table['test_px']}",
-        )
-    )
+register_variants(
+    "nfnet", NFNet, NFNetConfig,
+    [Variant(f"nfnet_{variant.lower()}", {"variant": variant},
+             f"{table['train_px']}/{table['test_px']}")
+     for variant, table in NFNET_VARIANTS.items()],
+)

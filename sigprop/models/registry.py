@@ -1,10 +1,17 @@
-"""Named variants of every family, and ``create_model`` that builds one with overrides."""
+"""Named variants of every family, and ``create_model`` that builds one with overrides.
+
+A family module registers its variants on import (:func:`register_variants`, in the manner of
+timm's model registry). ``sigprop/models/__init__.py`` imports every family, and Python runs a
+package's ``__init__`` before any of its submodules can be used, so the registry is complete
+whenever it is read.
+"""
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -27,6 +34,14 @@ class ModelSpec:
     resolution: str = "224"
 
 
+class Variant(NamedTuple):
+    """One named member of a family: its config defaults and its (train/test) resolution."""
+
+    name: str
+    defaults: dict[str, Any]
+    resolution: str = "224"
+
+
 _REGISTRY: dict[str, ModelSpec] = {}
 
 
@@ -34,13 +49,21 @@ def register(spec: ModelSpec) -> None:
     _REGISTRY[spec.name] = spec
 
 
+def register_variants(
+    family: str, build: Callable[..., nn.Module], config_cls: type, variants: Iterable[Variant]
+) -> None:
+    """Register every variant of ``family``, built by ``build(config_cls(**defaults))``; the
+    listing keeps the order of registration."""
+    for variant in variants:
+        register(ModelSpec(variant.name, family, build, config_cls, dict(variant.defaults),
+                           variant.resolution))
+
+
 def list_models(family: str | None = None) -> list[str]:
-    _load_families()
     return [n for n, s in _REGISTRY.items() if family is None or s.family == family]
 
 
 def model_spec(name: str) -> ModelSpec:
-    _load_families()
     if name not in _REGISTRY:
         raise ModelError(f"unknown model {name!r}{did_you_mean(name, _REGISTRY)}; valid models: "
                          f"{', '.join(_REGISTRY)}")
@@ -91,7 +114,3 @@ def count_parameters(model: str | nn.Module, **overrides) -> int:
         built = create_model(model, **overrides)
     return sum(p.numel() for p in built.parameters())
 
-
-def _load_families() -> None:
-    # The family modules register their variants on import.
-    from sigprop.models import bn_resnet, nf_resnet, nfnet  # noqa: F401
