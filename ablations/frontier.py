@@ -20,25 +20,22 @@ rate (status ``unstable_at_lr_min``), one stable at lr_max ends "stable up to lr
 ordinary executors (local worker processes or Ray); ``on_result`` hands each cell's next
 probe back to the executor as the previous one ends.
 
-Warm starts (``[frontier] warm_start``, default true): cells that differ only in seed, then
+Warm starts (``[frontier] warm_start``, default true): cells that differ only in seed, and
 cells that differ in one numeric axis (batch size, threshold), start from what is known instead
-of the lattice's middle (:class:`WarmSearch`). A cell starts at a neighbour's edge moved by the
-median shift that already searched pairs of cells show between the same two values of the axis
-they differ in (an additive model in log-lr; the median over neighbours when several have one).
-Seed siblings come first, and for them no measured pair means no shift: seeds differ by noise,
-but the same seed draws the same initialisation and batch order in every setting, so a shift
-between two seeds can be systematic (on ``frontier_batch``'s measured edges seed 1's lay 0 to 4
-lattice steps above seed 0's, never below; using it cut the oracle's 3.81 probes per cell to
-3.53). Along any other axis, with no such pair yet the cell bisects cold: a neighbour's edge
-alone can lie far off (12 lattice steps across global norm's 8x thresholds), and galloping
-there costs more than bisecting. The search probes the start, then one lattice step above it
-(below, when the start is unstable), and widens (offsets 1, 2, 3, 5, 9, ...) only when that
-does not bracket the edge; once bracketed it bisects as before. Which cells a start reads is
-fixed before anything runs (:func:`warm_plan`, from the cells' order), and a cell starts only
-when those have finished, so the probes a search makes never depend on timing: a rerun or a
-resume after kill -9 walks the same probes and finds them stored. At most as many cells search
-at once as the executor has slots, in the grid's order, so the starting points exist early.
-``warm_start = false``: every cell bisects cold, all at once (the search before warm starts).
+of the lattice's middle (:class:`WarmSearch`): at the median of their neighbours' guesses. A
+seed sibling's guess is its edge (seeds differ by noise); a neighbour along another numeric
+axis guesses its edge moved by the median shift that already searched pairs of cells show
+between the same two values of that axis (an additive model in log-lr). A neighbour with no
+such pair yet is no guess, and a cell with no guess bisects cold: a neighbour's edge alone can
+lie far off (12 lattice steps across global norm's 8x thresholds), and galloping there costs
+more than bisecting. The search probes the start, then one lattice step above it (below, when
+the start is unstable), and widens (offsets 1, 2, 3, 5, 9, ...) only when that does not bracket
+the edge; once bracketed it bisects as before. Which cells a start reads is fixed before
+anything runs (:func:`warm_plan`, from the cells' order), and a cell starts only when those
+have finished, so the probes a search makes never depend on timing: a rerun or a resume after
+kill -9 walks the same probes and finds them stored. At most as many cells search at once as
+the executor has slots, in the grid's order, so the starting points exist early. ``warm_start =
+false``: every cell bisects cold, all at once (the search before warm starts).
 
 Monotonicity check (``check_monotone``, default true): once a cell's edge is bracketed, one
 more probe two lattice steps above the largest stable rate (free when the search already
@@ -187,9 +184,10 @@ class WarmSearch(BisectSearch):
     """A search from a guessed edge index: the guess, then one step above it while stable (or
     below while unstable); if that does not bracket the edge, it widens by single steps up to
     offset 3 and then by doubling steps (offsets 1, 2, 3, 5, 9, ... from the guess) until it
-    does, then bisects the bracket. Why 3: on ``frontier_batch``'s measured edges a third of
-    the warm starts missed by 2 or 3 lattice steps, where single steps bracket in 4 probes and
-    doubling after offset 2 takes 5 (3.36 probes per cell against 3.53).
+    does, then bisects the bracket. Why 3: on ``frontier_batch``'s measured edges over a quarter
+    of the warm starts missed by 2 or 3 lattice steps, which single steps bracket in 4 probes
+    and doubling after offset 2 in 5 (3.42 probes per cell against 3.56 on the issue-25
+    edges, 3.50 against 3.72 on issue 15's; tests/test_frontier.py).
     Bounds as in :class:`BisectSearch`: lr_min and lr_max are probed only when the widening
     reaches them."""
 
@@ -221,11 +219,11 @@ class WarmSearch(BisectSearch):
 
 @dataclass
 class WarmPlan:
-    """What a cell's warm start reads: ``sibling`` (a cell differing only in seed), else
-    ``neighbours`` (cell, key) along a numeric axis, each with the pairs of cells that show
-    the shift between the same two values of ``key``; ``deps`` all of them."""
+    """What a cell's warm start reads: ``neighbours`` (cell, key, pairs), each a cell that
+    differs in one numeric key (a seed sibling, a batch size, a threshold) with the pairs of
+    cells that show the shift between the same two values of ``key`` (none for seed);
+    ``deps`` all of them."""
 
-    sibling: int | None = None
     neighbours: list[tuple[int, str, list[tuple[int, int]]]] = field(default_factory=list)
     deps: set[int] = field(default_factory=set)
 
@@ -256,24 +254,24 @@ def warm_plan(cells: list[Run]) -> list[WarmPlan]:
         plan = WarmPlan()
         earlier = {key: [j for j in buckets[(key, without(i, key))] if j < i
                          and configs[j].get(key) != configs[i].get(key)] for key in keys}
-        if earlier.get("seed"):
-            plan.sibling = earlier["seed"][0]
-        # a seed sibling's edge, moved by the seed's shift, is the start; else the other axes'
-        for key in (["seed"] if plan.sibling is not None else keys):
+        for key in keys:
             if not numeric(configs[i].get(key)):
                 continue
             for j in earlier[key]:
                 if not numeric(configs[j].get(key)):
                     continue
+                if key == "seed":  # a sibling is a start as it is: seeds differ by noise
+                    plan.neighbours.append((j, key, []))
+                    plan.deps.add(j)
+                    continue
                 # pairs (q1, q2) before i, one-key neighbours along key, q1 at j's value
-                # and q2 at i's: their edges' shift is the guess's correction
+                # and q2 at i's: their edges' shift is the guess's correction; without one
+                # the neighbour is no start (FrontierSearch.guess)
                 va, vb = repr(configs[j].get(key)), repr(configs[i].get(key))
                 pairs = [(q1, q2) for values in by_value[key].values()
                          for q1 in values.get(va, ()) if q1 < i
                          for q2 in values.get(vb, ()) if q2 < i]
-                # without a measured shift the cell bisects cold (FrontierSearch.guess), but
-                # for a seed sibling, which differs by noise: no shift is measured as none
-                if pairs or key == "seed":
+                if pairs:
                     plan.neighbours.append((j, key, pairs))
                     plan.deps |= {j} | {q for pair in pairs for q in pair}
         plans.append(plan)
@@ -368,7 +366,10 @@ class FrontierSearch:
         return max(search.lo, 0)
 
     def guess(self, plan: WarmPlan) -> int | None:
-        """Where a cell's warm search starts (module docstring); None: a cold bisection."""
+        """Where a cell's warm search starts (module docstring); None: a cold bisection.
+        A seed sibling with the other axes' guesses, not alone: on frontier_batch's edges the
+        median of both took 3.42 probes per cell against 3.47 for the sibling's edge alone
+        (tests/test_frontier.py, the issue-25 oracle)."""
         # a neighbour's edge with no measured shift is no start: along a threshold it lay 12
         # lattice steps off on frontier_batch's edges, and galloping that far costs more
         # probes than a cold bisection (tests/test_frontier.py, measured shapes)
@@ -379,8 +380,10 @@ class FrontierSearch:
             shifts = [b - a for q1, q2 in pairs
                       if (a := self.edge_index(q1, True)) is not None
                       and (b := self.edge_index(q2, True)) is not None]
-            if shifts or key == "seed":
-                guesses.append(edge + float(np.median(shifts or [0])))
+            if key == "seed":  # seeds differ by noise: no shift
+                guesses.append(float(edge))
+            elif shifts:
+                guesses.append(edge + float(np.median(shifts)))
         return int(round(float(np.median(guesses)))) if guesses else None
 
     def check_index(self, cell: Cell) -> int | None:
