@@ -49,7 +49,7 @@ COORD_STATS = ("l1", "rms")
 # One row per (model, width, step, block) after averaging over seeds.
 COORD_COLUMNS = [
     "model", "width", "width_mult", "step", "block", "stage", "depth_index", "l1", "l1_std",
-    "rms", "rms_std", "seeds", "lr", "data",
+    "rms", "rms_std", "seeds", "lr", "data", "batch",
 ]
 SEED_COLUMNS = [
     "model", "width", "width_mult", "seed", "step", "block", "stage", "depth_index", "l1", "rms",
@@ -260,17 +260,18 @@ def coord_data(
                          "seed": "int64"})
 
 
-def summarize_coords(frame: pd.DataFrame, lr: float | None = None,
-                     data: str | None = None) -> pd.DataFrame:
+def summarize_coords(frame: pd.DataFrame, lr: float | None = None, data: str | None = None,
+                     batch: Sequence[int] | None = None) -> pd.DataFrame:
     """Mean and standard deviation (ddof 1; NaN for one seed) over seeds: one row per (model,
-    width, step, block), columns ``COORD_COLUMNS`` (``lr`` and ``data`` name the run, as mup's
-    frame names its optimizer and lr)."""
+    width, step, block), columns ``COORD_COLUMNS`` (``lr``, ``data`` and ``batch``, the input
+    shape as "32x3x8x8", name the run, as mup's frame names its optimizer and lr)."""
     keys = ["model", "width", "width_mult", "step", "block", "stage", "depth_index"]
     grouped = frame.groupby(keys, sort=False)
     out = grouped.agg(l1=("l1", "mean"), l1_std=("l1", "std"), rms=("rms", "mean"),
                       rms_std=("rms", "std"), seeds=("seed", "nunique")).reset_index()
     out["lr"] = math.nan if lr is None else float(lr)
     out["data"] = data if data is not None else "given batch"
+    out["batch"] = "" if batch is None else "x".join(map(str, batch))
     out = out.sort_values(["model", "width", "step", "depth_index"], kind="stable")
     return out.reset_index(drop=True)[COORD_COLUMNS]
 
@@ -289,7 +290,7 @@ def coord_check(
     """:func:`coord_data` averaged over seeds (:func:`summarize_coords`): one row per
     (width, step, point). ``data`` only names the batch in the frame."""
     raw = coord_data(models, batch, steps=steps, lr=lr, seeds=seeds, label=label, **kwargs)
-    return summarize_coords(raw, lr=lr, data=data)
+    return summarize_coords(raw, lr=lr, data=data, batch=tuple(batch[0].shape))
 
 
 def family_overrides(name: str, num_classes: int, overrides: dict | None = None) -> dict:
@@ -319,13 +320,14 @@ def coord_check_models(
     per_seed: bool = False,
     progress: Callable[[str], None] | None = None,
     before_run: Callable[[], None] | None = None,
+    batch_shape: Callable[[tuple[int, ...]], None] | None = None,
 ) -> pd.DataFrame:
     """Coordinate check of registered models at each ``width_mult``: the frame of
     :func:`coord_check` for every name, concatenated (``per_seed``: :func:`coord_data`'s).
 
     Every name, override, width and the data are checked before any model trains; then
-    ``before_run`` is called (the writer checks its folder there). ``progress`` is called with
-    one line per model and width done.
+    ``before_run`` is called (the writer checks its folder there) and ``batch_shape`` with the
+    input's shape. ``progress`` is called with one line per model and width done.
     """
     from sigprop.models import create_model, resolve_config
     from sigprop.models.base import scaled
@@ -355,6 +357,8 @@ def coord_check_models(
     x, y, _ = coord_batch(data, batch_size, image_size, seed=0, data_dir=data_dir)
     if before_run is not None:
         before_run()
+    if batch_shape is not None:
+        batch_shape(tuple(x.shape))
     frames = []
     for name in names:
         for mult in mults:
@@ -366,7 +370,8 @@ def coord_check_models(
                 (x, y), steps=steps, lr=lr, seeds=seed_list, label=name,
                 width_mults=[mult], device=device,
             )
-            frames.append(raw if per_seed else summarize_coords(raw, lr=lr, data=data))
+            frames.append(raw if per_seed else summarize_coords(raw, lr=lr, data=data,
+                                                                batch=tuple(x.shape)))
             if progress is not None:
                 progress(f"{name} width_mult={mult:g} done")
     return pd.concat(frames, ignore_index=True)
@@ -399,10 +404,11 @@ def write_coord_check(
             warn(f"overwriting the coordinate check in {folder} ({', '.join(stored)}); "
                  "--out DIR keeps it")
 
-    raw = coord_check_models(**kwargs, before_run=check_folder)
+    shapes: list[tuple[int, ...]] = []
+    raw = coord_check_models(**kwargs, before_run=check_folder, batch_shape=shapes.append)
     summary = pd.concat(
         [summarize_coords(part, lr=kwargs.get("lr", DEFAULT_LR),
-                          data=kwargs.get("data", DEFAULT_DATA))
+                          data=kwargs.get("data", DEFAULT_DATA), batch=shapes[0])
          for _, part in raw.groupby("model", sort=False)], ignore_index=True)
     paths = {"parquet": folder / "coord.parquet", "csv": folder / "coord.csv",
              "seeds": folder / "coord_seeds.csv"}

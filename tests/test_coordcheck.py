@@ -50,6 +50,7 @@ def test_frame_schema_and_one_row_per_model_width_step_and_block():
                                                           "depth_index"] == -1).all()
     assert (frame["seeds"] == 1).all() and frame["l1_std"].isna().all()
     assert (frame["data"] == "digits").all() and (frame["lr"] == coordcheck.DEFAULT_LR).all()
+    assert (frame["batch"] == "8x3x8x8").all()  # digits at their native 8 px
     assert (frame[["l1", "rms"]] > 0).all().all() or (
         frame.loc[frame["l1"] == 0, "block"] == "head").all()  # BN's zero-init classifier
 

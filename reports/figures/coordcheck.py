@@ -94,7 +94,7 @@ def plot_coord_data(
             ax.set_xticklabels([fmt_value(w) for w in widths])
             ax.set_title(_step_title(int(step)) if row == 0 else "", fontsize="medium")
             if row == len(names) - 1:
-                ax.set_xlabel("width (channels of stage 1, log₂)" if x == "width" else x)
+                ax.set_xlabel("width (stage-0 channels, log₂)" if x == "width" else x)
             if col == 0:
                 ax.set_ylabel(f"{pretty_model(name)}\n{STAT_NAMES.get(y, y)}")
             ax.grid(alpha=0.3, lw=0.5)
@@ -123,9 +123,11 @@ def _default_title(frame: pd.DataFrame, y: str) -> str:
     if "lr" in frame and frame["lr"].notna().any():
         parts.append(f"plain SGD lr={fmt_value(float(frame['lr'].iloc[0]))}")
     if "data" in frame:
-        parts.append(f"one fixed {frame['data'].iloc[0]} batch")
+        shape = frame["batch"].iloc[0] if "batch" in frame else ""
+        parts.append(f"one fixed {frame['data'].iloc[0]} batch" + (f" ({shape})" if shape
+                                                                   else ""))
     seeds = int(frame["seeds"].max()) if "seeds" in frame else (
         frame["seed"].nunique() if "seed" in frame else 1)
     if not math.isnan(seeds):
-        parts.append(f"mean of {seeds} seed{'s' if seeds > 1 else ''} (init)")
+        parts.append(f"mean over {seeds} init seed{'s' if seeds > 1 else ''}")
     return ", ".join(parts)
