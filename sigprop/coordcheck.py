@@ -341,6 +341,9 @@ def coord_check_models(
         raise UserError(f"model(s) listed twice: {', '.join(repeated)}")
     mults = check_widths(width_mults, "width multipliers")
     check_overrides(names, overrides)  # unknown names and options, before any work
+    if "width_mult" in (overrides or {}):
+        raise UserError("width_mult is what the check varies: give the multipliers as widths "
+                        "(--widths), not as an override")
     seed_list = check_settings(steps, lr, seeds)
     from sigprop.data import dataset_info
 

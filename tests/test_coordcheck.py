@@ -153,6 +153,9 @@ def test_family_defaults_cifar_stem_data_classes_and_skip_gain_one():
     ({"steps": 0}, "steps must be an integer >= 1"),
     ({"lr": float("nan")}, "lr must be a finite number"),
     ({"overrides": {"alhpa": 0.2}}, "unknown option(s) alhpa"),
+    ({"overrides": {"width_mult": 2.0}}, "width_mult is what the check varies"),
+    ({"data": "digitz"}, "unknown data set 'digitz'"),
+    ({"batch_size": 1}, "batch size must be an integer >= 2"),
 ])
 def test_bad_input_is_a_user_error_before_any_work(kwargs, message, monkeypatch):
     ran = []
@@ -226,3 +229,17 @@ def test_plot_has_one_panel_per_step_and_model_and_log_axes():
                                                     "head (logits)"]
     # BN-ResNet's classifier starts at zero: its head is not drawn at init, and said so
     assert "BN-ResNet-26 v2 head at step 0" in fig._supxlabel.get_text()
+
+
+def test_plot_of_a_diverged_run_leaves_out_what_is_not_finite_and_says_so():
+    x, y = tiny_batch()
+    frame = coord_check([(8, tiny_nf(0.5)), (16, tiny_nf(1.0))], (x, y), steps=2, seeds=1,
+                        label="nf_resnet26")
+    late = frame["step"] == 1
+    frame.loc[late & (frame["width"] == 16), "l1"] = float("inf")
+    frame.loc[late & (frame["width"] == 8) & (frame["block"] == "head"), "l1"] = float("nan")
+    fig = plot_coord_data(frame)
+    low, high = fig.axes[0].get_ylim()
+    assert 0 < low < high < float("inf")
+    caption = fig._supxlabel.get_text()
+    assert "not finite: the run diverged" in caption and "NF-ResNet-26 head at step 1" in caption

@@ -68,22 +68,27 @@ def plot_coord_data(
     fig = Figure(figsize=(3.3 * len(step_list) + 2.6, 2.9 * len(names) + 0.9),
                  layout="constrained")
     axes = fig.subplots(len(names), len(step_list), squeeze=False, sharey="row")
-    left_out: list[str] = []
+    left_out: dict[str, list[str]] = {"zero": [], "not finite": []}
     for row, name in enumerate(names):
         sub = data[data["model"] == name]
         points = sub.drop_duplicates("block")[["block", "depth_index"]]
         colours = _block_colours(points)
         order = points.sort_values("depth_index")["block"].tolist()
-        positive = sub.loc[sub[y] > 0, y].to_numpy(dtype=float)
+        values = sub[y].to_numpy(dtype=float)
+        positive = values[np.isfinite(values) & (values > 0)]
         for col, step in enumerate(step_list):
             ax = axes[row, col]
             rows = sub[sub["step"] == step]
             for block in order:
                 line = rows[rows["block"] == block].sort_values(x)
                 values = line[y].to_numpy(dtype=float)
-                shown = np.where(values > 0, values, np.nan)
-                if np.isnan(shown).any():
-                    left_out.append(f"{pretty_model(name)} {block} at step {step}")
+                finite = np.isfinite(values)
+                shown = np.where(finite & (values > 0), values, np.nan)
+                where = f"{pretty_model(name)} {block} at step {step}"
+                if (finite & (values <= 0)).any():
+                    left_out["zero"].append(where)
+                if not finite.all():
+                    left_out["not finite"].append(where)
                 head = block == "head"
                 ax.plot(line[x].to_numpy(dtype=float), shown, color=colours[block],
                         lw=1.8 if head else 1.4, ls="--" if head else "-", marker="o", ms=3.5,
@@ -112,9 +117,16 @@ def plot_coord_data(
         title = _default_title(frame, y)
     if title:
         fig.suptitle(title)
-    if left_out:
-        text = "Not drawn (value 0, not on a log axis): " + "; ".join(left_out) + "."
-        fig.supxlabel(textwrap.fill(text, CAPTION_CHARS), fontsize="small", ha="left", x=0.01)
+    notes = []
+    if left_out["zero"]:
+        notes.append("Not drawn (value 0, not on a log axis): " + "; ".join(left_out["zero"]))
+    if left_out["not finite"]:
+        notes.append("Not drawn (not finite: the run diverged): "
+                     + "; ".join(left_out["not finite"]))
+    if notes:
+        text = "\n".join(textwrap.fill(note + ".", CAPTION_CHARS, break_on_hyphens=False)
+                         for note in notes)
+        fig.supxlabel(text, fontsize="small", ha="left", x=0.01)
     return fig
 
 
