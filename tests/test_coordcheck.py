@@ -243,3 +243,16 @@ def test_plot_of_a_diverged_run_leaves_out_what_is_not_finite_and_says_so():
     assert 0 < low < high < float("inf")
     caption = fig._supxlabel.get_text()
     assert "not finite: the run diverged" in caption and "NF-ResNet-26 head at step 1" in caption
+
+
+def test_mup_comparison_skips_in_one_line_without_mup(monkeypatch, capsys):
+    import importlib.util
+
+    from benchmarks import coordcheck_mup
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "mup" else real(name, *a))
+    assert coordcheck_mup.main([]) is None
+    out = capsys.readouterr().out
+    assert out == "coordcheck_mup: skipped, mup is not installed (pip install mup)\n"
