@@ -218,6 +218,7 @@ VERBOSE_HELP = {
     "quickstart": "more detail: every run's start and end line also on a terminal",
     "frontier": "more detail: every probe run's start and end line",
     "export": "more detail: every run folder written",
+    "coord-check": "more detail: a line per model and width done",
 }
 
 
@@ -246,6 +247,11 @@ examples:
   sigprop spp --model nf_resnet50 --model nf_resnet50:ws=False --model bn_resnet50_v2
   sigprop spp --model nf_resnet50 --model nfnet_f0 --input synthetic --seeds 2
   sigprop spp --preset paper-a-fig1 --out runs/spp_fig1""",
+    "coord-check": """\
+examples:
+  sigprop coord-check
+  sigprop coord-check --models nf_resnet26 --set ws=False --steps 4
+  sigprop coord-check --widths 0.125,0.25,0.5,1 --lr 0.05 --seeds 3 --out runs/coord_wide""",
     "run": """\
 examples:
   sigprop run quickstart --dry-run
@@ -389,6 +395,101 @@ def draw_spp(parquet: Path, caption: str | None = None) -> Path:
     plot_spp(pd.read_parquet(parquet), caption=caption).savefig(png, dpi=120,
                                                                bbox_inches="tight")
     return png
+
+
+def parse_numbers(text: str, flag: str) -> list[float]:
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise UserError(f"{flag} wants comma-separated numbers, got {text!r}") from None
+
+
+def cmd_coord_check(args: argparse.Namespace) -> int:
+    import time
+
+    from sigprop.coordcheck import write_coord_check
+
+    given = {}
+    if args.models is not None:
+        names = [text.strip() for text in args.models.split(",") if text.strip()]
+        if any(":" in name for name in names):
+            raise UserError("--models takes names only; give options with --set KEY=VALUE")
+        given["names"] = names
+    if args.widths is not None:
+        given["width_mults"] = parse_numbers(args.widths, "--widths")
+    for key in ("data", "batch_size", "image_size", "steps", "lr", "seeds"):
+        if getattr(args, key) is not None:
+            given[key] = getattr(args, key)
+    start = time.perf_counter()
+    paths = write_coord_check(
+        out_dir=args.out,
+        warn=lambda line: print(f"sigprop: warning: {line}", file=sys.stderr),
+        overrides=parse_overrides(args.set),
+        device=args.device,
+        data_dir=args.data_dir,
+        progress=(lambda line: print(line)) if verbosity(args) > 0 else None,
+        **given,
+    )
+    paths["png"] = draw_coord_check(paths["parquet"])
+    for kind, path in paths.items():
+        say(args, f"{kind:<8} {path}")
+    say(args, f"took {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+def draw_coord_check(parquet: Path) -> Path:
+    """``coord.png`` beside the measured frame (the library measures, the report layer
+    draws)."""
+    import pandas as pd
+
+    from reports.figures.coordcheck import plot_coord_data
+
+    png = parquet.with_suffix(".png")
+    plot_coord_data(pd.read_parquet(parquet)).savefig(png, dpi=110, bbox_inches="tight",
+                                                      facecolor="white")
+    return png
+
+
+def add_coord_check_command(sub: argparse._SubParsersAction) -> None:
+    # The defaults are sigprop.coordcheck's (an option not given is not passed); the help
+    # states them without importing it, so --help stays instant (tests/test_coordcheck.py
+    # checks the two agree).
+    p = add_command(
+        sub, "coord-check",
+        help="mup's coordinate check: block activation size against width over the first "
+        "training steps (frame as parquet + csv, plot as png)",
+        description="Train each model at several width multipliers for a few plain-SGD steps "
+        "on one fixed batch and record, per block, the mean absolute value (mup's l1) and the "
+        "RMS of its output on every forward (step 0 = init). NF models get skipinit_gain=1.0 "
+        "unless --set says otherwise; every model gets the CIFAR stem and the data set's "
+        "class count. Stochastic depth and dropout are off; batch norm uses batch statistics.",
+    )
+    p.add_argument("--models", default=None, metavar="NAME[,NAME...]",
+                   help="registered model names, see sigprop models (default: "
+                   "nf_resnet26,bn_resnet26_v2)")
+    p.add_argument("--widths", default=None, metavar="MULT[,MULT...]",
+                   help="width multipliers, width_mult (default: 0.0625,0.125,0.25,0.5)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="recorded forwards, the first at init, with one update between two "
+                   "(default: 3)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="plain SGD learning rate, no momentum (default: 0.1)")
+    p.add_argument("--seeds", type=int, default=None,
+                   help="inits averaged per width, mup's nseeds (default: 2)")
+    p.add_argument("--data", default=None, metavar="NAME",
+                   help="data set of the fixed batch: digits, synthetic, cifar10 or cifar100 "
+                   "(default: digits)")
+    p.add_argument("--batch-size", type=int, default=None, help="batch size (default: 32)")
+    p.add_argument("--image-size", type=int, default=None, metavar="PX",
+                   help="image side (default: the set's native size, 8 px for digits)")
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="data set directory (default $SIGPROP_DATA or ~/.cache/sigprop/data)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="model option override for the models that have it, e.g. alpha=0.4")
+    p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
+    p.add_argument("--out", default=f"{DEFAULT_OUT}/coord_check", metavar="DIR",
+                   help="output directory")
+    p.set_defaults(func=cmd_coord_check)
 
 
 def add_grid_commands(sub: argparse._SubParsersAction) -> None:
@@ -893,6 +994,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output directory")
     p.set_defaults(func=cmd_spp)
 
+    add_coord_check_command(sub)
     add_grid_commands(sub)
 
     p = add_command(sub, "export", help="export a grid to TensorBoard (scalars + HParams)")

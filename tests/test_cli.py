@@ -11,7 +11,8 @@ import tomllib
 from run_ablations import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["models", "spp", "run", "frontier", "status", "report", "quickstart", "export"]
+COMMANDS = ["models", "spp", "coord-check", "run", "frontier", "status", "report", "quickstart",
+            "export"]
 
 
 def test_help_and_version_import_neither_torch_nor_pandas():
@@ -60,7 +61,8 @@ def test_every_command_help_shows_defaults_choices_and_examples(command, capsys)
     assert "``" not in text
     assert "-q, --quiet" in text
     # -v only where it adds something, and it says what
-    assert ("-v, --verbose" in text) == (command in ("run", "quickstart", "frontier", "export"))
+    assert ("-v, --verbose" in text) == (command in ("run", "quickstart", "frontier", "export",
+                                                     "coord-check"))
     if command in ("run", "quickstart"):
         assert "--executor {local,ray}" in text
         workers = "2" if command == "quickstart" else "1"
@@ -82,6 +84,7 @@ def test_one_output_root_for_every_command():
         "run": parser.parse_args(["run", "quickstart"]).out,
         "quickstart": parser.parse_args(["quickstart"]).out,
         "spp": parser.parse_args(["spp", "--model", "nf_resnet26"]).out,
+        "coord-check": parser.parse_args(["coord-check"]).out,
     }
     assert {Path(out).parts[0] for out in outs.values()} == {"runs"}
 

@@ -3,6 +3,7 @@
     style       labels, names of settings, palettes, axes helpers, the figure style
     frames      derived columns, varied axes, seed summaries, which runs a panel shows
     spp         plot_spp: signal propagation at init (paper A, Figure 1 style)
+    coordcheck  plot_coord_data: mup's coordinate check, activation size against width
     stability   plot_stability_heatmap: clipping threshold x batch size
     accuracy    plot_accuracy_vs_batch: accuracy against batch size or another setting
     curves      plot_training_curves: loss and test accuracy over steps
@@ -14,14 +15,16 @@
     forensics   plot_divergence_timeline: what happened before each divergence
 
 The grid figures read only the frames of ``ablations.store.load_results``; ``plot_spp`` reads
-the frame of ``sigprop.spp``. ``from reports.figures import plot_spp`` works for every plot
-function above; each loads its own module on first use, so importing one figure does not
-import the others (nor matplotlib before a figure is asked for).
+the frame of ``sigprop.spp``, ``plot_coord_data`` that of ``sigprop.coordcheck``. ``from
+reports.figures import plot_spp`` works for every plot function above; each loads its own
+module on first use, so importing one figure does not import the others (nor matplotlib
+before a figure is asked for).
 """
 
 # Public name -> the module (under reports.figures) that defines it.
 _EXPORTS = {
     "plot_spp": "spp",
+    "plot_coord_data": "coordcheck",
     "plot_stability_heatmap": "stability",
     "plot_accuracy_vs_batch": "accuracy",
     "plot_training_curves": "curves",
