@@ -1,0 +1,169 @@
+"""What the report reads from a grid's store, checked: the runs frame with wrongly typed rows
+turned into damaged ones, the run statuses, the stored spec, the diagnosis columns, the
+diverged runs' flight records and the frontier. A store is untrusted input: nothing here
+raises on what it holds; what cannot be read is left out and said."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tomllib
+
+from ablations.store import (
+    DAMAGED,
+    NON_NUMERIC_SUMMARY_COLUMNS,
+    SUMMARY_COLUMNS,
+    SUMMARY_FIELDS,
+    DamagedFile,
+    GridStore,
+    read_frontier,
+    read_parquet,
+)
+from ablations.store import FLIGHT_COLUMNS as STORE_FLIGHT_COLUMNS
+from sigprop.diagnosis import FIELDS as DIAGNOSIS
+
+# summary fields of the diagnosis, each with the type a stored value must have to be shown
+DIAGNOSIS_FIELDS = {name: {"string": str, "integer": int, "bool": bool}[SUMMARY_FIELDS[name][0]]
+                    for name in DIAGNOSIS}
+FLIGHT_COLUMNS = [c for c in STORE_FLIGHT_COLUMNS if c not in ("grid", "run_id")]
+
+
+def typed_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """``runs`` with every run whose stored fields hold valid JSON of the wrong type (a list
+    where a state or a number belongs) turned into a damaged row, as the store turns a file it
+    cannot parse into one: the report neither guesses at such a run's numbers nor trips on
+    them."""
+    problems = {}
+    for index, row in runs.iterrows():
+        if row.get("status") != DAMAGED:
+            why = wrong_type(row)
+            if why:
+                problems[index] = why
+    if not problems:
+        return runs
+    damaged = pd.DataFrame([{"grid": runs.at[i, "grid"], "run_id": runs.at[i, "run_id"],
+                             "status": DAMAGED, "axes": (), "error": f"status.json: {why}"}
+                            for i, why in problems.items()])
+    return pd.concat([runs.drop(index=list(problems)), damaged], ignore_index=True)
+
+
+def wrong_type(row: pd.Series) -> str | None:
+    """What in a run's row has the wrong type for the report to read it; None when nothing."""
+    def kind(value: Any) -> str:
+        return {"list": "an array", "dict": "an object", "str": "text", "bool": "a boolean",
+                "tuple": "an array"}.get(type(value).__name__, type(value).__name__)
+
+    if not isinstance(row.get("status"), str):
+        return f"state is {kind(row.get('status'))}, not text"
+    for column in SUMMARY_COLUMNS:
+        value = row.get(column)
+        if value is None or (isinstance(value, float) and np.isnan(value)):
+            continue
+        if column in NON_NUMERIC_SUMMARY_COLUMNS:  # the diagnosis: text, or a flag
+            if not isinstance(value, str | bool | np.bool_):
+                return f"summary.{column} is {kind(value)}, not text or a boolean"
+            continue
+        if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
+            return f"summary.{column} is {kind(value)}, not a number"
+    error = row.get("error")
+    if error is not None and not isinstance(error, str) \
+            and not (isinstance(error, float) and np.isnan(error)):
+        return f"error is {kind(error)}, not text"
+    lines = row.get("warnings")
+    if isinstance(lines, tuple | list) and not all(isinstance(line, str) for line in lines):
+        return "warnings holds something other than text"
+    return None
+
+
+def readable_status(store: GridStore, run_id: str) -> dict:
+    try:
+        return store.status(run_id)
+    except DamagedFile:  # listed as damaged by damaged_section
+        return {}
+
+
+def parse_spec(text: str) -> dict:
+    try:
+        return tomllib.loads(text) if text else {}
+    except tomllib.TOMLDecodeError:
+        return {}
+
+
+def grid_frontier(grid_dir: Path) -> pd.DataFrame | None:
+    """The grid's frontier.parquet (``run_ablations.py frontier``), None without one."""
+    try:
+        return read_frontier(grid_dir)
+    except DamagedFile as err:
+        warnings.warn(f"{err}; the report leaves the frontier out", stacklevel=2)
+        return None
+
+
+def typed_field(value: Any, kind: type) -> Any:
+    """``value`` when it has the field's type (an int that is not a bool; a finite float
+    with an integer value counts as an int), else None: a store's fields are untrusted."""
+    if isinstance(value, float | np.floating) and kind is int:
+        return int(value) if np.isfinite(value) and float(value).is_integer() else None
+    if kind is int:
+        return int(value) if isinstance(value, int | np.integer) and not isinstance(
+            value, bool | np.bool_) else None
+    if kind is bool:
+        return bool(value) if isinstance(value, bool | np.bool_) else None
+    return value if isinstance(value, kind) and value else None
+
+
+def with_diagnosis(runs: pd.DataFrame, statuses: dict[str, dict]) -> pd.DataFrame:
+    """``runs`` with the diagnosis columns (:data:`DIAGNOSIS_FIELDS`): the runs frame's own
+    where ``load_results`` gives them, else the run's stored summary; None where neither
+    holds a value of the right type."""
+    frame = runs.copy()
+    for column, kind in DIAGNOSIS_FIELDS.items():
+        own = frame[column] if column in frame else pd.Series(None, index=frame.index)
+        values = []
+        for run_id, value in zip(frame["run_id"], own):
+            shown = typed_field(value, kind)
+            if shown is None:
+                summary = statuses.get(run_id, {}).get("summary")
+                if isinstance(summary, dict):
+                    shown = typed_field(summary.get(column), kind)
+            values.append(shown)
+        frame[column] = pd.Series(values, index=frame.index, dtype=object)
+    return frame
+
+
+def forensic_flight(store: GridStore, results: Any, runs: pd.DataFrame) -> pd.DataFrame | None:
+    """The diverged runs' flight records: ``load_results``'s ``flight`` frame where it has
+    one, else each diverged run's ``flight.parquet`` (stores read by an ``ablations`` without
+    the frame); None when no run has one. A file that cannot be read is left out, warned."""
+    diverged = runs.loc[runs["status"].eq("diverged"), "run_id"].tolist()
+    flight = getattr(results, "flight", None)
+    if isinstance(flight, pd.DataFrame):
+        if "run_id" not in flight:
+            return None
+        part = flight[flight["run_id"].isin(diverged)]
+        if "grid" in part:
+            part = part[part["grid"] == store.grid]
+        return part if len(part) else None
+    frames = []
+    for run_id in diverged:
+        file = store.run_dir(run_id) / "flight.parquet"
+        if not file.is_file():
+            continue
+        try:
+            frame = read_parquet(file)
+        except DamagedFile as err:
+            warnings.warn(f"{err}; the report leaves the flight record of {run_id} out",
+                          stacklevel=2)
+            continue
+        if not set(FLIGHT_COLUMNS) <= set(frame):
+            warnings.warn(f"{file} lacks the flight columns "
+                          f"{sorted(set(FLIGHT_COLUMNS) - set(frame))}; left out", stacklevel=2)
+            continue
+        frame = frame[FLIGHT_COLUMNS].copy()
+        frame.insert(0, "run_id", run_id)
+        frame.insert(0, "grid", store.grid)
+        frames.append(frame)
+    return pd.concat(frames, ignore_index=True) if frames else None
