@@ -439,10 +439,10 @@ def claim_verdicts(spec: dict, runs: pd.DataFrame,
 
 def grid_frontier(grid_dir: Path) -> pd.DataFrame | None:
     """The grid's frontier.parquet (``run_ablations.py frontier``), None without one."""
-    from ablations.store import read_frontier
+    from ablations.store import one_method, read_frontier
 
-    try:
-        return read_frontier(grid_dir)
+    try:  # a row per cell: the bisection's where both methods ran (one_method)
+        return one_method(read_frontier(grid_dir))
     except DamagedFile as err:
         warnings.warn(f"{err}; the report leaves the frontier out", stacklevel=2)
         return None
@@ -454,13 +454,20 @@ def frontier_sections(frontier: pd.DataFrame | None) -> list[Section]:
 
     if frontier is None or frontier.empty:
         return []
+    lo, hi, res = (frontier[k].iloc[0] for k in ("lr_min", "lr_max", "resolution"))
+    ramp = "method" in frontier and frontier["method"].iloc[0] == "range-test"
     section = Section("Stability frontier", [
         "For each cell (the grid's axes without the learning rate) `run_ablations.py frontier`"
         " searched the largest stable peak learning rate by bisection on log-lr between "
-        f"{frontier['lr_min'].iloc[0]:g} and {frontier['lr_max'].iloc[0]:g} to a ratio of "
-        f"{frontier['resolution'].iloc[0]:.3g}; every probe is a run of this grid (its `lr` "
-        "is an axis). Stable: not diverged, and the training loss fell below the spec's "
-        "fraction of its initial value (`ablations.frontier`)."])
+        f"{lo:g} and {hi:g} to a ratio of {res:.3g}; every probe is a run of this grid (its "
+        "`lr` is an axis). Stable: not diverged, and the training loss fell below the spec's "
+        "fraction of its initial value (`ablations.frontier`)." if not ramp else
+        "Method: range test (`frontier --method range-test`, fastai's `lr_find`): one run per "
+        f"cell with the lr rising geometrically from {lo:g} to {hi:g}; the edge is the rate of "
+        "the step before its smoothed loss first exceeded 4x its running minimum or diverged, "
+        f"snapped down to the x{res:.3g} lattice. A range test measures instability during a "
+        "ramp, not at a fixed rate: a rate below its edge is not shown to train stably for a "
+        "whole run (`ablations.frontier`)."])
     for name, caption, draw in (
         ("frontier", "Largest stable learning rate against batch size (log-log): a line per "
          "model and clipping setting (geometric mean over seeds, band: min to max); dashed: "
@@ -469,12 +476,14 @@ def frontier_sections(frontier: pd.DataFrame | None) -> list[Section]:
         ("frontier-accuracy", "Final test accuracy of the probe at the largest stable "
          "learning rate, against batch size (band: min to max over seeds); dotted: chance.",
          ff.plot_frontier_accuracy)):
+        if ramp and name == "frontier-accuracy":  # no run trained at a range test's edge
+            continue
         try:
             section.parts.append(Plot(name, caption, figure_bytes(draw(frontier))))
         except Exception as err:  # one figure failing must not cost the whole report
             line = (f"{type(err).__name__}: {err}".splitlines() or ["error"])[0]
             section.parts.append(f"Figure {name} could not be drawn: {line}")
-    if "non_monotone" in frontier.columns:
+    if "non_monotone" in frontier.columns and not ramp:  # a ramp checks no monotonicity
         count = ff.non_monotone_count(frontier)
         section.parts.append(
             f"Monotonicity check (one probe two lattice steps above each edge): {count} of "
