@@ -656,7 +656,7 @@ def range_test_edge(loss, lrs, diverge_loss: float = math.inf, beta: float = RAM
     for k, value in enumerate(smoothed_loss(loss, beta)):
         raw = float(np.asarray(loss, dtype=float)[k])
         if not math.isfinite(raw) or raw > diverge_loss or value > factor * best:
-            return k, (float(lrs[k - 1]) if k >= 1 else None)
+            return k, (float(lrs[k - 1]) if k >= 2 else None)
         best = min(best, value)
     return None, None
 
@@ -714,6 +714,9 @@ def range_test_row(store: GridStore, cell: Run, run: Run, settings: FrontierSett
             return {**row, "status": "failed", "reason": f"range-test run {rid} failed: "
                     f"{status.get('error') or 'no result'}"}
         metrics = read_parquet(store.run_dir(rid) / "metrics.parquet")
+        # the training steps only: the worker merges the evaluations in on their step, and
+        # the last one (step == total steps, after the last update) has no lr and no loss
+        metrics = metrics[pd.to_numeric(metrics["lr"], errors="coerce").notna()]
         loss = pd.to_numeric(metrics["loss"], errors="coerce").to_numpy(dtype=float)
         lrs = pd.to_numeric(metrics["lr"], errors="coerce").to_numpy(dtype=float)
         diverge = float(run.config.get("diverge_loss", math.inf))
