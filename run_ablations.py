@@ -516,6 +516,10 @@ def add_grid_commands(sub: argparse._SubParsersAction) -> None:
         "report.")
     p.add_argument("spec", help="a spec TOML file with a [frontier] section, or a shipped grid")
     add_run_options(p)
+    p.add_argument("--method", default=None, metavar="{bisect,range-test}",
+                   help="bisect (default): the search of fixed-rate probes; range-test: one run "
+                   "per cell with the lr rising geometrically from lr_min to lr_max, the edge "
+                   "where its loss blows up (fastai's lr_find); overrides [frontier] method")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells, the learning-rate lattice and the probe budget")
     p.set_defaults(func=cmd_frontier)
@@ -839,10 +843,20 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     from ablations.runner import dry_run_table
 
     spec = load_grid(args, spec_path(args.spec))
+    if args.method is not None and spec.frontier:  # checked with the section's other keys
+        from ablations.spec import frontier_settings
+
+        spec.frontier = {**spec.frontier, "method": args.method}
+        frontier_settings(spec)
     if args.dry_run:
         settings, cells = cells_of(spec, max_runs(args))
         points = lattice(settings)
         print(dry_run_table(cells).to_string(index=False))
+        if settings.method == "range-test":
+            print(f"{len(cells)} cells in grid {spec.name}; range test: 1 run per cell, lr "
+                  f"rising geometrically from {settings.lr_min:g} to {settings.lr_max:g}, edges "
+                  f"snapped to the x{settings.resolution:.4g} lattice ({len(cells)} runs)")
+            return 0
         print(f"{len(cells)} cells in grid {spec.name}; lr {settings.lr_min:g} to "
               f"{settings.lr_max:g} by x{settings.resolution:.4g}: {len(points)} rates, at most "
               f"{math.ceil(math.log2(len(points) + 1))} probes per cell (a full grid: "
@@ -863,7 +877,8 @@ def cmd_frontier(args: argparse.Namespace) -> int:
                                download=args.download, verbosity=verbosity(args),
                                heartbeat_s=heartbeat_s(args))
     counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
-    probes = (f"{outcome.probes_run} probe runs ({outcome.probes_stored} read back from the "
+    kind = "range-test" if (spec.frontier or {}).get("method") == "range-test" else "probe"
+    probes = (f"{outcome.probes_run} {kind} runs ({outcome.probes_stored} read back from the "
               f"store; a full grid at this resolution: {outcome.full_grid} runs)")
     if outcome.interrupted:
         check_output(f"the search stopped after {outcome.duration_s:.0f}s: {probes}; finished "

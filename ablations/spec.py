@@ -322,6 +322,11 @@ class FrontierSettings:
     searched starts from that edge (``ablations.frontier``); False: every cell bisects cold.
     ``check_monotone``: after the edge is found, one probe two lattice steps above it; a stable
     one marks the cell ``non_monotone``. False saves that probe.
+
+    ``method``: "bisect" (the search above) or "range-test": one run per cell whose lr rises
+    geometrically from ``lr_min`` to ``lr_max`` over ``steps`` updates, the edge read off where
+    its smoothed loss blows up (``ablations.frontier.range_test_edge``; the stability
+    criterion, ``warm_start`` and ``check_monotone`` are the search's and unused by it).
     """
 
     lr_min: float
@@ -333,8 +338,11 @@ class FrontierSettings:
     window: int | None = None
     warm_start: bool = True
     check_monotone: bool = True
+    method: str = "bisect"
 
 
+# How `frontier` finds each cell's edge: FrontierSettings.method
+FRONTIER_METHODS = ("bisect", "range-test")
 FRONTIER_KEYS = {f.name for f in dataclasses.fields(FrontierSettings)}
 
 
@@ -385,8 +393,12 @@ def frontier_settings(spec: GridSpec) -> FrontierSettings:
         flags[name] = raw.get(name, True)
         if not isinstance(flags[name], bool):
             raise SpecError(f"frontier.{name} must be true or false, got {flags[name]!r}")
+    method = raw.get("method", "bisect")
+    if method not in FRONTIER_METHODS:
+        raise SpecError(f"frontier.method must be one of {', '.join(FRONTIER_METHODS)}, got "
+                        f"{method!r}{did_you_mean(method, FRONTIER_METHODS)}")
     return FrontierSettings(lr_min, lr_max, float(resolution), steps, metric,
-                            float(max_ratio), window, **flags)
+                            float(max_ratio), window, **flags, method=method)
 
 
 # ----------------------------------------------------------------------------- overrides

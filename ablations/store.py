@@ -780,7 +780,27 @@ def read_frontier(grid_dir: str | Path) -> pd.DataFrame | None:
     """A grid folder's ``frontier.parquet`` (see :func:`load_results`), or None when the grid
     has none; :class:`DamagedFile` when it cannot be read."""
     path = Path(grid_dir) / FRONTIER_FILE
-    return read_parquet(path) if path.is_file() else None
+    if not path.is_file():
+        return None
+    frame = read_parquet(path)
+    # the method that made each row; files from before the column hold bisection rows
+    methods = frame["method"] if "method" in frame else pd.Series(None, index=frame.index,
+                                                                   dtype=object)
+    return frame.assign(method=methods.fillna("bisect").astype(str))
+
+
+def one_method(frontier: pd.DataFrame | None) -> pd.DataFrame | None:
+    """The rows of one method per grid, for readers that take a row per cell (figures,
+    claims): the bisection's where a grid has both, since its edges are measured at fixed
+    rates (``run_ablations.py frontier --method``)."""
+    if frontier is None or frontier.empty or "method" not in frontier:
+        return frontier
+    keep = []
+    for _, rows in frontier.groupby("grid", sort=False, dropna=False):
+        methods = rows["method"].fillna("bisect")
+        chosen = "bisect" if methods.eq("bisect").any() else methods.iloc[0]
+        keep.append(rows[methods.eq(chosen)])
+    return pd.concat(keep).reset_index(drop=True)
 
 
 def grid_dirs(path: Path) -> list[Path]:
@@ -826,8 +846,10 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
     ``reason`` (why the search ended short; empty when found), ``max_stable_lr`` (NaN when no
     probe was stable), ``min_unstable_lr`` (NaN when none was unstable), ``final_acc`` (of the
     probe at max_stable_lr), ``n_probes``, ``probe_lrs`` and ``probe_stable`` (the probes in lr
-    order), ``lr_min``, ``lr_max``, ``resolution``, ``probe_steps``. A frontier file that cannot
-    be read is left out with a warning.
+    order), ``lr_min``, ``lr_max``, ``resolution``, ``probe_steps``, ``method`` ("bisect" or
+    "range-test": what found the edge; a grid searched both ways has a row per cell and
+    method, :func:`one_method` keeps one). A frontier file that cannot be read is left out
+    with a warning.
     """
     path = Path(path)
     try:

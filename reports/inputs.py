@@ -20,6 +20,7 @@ from ablations.store import (
     SUMMARY_FIELDS,
     DamagedFile,
     GridStore,
+    one_method,
     read_frontier,
     read_parquet,
 )
@@ -95,8 +96,8 @@ def parse_spec(text: str) -> dict:
 
 def grid_frontier(grid_dir: Path) -> pd.DataFrame | None:
     """The grid's frontier.parquet (``run_ablations.py frontier``), None without one."""
-    try:
-        return read_frontier(grid_dir)
+    try:  # a row per cell: the bisection's where both methods ran (one_method)
+        return one_method(read_frontier(grid_dir))
     except DamagedFile as err:
         warnings.warn(f"{err}; the report leaves the frontier out", stacklevel=2)
         return None

@@ -65,7 +65,7 @@ from sigprop.data import (
     eval_batches,
     load_dataset,
 )
-from sigprop.errors import UserError
+from sigprop.errors import UserError, did_you_mean
 from sigprop.fields import check_field
 from sigprop.files import atomic_path
 from sigprop.gains import ZeroGainCheck
@@ -86,9 +86,13 @@ TRAIN_SAMPLES = {"digits": 1500, "cifar10": 50_000, "cifar100": 50_000}
 SYNTHETIC_TRAIN_SAMPLES = 10_000
 # Left out of ``to_dict`` while unset, so the configs (and run ids) written before they existed
 # stay the same.
-UNSET_OMITTED_FIELDS = ("micro_batch",)
-# Left out of ``to_dict`` at their default, for the same reason (and they change no number).
-DEFAULT_OMITTED_FIELDS = {"record_early": 50, "record_ring": 32}
+UNSET_OMITTED_FIELDS = ("micro_batch", "lr_start")
+# Left out of ``to_dict`` at their default, for the same reason (the recorder's change no
+# number; the schedule's default is the one every earlier run trained with).
+DEFAULT_OMITTED_FIELDS = {"record_early": 50, "record_ring": 32, "schedule": "cosine"}
+# "cosine": linear warmup, then cosine decay (lr_at); "exponential": the range test's ramp
+# from lr_start up to the peak lr (exponential_lr)
+SCHEDULES = ("cosine", "exponential")
 
 
 @dataclass
@@ -99,6 +103,10 @@ class TrainConfig:
     "name" overrides the default model's keys. ``num_classes`` defaults to the data set's.
     Length: ``epochs`` or ``steps`` (at most one; neither: 10 epochs); an epoch is
     ``train_size // batch_size`` steps. ``warmup_fraction`` of the steps warm up linearly.
+    ``schedule``: "cosine" (warmup, then cosine decay from the peak lr towards 0) or
+    "exponential": the learning-rate range test's ramp, rising geometrically from
+    ``lr_start`` at the first step to the peak lr at the last (:func:`exponential_lr`; no
+    warmup, no decay, so ``warmup_fraction`` is unused). ``lr_start`` is only for it.
     ``augment``: "none", "crop" or "crop+flip" (:mod:`sigprop.data`); None (or true) takes the
     data set's default, false means "none"; the resolved value is what the config keeps.
     ``eval_every``: steps between evaluations (None: once per epoch; 0: only at the end).
@@ -155,6 +163,8 @@ class TrainConfig:
     micro_batch: int | None = None
     record_early: int = DEFAULT_OMITTED_FIELDS["record_early"]
     record_ring: int = DEFAULT_OMITTED_FIELDS["record_ring"]
+    schedule: str = DEFAULT_OMITTED_FIELDS["schedule"]
+    lr_start: float | None = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -294,6 +304,24 @@ class TrainConfig:
             raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
         if self.amp_dtype not in ("bfloat16", "float16"):
             raise UserError(f"amp_dtype must be bfloat16 or float16, got {self.amp_dtype!r}")
+        self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        if self.schedule not in SCHEDULES:
+            raise UserError(f"schedule must be one of {', '.join(SCHEDULES)}, got "
+                            f"{self.schedule!r}{did_you_mean(self.schedule, SCHEDULES)}")
+        if self.schedule == "cosine":
+            if self.lr_start is not None:
+                raise UserError("lr_start is the exponential schedule's first rate; set "
+                                "schedule = \"exponential\" or leave lr_start unset")
+            return
+        if self.lr_start is None or not self.lr_start > 0:
+            raise UserError(f"schedule \"exponential\" needs lr_start > 0 (its first rate), got "
+                            f"{self.lr_start!r}")
+        if not self.lr_start < self.peak_lr():
+            raise UserError(f"schedule \"exponential\" rises from lr_start to the peak lr: "
+                            f"lr_start ({self.lr_start:g}) must be below it "
+                            f"({self.peak_lr():g})")
 
     def _check_model(self) -> None:
         from sigprop.models import model_spec, resolve_config
@@ -417,6 +445,19 @@ def lr_at(step: int, total: int, peak: float, warmup_steps: int) -> float:
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total - warmup_steps)
     return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def exponential_lr(step: int, total: int, start: float, end: float) -> float:
+    """The range test's ramp: ``start * (end / start) ** (step / (total - 1))``, so step 0
+    trains at exactly ``start`` and the last step (``total - 1``) at exactly ``end``; a
+    one-step run trains at ``end``. fastai's ``lr_find`` and Lightning's ``Tuner.lr_find``
+    use the same geometric form (with ``step / num_it``, so they stop one step short of
+    ``end``)."""
+    if step >= total - 1:
+        return end
+    if step <= 0:
+        return start
+    return start * (end / start) ** (step / (total - 1))
 
 
 def atomic_save(obj, path: Path) -> None:
@@ -609,7 +650,10 @@ class _Run:
             if pairs:
                 grads, weights = zip(*pairs)
                 torch._foreach_add_(list(grads), list(weights), alpha=config.weight_decay)
-        lr = lr_at(step, self.total_steps, self.peak_lr, self.warmup_steps)
+        if config.schedule == "exponential":
+            lr = exponential_lr(step, self.total_steps, config.lr_start, self.peak_lr)
+        else:
+            lr = lr_at(step, self.total_steps, self.peak_lr, self.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         if recorder is not None:
