@@ -171,7 +171,7 @@ def test_dry_run_lists_runs(tmp_path, capsys):
     assert "16 runs in grid quickstart" in out  # (3 NF clippings + BN) x 2 batches x 2 seeds
 
 
-@pytest.mark.parametrize("name", [g for g in shipped_grids() if g != "frontier_batch"])
+@pytest.mark.parametrize("name", [g for g in shipped_grids() if not g.startswith("frontier_")])
 def test_shipped_grids_expand_at_both_scales(name):
     assert name in shipped_grids()
     runs = expand(load_spec(GRIDS_DIR / f"{name}.toml", ["data=synthetic"]))
