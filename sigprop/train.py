@@ -43,6 +43,7 @@ import dataclasses
 import io
 import math
 import os
+import sys
 import time
 import typing
 import warnings
@@ -403,7 +404,9 @@ class TrainResult:
     flight: pd.DataFrame = field(default_factory=pd.DataFrame)
 
 
-ProgressArg = Callable[[int, int, float | None], object] | None
+# True: a tqdm bar on stderr; a callable: progress(steps_done, total_steps, loss); or an object
+# with tqdm's update(n) and set_postfix; False or None: silent.
+ProgressArg = bool | Callable[[int, int, float | None], object] | None
 
 
 @dataclass
@@ -710,9 +713,10 @@ class _Run:
         if self.progress is None:
             return
         if hasattr(self.progress, "update"):  # tqdm-like
-            self.progress.update(1)
+            # the postfix first, so the redraw that update() may do already shows this loss
             if loss is not None and hasattr(self.progress, "set_postfix"):
                 self.progress.set_postfix(loss=f"{loss:.4g}", refresh=False)
+            self.progress.update(1)
         else:
             self.progress(self.step, self.total_steps, loss)
 
@@ -851,9 +855,10 @@ def train(
             ``probe(model) -> Probe``; without one, ``config.probe_every > 0`` attaches
             ``Probe(model, every=probe_every, agc_lambda=<the run's AGC threshold, else 0.01>)``.
             Probes built here are removed at the end.
-        progress: ``progress(steps_done, total_steps, loss)`` called after every step (loss is
-            None on steps whose loss has not reached the host yet), or a tqdm-like object
-            (``update(1)`` and ``set_postfix``).
+        progress: True shows a tqdm bar on stderr (steps, rate, time left, the last loss);
+            a callable gets ``progress(steps_done, total_steps, loss)`` after every step (loss
+            is None on steps whose loss has not reached the host yet); a tqdm-like object gets
+            ``set_postfix(loss=...)`` and ``update(1)``; False or None: silent.
         checkpoint_path: where to save the run (every ``config.checkpoint_every`` steps and at
             the end); with ``resume`` and an existing file the run continues from it, and a
             finished run returns its stored result at once.
@@ -870,6 +875,14 @@ def train(
     config.validate()
     if stop_after is not None and stop_after < 0:
         raise UserError(f"stop_after must be >= 0, got {stop_after!r}")
+    if not (progress is None or isinstance(progress, bool) or callable(progress)
+            or hasattr(progress, "update")):
+        raise UserError("progress must be True (a bar on stderr), False, a callable "
+                        f"progress(steps_done, total_steps, loss) or a tqdm-like object; "
+                        f"got {type(progress).__name__}")
+    show_bar = progress is True
+    if show_bar or progress is False:
+        progress = None  # the bar is made once a resumed run knows its first step
     path = None if checkpoint_path is None else Path(checkpoint_path)
     device = resolve_device(config.device)
     devices = [device.index or 0] if device.type == "cuda" else []
@@ -880,8 +893,12 @@ def train(
                 run.load(torch.load(path, map_location="cpu", weights_only=True), path)
             if run.status == "stopped":
                 run.status = "running"
+            if show_bar:
+                run.progress = _progress_bar(run)
             _loop(run, path, stop_after)
         finally:
+            if show_bar and run.progress is not None:
+                _close_bar(run)
             if run.recorder is not None:
                 run.recorder.remove()  # its buffer stays readable for flight()
             if run.probe is not None and run.owns_probe:
@@ -889,6 +906,27 @@ def train(
                 run.probe.remove()
                 run.earlier_blocks, run.probe = blocks, None
         return run.result()
+
+
+def _progress_bar(run: _Run):
+    """A tqdm bar over the run's steps, on stderr, starting where a resumed run starts."""
+    from tqdm import tqdm
+
+    return tqdm(total=run.total_steps, initial=run.step, desc=str(run.config.model.get("name")),
+                unit="step", file=sys.stderr, dynamic_ncols=True)
+
+
+def _close_bar(run: _Run) -> None:
+    bar = run.progress
+    run.progress = None
+    try:
+        if run.status in ("stopped", "diverged"):  # the bar says why it ended early
+            at = run.diverged_step if run.status == "diverged" else run.step
+            bar.set_postfix_str(f"{bar.postfix or ''} {run.status} at step {at}".strip(),
+                                refresh=False)
+        bar.close()
+    except Exception:  # noqa: BLE001 - a broken terminal never fails the run
+        pass
 
 
 def _loop(run: _Run, path: Path | None, stop_after: int | None) -> None:

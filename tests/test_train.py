@@ -299,3 +299,74 @@ def test_bad_configs_raise_user_error_naming_the_field(bad, pattern):
 def test_train_rejects_a_batch_larger_than_the_data():
     with pytest.raises(UserError, match="batch_size 512 is larger"):
         train(tiny(batch_size=512))
+
+
+# ----------------------------------------------------------------------------- progress
+def bar_frames(err: str) -> list[str]:
+    """What a tqdm bar drew, one entry per redraw (it rewrites its line after a carriage
+    return)."""
+    return [frame.strip() for frame in err.replace("\n", "\r").split("\r") if frame.strip()]
+
+
+def test_progress_true_draws_a_bar_on_stderr_up_to_the_last_step(capsys):
+    result = train(tiny(steps=6, eval_every=0), progress=True)
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    last = bar_frames(captured.err)[-1]
+    assert last.startswith("nf_resnet26: 100%") and " 6/6 " in last, captured.err
+    # its postfix is the loss of the last step, as the metrics hold it
+    assert last.endswith(f"loss={result.metrics['loss'].iloc[-1]:.4g}]"), last
+
+
+@pytest.mark.parametrize("quiet", [False, None])
+def test_progress_false_or_none_is_silent(capsys, quiet):
+    train(tiny(steps=2, eval_every=0), progress=quiet)
+    assert capsys.readouterr() == ("", "")
+
+
+def test_progress_callable_gets_every_step_with_its_loss():
+    calls = []
+    result = train(tiny(steps=6, eval_every=2), progress=lambda *a: calls.append(a))
+    # on CPU every step's loss reaches the host at once, so none is None
+    assert calls == [(step, 6, loss) for step, loss in
+                     zip(range(1, 7), result.metrics["loss"].tolist())]
+
+
+def test_progress_tqdm_like_object_gets_one_update_per_step_and_the_loss():
+    class Bar:
+        def __init__(self):
+            self.n, self.postfix = 0, []
+
+        def update(self, n):
+            self.n += n
+
+        def set_postfix(self, refresh=True, **values):
+            self.postfix.append((self.n, values["loss"]))
+
+    bar = Bar()
+    result = train(tiny(steps=5, eval_every=0), progress=bar)
+    assert bar.n == 5
+    # each step's loss is set before that step's update, so a redraw shows it
+    assert bar.postfix == [(n, f"{loss:.4g}") for n, loss in
+                           enumerate(result.metrics["loss"].tolist())]
+
+
+def test_progress_bar_of_a_resumed_stopped_or_diverged_run_says_so(tmp_path, capsys):
+    path = tmp_path / "run.pt"
+    config = tiny(steps=6, eval_every=0)
+    train(config, checkpoint_path=path, stop_after=2, progress=True)
+    frames = bar_frames(capsys.readouterr().err)
+    assert " 2/6 " in frames[-1] and frames[-1].endswith("stopped at step 2]"), frames
+    train(config, checkpoint_path=path, progress=True)
+    frames = bar_frames(capsys.readouterr().err)
+    assert " 2/6 " in frames[0] and " 6/6 " in frames[-1], frames  # from where it resumed
+
+    diverged = train(tiny(lr=1e3, warmup_fraction=0.0, steps=15, eval_every=0), progress=True)
+    assert diverged.status == "diverged"
+    last = bar_frames(capsys.readouterr().err)[-1]
+    assert last.endswith(f"diverged at step {diverged.diverged_step}]"), last
+
+
+def test_progress_of_another_kind_is_one_line_naming_it():
+    with pytest.raises(UserError, match="progress must be True .* got str"):
+        train(tiny(steps=1), progress="yes")
