@@ -388,7 +388,10 @@ class FrontierSearch:
         # probes than a cold bisection (tests/test_frontier.py, measured shapes)
         guesses = []
         for j, key, pairs in plan.neighbours:
-            if (edge := self.edge_index(j)) is None:
+            # a sibling censored at a bound is a start there; along another axis a censored
+            # neighbour's bound says nothing of the edge (frontier_length: AGC's 20-step
+            # cells unstable at lr_min sent the 40-step ones galloping up from it, 10 probes)
+            if (edge := self.edge_index(j, found_only=key != "seed")) is None:
                 continue
             shifts = [b - a for q1, q2 in pairs
                       if (a := self.edge_index(q1, True)) is not None

@@ -179,6 +179,25 @@ def test_unstable_at_lr_min_and_stable_to_lr_max_are_reported(tmp_path):
     assert "stable up to lr_max 10" in text
 
 
+def test_a_neighbour_censored_at_a_bound_is_no_warm_start(tmp_path):
+    """(256, 8 steps) has a neighbour along steps with measured shifts, but that neighbour is
+    unstable already at lr_min: its bound is no edge, so the cell bisects cold."""
+    def edge(config: dict) -> float:
+        if (config["batch_size"], config["steps"]) == (256, 4):
+            return 0.001
+        return 0.005 * config["batch_size"] * config["steps"] / 4
+
+    outcome, _, _ = search(tmp_path, executor=OracleExecutor(edge),
+                           overrides=["batch_size=16,64,256", "steps=4,8", "seed=0",
+                                      "train_size=256"])
+    frame = outcome.frame.set_index(["batch_size", "steps"])
+    assert frame.loc[(256, 4), "status"] == "unstable_at_lr_min"
+    assert frame.loc[(64, 8), "start_lr"] > 0  # warm: (64, 4) moved by the 16-batch shift
+    cell = frame.loc[(256, 8)]
+    assert math.isnan(cell["start_lr"]) and cell["status"] == "found"
+    assert cell["max_stable_lr"] <= edge({"batch_size": 256, "steps": 8}) < cell["min_unstable_lr"]
+
+
 def test_probes_train_at_exactly_the_probe_lr_with_the_probe_steps(tmp_path):
     outcome, executor, _ = search(tmp_path, "steps = 3")
     store = GridStore(tmp_path / "out", "edge")
