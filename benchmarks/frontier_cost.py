@@ -42,8 +42,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     frames = []
     for folder in argv:
+        # the bisection's rows (a store can hold a range test's too: frontier_methods compares)
         frontier = load_results(Path(folder)).frontier
-        if frontier is None:
+        if frontier is not None and "method" in frontier:
+            frontier = frontier[frontier["method"].fillna("bisect").eq("bisect")]
+        if frontier is None or frontier.empty:
             print(f"{folder} has no frontier.parquet: run `run_ablations.py frontier` first",
                   file=sys.stderr)
             return 2
