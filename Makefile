@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -23,6 +23,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup tests
+
+# the tests under about a second each (no subprocess, kill, Ray, browser or real training run)
+test-fast: $(STAMP)
+	$(PY) -m pytest -n 2 -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -20,33 +20,13 @@ from sigprop import spp
 from sigprop.errors import UserError
 from sigprop.models import create_model
 from sigprop.train import SEED_MAX, TRAIN_SAMPLES, TrainConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-
-SPEC = """
-name = "{name}"
-[base]
-data = "synthetic"
-train_size = 32
-test_size = 16
-steps = {steps}
-batch_size = 16
-eval_every = 0
-seed = 0
-[base.model]
-name = "nf_resnet26"
-stem = "cifar"
-width_mult = 0.125
-depths = [1, 1, 1, 1]
-[grid]
-seed = {seeds}
-"""
+from tests.helpers import ROOT, tiny_spec
 
 
 def write_spec(folder: Path, name: str = "tiny", steps: int = 2, seeds: str = "[0, 1]",
                extra: str = "") -> Path:
     path = folder / "grid.toml"
-    path.write_text(SPEC.format(name=name, steps=steps, seeds=seeds) + extra,
+    path.write_text(tiny_spec(name, steps=steps, grid=f"seed = {seeds}") + extra,
                     encoding="utf-8")
     return path
 

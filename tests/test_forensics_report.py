@@ -118,9 +118,15 @@ def md_rows(section: str) -> list[list[str]]:
     return [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines]
 
 
-def test_section_gives_each_diverged_runs_diagnosis_and_the_timeline(tmp_path):
-    grid_dir = forensic_grid(tmp_path)
-    paths = build_report(grid_dir)
+@pytest.fixture(scope="module")
+def forensic_report(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """:func:`forensic_grid` and its report, built once for the tests that only read them."""
+    grid_dir = forensic_grid(tmp_path_factory.mktemp("forensic"))
+    return grid_dir, build_report(grid_dir)
+
+
+def test_section_gives_each_diverged_runs_diagnosis_and_the_timeline(forensic_report):
+    grid_dir, paths = forensic_report
     md = paths["md"].read_text()
     section = md_section(md, "Diverged and failed runs")
     assert "more than 10x that median or not finite" in section  # sigprop.diagnosis.RULE
@@ -284,9 +290,9 @@ def test_gradient_heatmap_diverged_panel_uses_the_flight_steps():
     assert all("recorded" not in ax.get_title() for ax in calm_fig.axes)
 
 
-def test_key_results_and_stability_heatmap_count_a_diverged_seed_at_chance(tmp_path):
-    grid_dir = forensic_grid(tmp_path)
-    md = build_report(grid_dir)["md"].read_text()
+def test_key_results_and_stability_heatmap_count_a_diverged_seed_at_chance(forensic_report):
+    grid_dir, paths = forensic_report
+    md = paths["md"].read_text()
     rows = md_rows(md_section(md, "Key results"))
     header, cells = rows[0], {r[0]: r for r in rows[1:]}
     column = header.index("batch 512")
@@ -318,9 +324,8 @@ def leading_number(text: str) -> float:
     return float(match.group(0)) if match else np.nan
 
 
-def test_runs_table_sorts_diverged_runs_at_chance(tmp_path):
-    grid_dir = forensic_grid(tmp_path)
-    md = build_report(grid_dir)["md"].read_text()
+def test_runs_table_sorts_diverged_runs_at_chance(forensic_report):
+    md = forensic_report[1]["md"].read_text()
     rows = md_rows(md_section(md, "Runs"))
     header, body = rows[0], rows[1:]
     acc = header.index("final acc")

@@ -22,7 +22,7 @@ from ablations.frontier import FRONTIER_COLUMNS, lattice, run_frontier
 from ablations.spec import FrontierSettings, load_spec
 from ablations.store import GridStore, load_results
 from run_ablations import main
-from tests.test_runner import kill_9
+from tests.helpers import kill_9
 
 ROOT = Path(__file__).resolve().parents[1]
 

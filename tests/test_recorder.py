@@ -19,6 +19,7 @@ from sigprop.errors import UserError
 from sigprop.probes import Probe
 from sigprop.recorder import FlightRecorder
 from sigprop.train import TrainConfig, train
+from tests.helpers import tiny_spec
 
 TINY_MODEL = {"name": "nf_resnet26", "stem": "cifar", "width_mult": 0.125,
               "depths": [1, 1, 1, 1], "skipinit_gain": 1.0}
@@ -203,26 +204,8 @@ def test_too_few_steps_or_no_record_give_no_diagnosis_and_say_why():
 
 # ----------------------------------------------------------------------------- the store
 
-SPEC = """
-name = "tiny"
-[base]
-data = "synthetic"
-train_size = 64
-test_size = 32
-steps = 6
-batch_size = 16
-eval_every = 3
-seed = 0
-[base.model]
-name = "nf_resnet26"
-stem = "cifar"
-width_mult = 0.125
-depths = [1, 1, 1, 1]
-[base.clip]
-mode = "none"
-[grid]
-lr = [0.05, 1e6]
-"""
+SPEC = tiny_spec(train_size=64, test_size=32, steps=6, eval_every=3,
+                 clip='mode = "none"', grid="lr = [0.05, 1e6]")
 
 
 @pytest.fixture(scope="module")
@@ -301,24 +284,8 @@ def test_summary_fields_of_the_wrong_type_make_the_status_damaged(store_with_a_d
     assert row["status"] == "damaged" and "diverged_clipping_active" in row["error"]
 
 
-FRONTIER_SPEC = """
-name = "edge"
-[base]
-data = "synthetic"
-train_size = 64
-test_size = 32
-steps = 4
-batch_size = 16
-eval_every = 0
-seed = 0
-[base.model]
-name = "nf_resnet26"
-stem = "cifar"
-width_mult = 0.125
-depths = [1, 1, 1, 1]
-[base.clip]
-mode = "none"
-[frontier]
+FRONTIER_SPEC = tiny_spec("edge", train_size=64, test_size=32, steps=4,
+                          clip='mode = "none"', grid="") + """[frontier]
 lr_min = 0.01
 lr_max = 1e6
 resolution = 100.0

@@ -140,9 +140,14 @@ def assert_nothing_injected(page: Elements, scripts_allowed: int) -> None:
                 if "Injected" in h]
 
 
-def test_markdown_report_quotes_hostile_text_rendered_by_python_markdown(tmp_path):
-    grid_dir = hostile_grid(tmp_path)
-    md = build_report(grid_dir)["md"].read_text()
+@pytest.fixture(scope="module")
+def hostile_report(tmp_path_factory) -> dict[str, Path]:
+    """The report of :func:`hostile_grid`, built once for the tests that only read it."""
+    return build_report(hostile_grid(tmp_path_factory.mktemp("hostile")))
+
+
+def test_markdown_report_quotes_hostile_text_rendered_by_python_markdown(hostile_report):
+    md = hostile_report["md"].read_text()
     page = parse(markdown.markdown(md, extensions=["fenced_code", "tables"]))
     assert_nothing_injected(page, scripts_allowed=0)
     # the hostile text is shown, as text
@@ -174,13 +179,13 @@ def split_row(line: str) -> list[str]:
     return [*cells, current]
 
 
-def test_markdown_without_the_fenced_code_extension_still_injects_nothing(tmp_path):
-    md = build_report(hostile_grid(tmp_path))["md"].read_text()
+def test_markdown_without_the_fenced_code_extension_still_injects_nothing(hostile_report):
+    md = hostile_report["md"].read_text()
     assert_nothing_injected(parse(markdown.markdown(md)), scripts_allowed=0)
 
 
-def test_html_report_stays_fully_escaped(tmp_path):
-    page_text = build_report(hostile_grid(tmp_path))["html"].read_text()
+def test_html_report_stays_fully_escaped(hostile_report):
+    page_text = hostile_report["html"].read_text()
     page = parse(page_text)
     assert_nothing_injected(page, scripts_allowed=1)  # the report's own table script
     assert page_text.count("<script>") == 1

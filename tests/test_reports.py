@@ -672,12 +672,19 @@ def test_alpha_sweep_with_one_block_per_stage_and_gain_zero_runs():
 # ----------------------------------------------------------------------------- report
 
 
-def test_report_of_a_partial_grid(tmp_path):
-    grid_dir = small_disk_grid(tmp_path)
+@pytest.fixture(scope="module")
+def built_report(tmp_path_factory) -> tuple[Path, dict]:
+    """``small_disk_grid`` and what ``build_report`` returned for it, built once for the tests
+    that only read the report."""
+    grid_dir = small_disk_grid(tmp_path_factory.mktemp("report"))
+    return grid_dir, build_report(grid_dir)
+
+
+def test_report_of_a_partial_grid(built_report):
+    grid_dir, paths = built_report
     results = load_results(grid_dir)
     assert sorted(results.runs["status"]) == ["completed", "completed", "diverged", "failed",
                                               "queued"]
-    paths = build_report(grid_dir)
     assert paths == {"html": grid_dir / "report.html", "md": grid_dir / "report.md"}
     page = paths["html"].read_text()
     text = re.sub(r"<[^>]+>", "", page)
@@ -806,9 +813,9 @@ def test_report_spp_figure_keeps_its_title(tmp_path, monkeypatch):
                                        "input 2x3x16x16, 2 seeds (band: min-max)")
 
 
-def test_report_html_tables_sort_filter_and_scroll_offline(tmp_path):
-    grid_dir = small_disk_grid(tmp_path)
-    page = build_report(grid_dir)["html"].read_text()
+def test_report_html_tables_sort_filter_and_scroll_offline(built_report):
+    grid_dir, paths = built_report
+    page = paths["html"].read_text()
     assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
     # every table sits in a horizontally scrolling wrapper and is marked sortable
     assert page.count("<table") == len(re.findall(
@@ -836,9 +843,8 @@ def test_report_html_tables_sort_filter_and_scroll_offline(tmp_path):
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed "
                     "(apt-get install chromium) so the headless sort cannot be checked")
-def test_report_tables_sort_and_filter_in_headless_chromium(tmp_path):
-    grid_dir = small_disk_grid(tmp_path)
-    page = build_report(grid_dir)["html"].read_text()
+def test_report_tables_sort_and_filter_in_headless_chromium(tmp_path, built_report):
+    page = built_report[1]["html"].read_text()
     # click the runs table's "final acc" header twice and type into the settings filter,
     # recording what the page shows after each step
     probe = page.replace("</body>", """<script>
@@ -887,9 +893,9 @@ addEventListener("load", () => {
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed "
                     "(apt-get install chromium) so the headless render cannot be checked")
-def test_report_renders_in_headless_chromium(tmp_path):
-    grid_dir = small_disk_grid(tmp_path)
-    page = build_report(grid_dir)["html"].read_text()
+def test_report_renders_in_headless_chromium(tmp_path, built_report):
+    grid_dir, paths = built_report
+    page = paths["html"].read_text()
     # count the images the browser decoded, once everything has loaded
     probe = page.replace("</body>", "<script>addEventListener('load', () => "
                          "document.body.dataset.decoded = [...document.images].filter("

@@ -2,11 +2,7 @@
 
 import io
 import json
-import os
 import pickle
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -21,38 +17,15 @@ from ablations.spec import expand, load_spec
 from ablations.store import GridStore, load_results
 from run_ablations import main
 from sigprop.files import atomic_path, writable_dir_error
+from tests.helpers import kill_9, start_runner, tiny_spec
 from tests.test_data import write_cifar10
-
-ROOT = Path(__file__).resolve().parents[1]
-
-SPEC = """
-name = "tiny"
-[base]
-data = "synthetic"
-train_size = 64
-test_size = 32
-steps = {steps}
-batch_size = 16
-eval_every = 4
-checkpoint_every = 1
-probe_every = 2
-seed = 0
-[base.model]
-name = "nf_resnet26"
-stem = "cifar"
-width_mult = 0.125
-depths = [1, 1, 1, 1]
-[base.clip]
-mode = "agc"
-threshold = 0.04
-[grid]
-seed = {seeds}
-"""
 
 
 def write_spec(tmp_path: Path, steps: int = 6, seeds: str = "[0, 1]", extra: str = "") -> Path:
     path = tmp_path / "tiny.toml"
-    path.write_text(SPEC.format(steps=steps, seeds=seeds) + textwrap.dedent(extra))
+    path.write_text(tiny_spec(train_size=64, test_size=32, steps=steps, eval_every=4,
+                              checkpoint_every=1, probe_every=2, grid=f"seed = {seeds}",
+                              clip='mode = "agc"\nthreshold = 0.04') + textwrap.dedent(extra))
     return path
 
 
@@ -151,24 +124,6 @@ def test_diverged_and_failed_runs_are_stored_and_the_grid_completes(tmp_path, ca
     table = status_table(out)
     assert list(table["status"].value_counts().sort_index().items()) == [
         ("completed", 1), ("diverged", 1), ("failed", 1)]
-
-
-def start_runner(spec: Path, out: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "run_ablations.py"), "run", str(spec), "--out", str(out),
-         "--device", "cpu", "--no-report", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def kill_9(runner: subprocess.Popen, store: GridStore, deadline: float) -> None:
-    """SIGKILL the runner, then wait (until ``deadline``, monotonic) for its workers, which
-    die with it, to let go of their runs' locks."""
-    os.kill(runner.pid, signal.SIGKILL)
-    runner.wait(timeout=30)
-    while any(store.is_locked(rid) for rid in store.run_ids()):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
 
 
 def test_sigkill_mid_grid_then_resume_equals_an_uninterrupted_grid(tmp_path):

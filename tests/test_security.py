@@ -41,8 +41,8 @@ from sigprop import data
 from sigprop.data import load_dataset
 from sigprop.errors import UserError
 from sigprop.train import train
+from tests.helpers import ROOT, InlineExecutor, wait_for, write_spec
 from tests.test_data import cifar_entry, write_cifar10
-from tests.test_faults import ROOT, InlineExecutor, wait_for, write_spec
 from tests.test_train import TINY_MODEL
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux launcher")

@@ -28,7 +28,7 @@ from ablations.spec import load_spec  # noqa: E402
 from ablations.store import GridStore, load_results  # noqa: E402
 from ablations.tracking import ENV_LIVE, LIVE_DIR, LIVE_MARK, tracking_environment  # noqa: E402
 from reports.tensorboard import export_tensorboard  # noqa: E402
-from tests.test_faults import InlineExecutor  # noqa: E402
+from tests.helpers import InlineExecutor  # noqa: E402
 
 SPEC = """
 name = "live"

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sigprop import create_model
+from sigprop import create_model, probes
 from sigprop.clipping import ClipConfig
 from sigprop.data import BatchStream, load_dataset
 from sigprop.errors import UserError
@@ -201,7 +201,6 @@ def test_float16_amp_clips_unscaled_gradients():
 
 
 def test_probe_records_without_changing_training():
-    pytest.importorskip("sigprop.probes")
     config = tiny(steps=6, eval_every=0)
     plain = train(config)
     probed = train({**config, "probe_every": 3})
@@ -212,7 +211,6 @@ def test_probe_records_without_changing_training():
 
 
 def test_probe_records_survive_a_resume(tmp_path):
-    pytest.importorskip("sigprop.probes")
     config = tiny(steps=6, eval_every=0, probe_every=2)
     full = train(config)
     path = tmp_path / "probed.pt"
@@ -224,7 +222,6 @@ def test_probe_records_survive_a_resume(tmp_path):
 
 
 def test_probe_factory_is_called_with_the_model():
-    probes = pytest.importorskip("sigprop.probes")
     built = []
 
     def factory(model):
