@@ -24,9 +24,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup tests
 
-# the tests under about a second each (no subprocess, kill, Ray, browser or real training run)
+# the tests under about a second each (no subprocess, kill, Ray, browser or real training run);
+# one process: two xdist workers each import torch and collect, which costs more than it saves
 test-fast: $(STAMP)
-	$(PY) -m pytest -n 2 -m "not slow" tests
+	$(PY) -m pytest -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

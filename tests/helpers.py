@@ -8,6 +8,7 @@ not).
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import signal
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ablations.runner import run_grid
-from ablations.spec import load_spec
+from ablations.spec import GRIDS_DIR, Run, expand, load_spec
 from ablations.store import GridStore
 from ablations.worker import execute_run
 
@@ -47,6 +48,13 @@ def tiny_spec(name: str = "tiny", grid: str = "seed = [0, 1]", clip: str = "",
     if clip:
         text += "[base.clip]\n" + clip.strip() + "\n"
     return text + ("[grid]\n" + grid.strip() + "\n" if grid else "")
+
+
+@functools.cache
+def shipped_runs(name: str) -> tuple[Run, ...]:
+    """``expand`` of the shipped grid ``name`` as shipped, once per test process: for the tests
+    that only read its runs (agc_batch alone takes about a second to expand)."""
+    return tuple(expand(load_spec(GRIDS_DIR / f"{name}.toml")))
 
 
 def write_spec(folder: Path, steps: int = 2, seeds: str = "[0, 1]") -> Path:

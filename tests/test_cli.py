@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["models", "spp", "run", "frontier", "status", "report", "quickstart", "export"]
 
 
+@pytest.mark.slow
 def test_help_and_version_import_neither_torch_nor_pandas():
     # one fresh interpreter for every light path: the modules must not load at all
     script = textwrap.dedent(f"""
@@ -132,6 +133,7 @@ def test_a_far_off_name_gets_no_suggestion(capsys):
     assert "did you mean" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quiet_run_prints_nothing_when_all_goes_well(tmp_path, capsys):
     spec = tmp_path / "q.toml"
     spec.write_text(textwrap.dedent("""

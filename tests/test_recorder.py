@@ -85,12 +85,14 @@ def test_a_run_at_a_huge_lr_keeps_every_step_up_to_its_divergence():
     assert set(run["clipped"]) == {0.0}  # clip mode none
 
 
+@pytest.mark.slow
 def test_the_ring_keeps_the_first_steps_and_the_last_ones_before_a_late_divergence():
     result = train(tiny(record_early=2, record_ring=3), probe=blow_up("stages.1.0", 9))
     assert (result.status, result.diverged_step) == ("diverged", 9)
     assert sorted(set(result.flight["step"])) == [0, 1, 7, 8, 9]
 
 
+@pytest.mark.slow
 def test_the_diagnosis_names_the_block_whose_gain_was_made_to_blow_up():
     result = train(tiny(), probe=blow_up("stages.2.0", 8))
     assert (result.status, result.diverged_step) == ("diverged", 8)
@@ -103,6 +105,7 @@ def test_the_diagnosis_names_the_block_whose_gain_was_made_to_blow_up():
     assert "stages.2.0" in found["diagnosis"]
 
 
+@pytest.mark.slow
 def test_a_run_that_does_not_diverge_never_reads_its_recorder(recorders, monkeypatch):
     read = []
     monkeypatch.setattr(FlightRecorder, "flight",
@@ -219,6 +222,7 @@ def store_with_a_diverged_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_load_results_gives_the_flight_of_diverged_runs_and_acc_chance(
         store_with_a_diverged_run):
     out = store_with_a_diverged_run
@@ -244,6 +248,7 @@ def test_load_results_gives_the_flight_of_diverged_runs_and_acc_chance(
     assert table.loc[completed["run_id"], "diagnosis"] == ""
 
 
+@pytest.mark.slow
 def test_status_prints_the_diagnosis_line(store_with_a_diverged_run, capsys):
     out = store_with_a_diverged_run
     assert main(["status", str(out)]) == 0
@@ -252,6 +257,7 @@ def test_status_prints_the_diagnosis_line(store_with_a_diverged_run, capsys):
     assert f"tiny/{diverged['run_id']}: {diverged['diagnosis']}" in printed
 
 
+@pytest.mark.slow
 def test_an_unreadable_flight_file_makes_its_run_damaged(store_with_a_diverged_run, tmp_path):
     import shutil
 
@@ -268,6 +274,7 @@ def test_an_unreadable_flight_file_makes_its_run_damaged(store_with_a_diverged_r
     assert GridStore(out, "tiny").damage(rid).path.name == "flight.parquet"
 
 
+@pytest.mark.slow
 def test_summary_fields_of_the_wrong_type_make_the_status_damaged(store_with_a_diverged_run,
                                                                    tmp_path):
     import shutil

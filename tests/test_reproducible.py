@@ -97,6 +97,7 @@ def test_reusing_runs_of_another_thread_count_is_said_first(copy):
     assert "different environment" not in text
 
 
+@pytest.mark.slow
 def test_rerun_if_env_differs_runs_them_again_and_keeps_the_old_files(copy):
     grid = copy / "out" / "tiny"
     before = metrics_of(grid)

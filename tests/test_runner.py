@@ -55,6 +55,7 @@ def metrics_by_run(grid_dir: Path) -> dict[str, pd.DataFrame]:
     return out
 
 
+@pytest.mark.slow
 def test_grid_stores_runs_in_the_documented_layout(tmp_path):
     spec = load_spec(write_spec(tmp_path))
     out = tmp_path / "out"
@@ -93,6 +94,7 @@ def test_grid_stores_runs_in_the_documented_layout(tmp_path):
     assert all(s["attempts"] == 1 for s in run_states(grid_dir).values())
 
 
+@pytest.mark.slow
 def test_diverged_and_failed_runs_are_stored_and_the_grid_completes(tmp_path, capsys):
     path = spec_with_failing_data(
         tmp_path, '"clip.mode" = ["none"]\nlr = [0.05, 1e6]\ndata = ["synthetic", "cifar10"]\n',
@@ -126,6 +128,7 @@ def test_diverged_and_failed_runs_are_stored_and_the_grid_completes(tmp_path, ca
         ("completed", 1), ("diverged", 1), ("failed", 1)]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_grid_then_resume_equals_an_uninterrupted_grid(tmp_path):
     spec = write_spec(tmp_path, steps=12, seeds="[0, 1, 2]")
     reference, killed = tmp_path / "reference", tmp_path / "killed"
@@ -165,6 +168,7 @@ def test_sigkill_mid_grid_then_resume_equals_an_uninterrupted_grid(tmp_path):
         pd.testing.assert_frame_equal(got[rid], expected[rid])
 
 
+@pytest.mark.slow
 def test_two_runners_share_one_store_without_duplicates(tmp_path):
     spec = write_spec(tmp_path, steps=4, seeds="[0, 1, 2, 3]")
     out = tmp_path / "out"

@@ -14,6 +14,7 @@ from ablations.spec import (
     spec_from_dict,
 )
 from run_ablations import main
+from tests.helpers import shipped_runs
 
 BASE = {
     "data": "synthetic",
@@ -180,11 +181,11 @@ def test_shipped_grids_expand_at_both_scales(name):
     runs = expand(load_spec(GRIDS_DIR / f"{name}.toml", ["data=synthetic"]))
     assert runs and all(r.config["data"] == "synthetic" for r in runs)
     shipped = "digits" if name in DIGITS_GRIDS else "cifar10"
-    assert expand(load_spec(GRIDS_DIR / f"{name}.toml"))[0].config["data"] == shipped
+    assert shipped_runs(name)[0].config["data"] == shipped
 
 
 def test_agc_batch_grid_shape():
-    runs = expand(load_spec(GRIDS_DIR / "agc_batch.toml"))
+    runs = shipped_runs("agc_batch")
     nf = [r for r in runs if r.config["model"]["name"] == "nf_resnet26"]
     bn = [r for r in runs if r.config["model"]["name"] != "nf_resnet26"]
     # none, norm and AGC at paper B's five thresholds; BN: the unclipped reference only

@@ -65,6 +65,7 @@ def read_only(monkeypatch):
     return arm
 
 
+@pytest.mark.slow
 def test_readers_of_a_read_only_store_with_an_interrupted_run(grid, read_only, tmp_path,
                                                                capsys):
     interrupted, done = run_dirs(grid)
@@ -245,6 +246,7 @@ def test_a_wrong_type_makes_the_run_damaged_in_every_reader(grid, case, capsys):
 
 @pytest.mark.parametrize("case", ["summary a list", "state unknown", "axes a list",
                                   "batch_size a string"])
+@pytest.mark.slow
 def test_a_run_repairs_a_run_with_a_wrong_type(grid, case):
     bad, _ = run_dirs(grid)
     expected = pd.read_parquet(bad / "metrics.parquet").drop(columns="step_time")
