@@ -12,7 +12,7 @@ TEST_EXTRAS := $(EXTRAS),mlflow
 export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
 export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(PY):
 	python3 -m venv $(VENV)
@@ -38,6 +38,11 @@ demo: $(STAMP)
 
 test: $(TEST_STAMP)
 	$(PY) -m pytest -n 2 --dist loadgroup tests
+
+# the tests under about a second each (no subprocess, kill, Ray, browser or real training run);
+# one process: two xdist workers each import torch and collect, which costs more than it saves
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" tests
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -18,7 +18,9 @@ def one_torch_thread():
 
 def pytest_collection_modifyitems(config, items):
     # Ray tests start local clusters; two at once on one machine join each other's sessions
-    # (`make test` runs with --dist loadgroup, so one xdist worker runs them in turn).
+    # (`make test` runs with --dist loadgroup, so one xdist worker runs them in turn). A
+    # cluster takes seconds to start, so they are slow too: out of the fast lane.
     for item in items:
         if item.get_closest_marker("ray"):
             item.add_marker(pytest.mark.xdist_group("ray"))
+            item.add_marker(pytest.mark.slow)

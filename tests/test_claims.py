@@ -235,6 +235,7 @@ def test_claims_naming_unknown_keys_or_selecting_nothing_fail_at_expansion():
     assert len(runs) == 4
 
 
+@pytest.mark.slow
 def test_a_bad_claim_in_a_spec_file_is_one_line_and_exit_2(tmp_path):
     spec = tmp_path / "bad.toml"
     spec.write_text(

@@ -15,6 +15,7 @@ COMMANDS = ["models", "spp", "coord-check", "run", "frontier", "status", "report
             "export"]
 
 
+@pytest.mark.slow
 def test_help_and_version_import_neither_torch_nor_pandas():
     # one fresh interpreter for every light path: the modules must not load at all
     script = textwrap.dedent(f"""
@@ -135,6 +136,7 @@ def test_a_far_off_name_gets_no_suggestion(capsys):
     assert "did you mean" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quiet_run_prints_nothing_when_all_goes_well(tmp_path, capsys):
     spec = tmp_path / "q.toml"
     spec.write_text(textwrap.dedent("""

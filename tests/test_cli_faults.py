@@ -20,33 +20,13 @@ from sigprop import spp
 from sigprop.errors import UserError
 from sigprop.models import create_model
 from sigprop.train import SEED_MAX, TRAIN_SAMPLES, TrainConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-
-SPEC = """
-name = "{name}"
-[base]
-data = "synthetic"
-train_size = 32
-test_size = 16
-steps = {steps}
-batch_size = 16
-eval_every = 0
-seed = 0
-[base.model]
-name = "nf_resnet26"
-stem = "cifar"
-width_mult = 0.125
-depths = [1, 1, 1, 1]
-[grid]
-seed = {seeds}
-"""
+from tests.helpers import ROOT, tiny_spec
 
 
 def write_spec(folder: Path, name: str = "tiny", steps: int = 2, seeds: str = "[0, 1]",
                extra: str = "") -> Path:
     path = folder / "grid.toml"
-    path.write_text(SPEC.format(name=name, steps=steps, seeds=seeds) + extra,
+    path.write_text(tiny_spec(name, steps=steps, grid=f"seed = {seeds}") + extra,
                     encoding="utf-8")
     return path
 
@@ -99,6 +79,7 @@ def queued_grid(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("command", [["status", "{out}/tiny"], ["run", "{spec}", "--dry-run"]])
+@pytest.mark.slow
 def test_a_full_stdout_is_one_line_and_exit_1(queued_grid, command):
     argv = [a.format(out=queued_grid / "out", spec=queued_grid / "grid.toml") for a in command]
     with open("/dev/full", "w") as full:
@@ -107,6 +88,7 @@ def test_a_full_stdout_is_one_line_and_exit_1(queued_grid, command):
     one_error_line(result.stderr, "cannot write to standard output (No space left on device)")
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_is_refused_before_anything_is_stored(tmp_path):
     spec, out = write_spec(tmp_path), tmp_path / "out"
     result = cli("run", str(spec), "--out", str(out), "--device", "cpu",
@@ -117,6 +99,7 @@ def test_a_closed_stdout_is_refused_before_anything_is_stored(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_a_closed_stderr_still_gives_the_exit_code_and_nothing_on_stdout(tmp_path):
     result = cli("run", str(tmp_path / "missing.toml"), "--dry-run",
                  preexec_fn=lambda: os.close(2),
@@ -243,6 +226,7 @@ def test_an_output_path_past_the_file_system_limits_is_one_line(tmp_path, capsys
 
 # ----------------------------------------------------------------------------- spp memory
 
+@pytest.mark.slow
 def test_spp_refuses_an_input_shape_past_the_memory_bound_before_its_folder(tmp_path):
     out = tmp_path / "spp"
     result = cli("spp", "--model", "nf_resnet26", "--input-shape", "2,3,99999,99999",
@@ -253,6 +237,7 @@ def test_spp_refuses_an_input_shape_past_the_memory_bound_before_its_folder(tmp_
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_the_memory_estimate_counts_the_first_activation(monkeypatch, tmp_path):
     shape, seeds = (8, 3, 64, 64), [0, 1]
     models = [("nf_resnet26", spp.spp_overrides("nf_resnet26", {"width_mult": 0.25}))]
@@ -314,6 +299,7 @@ def test_mistyped_commands_and_flags_get_a_suggestion(argv, suggestion, capsys):
     assert captured.err.count("\n") == 1 and suggestion in captured.err
 
 
+@pytest.mark.slow
 def test_spp_on_missing_data_leaves_no_output_folder(tmp_path, capsys):
     out = tmp_path / "spp"
     empty = tmp_path / "data"

@@ -75,6 +75,7 @@ def test_tiny_nfnet_has_every_kind_of_parameter():
     assert any(n.endswith(".gain") for n in names) and any(n.endswith(".bias") for n in names)
 
 
+@pytest.mark.slow
 def test_agc_matches_per_parameter_reference():
     model = tiny_nfnet()
     backward(model)

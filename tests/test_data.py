@@ -22,6 +22,7 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
 # ----------------------------------------------------------------------------- synthetic
+@pytest.mark.slow
 def test_synthetic_is_deterministic_and_seed_dependent():
     a = load_dataset("synthetic", train_size=64, test_size=32, seed=3)
     b = load_dataset("synthetic", train_size=64, test_size=32, seed=3)
@@ -35,12 +36,14 @@ def test_synthetic_is_deterministic_and_seed_dependent():
     assert not torch.equal(a.train_x[:32], a.test_x)  # train and test are different draws
 
 
+@pytest.mark.slow
 def test_synthetic_prefix_does_not_depend_on_size():
     small_x, small_y = synthetic_split(100, seed=0, stream=1)
     big_x, big_y = synthetic_split(1500, seed=0, stream=1)
     assert torch.equal(small_x, big_x[:100]) and torch.equal(small_y, big_y[:100])
 
 
+@pytest.mark.slow
 def test_synthetic_is_normalized_and_uses_every_class():
     ds = load_dataset("synthetic", train_size=2000, test_size=10)
     mean = ds.train_x.mean(dim=(0, 2, 3))
@@ -336,6 +339,7 @@ def test_data_sets_default_to_label_preserving_augmentation():
         TrainConfig(augment="mixup")
 
 
+@pytest.mark.slow
 def test_small_bn_resnet_learns_8px_digits_with_the_default_augmentation():
     # the old default (4 px padding and flips on 8 px digits) left this network at 19.5%
     from sigprop.train import train

@@ -88,6 +88,7 @@ def test_dry_run_lists_the_shape_label(tmp_path):
 # ----------------------------------------------------------------------------- gains
 
 
+@pytest.mark.slow
 def test_probe_records_each_blocks_scalar_gain_by_value():
     torch.manual_seed(0)
     model = create_model("nf_resnet26", **{**SHAPE, "num_classes": 10, "skipinit_gain": 0.5})
@@ -131,6 +132,7 @@ def test_zero_gain_check_measures_the_ratio_agc_bounds():
     assert not ZeroGainCheck(ClipConfig(mode="agc", threshold=0.01).clipper(one)).params
 
 
+@pytest.mark.slow
 def test_a_run_warns_when_agc_holds_zero_gains_at_zero():
     base = {"data": "synthetic", "train_size": 64, "test_size": 32, "image_size": 8, "steps": 12,
             "batch_size": 16, "eval_every": 0, "base_lr": 0.8, "device": "cpu",
@@ -147,6 +149,7 @@ def test_a_run_warns_when_agc_holds_zero_gains_at_zero():
     assert unclipped.warnings == []
 
 
+@pytest.mark.slow
 def test_gain_check_survives_a_resume(tmp_path):
     config = {"data": "synthetic", "train_size": 64, "test_size": 32, "image_size": 8,
               "steps": 12, "batch_size": 16, "eval_every": 0, "device": "cpu",
@@ -161,6 +164,7 @@ def test_gain_check_survives_a_resume(tmp_path):
 # ----------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.slow
 def test_grid_report_shows_claims_settings_gains_and_the_warning(tmp_path):
     spec = grid_spec(tmp_path, """
         [[claims]]

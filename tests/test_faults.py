@@ -2,9 +2,9 @@
 missing data, signals, killed runners and workers, full disks, stale debris, and Ray over
 several nodes on one machine (``ray.cluster_utils.Cluster``, marked ``ray``).
 
-Most tests run a tiny grid in this process (``InlineExecutor``); the signal and kill tests
-start the real command line, tag it with an environment variable and look for every process
-carrying the tag afterwards.
+Most tests run a tiny grid in this process (``tests.helpers.InlineExecutor``); the signal and
+kill tests start the real command line, tag it with an environment variable and look for every
+process carrying the tag afterwards.
 """
 
 from __future__ import annotations
@@ -27,11 +27,21 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import tomllib
 
 from ablations import executors
 from ablations.executors import LocalExecutor
 from ablations.runner import Progress, run_grid, status_table
-from ablations.spec import GridSpec, expand, grid_size, load_spec, spec_from_dict
+from ablations.spec import (
+    GRIDS_DIR,
+    MAX_RUNS,
+    GridSpec,
+    expand,
+    grid_size,
+    load_spec,
+    shipped_grids,
+    spec_from_dict,
+)
 from ablations.store import GridStore, load_results
 from ablations.worker import execute_run
 from reports.build import build_report
@@ -40,64 +50,22 @@ from sigprop.clipping import ClipConfig
 from sigprop.errors import UserError
 from sigprop.models import model_spec, resolve_config
 from sigprop.train import TrainConfig
-
-ROOT = Path(__file__).resolve().parents[1]
-
-SPEC = """
-name = "tiny"
-[base]
-data = "synthetic"
-train_size = 32
-test_size = 16
-steps = {steps}
-batch_size = 16
-eval_every = 0
-checkpoint_every = 1
-probe_every = 1
-seed = 0
-[base.model]
-name = "nf_resnet26"
-stem = "cifar"
-width_mult = 0.125
-depths = [1, 1, 1, 1]
-[grid]
-seed = {seeds}
-"""
-
-
-class InlineExecutor:
-    """Runs in this process, one after the other: the store logic without process start-up."""
-
-    def slots(self) -> list[str]:
-        return ["cpu"]
-
-    def describe(self) -> str:
-        return "this process"
-
-    def run(self, root, grid, run_ids, on_result, on_step=None) -> None:
-        for rid in run_ids:
-            on_result(execute_run(root, grid, rid, "cpu", 1))
-
-
-def write_spec(folder: Path, steps: int = 2, seeds: str = "[0, 1]") -> Path:
-    path = folder / "tiny.toml"
-    path.write_text(SPEC.format(steps=steps, seeds=seeds))
-    return path
-
-
-def run_inline(spec_path: Path, out: Path, overrides: list[str] | None = None):
-    stream = io.StringIO()
-    outcome = run_grid(load_spec(spec_path, overrides), out, InlineExecutor(), stream=stream)
-    return outcome, stream.getvalue()
+from tests.helpers import (
+    ROOT,
+    run_dirs,
+    run_inline,
+    shipped_runs,
+    start_runner,
+    store_finished_grid,
+    wait_for,
+    write_spec,
+)
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     """An output root holding the tiny grid, both runs completed."""
-    folder = tmp_path_factory.mktemp("finished")
-    outcome, _ = run_inline(write_spec(folder), folder / "out")
-    assert outcome.counts == {"completed": 2}
-    return folder / "out"
+    return store_finished_grid(tmp_path_factory.mktemp("finished")) / "out"
 
 
 @pytest.fixture
@@ -106,10 +74,6 @@ def grid(finished, tmp_path) -> Path:
     shutil.copytree(finished, tmp_path / "out")
     write_spec(tmp_path)
     return tmp_path / "out" / "tiny"
-
-
-def run_dirs(grid_dir: Path) -> list[Path]:
-    return sorted(p for p in (grid_dir / "runs").iterdir())
 
 
 DAMAGE = {
@@ -133,6 +97,7 @@ def damage(run_dir: Path, name: str, how) -> bytes:
 
 
 @pytest.mark.parametrize("case", list(DAMAGE))
+@pytest.mark.slow
 def test_damaged_file_shows_in_status_and_report_and_rerun_repairs_it(grid, case, capsys):
     name, how = DAMAGE[case]
     bad_dir, good_dir = run_dirs(grid)
@@ -162,6 +127,7 @@ def test_damaged_file_shows_in_status_and_report_and_rerun_repairs_it(grid, case
                                   expected.drop(columns="step_time"))
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_restarts_the_run_from_step_0(grid):
     run_dir = run_dirs(grid)[0]
     expected = pd.read_parquet(run_dir / "metrics.parquet").drop(columns="step_time")
@@ -179,6 +145,7 @@ def test_damaged_checkpoint_restarts_the_run_from_step_0(grid):
     pd.testing.assert_frame_equal(got, expected)
 
 
+@pytest.mark.slow
 def test_stale_temporaries_of_a_killed_save_are_removed_on_resume(grid):
     run_dir = run_dirs(grid)[0]
     GridStore(grid.parent, grid.name).update_status(run_dir.name, state="queued")
@@ -340,6 +307,7 @@ def test_runs_finished_by_another_runner_are_counted_apart(grid):
     assert stream.getvalue().count("done by another runner") == 2
 
 
+@pytest.mark.slow
 def test_a_failed_status_write_is_said_on_the_console_and_shows_as_interrupted(
         tmp_path, monkeypatch):
     def full_disk(self, *args, **kwargs):
@@ -363,6 +331,7 @@ def test_a_full_disk_while_storing_the_grid_is_one_line_exit_2(tmp_path, monkeyp
     assert err.count("\n") == 1 and err.endswith("No space left on device\n")
 
 
+@pytest.mark.slow
 def test_a_changed_base_value_warns_first_and_shows_the_differing_key(grid):
     spec = grid.parent.parent / "tiny.toml"
     outcome, text = run_inline(spec, grid.parent, ["base_lr=0.2", "seed=0"])
@@ -380,15 +349,6 @@ def test_a_changed_base_value_warns_first_and_shows_the_differing_key(grid):
 TOKEN = "SIGPROP_FAULT_TEST"
 
 
-def start_runner(spec: Path, out: Path, tag: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "run_ablations.py"), "run", str(spec), "--out", str(out),
-         "--device", "cpu", "--no-report", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={**os.environ, TOKEN: tag},
-    )
-
-
 def tagged(tag: str) -> list[int]:
     """Pids of live processes started with ``TOKEN=tag`` in their environment."""
     found = []
@@ -404,13 +364,6 @@ def tagged(tag: str) -> list[int]:
         except OSError:
             continue
     return found
-
-
-def wait_for(condition, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.05)
 
 
 def states(out: Path) -> list[str]:
@@ -431,10 +384,11 @@ linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="us
 
 
 @linux_only
+@pytest.mark.slow
 def test_sigterm_requeues_runs_prints_one_line_and_exits_143(tmp_path):
     tag = uuid.uuid4().hex
     spec, out = write_spec(tmp_path, steps=400, seeds="[0, 1]"), tmp_path / "out"
-    runner = start_runner(spec, out, tag, "--workers", "1")
+    runner = start_runner(spec, out, "--workers", "1", env={TOKEN: tag})
     wait_for(lambda: "running" in states(out))
     runner.send_signal(signal.SIGTERM)
     stdout, stderr = runner.communicate(timeout=60)
@@ -447,10 +401,12 @@ def test_sigterm_requeues_runs_prints_one_line_and_exits_143(tmp_path):
 
 @linux_only
 @pytest.mark.parametrize("when", ["starting", "training"])
+@pytest.mark.slow
 def test_no_process_outlives_a_killed_runner(tmp_path, when):
     tag = uuid.uuid4().hex
     spec, out = write_spec(tmp_path, steps=400, seeds="[0, 1]"), tmp_path / "out"
-    runner = start_runner(spec, out, tag, "--workers", "2" if when == "starting" else "1")
+    runner = start_runner(spec, out, "--workers", "2" if when == "starting" else "1",
+                          env={TOKEN: tag})
     if when == "starting":  # workers spawned, still importing
         wait_for(lambda: len(workers_of(runner.pid)) >= 1)
     else:
@@ -478,10 +434,11 @@ def training_worker(out: Path, runner: subprocess.Popen) -> int | None:
 
 
 @linux_only
+@pytest.mark.slow
 def test_killing_workers_repeatedly_requeues_their_runs_every_time(tmp_path):
     tag = uuid.uuid4().hex
     spec, out = write_spec(tmp_path, steps=12, seeds="[0, 1]"), tmp_path / "out"
-    runner = start_runner(spec, out, tag, "--workers", "2")  # one torch thread each
+    runner = start_runner(spec, out, "--workers", "2", env={TOKEN: tag})  # one torch thread each
     killed = []
     for _ in range(3):  # each time mid-run: the worker has written its pid into the status
         wait_for(lambda: training_worker(out, runner) not in (None, *killed), timeout=120)
@@ -512,6 +469,7 @@ class FlakyPool(ThreadPoolExecutor):
         return super().submit(*args, **kwargs)
 
 
+@pytest.mark.slow
 def test_a_pool_broken_at_submit_is_replaced_and_its_runs_requeued(tmp_path, monkeypatch):
     monkeypatch.setattr(executors, "ProcessPoolExecutor", FlakyPool)
     monkeypatch.setattr(FlakyPool, "broken_once", [])
@@ -547,11 +505,28 @@ def test_a_run_whose_worker_keeps_dying_is_stored_as_failed(tmp_path, monkeypatc
     assert table["error"][0].startswith("worker process died 4 times")
 
 
-def test_spec_examples_still_expand():
-    # the shipped grids stay under the limit and expand exactly to their counted size bound
-    for path in (ROOT / "ablations" / "grids").glob("*.toml"):
-        spec = load_spec(path)
-        assert len(expand(spec)) <= grid_size(spec)
+def test_the_grids_folder_holds_the_shipped_grids():
+    # an empty or moved folder would leave the test below with no cases at all
+    assert set(shipped_grids()) >= {"quickstart", "agc_batch", "frontier_batch"}
+    assert shipped_grids() == sorted(p.stem for p in (ROOT / "ablations" / "grids").glob("*.toml"))
+
+
+@pytest.mark.parametrize("name", shipped_grids())
+def test_shipped_grids_stay_under_the_limit_and_count_their_runs_exactly(name):
+    path = GRIDS_DIR / f"{name}.toml"
+    spec = load_spec(path)
+    # the bound, from the file itself: one factor per tie group, one per other axis
+    raw = tomllib.loads(path.read_text())
+    tied = list(raw.get("tie", {}).values())
+    counted = math.prod(len(raw["grid"][keys[0]]) for keys in tied) * math.prod(
+        len(values) for key, values in raw["grid"].items()
+        if not any(key in keys for keys in tied))
+    assert grid_size(spec) == counted <= MAX_RUNS
+    # runs fall below the bound exactly when an axis was dropped from some run (an axis that
+    # does not apply collapses its values into one run); otherwise every combination is a run
+    runs = shipped_runs(name)
+    full = [r for r in runs if set(r.axes) == set(spec.grid)]
+    assert (len(runs) == counted) == (len(full) == len(runs))
 
 
 def test_readme_documents_the_damaged_state_and_the_limit():

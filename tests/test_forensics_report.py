@@ -118,9 +118,16 @@ def md_rows(section: str) -> list[list[str]]:
     return [[c.strip() for c in ln.strip("|").split(" | ")] for ln in lines]
 
 
-def test_section_gives_each_diverged_runs_diagnosis_and_the_timeline(tmp_path):
-    grid_dir = forensic_grid(tmp_path)
-    paths = build_report(grid_dir)
+@pytest.fixture(scope="module")
+def forensic_report(tmp_path_factory) -> tuple[Path, dict[str, Path]]:
+    """:func:`forensic_grid` and its report, built once for the tests that only read them."""
+    grid_dir = forensic_grid(tmp_path_factory.mktemp("forensic"))
+    return grid_dir, build_report(grid_dir)
+
+
+@pytest.mark.slow
+def test_section_gives_each_diverged_runs_diagnosis_and_the_timeline(forensic_report):
+    grid_dir, paths = forensic_report
     md = paths["md"].read_text()
     section = md_section(md, "Diverged and failed runs")
     assert "more than 10x that median or not finite" in section  # sigprop.diagnosis.RULE
@@ -146,6 +153,7 @@ def test_section_gives_each_diverged_runs_diagnosis_and_the_timeline(tmp_path):
     assert "A diverged run counts at chance accuracy (1/classes)" in md_section(md, "Summary")
 
 
+@pytest.mark.slow
 def test_section_without_flight_records_says_so_and_draws_nothing(tmp_path):
     grid_dir = forensic_grid(tmp_path)
     for file in (grid_dir / "runs").glob("*/flight.parquet"):
@@ -198,6 +206,7 @@ def timeline_frames() -> tuple[pd.DataFrame, pd.DataFrame]:
     return flight, runs
 
 
+@pytest.mark.slow
 def test_timeline_marks_the_divergence_and_the_first_out_of_range_step():
     flight, runs = timeline_frames()
     fig = plot_divergence_timeline(flight, runs)
@@ -284,9 +293,10 @@ def test_gradient_heatmap_diverged_panel_uses_the_flight_steps():
     assert all("recorded" not in ax.get_title() for ax in calm_fig.axes)
 
 
-def test_key_results_and_stability_heatmap_count_a_diverged_seed_at_chance(tmp_path):
-    grid_dir = forensic_grid(tmp_path)
-    md = build_report(grid_dir)["md"].read_text()
+@pytest.mark.slow
+def test_key_results_and_stability_heatmap_count_a_diverged_seed_at_chance(forensic_report):
+    grid_dir, paths = forensic_report
+    md = paths["md"].read_text()
     rows = md_rows(md_section(md, "Key results"))
     header, cells = rows[0], {r[0]: r for r in rows[1:]}
     column = header.index("batch 512")
@@ -318,9 +328,9 @@ def leading_number(text: str) -> float:
     return float(match.group(0)) if match else np.nan
 
 
-def test_runs_table_sorts_diverged_runs_at_chance(tmp_path):
-    grid_dir = forensic_grid(tmp_path)
-    md = build_report(grid_dir)["md"].read_text()
+@pytest.mark.slow
+def test_runs_table_sorts_diverged_runs_at_chance(forensic_report):
+    md = forensic_report[1]["md"].read_text()
     rows = md_rows(md_section(md, "Runs"))
     header, body = rows[0], rows[1:]
     acc = header.index("final acc")

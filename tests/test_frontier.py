@@ -22,7 +22,7 @@ from ablations.frontier import FRONTIER_COLUMNS, lattice, run_frontier
 from ablations.spec import FrontierSettings, load_spec
 from ablations.store import GridStore, load_results
 from run_ablations import main
-from tests.test_runner import kill_9
+from tests.helpers import kill_9
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,6 +116,7 @@ def test_lattice_spans_the_bounds_at_the_resolution():
     assert len(points) == math.ceil(math.log(1000) / math.log(2 ** 0.25)) + 1
 
 
+@pytest.mark.slow
 def test_bisection_finds_the_oracle_edge_within_the_resolution(tmp_path):
     outcome, executor, text = search(tmp_path)
     frame = outcome.frame
@@ -137,6 +138,7 @@ def test_bisection_finds_the_oracle_edge_within_the_resolution(tmp_path):
 
 
 @pytest.mark.parametrize("verbosity", [-1, 0, 1])
+@pytest.mark.slow
 def test_the_console_follows_quiet_and_verbose_and_beats_for_long_probes(tmp_path, verbosity):
     # a heartbeat interval shorter than a step: every step of every probe is "long"
     outcome, executor, text = search(tmp_path, verbosity=verbosity, heartbeat_s=1e-9)
@@ -159,6 +161,7 @@ def test_the_console_follows_quiet_and_verbose_and_beats_for_long_probes(tmp_pat
         assert {line.split()[1] for line in started} == set(executor.executed)
 
 
+@pytest.mark.slow
 def test_a_rerun_reads_every_probe_back_and_runs_none(tmp_path):
     first, _, _ = search(tmp_path)
     again, executor, _ = search(tmp_path)
@@ -167,6 +170,7 @@ def test_a_rerun_reads_every_probe_back_and_runs_none(tmp_path):
     pd.testing.assert_frame_equal(again.frame, first.frame)
 
 
+@pytest.mark.slow
 def test_unstable_at_lr_min_and_stable_to_lr_max_are_reported(tmp_path):
     edge = lambda config: 0.001 if config["batch_size"] == 16 else 100.0  # noqa: E731
     outcome, _, text = search(tmp_path, executor=OracleExecutor(edge))
@@ -198,6 +202,7 @@ def test_a_neighbour_censored_at_a_bound_is_no_warm_start(tmp_path):
     assert cell["max_stable_lr"] <= edge({"batch_size": 256, "steps": 8}) < cell["min_unstable_lr"]
 
 
+@pytest.mark.slow
 def test_probes_train_at_exactly_the_probe_lr_with_the_probe_steps(tmp_path):
     outcome, executor, _ = search(tmp_path, "steps = 3")
     store = GridStore(tmp_path / "out", "edge")
@@ -255,6 +260,7 @@ def test_a_spec_without_frontier_section_is_refused_by_frontier(tmp_path, capsys
 # ----------------------------------------------------------------------------- store
 
 
+@pytest.mark.slow
 def test_frontier_parquet_has_one_row_per_cell_and_load_results_exposes_it(tmp_path):
     outcome, _, _ = search(tmp_path)
     grid_dir = tmp_path / "out" / "edge"
@@ -301,6 +307,7 @@ def finished_probes(grid_dir: Path) -> dict[str, tuple[float, int]]:
     return out
 
 
+@pytest.mark.slow
 def test_sigkill_mid_search_then_rerun_finishes_without_repeating_a_stored_probe(tmp_path):
     path = tmp_path / "edge.toml"
     path.write_text(SPEC.format(frontier="steps = 6").replace(
@@ -463,6 +470,7 @@ def test_the_shipped_frontier_spec_states_its_claims_and_expands():
 # ----------------------------------------------------------------------------- figures
 
 
+@pytest.mark.slow
 def test_frontier_figures_and_report_section_are_written(tmp_path):
     from reports.build import build_report
     from reports.figures.frontier import frontier_table, plot_frontier, plot_frontier_accuracy
@@ -535,6 +543,7 @@ def test_the_search_on_ray_finds_what_the_local_executor_finds(tmp_path):
     pd.testing.assert_frame_equal(remote.frame[columns], local.frame[columns])
 
 
+@pytest.mark.slow
 def test_probes_stored_under_another_environment_are_said_first(tmp_path):
     import json
 
@@ -626,6 +635,7 @@ def edge_of(row: pd.Series, edge) -> float:
 
 @pytest.mark.parametrize("edge, most", [(measured_edge, 3.6), (seed_ordered_edge, 3.45),
                                         (smooth_edge, 2.9)])
+@pytest.mark.slow
 def test_warm_starts_find_the_cold_edges_in_fewer_probes_on_a_frontier_batch_grid(
         tmp_path, capsys, edge, most):
     """Measured: frontier_batch's own edges (issue 15's, each pair of seeds sorted, and issue
@@ -680,6 +690,7 @@ class StopAfter(OracleExecutor):
 
 
 @pytest.mark.parametrize("limit", [7, 40, 90])
+@pytest.mark.slow
 def test_a_warm_search_stopped_midway_resumes_without_repeating_a_probe(tmp_path, limit):
     from ablations.spec import GRIDS_DIR
 
@@ -727,6 +738,7 @@ class BumpyOracle(OracleExecutor):
         super().__init__(edge)
 
 
+@pytest.mark.slow
 def test_a_non_monotone_cell_is_flagged_and_counted_and_the_check_can_be_off(tmp_path):
     for warm in ("true", "false"):
         folder = tmp_path / warm
@@ -765,6 +777,7 @@ def test_a_non_monotone_cell_is_flagged_and_counted_and_the_check_can_be_off(tmp
     assert off.frame["n_probes"].sum() < outcome.frame["n_probes"].sum()
 
 
+@pytest.mark.slow
 def test_a_monotone_cell_is_not_flagged_and_a_probed_check_rate_is_reused(tmp_path):
     outcome, executor, _ = search(tmp_path, "warm_start = false")
     frame = outcome.frame
@@ -787,6 +800,7 @@ def test_the_warm_start_and_check_settings_are_checked(tmp_path, capsys):
     assert main(["frontier", str(spec), "--set", "frontier.warm_start=false", "--dry-run"]) == 0
 
 
+@pytest.mark.slow
 def test_the_console_summary_line_counts_non_monotone_cells(tmp_path, capsys, monkeypatch):
     import run_ablations
 

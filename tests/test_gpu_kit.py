@@ -3,6 +3,7 @@ the benchmarks' timing statistics."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from benchmarks import gpu
@@ -28,6 +29,7 @@ def test_unknown_section_is_a_one_line_error(tmp_path, capsys):
     assert capsys.readouterr().err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_batch_4096_configs_come_from_the_shipped_grids():
     configs = gpu.batch_4096_configs()
     assert configs
@@ -48,6 +50,7 @@ def test_markdown_has_a_table_per_section():
     assert "| 2 |  | time budget |" in text
 
 
+@pytest.mark.slow
 def test_median_interval_holds_the_median_and_narrows_with_more_rounds():
     import random
     import statistics

@@ -21,6 +21,7 @@ def test_published_gamma_matches_estimate(name):
     assert GAMMA[name] == pytest.approx(estimate, rel=2e-3)
 
 
+@pytest.mark.slow
 def test_relu_gamma_is_close_to_analytic_value():
     analytic = math.sqrt(2 / (1 - 1 / math.pi))
     assert estimate_gamma(F.relu, samples=1 << 24) == pytest.approx(analytic, rel=1e-3)

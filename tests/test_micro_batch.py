@@ -55,6 +55,7 @@ def test_bn_model_sees_micro_batch_statistics():
     assert worst > 1e-3  # BatchNorm normalizes each slice with its own statistics
 
 
+@pytest.mark.slow
 def test_training_with_micro_batch_matches_full_batch_updates():
     changes = {"model": NF_MODEL, "clip": {"mode": "agc", "threshold": 0.01}}
     full = train(config(**changes, steps=3).to_dict())

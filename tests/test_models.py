@@ -47,7 +47,14 @@ def test_registry_lists_every_family_and_named_depth():
     assert resolve_config("nfnet_f7").drop_rate == 0.5
 
 
-@pytest.mark.parametrize("name", list_models())
+# variants with more blocks take about a second each even on the meta device: they run in
+# make test, the shallow ones in the fast lane too
+DEEP_BLOCKS = 30
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(n, marks=pytest.mark.slow) if sum(resolve_config(n).depths) > DEEP_BLOCKS else n
+    for n in list_models()])
 def test_every_registered_model_shapes_on_meta(name):
     with torch.device("meta"):
         model = create_model(name, num_classes=7)
@@ -74,6 +81,7 @@ def test_forward_backward_at_small_resolution(name, stem, size):
     assert model.forward_features(x).dim() == 4
 
 
+@pytest.mark.slow
 def test_full_size_models_run_on_a_tiny_cpu_input():
     torch.manual_seed(0)
     for name in ("nf_resnet50", "nfnet_f0"):
@@ -135,6 +143,7 @@ def test_branch_point_sits_before_skip_gain_and_alpha():
     torch.testing.assert_close(out, x + 0.3 * 0.7 * captured["branch"])
 
 
+@pytest.mark.slow
 def test_defaults_follow_the_authors():
     model = create_model("nf_resnet50")
     gains = [p.item() for n, p in model.named_parameters() if n.endswith("skip_gain")]
@@ -197,6 +206,7 @@ def test_bad_override_values_name_the_field(name, override, message):
         create_model(name, **override)
 
 
+@pytest.mark.slow
 def test_models_command_prints_the_table(capsys):
     assert main(["models", "--family", "nfnet"]) == 0
     out = capsys.readouterr().out

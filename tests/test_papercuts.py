@@ -157,6 +157,7 @@ def test_no_deviation_line_when_the_theory_holds():
 # ----------------------------------------------------------------------------- legend, colours
 
 
+@pytest.mark.slow
 def test_legend_is_outside_every_panel_and_the_colours_are_okabe_ito():
     names = ["NF-ResNet-600", "NF-ResNet-600 w/o WS", "BN act_bn_conv", "BN bn_act_conv"]
     frame = spp_frame({n: {"sq_mean": [0.1, 0.2, 0.3, 0.4], "var": [1, 2, 3, 4],
@@ -187,6 +188,7 @@ SMALL = ["--model", "nf_resnet26", "--set", "width_mult=0.125", "--set", "stem=c
          "--seeds", "1"]
 
 
+@pytest.mark.slow
 def test_a_second_spp_warns_before_it_overwrites(tmp_path, capsys):
     out = tmp_path / "spp"
     assert main(["spp", *SMALL, "--out", str(out)]) == 0
@@ -198,6 +200,7 @@ def test_a_second_spp_warns_before_it_overwrites(tmp_path, capsys):
     assert str(out) in lines[0]
 
 
+@pytest.mark.slow
 def test_models_columns_use_the_readme_words(capsys):
     assert main(["models", "--family", "nf_resnet"]) == 0
     header = capsys.readouterr().out.splitlines()[0].split()
@@ -224,6 +227,7 @@ def test_count_parameters_takes_a_module_and_rejects_anything_else_in_one_line()
     assert "\n" not in str(err.value) and len(str(err.value)) < 200
 
 
+@pytest.mark.slow
 def test_sigprop_exports_the_api_and_nothing_else_and_stays_light():
     import sigprop
     from sigprop.clipping import ClipConfig
@@ -273,6 +277,7 @@ def test_accuracy_title_with_seed_on_x_says_no_seeds_were_averaged():
     assert "mean over 3 seeds" in plot_accuracy_vs_batch(runs).get_suptitle()
 
 
+@pytest.mark.slow
 def test_a_bad_spp_input_warns_of_no_overwrite_and_keeps_the_stored_one(tmp_path, capsys):
     out = tmp_path / "spp"
     assert main(["spp", *SMALL, "--out", str(out)]) == 0

@@ -99,6 +99,7 @@ def test_different_expectations_get_one_dashed_line_per_model_in_its_colour():
     assert plot_spp(frame).axes[1].get_yscale() == "log"
 
 
+@pytest.mark.slow
 def test_plot_of_a_real_measurement(tmp_path):
     from sigprop.spp import signal_propagation
 
@@ -119,6 +120,7 @@ SMALL = ["--set", "width_mult=0.125", "--set", "stem=cifar", "--set", "depths=[2
          "--set", "widths=[256,512]", "--input-shape", "4,3,16,16"]
 
 
+@pytest.mark.slow
 def test_cli_writes_parquet_csv_and_png(tmp_path, capsys):
     out = tmp_path / "spp"
     rc = main(["spp", "--model", "nf_resnet26", "--model", "bn_resnet26_v2", *SMALL,
@@ -172,6 +174,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path, capsys, args, message):
     assert not (out / "spp.parquet").exists()
 
 
+@pytest.mark.slow
 def test_cli_per_model_overrides_make_separate_lines(tmp_path, capsys):
     out = tmp_path / "spp"
     rc = main(["spp", "--model", "nf_resnet26", "--model", "nf_resnet26:ws=False:alpha=0.5",
@@ -208,6 +211,7 @@ def test_set_values_are_parsed_as_literals_or_strings():
     assert parse_value("cifar") == "cifar" and parse_value("'v2'") == "v2"
 
 
+@pytest.mark.slow
 def test_tiny_maps_are_shaded_captioned_and_warned_once(tmp_path, capsys):
     out = tmp_path / "tiny"
     rc = main(["spp", "--model", "nf_resnet26", "--set", "width_mult=0.125", "--set",
@@ -238,6 +242,7 @@ def test_nfnet_caption_says_why_the_expectation_is_left_out(tmp_path, capsys):
         caption
 
 
+@pytest.mark.slow
 def test_preset_runs_four_models_with_a_caption(tmp_path, capsys):
     out = tmp_path / "preset"
     rc = main(["spp", "--preset", "paper-a-fig1", "--set", "depths=[1,1]", "--set",
@@ -262,6 +267,7 @@ def test_frames_stored_before_the_new_columns_still_plot():
     assert len(lines(fig.axes[1], "--")) == 1
 
 
+@pytest.mark.slow
 def test_title_comes_from_the_frame_so_the_report_keeps_it():
     frame = synthetic_frame({"nf": 0.2}, seeds=2)
     frame["input_shape"] = "4x3x16x16"

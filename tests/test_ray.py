@@ -14,11 +14,11 @@ from ablations.executors import LocalExecutor, RayExecutor  # noqa: E402
 from ablations.runner import run_grid  # noqa: E402
 from ablations.spec import load_spec  # noqa: E402
 from ablations.store import GridStore, load_results  # noqa: E402
+from tests.helpers import start_runner  # noqa: E402
 from tests.test_runner import (  # noqa: E402
     metrics_by_run,
     run_states,
     spec_with_failing_data,
-    start_runner,
     write_spec,
 )
 

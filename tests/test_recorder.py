@@ -19,6 +19,7 @@ from sigprop.errors import UserError
 from sigprop.probes import Probe
 from sigprop.recorder import FlightRecorder
 from sigprop.train import TrainConfig, train
+from tests.helpers import tiny_spec
 
 TINY_MODEL = {"name": "nf_resnet26", "stem": "cifar", "width_mult": 0.125,
               "depths": [1, 1, 1, 1], "skipinit_gain": 1.0}
@@ -84,12 +85,14 @@ def test_a_run_at_a_huge_lr_keeps_every_step_up_to_its_divergence():
     assert set(run["clipped"]) == {0.0}  # clip mode none
 
 
+@pytest.mark.slow
 def test_the_ring_keeps_the_first_steps_and_the_last_ones_before_a_late_divergence():
     result = train(tiny(record_early=2, record_ring=3), probe=blow_up("stages.1.0", 9))
     assert (result.status, result.diverged_step) == ("diverged", 9)
     assert sorted(set(result.flight["step"])) == [0, 1, 7, 8, 9]
 
 
+@pytest.mark.slow
 def test_the_diagnosis_names_the_block_whose_gain_was_made_to_blow_up():
     result = train(tiny(), probe=blow_up("stages.2.0", 8))
     assert (result.status, result.diverged_step) == ("diverged", 8)
@@ -102,6 +105,7 @@ def test_the_diagnosis_names_the_block_whose_gain_was_made_to_blow_up():
     assert "stages.2.0" in found["diagnosis"]
 
 
+@pytest.mark.slow
 def test_a_run_that_does_not_diverge_never_reads_its_recorder(recorders, monkeypatch):
     read = []
     monkeypatch.setattr(FlightRecorder, "flight",
@@ -203,26 +207,8 @@ def test_too_few_steps_or_no_record_give_no_diagnosis_and_say_why():
 
 # ----------------------------------------------------------------------------- the store
 
-SPEC = """
-name = "tiny"
-[base]
-data = "synthetic"
-train_size = 64
-test_size = 32
-steps = 6
-batch_size = 16
-eval_every = 3
-seed = 0
-[base.model]
-name = "nf_resnet26"
-stem = "cifar"
-width_mult = 0.125
-depths = [1, 1, 1, 1]
-[base.clip]
-mode = "none"
-[grid]
-lr = [0.05, 1e6]
-"""
+SPEC = tiny_spec(train_size=64, test_size=32, steps=6, eval_every=3,
+                 clip='mode = "none"', grid="lr = [0.05, 1e6]")
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +222,7 @@ def store_with_a_diverged_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_load_results_gives_the_flight_of_diverged_runs_and_acc_chance(
         store_with_a_diverged_run):
     out = store_with_a_diverged_run
@@ -261,6 +248,7 @@ def test_load_results_gives_the_flight_of_diverged_runs_and_acc_chance(
     assert table.loc[completed["run_id"], "diagnosis"] == ""
 
 
+@pytest.mark.slow
 def test_status_prints_the_diagnosis_line(store_with_a_diverged_run, capsys):
     out = store_with_a_diverged_run
     assert main(["status", str(out)]) == 0
@@ -269,6 +257,7 @@ def test_status_prints_the_diagnosis_line(store_with_a_diverged_run, capsys):
     assert f"tiny/{diverged['run_id']}: {diverged['diagnosis']}" in printed
 
 
+@pytest.mark.slow
 def test_an_unreadable_flight_file_makes_its_run_damaged(store_with_a_diverged_run, tmp_path):
     import shutil
 
@@ -285,6 +274,7 @@ def test_an_unreadable_flight_file_makes_its_run_damaged(store_with_a_diverged_r
     assert GridStore(out, "tiny").damage(rid).path.name == "flight.parquet"
 
 
+@pytest.mark.slow
 def test_summary_fields_of_the_wrong_type_make_the_status_damaged(store_with_a_diverged_run,
                                                                    tmp_path):
     import shutil
@@ -301,24 +291,8 @@ def test_summary_fields_of_the_wrong_type_make_the_status_damaged(store_with_a_d
     assert row["status"] == "damaged" and "diverged_clipping_active" in row["error"]
 
 
-FRONTIER_SPEC = """
-name = "edge"
-[base]
-data = "synthetic"
-train_size = 64
-test_size = 32
-steps = 4
-batch_size = 16
-eval_every = 0
-seed = 0
-[base.model]
-name = "nf_resnet26"
-stem = "cifar"
-width_mult = 0.125
-depths = [1, 1, 1, 1]
-[base.clip]
-mode = "none"
-[frontier]
+FRONTIER_SPEC = tiny_spec("edge", train_size=64, test_size=32, steps=4,
+                          clip='mode = "none"', grid="") + """[frontier]
 lr_min = 0.01
 lr_max = 1e6
 resolution = 100.0

@@ -160,6 +160,7 @@ def measure(tmp_path: Path, page: str, width: int, queries: list[str]) -> dict:
 
 @needs_chromium
 @pytest.mark.parametrize("width", WIDTHS)
+@pytest.mark.slow
 def test_every_column_and_figure_is_reachable_at_each_width(tmp_path, width):
     found = measure(tmp_path, layout_page(), width, [])
     assert found["view"] == width
@@ -197,6 +198,7 @@ def percent(text: str) -> float:
 
 
 @needs_chromium
+@pytest.mark.slow
 def test_filter_understands_key_value_terms(tmp_path):
     frame = runs_frame()
     acc = frame["final acc"].map(percent)
@@ -231,6 +233,7 @@ def test_filter_understands_key_value_terms(tmp_path):
     assert found["lr=0.1"]["count"] == "0 of 36 rows (no column lr)"
 
 
+@pytest.mark.slow
 def test_accuracy_strip_names_leave_no_left_margin():
     fig = plot_accuracy_vs_batch(agc_batch_runs())
     FigureCanvasAgg(fig).draw()  # runs the constrained layout

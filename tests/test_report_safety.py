@@ -140,9 +140,14 @@ def assert_nothing_injected(page: Elements, scripts_allowed: int) -> None:
                 if "Injected" in h]
 
 
-def test_markdown_report_quotes_hostile_text_rendered_by_python_markdown(tmp_path):
-    grid_dir = hostile_grid(tmp_path)
-    md = build_report(grid_dir)["md"].read_text()
+@pytest.fixture(scope="module")
+def hostile_report(tmp_path_factory) -> dict[str, Path]:
+    """The report of :func:`hostile_grid`, built once for the tests that only read it."""
+    return build_report(hostile_grid(tmp_path_factory.mktemp("hostile")))
+
+
+def test_markdown_report_quotes_hostile_text_rendered_by_python_markdown(hostile_report):
+    md = hostile_report["md"].read_text()
     page = parse(markdown.markdown(md, extensions=["fenced_code", "tables"]))
     assert_nothing_injected(page, scripts_allowed=0)
     # the hostile text is shown, as text
@@ -174,19 +179,20 @@ def split_row(line: str) -> list[str]:
     return [*cells, current]
 
 
-def test_markdown_without_the_fenced_code_extension_still_injects_nothing(tmp_path):
-    md = build_report(hostile_grid(tmp_path))["md"].read_text()
+def test_markdown_without_the_fenced_code_extension_still_injects_nothing(hostile_report):
+    md = hostile_report["md"].read_text()
     assert_nothing_injected(parse(markdown.markdown(md)), scripts_allowed=0)
 
 
-def test_html_report_stays_fully_escaped(tmp_path):
-    page_text = build_report(hostile_grid(tmp_path))["html"].read_text()
+def test_html_report_stays_fully_escaped(hostile_report):
+    page_text = hostile_report["html"].read_text()
     page = parse(page_text)
     assert_nothing_injected(page, scripts_allowed=1)  # the report's own table script
     assert page_text.count("<script>") == 1
     assert [b for b in page.named("pre") if "Traceback" in b] == [TRACEBACK]
 
 
+@pytest.mark.slow
 def test_report_figure_folder_reads_as_a_link_whatever_its_name(tmp_path):
     grid_dir = hostile_grid(tmp_path)
     out = tmp_path / "my (draft) report.html"
@@ -202,6 +208,7 @@ def test_report_figure_folder_reads_as_a_link_whatever_its_name(tmp_path):
 # ----------------------------------------------------------------------------- own files only
 
 
+@pytest.mark.slow
 def test_report_refuses_a_files_folder_holding_the_users_figures(tmp_path):
     grid_dir = hostile_grid(tmp_path / "results")
     doc = tmp_path / "doc"
@@ -227,6 +234,7 @@ def test_report_refuses_a_files_folder_holding_the_users_figures(tmp_path):
     assert build_report(grid_dir, doc / "analysis.md")["md"].read_text().startswith("# Ablation")
 
 
+@pytest.mark.slow
 def test_a_second_report_removes_only_its_own_stale_figures(tmp_path):
     grid_dir = hostile_grid(tmp_path / "results")
     out = tmp_path / "doc" / "grid.html"
@@ -265,6 +273,7 @@ def test_a_forged_manifest_deletes_nothing_outside_the_folder(tmp_path):
     assert precious.read_bytes() == PNG_MAGIC
 
 
+@pytest.mark.slow
 def test_a_grids_own_report_folder_from_before_the_manifest_is_adopted(tmp_path):
     grid_dir = hostile_grid(tmp_path)
     build_report(grid_dir)
@@ -325,6 +334,7 @@ def section(md: str, title: str) -> str:
     return md.split(f"## {title}\n")[1].split("\n## ")[0]
 
 
+@pytest.mark.slow
 def test_settings_whose_seeds_disagree_beyond_the_test_set_are_flagged(tmp_path):
     # batch 64: seeds split; 256: 10%-80% on 1000 test examples (width 6.2%); 1024: 80.0% and
     # 80.5%, within the 5.0% a test set of 1000 resolves at 80%
@@ -344,6 +354,7 @@ def test_settings_whose_seeds_disagree_beyond_the_test_set_are_flagged(tmp_path)
                         "at 45% on 1000 test examples)")
 
 
+@pytest.mark.slow
 def test_a_full_test_set_narrows_the_width_and_one_seed_is_never_flagged(tmp_path):
     # 80.0% vs 80.5% is within the 3.5% of synthetic's 2000 test examples at 80%, and 74% vs
     # 80.5% is not (3.7% at 77%); a single seed cannot disagree with itself
@@ -356,6 +367,7 @@ def test_a_full_test_set_narrows_the_width_and_one_seed_is_never_flagged(tmp_pat
             "test examples)") in section(md, "Summary")
 
 
+@pytest.mark.slow
 def test_environment_lists_each_distinct_environment_and_says_when_they_differ(tmp_path):
     envs = [{"threads": 1, "deterministic": False, "device": "cpu"},
             {"threads": 1, "deterministic": False, "device": "cpu"},
@@ -375,6 +387,7 @@ def test_environment_lists_each_distinct_environment_and_says_when_they_differ(t
                     ("2.13.0+cpu", "cpu", "not recorded", "not recorded", "1")]
 
 
+@pytest.mark.slow
 def test_one_environment_is_said_to_be_one(tmp_path):
     envs = [{"threads": 1, "device": "cuda:0"}, {"threads": 1, "device": "cuda:1"}]
     grid_dir = seeded_grid(tmp_path, {64: [0.8, 0.81]}, environments=envs)
@@ -398,6 +411,7 @@ WRONG_STATUS = {
 
 
 @pytest.mark.parametrize("case", sorted(WRONG_STATUS))
+@pytest.mark.slow
 def test_a_wrong_typed_status_is_a_damaged_run_not_a_traceback(tmp_path, case):
     grid_dir = seeded_grid(tmp_path, {64: [0.8, 0.81], 256: [0.7, 0.71]})
     path = grid_dir / "runs" / "b64-s0" / "status.json"
@@ -418,6 +432,7 @@ def test_a_wrong_typed_status_is_a_damaged_run_not_a_traceback(tmp_path, case):
     ("config.json", {"effective": [1]}),
     ("config.json", {"axes": "batch_size"}),
 ])
+@pytest.mark.slow
 def test_wrong_types_the_store_catches_reach_the_report_as_damaged(tmp_path, file, change):
     grid_dir = seeded_grid(tmp_path, {64: [0.8, 0.81], 256: [0.7, 0.71]})
     path = grid_dir / "runs" / "b64-s0" / file

@@ -397,6 +397,7 @@ def test_accuracy_plot_takes_explicit_hue_and_facets_the_rest():
     assert strip_names(first_strip) == ["4096"]
 
 
+@pytest.mark.slow
 def test_training_curves_panels_per_batch_and_divergence_points():
     runs = pd.DataFrame([
         run_row("a", {"batch_size": 64, "clip.mode": "agc"}, acc=0.8),
@@ -436,6 +437,7 @@ def test_training_curves_panels_per_batch_and_divergence_points():
     assert data_axes(fig)[1].get_xlabel() == "epoch"
 
 
+@pytest.mark.slow
 def test_gradient_heatmap_blocks_by_steps_on_a_log_scale():
     runs = pd.DataFrame([
         # listed first, but panels prefer the normalizer-free model
@@ -532,6 +534,7 @@ def test_spp_slopes_recover_alpha_squared():
     assert np.allclose(slopes["expected_slope"], slopes["model.alpha"] ** 2)
 
 
+@pytest.mark.slow
 def test_alpha_sweep_three_panels():
     runs, blocks = alpha_sweep_frames()
     fig = plot_alpha_sweep(runs, blocks)
@@ -558,6 +561,7 @@ def test_plots_reject_frames_without_their_columns():
                                   agc_batch_runs())
 
 
+@pytest.mark.slow
 def test_accuracy_axis_from_zero_with_chance_and_one_label():
     runs = agc_batch_runs().assign(**{"model.num_classes": 10})
     fig = plot_accuracy_vs_batch(runs)
@@ -672,12 +676,20 @@ def test_alpha_sweep_with_one_block_per_stage_and_gain_zero_runs():
 # ----------------------------------------------------------------------------- report
 
 
-def test_report_of_a_partial_grid(tmp_path):
-    grid_dir = small_disk_grid(tmp_path)
+@pytest.fixture(scope="module")
+def built_report(tmp_path_factory) -> tuple[Path, dict]:
+    """``small_disk_grid`` and what ``build_report`` returned for it, built once for the tests
+    that only read the report."""
+    grid_dir = small_disk_grid(tmp_path_factory.mktemp("report"))
+    return grid_dir, build_report(grid_dir)
+
+
+@pytest.mark.slow
+def test_report_of_a_partial_grid(built_report):
+    grid_dir, paths = built_report
     results = load_results(grid_dir)
     assert sorted(results.runs["status"]) == ["completed", "completed", "diverged", "failed",
                                               "queued"]
-    paths = build_report(grid_dir)
     assert paths == {"html": grid_dir / "report.html", "md": grid_dir / "report.md"}
     page = paths["html"].read_text()
     text = re.sub(r"<[^>]+>", "", page)
@@ -723,6 +735,7 @@ def test_report_of_a_grid_with_nothing_finished(tmp_path):
     assert "| batch 64 | batch 256 |" in paths["md"].read_text()
 
 
+@pytest.mark.slow
 def test_report_out_location_and_stale_figures(tmp_path):
     grid_dir = small_disk_grid(tmp_path)
     out = tmp_path / "elsewhere" / "grid.html"
@@ -756,6 +769,7 @@ def test_report_bad_input_is_one_line_user_error(tmp_path):
         build_report(tmp_path / "root")
 
 
+@pytest.mark.slow
 def test_report_includes_the_spp_section_when_plot_spp_exists(tmp_path, monkeypatch):
     grid_dir = small_disk_grid(tmp_path)
     (grid_dir / "spp").mkdir()
@@ -784,6 +798,7 @@ def test_report_includes_the_spp_section_when_plot_spp_exists(tmp_path, monkeypa
     assert not (grid_dir / "report_files" / "spp.png").exists()
 
 
+@pytest.mark.slow
 def test_report_spp_figure_keeps_its_title(tmp_path, monkeypatch):
     from reports.figures import spp
 
@@ -806,9 +821,10 @@ def test_report_spp_figure_keeps_its_title(tmp_path, monkeypatch):
                                        "input 2x3x16x16, 2 seeds (band: min-max)")
 
 
-def test_report_html_tables_sort_filter_and_scroll_offline(tmp_path):
-    grid_dir = small_disk_grid(tmp_path)
-    page = build_report(grid_dir)["html"].read_text()
+@pytest.mark.slow
+def test_report_html_tables_sort_filter_and_scroll_offline(built_report):
+    grid_dir, paths = built_report
+    page = paths["html"].read_text()
     assert '<meta name="viewport" content="width=device-width, initial-scale=1">' in page
     # every table sits in a horizontally scrolling wrapper and is marked sortable
     assert page.count("<table") == len(re.findall(
@@ -836,9 +852,9 @@ def test_report_html_tables_sort_filter_and_scroll_offline(tmp_path):
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed "
                     "(apt-get install chromium) so the headless sort cannot be checked")
-def test_report_tables_sort_and_filter_in_headless_chromium(tmp_path):
-    grid_dir = small_disk_grid(tmp_path)
-    page = build_report(grid_dir)["html"].read_text()
+@pytest.mark.slow
+def test_report_tables_sort_and_filter_in_headless_chromium(tmp_path, built_report):
+    page = built_report[1]["html"].read_text()
     # click the runs table's "final acc" header twice and type into the settings filter,
     # recording what the page shows after each step
     probe = page.replace("</body>", """<script>
@@ -887,9 +903,10 @@ addEventListener("load", () => {
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="/usr/bin/chromium is not installed "
                     "(apt-get install chromium) so the headless render cannot be checked")
-def test_report_renders_in_headless_chromium(tmp_path):
-    grid_dir = small_disk_grid(tmp_path)
-    page = build_report(grid_dir)["html"].read_text()
+@pytest.mark.slow
+def test_report_renders_in_headless_chromium(tmp_path, built_report):
+    grid_dir, paths = built_report
+    page = paths["html"].read_text()
     # count the images the browser decoded, once everything has loaded
     probe = page.replace("</body>", "<script>addEventListener('load', () => "
                          "document.body.dataset.decoded = [...document.images].filter("

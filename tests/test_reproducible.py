@@ -13,36 +13,15 @@ from ablations.executors import LocalExecutor
 from ablations.runner import run_grid, status_table
 from ablations.spec import load_spec
 from ablations.store import load_results
-from ablations.worker import execute_run
 from run_ablations import build_parser, main
-
-SPEC = """
-name = "tiny"
-[base]
-data = "synthetic"
-train_size = 64
-test_size = 32
-steps = {steps}
-batch_size = 32
-eval_every = 0
-checkpoint_every = 0
-seed = 0
-[base.model]
-name = "nf_resnet26"
-stem = "cifar"
-width_mult = 0.25
-depths = [1, 1, 1, 1]
-[base.clip]
-mode = "norm"
-threshold = 0.5
-[grid]
-seed = [0, 1]
-"""
+from tests.helpers import run_inline, tiny_spec
 
 
 def write_spec(folder: Path, steps: int = 8) -> Path:
     path = folder / "tiny.toml"
-    path.write_text(SPEC.format(steps=steps))
+    path.write_text(tiny_spec(train_size=64, test_size=32, steps=steps, batch_size=32,
+                              checkpoint_every=0, width_mult=0.25,
+                              clip='mode = "norm"\nthreshold = 0.5'))
     return path
 
 
@@ -50,38 +29,6 @@ def metrics_of(grid_dir: Path) -> dict[str, pd.DataFrame]:
     """Every run's stored metrics without the wall-clock column (the one that may differ)."""
     return {run.name: pd.read_parquet(run / "metrics.parquet").drop(columns="step_time")
             for run in sorted((grid_dir / "runs").iterdir())}
-
-
-class InlineExecutor:
-    """Runs in this process, one after the other, with the thread count and flags given."""
-
-    def __init__(self, threads: int = 1, deterministic: bool = False):
-        self.threads, self.deterministic, self.device = threads, deterministic, "cpu"
-
-    def slots(self) -> list[str]:
-        return ["cpu"]
-
-    def describe(self) -> str:
-        return "this process"
-
-    def run(self, root, grid, run_ids, on_result, on_step=None) -> None:
-        import torch
-
-        before = torch.get_num_threads()
-        try:
-            for rid in run_ids:
-                on_result(execute_run(root, grid, rid, "cpu", self.threads,
-                                      deterministic=self.deterministic))
-        finally:
-            torch.set_num_threads(before)
-
-
-def run_inline(spec: Path, out: Path, **kwargs) -> tuple:
-    stream = io.StringIO()
-    executor_args = {k: kwargs.pop(k) for k in ("threads", "deterministic") if k in kwargs}
-    outcome = run_grid(load_spec(spec), out, InlineExecutor(**executor_args), stream=stream,
-                       **kwargs)
-    return outcome, stream.getvalue()
 
 
 @pytest.mark.slow
@@ -150,6 +97,7 @@ def test_reusing_runs_of_another_thread_count_is_said_first(copy):
     assert "different environment" not in text
 
 
+@pytest.mark.slow
 def test_rerun_if_env_differs_runs_them_again_and_keeps_the_old_files(copy):
     grid = copy / "out" / "tiny"
     before = metrics_of(grid)

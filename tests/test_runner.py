@@ -2,11 +2,7 @@
 
 import io
 import json
-import os
 import pickle
-import signal
-import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -21,38 +17,15 @@ from ablations.spec import expand, load_spec
 from ablations.store import GridStore, load_results
 from run_ablations import main
 from sigprop.files import atomic_path, writable_dir_error
+from tests.helpers import kill_9, start_runner, tiny_spec
 from tests.test_data import write_cifar10
-
-ROOT = Path(__file__).resolve().parents[1]
-
-SPEC = """
-name = "tiny"
-[base]
-data = "synthetic"
-train_size = 64
-test_size = 32
-steps = {steps}
-batch_size = 16
-eval_every = 4
-checkpoint_every = 1
-probe_every = 2
-seed = 0
-[base.model]
-name = "nf_resnet26"
-stem = "cifar"
-width_mult = 0.125
-depths = [1, 1, 1, 1]
-[base.clip]
-mode = "agc"
-threshold = 0.04
-[grid]
-seed = {seeds}
-"""
 
 
 def write_spec(tmp_path: Path, steps: int = 6, seeds: str = "[0, 1]", extra: str = "") -> Path:
     path = tmp_path / "tiny.toml"
-    path.write_text(SPEC.format(steps=steps, seeds=seeds) + textwrap.dedent(extra))
+    path.write_text(tiny_spec(train_size=64, test_size=32, steps=steps, eval_every=4,
+                              checkpoint_every=1, probe_every=2, grid=f"seed = {seeds}",
+                              clip='mode = "agc"\nthreshold = 0.04') + textwrap.dedent(extra))
     return path
 
 
@@ -82,6 +55,7 @@ def metrics_by_run(grid_dir: Path) -> dict[str, pd.DataFrame]:
     return out
 
 
+@pytest.mark.slow
 def test_grid_stores_runs_in_the_documented_layout(tmp_path):
     spec = load_spec(write_spec(tmp_path))
     out = tmp_path / "out"
@@ -120,6 +94,7 @@ def test_grid_stores_runs_in_the_documented_layout(tmp_path):
     assert all(s["attempts"] == 1 for s in run_states(grid_dir).values())
 
 
+@pytest.mark.slow
 def test_diverged_and_failed_runs_are_stored_and_the_grid_completes(tmp_path, capsys):
     path = spec_with_failing_data(
         tmp_path, '"clip.mode" = ["none"]\nlr = [0.05, 1e6]\ndata = ["synthetic", "cifar10"]\n',
@@ -153,24 +128,7 @@ def test_diverged_and_failed_runs_are_stored_and_the_grid_completes(tmp_path, ca
         ("completed", 1), ("diverged", 1), ("failed", 1)]
 
 
-def start_runner(spec: Path, out: Path, *args: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "run_ablations.py"), "run", str(spec), "--out", str(out),
-         "--device", "cpu", "--no-report", *args],
-        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-
-
-def kill_9(runner: subprocess.Popen, store: GridStore, deadline: float) -> None:
-    """SIGKILL the runner, then wait (until ``deadline``, monotonic) for its workers, which
-    die with it, to let go of their runs' locks."""
-    os.kill(runner.pid, signal.SIGKILL)
-    runner.wait(timeout=30)
-    while any(store.is_locked(rid) for rid in store.run_ids()):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-
-
+@pytest.mark.slow
 def test_sigkill_mid_grid_then_resume_equals_an_uninterrupted_grid(tmp_path):
     spec = write_spec(tmp_path, steps=12, seeds="[0, 1, 2]")
     reference, killed = tmp_path / "reference", tmp_path / "killed"
@@ -210,6 +168,7 @@ def test_sigkill_mid_grid_then_resume_equals_an_uninterrupted_grid(tmp_path):
         pd.testing.assert_frame_equal(got[rid], expected[rid])
 
 
+@pytest.mark.slow
 def test_two_runners_share_one_store_without_duplicates(tmp_path):
     spec = write_spec(tmp_path, steps=4, seeds="[0, 1, 2, 3]")
     out = tmp_path / "out"

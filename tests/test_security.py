@@ -41,8 +41,8 @@ from sigprop import data
 from sigprop.data import load_dataset
 from sigprop.errors import UserError
 from sigprop.train import train
+from tests.helpers import ROOT, InlineExecutor, wait_for, write_spec
 from tests.test_data import cifar_entry, write_cifar10
-from tests.test_faults import ROOT, InlineExecutor, wait_for, write_spec
 from tests.test_train import TINY_MODEL
 
 linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Linux launcher")
@@ -148,6 +148,7 @@ def parent_death_signal(results) -> None:
 
 
 @linux_only
+@pytest.mark.slow
 def test_workers_start_with_the_parent_death_signal_set_inline():
     cmd = executors.deathsig_command_line(["python", "-c", "print(1)", "--multiprocessing-fork"])
     assert cmd[0] == "python" and cmd[1] == "-c" and cmd[3] == "--multiprocessing-fork"
@@ -422,6 +423,7 @@ def test_extracted_files_must_match_the_published_md5s(tmp_path, monkeypatch, no
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["cifar-10-python.tar.gz"]
 
 
+@pytest.mark.slow
 def test_a_good_tarball_in_data_dir_is_extracted_once_before_the_grid_runs(
         tmp_path, monkeypatch, no_network):
     archive, files = tarball_of(tmp_path)

@@ -110,6 +110,7 @@ def test_nf_resnet_with_scaled_ws_follows_the_bookkeeping(nf_ws):
     assert (nf_ws["sq_mean"] < 0.05 * nf_ws["var"]).all()
 
 
+@pytest.mark.slow
 def test_nf_resnet_without_ws_shows_mean_shift(nf_ws):
     plain = spp(ws=False)
     # squared mean 1-2 orders of magnitude above the WS net's at every block
@@ -134,6 +135,7 @@ def test_bn_resnet_v2_variance_grows_within_stages_and_resets():
     assert bn["res_var"].mean() == pytest.approx(1 - 1 / np.pi, rel=0.1)
 
 
+@pytest.mark.slow
 def test_within_stage_slope_scales_as_alpha_squared(nf_ws):
     doubled = spp(alpha=2 * ALPHA)
     ratios = np.array(within_stage_slopes(doubled)) / np.array(within_stage_slopes(nf_ws))
@@ -189,6 +191,7 @@ def test_bad_input_is_a_user_error():
     check_overrides(["nf_resnet26", "bn_resnet26_v2"], {"alpha": 0.3})  # one model has it
 
 
+@pytest.mark.slow
 def test_bn_resnet_orderings_of_paper_a_figure_1():
     # BN-ReLU-Conv: the ReLU's mean goes into the channel means, the branch variance is
     # 1 - 1/pi; ReLU-BN-Conv: BN hands the conv zero-mean unit-variance input, variance 1
@@ -230,6 +233,7 @@ def test_map_sizes_and_tiny_map_flags():
     assert tiny[sizes < TINY_MAP].all() and not tiny[sizes >= TINY_MAP].any()
 
 
+@pytest.mark.slow
 def test_data_set_inputs_are_normalised_per_channel_and_drawn_per_seed():
     batches = input_batches("synthetic", (6, 3, 16, 16), [0, 1])
     for x in batches.values():

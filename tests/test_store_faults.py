@@ -2,7 +2,6 @@
 parses but holds the wrong types."""
 
 import errno
-import io
 import json
 import os
 import shutil
@@ -14,65 +13,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from ablations.runner import run_grid, status_table
-from ablations.spec import load_spec
+from ablations.runner import status_table
 from ablations.store import DamagedFile, GridStore, load_results
-from ablations.worker import execute_run
 from run_ablations import main
-
-ROOT = Path(__file__).resolve().parents[1]
-
-SPEC = """
-name = "tiny"
-[base]
-data = "synthetic"
-train_size = 32
-test_size = 16
-steps = 2
-batch_size = 16
-eval_every = 0
-checkpoint_every = 1
-probe_every = 1
-seed = 0
-[base.model]
-name = "nf_resnet26"
-stem = "cifar"
-width_mult = 0.125
-depths = [1, 1, 1, 1]
-[grid]
-seed = [0, 1]
-"""
-
-
-class InlineExecutor:
-    """Runs in this process, one after the other."""
-
-    device, threads, deterministic = "cpu", 1, False
-
-    def slots(self) -> list[str]:
-        return ["cpu"]
-
-    def describe(self) -> str:
-        return "this process"
-
-    def run(self, root, grid, run_ids, on_result, on_step=None) -> None:
-        for rid in run_ids:
-            on_result(execute_run(root, grid, rid, "cpu", 1))
-
-
-def run_inline(spec: Path, out: Path) -> tuple:
-    stream = io.StringIO()
-    outcome = run_grid(load_spec(spec), out, InlineExecutor(), stream=stream)
-    return outcome, stream.getvalue()
+from tests.helpers import ROOT, run_dirs, run_inline, store_finished_grid
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("finished")
-    (folder / "tiny.toml").write_text(SPEC)
-    outcome, _ = run_inline(folder / "tiny.toml", folder / "out")
-    assert outcome.counts == {"completed": 2}
-    return folder
+    return store_finished_grid(tmp_path_factory.mktemp("finished"))
 
 
 @pytest.fixture
@@ -80,10 +29,6 @@ def grid(finished, tmp_path) -> Path:
     """A fresh copy of the finished grid folder (spec at tmp_path/tiny.toml)."""
     shutil.copytree(finished, tmp_path, dirs_exist_ok=True)
     return tmp_path / "out" / "tiny"
-
-
-def run_dirs(grid_dir: Path) -> list[Path]:
-    return sorted(p for p in (grid_dir / "runs").iterdir())
 
 
 def edit_json(path: Path, change) -> None:
@@ -120,6 +65,7 @@ def read_only(monkeypatch):
     return arm
 
 
+@pytest.mark.slow
 def test_readers_of_a_read_only_store_with_an_interrupted_run(grid, read_only, tmp_path,
                                                                capsys):
     interrupted, done = run_dirs(grid)
@@ -184,6 +130,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot
 import ablations.runner, ablations.store, reports.build
 from run_ablations import main
+from tests.helpers import ROOT, run_dirs, run_inline, store_finished_grid
 os.setgid(65534)
 os.setuid(65534)
 code = main(sys.argv[1:])
@@ -299,6 +246,7 @@ def test_a_wrong_type_makes_the_run_damaged_in_every_reader(grid, case, capsys):
 
 @pytest.mark.parametrize("case", ["summary a list", "state unknown", "axes a list",
                                   "batch_size a string"])
+@pytest.mark.slow
 def test_a_run_repairs_a_run_with_a_wrong_type(grid, case):
     bad, _ = run_dirs(grid)
     expected = pd.read_parquet(bad / "metrics.parquet").drop(columns="step_time")

@@ -38,29 +38,10 @@ from reports.tensorboard import (  # noqa: E402
     watch_tensorboard,
 )
 from run_ablations import main  # noqa: E402
-from tests.test_faults import InlineExecutor  # noqa: E402
+from tests.helpers import InlineExecutor, tiny_spec  # noqa: E402
 
-SPEC = """
-name = "tb"
-[base]
-data = "synthetic"
-train_size = 32
-test_size = 16
-steps = 3
-batch_size = 16
-eval_every = 2
-checkpoint_every = 0
-probe_every = 1
-seed = 0
-[base.model]
-name = "nf_resnet26"
-stem = "cifar"
-width_mult = 0.125
-depths = [1, 1, 1, 1]
-[grid]
-base_lr = [0.1, 1e6]
-augment = ["crop", "none"]
-"""
+SPEC = tiny_spec("tb", steps=3, eval_every=2, checkpoint_every=0, probe_every=1,
+                 grid='base_lr = [0.1, 1e6]\naugment = ["crop", "none"]')
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from ablations.spec import load_spec  # noqa: E402
 from ablations.store import GridStore, load_results  # noqa: E402
 from ablations.tracking import ENV_LIVE, LIVE_DIR, LIVE_MARK, tracking_environment  # noqa: E402
 from reports.tensorboard import export_tensorboard  # noqa: E402
-from tests.test_faults import InlineExecutor  # noqa: E402
+from tests.helpers import InlineExecutor  # noqa: E402
 
 SPEC = """
 name = "live"
@@ -120,6 +120,7 @@ def fast_live(monkeypatch):
     monkeypatch.delenv(ENV_LIVE, raising=False)
 
 
+@pytest.mark.slow
 def test_event_files_show_the_run_while_it_trains(tmp_path, fast_live):
     spec = write_spec(tmp_path, steps=8)
     grid = tmp_path / "out" / "live"
@@ -222,6 +223,7 @@ def test_a_tensorboard_server_shows_the_running_runs_curves(tmp_path, fast_live)
     assert watcher.seen[5] and max(watcher.seen[5]) <= 4, (tmp_path / "tb.log").read_text()
 
 
+@pytest.mark.slow
 def test_opting_out_writes_nothing_and_keeps_run_ids(tmp_path, fast_live):
     spec = write_spec(tmp_path / "a", steps=2, lrs="[0.1, 0.2]")
     run_grid(load_spec(spec), tmp_path / "a" / "out", InlineExecutor(), stream=io.StringIO())
@@ -236,6 +238,7 @@ def test_opting_out_writes_nothing_and_keeps_run_ids(tmp_path, fast_live):
     assert os.environ.get(ENV_LIVE) is None  # restored after the grid
 
 
+@pytest.mark.slow
 def test_a_failing_writer_never_fails_the_run(tmp_path, fast_live, monkeypatch):
     calls = []
 
@@ -255,6 +258,7 @@ def test_a_failing_writer_never_fails_the_run(tmp_path, fast_live, monkeypatch):
     assert status["summary"]["steps_done"] == 4
 
 
+@pytest.mark.slow
 def test_a_writer_that_cannot_start_never_fails_the_run(tmp_path, fast_live, monkeypatch):
     def no_writer(*args, **kwargs):
         raise ImportError("No module named 'tensorboard'")
@@ -284,6 +288,7 @@ def test_a_new_attempt_replaces_only_its_own_event_files(tmp_path):
     assert (stranger / "events.out.tfevents.2.host").read_bytes() == b"theirs"
 
 
+@pytest.mark.slow
 def test_export_experiment_has_lr_the_grid_name_and_description(tmp_path):
     spec = write_spec(tmp_path, steps=2, lrs="[0.1, 0.2]")
     with tracking_environment(live=False):

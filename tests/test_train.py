@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from sigprop import create_model
+from sigprop import create_model, probes
 from sigprop.clipping import ClipConfig
 from sigprop.data import BatchStream, load_dataset
 from sigprop.errors import UserError
@@ -46,6 +46,7 @@ def same_run(a, b) -> None:
     assert (a.status, a.diverged_step, a.steps_done) == (b.status, b.diverged_step, b.steps_done)
 
 
+@pytest.mark.slow
 def test_tiny_nf_resnet_learns_synthetic_well_above_chance():
     result = train(tiny(
         model={**TINY_MODEL, "skipinit_gain": 1.0}, train_size=2000, test_size=500,
@@ -62,6 +63,7 @@ def test_tiny_nf_resnet_learns_synthetic_well_above_chance():
     assert result.best_acc >= result.final_acc
 
 
+@pytest.mark.slow
 def test_lr_schedule_warms_up_then_decays():
     result = train(tiny(steps=10, warmup_fraction=0.2, lr=None, base_lr=0.4, batch_size=32,
                         eval_every=0))
@@ -76,6 +78,7 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 @pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.slow
 def test_absurd_lr_diverges_without_clipping_but_not_with_agc(seed):
     # lr 1e3 with AGC lambda 1e-4: each unit moves at most lr * lambda = 10% of its norm per
     # step (before momentum); the classifier is clipped too, else its raw update explodes.
@@ -98,6 +101,7 @@ def test_absurd_lr_diverges_without_clipping_but_not_with_agc(seed):
     assert clipped.metrics["clip_fraction"].min() > 0.3  # AGC clipped at every step
 
 
+@pytest.mark.slow
 def test_two_runs_of_one_config_are_identical():
     config = tiny(steps=6, model={**TINY_MODEL, "drop_rate": 0.3}, clip={"mode": "agc",
                                                                          "threshold": 0.05})
@@ -115,6 +119,7 @@ def resumable(**changes) -> dict:
     )
 
 
+@pytest.mark.slow
 def test_stopped_run_resumes_to_the_same_metrics(tmp_path):
     config = resumable()
     full = train(config)
@@ -130,6 +135,7 @@ def test_stopped_run_resumes_to_the_same_metrics(tmp_path):
     assert calls == []
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_from_last_checkpoint(tmp_path):
     config = resumable(checkpoint_every=3)
     full = train(config)
@@ -192,6 +198,7 @@ def test_one_step_follows_the_recipe_order(tmp_path):
         torch.testing.assert_close(trained[name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow
 def test_float16_amp_clips_unscaled_gradients():
     base = tiny(steps=3, eval_every=0, model={**TINY_MODEL, "skipinit_gain": 1.0})
     fp32 = train(base)
@@ -200,8 +207,8 @@ def test_float16_amp_clips_unscaled_gradients():
     assert ratio.between(0.9, 1.1).all()  # a scaled gradient would be ~65536x
 
 
+@pytest.mark.slow
 def test_probe_records_without_changing_training():
-    pytest.importorskip("sigprop.probes")
     config = tiny(steps=6, eval_every=0)
     plain = train(config)
     probed = train({**config, "probe_every": 3})
@@ -211,8 +218,8 @@ def test_probe_records_without_changing_training():
     assert plain.blocks.empty
 
 
+@pytest.mark.slow
 def test_probe_records_survive_a_resume(tmp_path):
-    pytest.importorskip("sigprop.probes")
     config = tiny(steps=6, eval_every=0, probe_every=2)
     full = train(config)
     path = tmp_path / "probed.pt"
@@ -224,7 +231,6 @@ def test_probe_records_survive_a_resume(tmp_path):
 
 
 def test_probe_factory_is_called_with_the_model():
-    probes = pytest.importorskip("sigprop.probes")
     built = []
 
     def factory(model):
