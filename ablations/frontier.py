@@ -163,17 +163,38 @@ def probe_run(cell: Run, lr: float, settings: FrontierSettings) -> Run:
                cell.departures)
 
 
-def probe_stability(store: GridStore, rid: str, settings: FrontierSettings) -> bool:
-    """Whether a finished probe is stable by the criterion (module docstring)."""
+def probe_loss_ratio(store: GridStore, rid: str, settings: FrontierSettings) -> float:
+    """A finished probe's final over initial ``metric`` (the criterion's ratio; module
+    docstring); inf when it diverged or has no finite values."""
     if store.state(rid) == "diverged":
-        return False
+        return math.inf
     loss = pd.to_numeric(read_parquet(store.run_dir(rid) / "metrics.parquet")[settings.metric],
                          errors="coerce").dropna().to_numpy(dtype=float)
     if not len(loss) or not np.isfinite(loss).all():
-        return False
+        return math.inf
     window = settings.window or min(10, max(1, len(loss) // 10))
     initial, final = loss[0], loss[-window:].mean()  # FrontierSettings: why not a mean
-    return bool(final < settings.max_ratio * initial)
+    return float(final / initial)
+
+
+def probe_stability(store: GridStore, rid: str, settings: FrontierSettings) -> bool:
+    """Whether a finished probe is stable by the criterion (module docstring)."""
+    return probe_loss_ratio(store, rid, settings) < settings.max_ratio
+
+
+def why_unstable(store: GridStore, rid: str, settings: FrontierSettings) -> str:
+    """Why a probe counts as unstable: it diverged, or it did not learn enough. The two differ
+    (frontier_length: 20-step probes at batch 32 never diverged below lr 0.34, but their loss
+    fell only to 0.87-0.97 of its initial value, so no rate passed)."""
+    try:
+        ratio = probe_loss_ratio(store, rid, settings)
+    except (DamagedFile, OSError, KeyError):
+        return "its probe could not be read"
+    if not math.isfinite(ratio):
+        return "its probe diverged"
+    return (f"its probe did not diverge, but its loss fell only to {ratio:.2f} of the initial "
+            f"value (stable needs < {settings.max_ratio:g}): too short a probe to learn, or "
+            f"lower frontier.lr_min")
 
 
 class BisectSearch:
@@ -521,8 +542,10 @@ class FrontierSearch:
             row["reason"] = "search interrupted; run the same command to continue it"
         elif search.hi == 0:
             row["status"] = "unstable_at_lr_min"
+            why = (why_unstable(self.store, cell.probes[0][0], self.settings)
+                   if 0 in cell.probes else "lower frontier.lr_min")
             row["reason"] = (f"unstable already at lr_min {lr_min:g}: no stable rate in the "
-                             f"range (lower frontier.lr_min)")
+                             f"range ({why})")
         elif search.lo == search.n - 1:
             row["status"] = "stable_to_lr_max"
             row["reason"] = (f"stable up to lr_max {lr_max:g}: the edge lies higher (raise "

@@ -178,9 +178,34 @@ def test_unstable_at_lr_min_and_stable_to_lr_max_are_reported(tmp_path):
     low, high = frame.loc[(16, 0)], frame.loc[(64, 0)]
     assert low["status"] == "unstable_at_lr_min" and math.isnan(low["max_stable_lr"])
     assert low["min_unstable_lr"] == 0.01 and "lr_min" in low["reason"]
+    assert low["reason"].endswith("(its probe diverged)")
     assert high["status"] == "stable_to_lr_max" and high["max_stable_lr"] == 10.0
     assert math.isnan(high["min_unstable_lr"]) and "stable up to lr_max" in high["reason"]
     assert "stable up to lr_max 10" in text
+
+
+class FlatOracle(OracleExecutor):
+    """A trainer whose probes never diverge and never learn: the loss stays at 2.3."""
+
+    def run(self, root, grid, run_ids, on_result, on_step=None) -> None:
+        store = GridStore(root, grid)
+        for rid in run_ids:
+            self.executed.append(rid)
+            steps = np.arange(store.config(rid)["config"]["steps"])
+            store.write_results(rid, pd.DataFrame({"step": steps, "loss": 2.3}), pd.DataFrame(),
+                                state="completed", summary={"final_acc": 0.1},
+                                finished_at=time.time())
+            for follow_up in on_result({"run_id": rid, "state": "completed"}) or []:
+                self.run(root, grid, [follow_up], on_result, on_step)
+
+
+def test_a_probe_that_did_not_learn_is_told_apart_from_one_that_diverged(tmp_path):
+    outcome, _, _ = search(tmp_path, executor=FlatOracle())
+    assert set(outcome.frame["status"]) == {"unstable_at_lr_min"}
+    assert all(reason.endswith("(its probe did not diverge, but its loss fell only to 1.00 of "
+                               "the initial value (stable needs < 0.8): too short a probe to "
+                               "learn, or lower frontier.lr_min)")
+               for reason in outcome.frame["reason"])
 
 
 def test_a_neighbour_censored_at_a_bound_is_no_warm_start(tmp_path):
