@@ -835,3 +835,26 @@ def test_the_console_summary_line_counts_non_monotone_cells(tmp_path, capsys, mo
     summary = [line for line in capsys.readouterr().out.splitlines()
                if line.startswith("frontier edge done")]
     assert len(summary) == 1 and "(4 found; 2 non-monotone)" in summary[0]
+
+
+def test_cells_that_differ_in_another_axis_are_never_pooled_into_one_line():
+    """frontier_length: the probe length is an axis; one line per length, not a mean over
+    the lengths (which put 20-, 40- and 160-step edges into one geometric mean)."""
+    from reports.figures.frontier import frontier_table, plot_frontier
+
+    rows = [{"cell_id": f"c{steps}{batch}{seed}", "model.name": "nf_resnet26",
+             "clip.mode": "none", "clip.threshold": 0.01, "batch_size": batch, "seed": seed,
+             "steps": steps, "axes": ["batch_size", "seed", "steps"], "status": "found",
+             "max_stable_lr": 0.1 * steps * (1 + seed), "min_unstable_lr": 0.2 * steps,
+             "final_acc": 0.5, "n_probes": 3, "lr_min": 0.1, "lr_max": 100.0,
+             "resolution": 2 ** 0.25, "probe_steps": steps, "non_monotone": False}
+            for steps in (20, 160) for batch in (32, 1024) for seed in (0, 1)]
+    table = frontier_table(pd.DataFrame(rows))
+    assert len(table) == 4
+    assert {s.rsplit(", ", 1)[1] for s in table["setting"]} == {"20-step probes",
+                                                                "160-step probes"}
+    by_length = dict(zip(table["setting"].str.contains("160"), table["max stable lr"]))
+    assert by_length[False].startswith("2.83 (2–4)") and by_length[True].startswith("22.6")
+    labels = [t.get_text() for t in plot_frontier(pd.DataFrame(rows)).axes[0].get_legend()
+              .get_texts()]
+    assert sum("step probes" in label and "lr ∝ B" not in label for label in labels) == 2

@@ -45,10 +45,36 @@ def clipping_name(row: pd.Series) -> str:
     return clipping_label(row.get("clip.mode"), row.get("clip.threshold"))
 
 
+# axes a line is drawn along or over; any other axis of the grid (a probe length, an alpha)
+# splits the lines, so cells that differ in it are never pooled into one geometric mean
+LINE_AXES = {"model.name", "clip.mode", "clip.threshold", "batch_size", "seed", "lr", "base_lr"}
+
+
+def other_axes(frame: pd.DataFrame) -> list[str]:
+    """The grid's axes besides those of a line, that the frame has as columns, in order."""
+    names: list[str] = []
+    for axes in frame["axes"] if "axes" in frame else []:
+        for name in (list(axes) if isinstance(axes, list | tuple | np.ndarray) else []):
+            if isinstance(name, str) and name not in LINE_AXES and name in frame \
+                    and name not in names:
+                names.append(name)
+    return names
+
+
+def axis_label(name: str, value: Any) -> str:
+    if name == "steps":
+        return f"{value:g}-step probes" if isinstance(value, int | float) else f"steps {value}"
+    return f"{name}={value:g}" if isinstance(value, int | float) else f"{name}={value}"
+
+
 def with_setting(frame: pd.DataFrame) -> pd.DataFrame:
-    """The frame plus ``setting``: 'model, clipping' (the line a cell belongs to)."""
+    """The frame plus ``setting``: 'model, clipping' and any other axis of the grid (the line
+    a cell belongs to)."""
     out = frame.copy()
-    out[SETTING] = [f"{model_name(row)}, {clipping_name(row)}" for _, row in out.iterrows()]
+    extra = other_axes(out)
+    out[SETTING] = [", ".join([model_name(row), clipping_name(row)]
+                              + [axis_label(name, row[name]) for name in extra])
+                    for _, row in out.iterrows()]
     for column in ("max_stable_lr", "min_unstable_lr", "final_acc", "batch_size"):
         if column in out:
             out[column] = pd.to_numeric(out[column], errors="coerce")
@@ -59,10 +85,13 @@ def setting_order(frame: pd.DataFrame) -> list[str]:
     """Settings in a stable order: model, then no clipping, global norm, AGC, by threshold."""
     modes = {"none": 0, "norm": 1, "agc": 2}
     keys = {}
+    extra = other_axes(frame)
     for _, row in frame.iterrows():
         threshold = pd.to_numeric(pd.Series([row.get("clip.threshold")]), errors="coerce")[0]
         keys[row[SETTING]] = (model_name(row), modes.get(row.get("clip.mode"), 3),
-                              0.0 if np.isnan(threshold) else threshold)
+                              0.0 if np.isnan(threshold) else threshold,
+                              *((0, row[name]) if isinstance(row[name], int | float)
+                                else (1, str(row[name])) for name in extra))
     return sorted(keys, key=keys.get)
 
 
@@ -95,6 +124,17 @@ def batch_axis(ax: Any, batches: list[float]) -> None:
     ax.set_xlabel("batch size")
 
 
+def legend(ax: Any, handles: list, labels: list[str]) -> None:
+    """Right of the plot; below it when the labels are long (a grid with more axes than model
+    and clipping), so they do not squeeze the plot to a strip."""
+    if max(map(len, labels), default=0) > 48:
+        ax.figure.set_size_inches(7.5, ax.figure.get_size_inches()[1] + 0.2 * len(labels))
+        ax.legend(handles, labels, fontsize=7, loc="upper center", ncol=1,
+                  bbox_to_anchor=(0.5, -0.14))
+    else:
+        ax.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+
+
 def plot_frontier(frontier: pd.DataFrame, reference: str | None = None) -> Figure:
     """Largest stable learning rate vs batch size, log-log; see the module docstring.
 
@@ -124,7 +164,11 @@ def plot_frontier(frontier: pd.DataFrame, reference: str | None = None) -> Figur
         floor = cells[cells["status"] == "unstable_at_lr_min"]
         ax.plot(floor["batch_size"], floor["min_unstable_lr"], "v", color=colour, ms=7,
                 ls="none", label=None if len(stats) else setting)
-    anchor = reference or next((s for s in order if "no clipping" in s and "NF" in s), order[0])
+    # from a setting with an edge at the smallest batch, so the line starts where lr ∝ B does
+    starts = [s for s in order if batches and batches[0] in set(seed_stats(
+        frame[frame[SETTING] == s], "max_stable_lr", log=True)["batch_size"])] or order
+    anchor = reference or next((s for s in starts if "no clipping" in s and "NF" in s),
+                               starts[0])
     stats = seed_stats(frame[frame[SETTING] == anchor], "max_stable_lr", log=True)
     if len(stats):
         b0, lr0 = stats["batch_size"].iloc[0], stats["centre"].iloc[0]
@@ -144,7 +188,7 @@ def plot_frontier(frontier: pd.DataFrame, reference: str | None = None) -> Figur
     handles += [Line2D([], [], marker="^", ls="none", color="0.3"),
                 Line2D([], [], marker="v", ls="none", color="0.3")]
     labels += ["stable up to lr_max (edge higher)", "unstable at lr_min (edge lower)"]
-    ax.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    legend(ax, handles, labels)
     resolution = frame["resolution"].iloc[0] if "resolution" in frame else float("nan")
     ax.set_title(f"Stability frontier (resolution x{resolution:.3g})", fontsize=9)
     ax.grid(True, which="major", alpha=0.3)
@@ -179,7 +223,7 @@ def plot_frontier_accuracy(frontier: pd.DataFrame) -> Figure:
     if chance is not None:
         handles.append(chance_handle(chance))
         labels.append(handles[-1].get_label())
-    ax.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    legend(ax, handles, labels)
     steps = frame["probe_steps"].dropna().unique() if "probe_steps" in frame else []
     length = f", {int(steps[0])}-step probes" if len(steps) == 1 else ""
     ax.set_title(f"Accuracy at the largest stable learning rate{length}", fontsize=9)
