@@ -37,8 +37,9 @@ step it resumed at (a diverged run's record is kept in its final checkpoint).
 
 This module is the loop: :func:`train` and the state it drives (``_Run``). Its parts live next
 to it, one job each: the config in :mod:`sigprop.train_config`, the lr schedules in
-:mod:`sigprop.schedule`, checkpoints in :mod:`sigprop.checkpoint`, and the result, live updates
-and progress in :mod:`sigprop.train_result`; their names stay importable from here.
+:mod:`sigprop.schedule`, checkpoints in :mod:`sigprop.checkpoint`, the test-set pass in
+:mod:`sigprop.evaluation`, and the result, live updates and progress in
+:mod:`sigprop.train_result`; their names stay importable from here.
 """
 
 from __future__ import annotations
@@ -47,9 +48,8 @@ import copy
 import math
 import os
 import time
-import typing
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import pandas as pd
@@ -66,8 +66,9 @@ from sigprop.checkpoint import (
     run_state,
 )
 from sigprop.clipping import GradClipper
-from sigprop.data import BatchStream, eval_batches, load_dataset
+from sigprop.data import BatchStream, load_dataset
 from sigprop.errors import UserError
+from sigprop.evaluation import evaluate
 from sigprop.gains import ZeroGainCheck
 from sigprop.schedule import SCHEDULES, exponential_lr, lr_at, scheduled_lr, warmup_steps
 from sigprop.train_config import (
@@ -113,30 +114,6 @@ def resolve_device(name: str) -> torch.device:
         raise UserError(f"device {name!r} asked for, but CUDA is not available here")
     return device
 
-
-
-@torch.no_grad()
-def evaluate(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int,
-    autocast: Callable[[], typing.ContextManager], channels_last: bool,
-) -> tuple[float, float]:
-    """Test accuracy and mean cross-entropy (no label smoothing) of ``model`` in eval mode."""
-    was_training = model.training
-    model.eval()
-    correct = torch.zeros((), device=x.device)
-    loss_sum = torch.zeros((), device=x.device)
-    try:
-        for xb, yb in eval_batches(x, y, batch_size):
-            if channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            with autocast():
-                logits = model(xb).float()
-            loss_sum += F.cross_entropy(logits, yb, reduction="sum")
-            correct += (logits.argmax(1) == yb).sum()
-    finally:
-        model.train(was_training)
-    n = max(1, len(y))
-    return float(correct) / n, float(loss_sum) / n
 
 
 class _Run:
