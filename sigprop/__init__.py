@@ -17,7 +17,7 @@ _EXPORTS = {
     "create_model": "sigprop.models",
     "list_models": "sigprop.models",
     "train": "sigprop.train",
-    "TrainConfig": "sigprop.train",
+    "TrainConfig": "sigprop.train_config",
     "ClipConfig": "sigprop.clipping",
     "Probe": "sigprop.probes",
     "signal_propagation": "sigprop.spp",

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sigprop.errors import UserError
-from sigprop.probes import find_points
+from sigprop.points import find_points
 
 COORD_STATS = ("l1", "rms")
 # One row per (model, width, step, block) after averaging over seeds.

@@ -41,13 +41,10 @@ outside the stem and the blocks, e.g. the classifier; index = number of blocks, 
 ``expected_var`` is the NF bookkeeping value 1 + k*alpha^2 (with resets) from
 :class:`~sigprop.models.BlockInfo`; NaN for BN-ResNets and non-sigprop models.
 
-Finding the blocks: a sigprop model (one with ``blocks()``) lists them itself. For any other
-module, give glob patterns on qualified module names, matched dot segment by dot segment (``*``
-never crosses a dot), e.g. a torchvision ResNet: ``blocks="layer*.*", branches="layer*.*.bn3",
-stem="maxpool"``. Block ``index`` is the order of appearance in ``model.named_modules()``;
-block ``stage`` is the rank of the block name's prefix before its last dot among the distinct
-prefixes, in order of first appearance ("layer1.0" and "layer1.2" are stage 0, "layer2.0" is
-stage 1). A branch belongs to the block whose name prefixes it.
+Finding the blocks (:mod:`sigprop.points`): a sigprop model (one with ``blocks()``) lists them
+itself; for any other module, give glob patterns on qualified module names, matched dot segment
+by dot segment, e.g. a torchvision ResNet: ``blocks="layer*.*", branches="layer*.*.bn3",
+stem="maxpool"``.
 
 Cost: nothing waits for the device. Statistics are written into a preallocated float32 buffer
 on the model's device (one row per recorded step) and move to the host in one transfer when the
@@ -57,14 +54,15 @@ on the model are two cheap ones on the root module; the per-block and per-parame
 registered only while a recording step is in flight. Modules re-run outside the model's forward
 (activation checkpointing) do not record twice. Hooks and ``torch.compile`` do not mix: probe
 the eager model.
+
+This module holds :class:`Probe`: its hooks, when they are on the model, and its device
+buffer. The statistics' maths is in :mod:`sigprop.stats`, the buffer's layout and the frames
+built from it in :mod:`sigprop.probe_frames`; their public names stay importable from here.
 """
 
 from __future__ import annotations
 
-import fnmatch
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -72,164 +70,38 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from sigprop.clipping import AGC_EPS  # the floor on ||W_i|| (facts section 5)
 from sigprop.errors import UserError
+from sigprop.points import ProbePoint, find_points, match_name
+from sigprop.probe_frames import (
+    PARAM_RECORD_COLUMNS,
+    RECORD_COLUMNS,
+    block_frame,
+    build_layout,
+    param_frame,
+)
+from sigprop.stats import (
+    ACT_STATS,
+    GAIN_PREFIX,
+    GRAD_STATS,
+    STATS,
+    UNSET,
+    ParamChunk,
+    channel_sums,
+    channel_var_mean,
+    combine_channel_sums,
+    param_unit_stats,
+    plan_param_chunks,
+    point_act_stats,
+    unit_shape,
+)
 
-ACT_STATS = ("sq_mean", "var", "res_sq_mean", "res_var", "grad_out_norm")
-GRAD_STATS = ("grad_norm", "agc_ratio_max", "agc_ratio_mean", "agc_frac_above")
-STATS = ACT_STATS + GRAD_STATS
-RECORD_COLUMNS = ["step", "block", "stage", "index", "stat", "value", "expected_var"]
-PARAM_RECORD_COLUMNS = ["step", "block", "stage", "index", "param", "stat", "value"]
-GAIN_PREFIX = "gain:"  # stat of a block's 0-d parameter: "gain:skip_gain"
-# Never a value of any statistic (all are >= 0 or NaN), so it marks "not recorded".
-_UNSET = float("-inf")
-# Parameters are concatenated into chunks of at most this many elements, bounding the temporary
-# memory of the batched unit-norm computation on big models.
-_CHUNK_ELEMENTS = 1 << 26
-_PARAM_FIELDS = 4  # grad_sq, ratio_max, ratio_sum, n_above per parameter
-
-
-@dataclass(frozen=True)
-class ProbePoint:
-    """One place the probe measures: the stem or a residual block."""
-
-    block: str  # label in the frame: "stem" or the block's qualified module name
-    module: str  # qualified name of the module whose output is the block output
-    stage: int
-    index: int
-    branch: str | None  # qualified name of the branch output module, if any
-    expected_var: float  # NaN when unknown
-
-
-def _as_patterns(patterns: str | Sequence[str] | None) -> list[str]:
-    if patterns is None:
-        return []
-    return [patterns] if isinstance(patterns, str) else list(patterns)
-
-
-def match_name(name: str, pattern: str) -> bool:
-    """Glob match of a qualified module name, dot segment by dot segment."""
-    parts, pattern_parts = name.split("."), pattern.split(".")
-    return len(parts) == len(pattern_parts) and all(
-        fnmatch.fnmatchcase(p, q) for p, q in zip(parts, pattern_parts)
-    )
-
-
-def _matching(names: list[str], patterns: list[str], what: str) -> list[str]:
-    found = [n for n in names if any(match_name(n, p) for p in patterns)]
-    if not found:
-        sample = ", ".join(n for n in names[:12] if n)
-        raise UserError(
-            f"no module matches {what} pattern(s) {', '.join(map(repr, patterns))}; "
-            f"module names look like: {sample}"
-        )
-    return found
-
-
-def find_points(
-    model: nn.Module,
-    blocks: str | Sequence[str] | None = None,
-    branches: str | Sequence[str] | None = None,
-    stem: str | None = None,
-) -> list[ProbePoint]:
-    """The stem (if any) and the blocks of ``model``, in order; see the module docstring."""
-    block_patterns, branch_patterns = _as_patterns(blocks), _as_patterns(branches)
-    names = [n for n, _ in model.named_modules()]
-    points: list[ProbePoint] = []
-    if not block_patterns and hasattr(model, "blocks"):
-        infos = model.blocks()
-        nf = any(b.expected_var is not None for b in infos)
-        stem_name = stem if stem is not None else ("stem" if hasattr(model, "stem") else None)
-        if stem_name is not None:
-            _matching(names, [stem_name], "stem")
-            points.append(ProbePoint("stem", stem_name, -1, -1, None, 1.0 if nf else math.nan))
-        for b in infos:
-            expected = math.nan if b.expected_var is None else float(b.expected_var)
-            points.append(ProbePoint(b.name, b.name, b.stage, b.index, b.branch, expected))
-        return points
-    if not block_patterns:
-        raise UserError(
-            f"{type(model).__name__} has no blocks(); give block name patterns, e.g. "
-            "blocks='layer*.*', branches='layer*.*.bn3'"
-        )
-    if stem is not None:
-        stem_names = _matching(names, [stem], "stem")
-        points.append(ProbePoint("stem", stem_names[-1], -1, -1, None, math.nan))
-    block_names = _matching(names, block_patterns, "block")
-    branch_of: dict[str, str] = {}
-    if branch_patterns:
-        for branch in _matching(names, branch_patterns, "branch"):
-            owners = [b for b in block_names if branch.startswith(b + ".")]
-            if not owners:
-                raise UserError(f"branch module {branch!r} is inside none of the blocks")
-            owner = max(owners, key=len)
-            if owner in branch_of:
-                raise UserError(
-                    f"block {owner!r} has two branch modules: {branch_of[owner]!r}, {branch!r}"
-                )
-            branch_of[owner] = branch
-    prefixes: dict[str, int] = {}
-    for index, name in enumerate(block_names):
-        prefix = name.rpartition(".")[0]
-        stage = prefixes.setdefault(prefix, len(prefixes))
-        points.append(ProbePoint(name, name, stage, index, branch_of.get(name), math.nan))
-    return points
-
-
-def channel_sums(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Per-(sample, channel) sum and L2 norm of ``x`` over its spatial dims, in float32.
-
-    Returns ``(sums, norms, count)`` with ``sums`` and ``norms`` of shape (N, C) and ``count``
-    the elements per channel (N * spatial size). Two reads of ``x`` and no temporaries: reducing
-    the contiguous inner dims is an order of magnitude faster on CPU than ``torch.var_mean``
-    over (0, 2, 3), or than a centred two-pass variance.
-    """
-    x = x.detach()
-    if x.dim() == 1:
-        rows = x.reshape(-1, 1, 1)
-    elif x.dim() == 2:
-        rows = x.unsqueeze(-1)
-    else:
-        rows = x.flatten(2)
-    sums = rows.sum(dim=2, dtype=torch.float32)
-    norms = torch.linalg.vector_norm(rows, dim=2, dtype=torch.float32)
-    return sums, norms, rows.shape[0] * rows.shape[2]
-
-
-def combine_channel_sums(
-    sums: torch.Tensor, norms: torch.Tensor, count: torch.Tensor | int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (biased variance, mean) from :func:`channel_sums`, combined in float64.
-
-    var = E[x^2] - E[x]^2: its relative error is about 1e-7 * (squared mean / variance), far
-    below anything a plot or a test of these statistics resolves (0.1% at a mean shift whose
-    square is 10^4 times the variance).
-    """
-    mean = sums.double().sum(dim=0) / count
-    second_moment = norms.double().square().sum(dim=0) / count
-    return (second_moment - mean.square()).clamp_min(0.0).float(), mean.float()
-
-
-def channel_var_mean(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel biased variance and mean of ``x`` over every dim but 1; both 1-d float32."""
-    sums, norms, count = channel_sums(x)
-    return combine_channel_sums(sums, norms, count)
-
-
-def unit_shape(param: torch.Tensor) -> tuple[int, int]:
-    """(number of AGC units, elements per unit) of a parameter."""
-    if param.dim() <= 1:
-        return 1, max(1, param.numel())
-    return param.shape[0], param[0].numel()
-
-
-@dataclass
-class _Chunk:
-    # Parameters whose AGC units have the same length, concatenated, are one (units, length)
-    # matrix: one norm kernel per group instead of one per parameter.
-    groups: list[tuple[int, list[int]]]  # (unit length, parameter ids)
-    units_per_param: torch.Tensor  # in the order of the groups' parameters
-    slots: torch.Tensor  # buffer slots of (grad_sq, ratio_max, ratio_sum, n_above) x params
+# The names this module has always offered, wherever they are defined now.
+__all__ = [
+    "ACT_STATS", "GAIN_PREFIX", "GRAD_STATS", "PARAM_RECORD_COLUMNS", "RECORD_COLUMNS", "STATS",
+    "Probe", "ProbePoint", "channel_sums", "channel_var_mean", "combine_channel_sums",
+    "find_points", "match_name", "unit_shape",
+]
+_UNSET = UNSET  # its earlier name here
 
 
 class Probe:
@@ -288,33 +160,14 @@ class Probe:
         self._branches = True  # res_sq_mean, res_var
         self._grad_out = True  # grad_out_norm
 
-        # Each trainable parameter belongs to the innermost point module containing it, or to
-        # the "other" group (index len(points)).
-        self.param_names: list[str] = []
-        self._params: list[nn.Parameter] = []
-        self._param_group: list[int] = []
-        owners = sorted(
-            ((p.module, i) for i, p in enumerate(self.points)), key=lambda t: -len(t[0])
-        )
-        for name, param in model.named_parameters():
-            if not param.requires_grad:
-                continue
-            group = next(
-                (i for prefix, i in owners if name.startswith(prefix + ".")), self._num_points
-            )
-            self.param_names.append(name)
-            self._params.append(param)
-            self._param_group.append(group)
-        self._units = [unit_shape(p) for p in self._params]
-        self._num_slots = len(ACT_STATS) * self._num_points + _PARAM_FIELDS * len(self._params)
-        # A block's scalar parameters (SkipInit gains) are recorded by value, one slot each.
-        self._gains = [
-            (q, f"{GAIN_PREFIX}{self.param_names[q][len(self.points[g].module) + 1:]}")
-            for q, (param, g) in enumerate(zip(self._params, self._param_group))
-            if param.ndim == 0 and g < self._num_points
-        ]
-        self._gain_base = self._num_slots
-        self._num_slots += len(self._gains)
+        self._layout, self._params = build_layout(model, self.points)
+        # views of the layout the hooks read (and the flight recorder extends)
+        self.param_names: list[str] = self._layout.param_names
+        self._param_group: list[int] = self._layout.param_group
+        self._units = self._layout.units
+        self._gains = self._layout.gains
+        self._gain_base = self._layout.gain_base
+        self._num_slots = self._layout.num_slots
 
         self._explicit_step: int | None = None
         self._forward_count = 0
@@ -436,7 +289,7 @@ class Probe:
             self._buffer = None
         if self._buffer is None:
             self._buffer = torch.full(
-                (self.buffer_steps, self._num_slots), _UNSET, dtype=torch.float32, device=device
+                (self.buffer_steps, self._num_slots), UNSET, dtype=torch.float32, device=device
             )
         if not (self._rows_used and self._row_steps[-1] == step):
             if self._rows_used == self.buffer_steps:
@@ -477,8 +330,6 @@ class Probe:
         return output
 
     def _on_forward_end(self, module: nn.Module, args, output) -> None:
-        # Reduce every block's per-channel sums with a handful of kernels, not several per
-        # block: concatenate along channels, combine, then segment-reduce by channel counts.
         pending, row = self._pending_acts, self._row
         # Modules run again outside a model forward (activation checkpointing recomputes them
         # during backward) must not record a second time.
@@ -492,18 +343,7 @@ class Probe:
             self._plans[key] = plan
         lengths, counts, slots = plan
         with torch.no_grad(), torch.autocast(row.device.type, enabled=False):
-            if len({e[1].shape[0] for e in pending}) == 1:
-                sums = torch.cat([e[1] for e in pending], dim=1)
-                norms = torch.cat([e[2] for e in pending], dim=1)
-            else:  # batch sizes differ between points: sum over samples point by point
-                sums = torch.cat([e[1].double().sum(0, keepdim=True) for e in pending], dim=1)
-                norms = torch.cat(
-                    [e[2].double().square().sum(0, keepdim=True).sqrt() for e in pending], dim=1
-                )
-            var, mean = combine_channel_sums(sums, norms, counts)
-            sq_means = torch.segment_reduce(mean.square(), "mean", lengths=lengths, unsafe=True)
-            avg_vars = torch.segment_reduce(var, "mean", lengths=lengths, unsafe=True)
-            row.index_copy_(0, slots, torch.cat((sq_means, avg_vars)))
+            row.index_copy_(0, slots, point_act_stats(pending, lengths, counts))
 
     def _act_plan(self, pending: list, device: torch.device) -> tuple[torch.Tensor, ...]:
         lengths, counts, sq_slots, var_slots = [], [], [], []
@@ -520,7 +360,7 @@ class Probe:
         )
 
     def _act_slot(self, stat: str, point: int) -> int:
-        return ACT_STATS.index(stat) * self._num_points + point
+        return self._layout.act_slot(stat, point)
 
     # ----------------------------------------------------------------- backward side
     def _make_grad_out_hook(self, point: int):
@@ -575,64 +415,17 @@ class Probe:
             self._plans[key] = index
         return index
 
-    def _param_chunks(self, param_ids: tuple[int, ...], device: torch.device) -> list[_Chunk]:
+    def _param_chunks(self, param_ids: tuple[int, ...], device: torch.device) -> list[ParamChunk]:
         key = ("params", device, param_ids)
         chunks = self._plans.get(key)
-        if chunks is not None:
-            return chunks
-        by_kind: dict[tuple, list[int]] = {}
-        for q in param_ids:
-            param = self._params[q]
-            by_kind.setdefault((self._units[q][1], param.dtype), []).append(q)
-        chunk_groups: list[list[tuple[int, list[int]]]] = [[]]
-        size = 0
-        for (length, _), ids in by_kind.items():
-            group: list[int] = []
-            chunk_groups[-1].append((length, group))
-            for q in ids:
-                numel = self._params[q].numel()
-                if size and size + numel > _CHUNK_ELEMENTS:
-                    group, size = [], 0
-                    chunk_groups.append([(length, group)])
-                group.append(q)
-                size += numel
-        base, num_params = len(ACT_STATS) * self._num_points, len(self._params)
-        chunks = []
-        for candidate in chunk_groups:
-            groups = [(length, ids) for length, ids in candidate if ids]
-            order = [q for _, ids in groups for q in ids]
-            if not order:
-                continue
-            slots = [base + f * num_params + q for f in range(_PARAM_FIELDS) for q in order]
-            chunks.append(
-                _Chunk(
-                    groups=groups,
-                    units_per_param=torch.tensor([self._units[q][0] for q in order], device=device),
-                    slots=torch.tensor(slots, device=device),
-                )
-            )
-        self._plans[key] = chunks
+        if chunks is None:
+            chunks = plan_param_chunks(param_ids, self._params, self._units,
+                                       self._layout.param_base, device)
+            self._plans[key] = chunks
         return chunks
 
-    def _write_param_stats(self, row: torch.Tensor, chunk: _Chunk) -> None:
-        grad_norms, weight_norms = [], []
-        for length, ids in chunk.groups:
-            params = [self._params[q] for q in ids]
-            grads = torch.cat([p.grad.detach().reshape(-1) for p in params])
-            weights = torch.cat([p.detach().reshape(-1) for p in params])
-            grad_norms.append(
-                torch.linalg.vector_norm(grads.view(-1, length), dim=1, dtype=torch.float32)
-            )
-            weight_norms.append(
-                torch.linalg.vector_norm(weights.view(-1, length), dim=1, dtype=torch.float32)
-            )
-        grad_norm = torch.cat(grad_norms)
-        ratio = grad_norm / torch.cat(weight_norms).clamp_min(AGC_EPS)
-        per_unit = torch.stack((grad_norm.square(), ratio, (ratio > self.agc_lambda).float()), 1)
-        lengths = chunk.units_per_param
-        sums = torch.segment_reduce(per_unit, "sum", lengths=lengths, unsafe=True)
-        ratio_max = torch.segment_reduce(ratio, "max", lengths=lengths, unsafe=True)
-        values = torch.cat((sums[:, 0], ratio_max, sums[:, 1], sums[:, 2]))
+    def _write_param_stats(self, row: torch.Tensor, chunk: ParamChunk) -> None:
+        values = param_unit_stats(chunk, self._params, self.agc_lambda)
         row.index_copy_(0, chunk.slots, values.to(row.dtype))
 
     # ----------------------------------------------------------------- host side
@@ -642,7 +435,7 @@ class Probe:
         used = self._buffer[: self._rows_used]
         self._host_values.append(used.cpu().numpy().astype(np.float64))  # the one transfer
         self._host_steps.append(np.asarray(self._row_steps, dtype=np.int64))
-        used.fill_(_UNSET)
+        used.fill_(UNSET)
         self._rows_used, self._row_steps = 0, []
         self._generation += 1
 
@@ -652,104 +445,11 @@ class Probe:
             return np.zeros(0, np.int64), np.zeros((0, self._num_slots))
         return np.concatenate(self._host_steps), np.concatenate(self._host_values)
 
-    def _param_fields(self, values: np.ndarray) -> tuple[np.ndarray, ...]:
-        base, num_params = len(ACT_STATS) * self._num_points, len(self._params)
-        return tuple(
-            values[:, base + f * num_params : base + (f + 1) * num_params]
-            for f in range(_PARAM_FIELDS)
-        )
-
     def _group_meta(self, group: int) -> tuple[str, int, int, float]:
-        if group == self._num_points:
-            num_blocks = sum(p.block != "stem" for p in self.points)
-            return "other", -1, num_blocks, math.nan
-        p = self.points[group]
-        return p.block, p.stage, p.index, p.expected_var
+        return self._layout.group_meta(group)
 
     def _block_frame(self, steps: np.ndarray, values: np.ndarray) -> pd.DataFrame:
-        n_steps = len(steps)
-        columns: dict[str, list[np.ndarray]] = {c: [] for c in RECORD_COLUMNS}
-
-        def add(group: int, stat: str, column: np.ndarray) -> None:
-            block, stage, index, expected = self._group_meta(group)
-            keep = column != _UNSET
-            count = int(keep.sum())
-            if not count:
-                return
-            columns["step"].append(steps[keep])
-            columns["value"].append(column[keep])
-            for name, value in (
-                ("block", block), ("stage", stage), ("index", index), ("stat", stat),
-                ("expected_var", expected),
-            ):
-                columns[name].append(np.full(count, value, dtype=object))
-
-        for k, stat in enumerate(ACT_STATS):
-            for point in range(self._num_points):
-                add(point, stat, values[:, k * self._num_points + point])
-
-        grad_sq, ratio_max, ratio_sum, n_above = self._param_fields(values)
-        group_of = np.asarray(self._param_group, dtype=np.int64)
-        units = np.asarray([u for u, _ in self._units], dtype=np.float64)
-        for group in range(self._num_points + 1):
-            cols = np.flatnonzero(group_of == group)
-            if not len(cols) or not n_steps:
-                continue
-            seen = grad_sq[:, cols] != _UNSET
-            any_seen = seen.any(axis=1)
-            unit_count = (seen * units[cols]).sum(axis=1)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                grad_norm = np.sqrt(np.where(seen, grad_sq[:, cols], 0.0).sum(axis=1))
-                r_max = np.where(seen, ratio_max[:, cols], -np.inf).max(axis=1)
-                r_mean = np.where(seen, ratio_sum[:, cols], 0.0).sum(axis=1) / unit_count
-                frac = np.where(seen, n_above[:, cols], 0.0).sum(axis=1) / unit_count
-            for stat, column in zip(GRAD_STATS, (grad_norm, r_max, r_mean, frac)):
-                add(group, stat, np.where(any_seen, column, _UNSET))
-
-        for k, (q, stat) in enumerate(self._gains):
-            add(self._param_group[q], stat, values[:, self._gain_base + k])
-
-        return self._finish_frame(columns, RECORD_COLUMNS, {"expected_var": "float64"})
+        return block_frame(self._layout, steps, values)
 
     def _param_frame(self, steps: np.ndarray, values: np.ndarray) -> pd.DataFrame:
-        columns: dict[str, list[np.ndarray]] = {c: [] for c in PARAM_RECORD_COLUMNS}
-        grad_sq, ratio_max, ratio_sum, n_above = self._param_fields(values)
-        for q, name in enumerate(self.param_names):
-            keep = grad_sq[:, q] != _UNSET
-            count = int(keep.sum())
-            if not count:
-                continue
-            block, stage, index, _ = self._group_meta(self._param_group[q])
-            units = self._units[q][0]
-            per_stat = (
-                np.sqrt(grad_sq[keep, q]), ratio_max[keep, q], ratio_sum[keep, q] / units,
-                n_above[keep, q] / units,
-            )
-            for stat, column in zip(GRAD_STATS, per_stat):
-                columns["step"].append(steps[keep])
-                columns["value"].append(column)
-                for col, value in (
-                    ("block", block), ("stage", stage), ("index", index), ("param", name),
-                    ("stat", stat),
-                ):
-                    columns[col].append(np.full(count, value, dtype=object))
-        return self._finish_frame(columns, PARAM_RECORD_COLUMNS, {})
-
-    @staticmethod
-    def _finish_frame(
-        columns: dict[str, list[np.ndarray]], order: list[str], extra_types: dict[str, str]
-    ) -> pd.DataFrame:
-        types = {"step": "int64", "stage": "int64", "index": "int64", "value": "float64"}
-        types.update(extra_types)
-        data = {
-            c: (np.concatenate(columns[c]) if columns[c] else np.zeros(0, dtype=object))
-            for c in order
-        }
-        frame = pd.DataFrame(data, columns=order)
-        for c in order:
-            frame[c] = frame[c].astype(types.get(c, "object"))
-        stat_rank = frame["stat"].map({s: i for i, s in enumerate(STATS)})
-        frame = frame.assign(_rank=stat_rank).sort_values(
-            ["step", "index", "_rank"] + (["param"] if "param" in order else []), kind="stable"
-        )
-        return frame.drop(columns="_rank").reset_index(drop=True)
+        return param_frame(self._layout, steps, values)

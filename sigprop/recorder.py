@@ -40,7 +40,9 @@ import torch
 from torch import nn
 
 from sigprop.errors import UserError
-from sigprop.probes import _UNSET, STATS, Probe
+from sigprop.probes import Probe
+from sigprop.stats import STATS
+from sigprop.stats import UNSET as _UNSET
 
 FLIGHT_STATS = ("sq_mean", "var", "grad_norm", "agc_ratio_max", "update_ratio")
 RUN_STATS = ("loss", "lr", "clipped")
