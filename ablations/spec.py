@@ -99,7 +99,7 @@ class GridSpec:
     # claims that --set left without runs to test them on: "C1: why" (kept in the stored spec)
     untested_claims: list[str] = field(default_factory=list)
     overridden: bool = False  # --set changed the grid or fixed a key
-    frontier: dict = field(default_factory=dict)  # [frontier], checked by frontier_settings
+    frontier: dict = field(default_factory=dict)  # [frontier]: ablations.frontier_schema
     # [departures]: {setting: {"paper": its value in the paper, "why": the measurement}}
     departures: dict = field(default_factory=dict)
 

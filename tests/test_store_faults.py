@@ -183,6 +183,7 @@ import pandas, pyarrow.parquet, matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot
 import ablations.runner, ablations.store, reports.build
+import sigprop.data, sigprop.recorder, sigprop.train  # torch: the store's readers load it lazily
 from run_ablations import main
 os.setgid(65534)
 os.setuid(65534)
