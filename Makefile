@@ -8,9 +8,11 @@ EXTRAS := dev,ray,tensorboard
 # 127.0.0.1 instead of skipping
 TEST_EXTRAS := $(EXTRAS),mlflow
 # Keep freed activation memory in the heap instead of returning it to the OS every step
-# (glibc tunables; about 2x faster small CPU runs, same numbers; see BENCHMARKS.md).
-export MALLOC_MMAP_THRESHOLD_ ?= 1073741824
-export MALLOC_TRIM_THRESHOLD_ ?= 4294967296
+# (glibc tunables; about 2x faster small CPU runs, same numbers; see BENCHMARKS.md). The values
+# are MALLOC_ENV in ablations/constants.py (what the runner gives its workers), read from there;
+# a value already in the environment wins.
+MALLOC_ENV := $(shell python3 -c 'import runpy; env = runpy.run_path("ablations/constants.py")["MALLOC_ENV"]; print(*(f"{k}={v}" for k, v in env.items()))')
+$(foreach pair,$(MALLOC_ENV),$(eval export $(subst =, ?= ,$(pair))))
 
 .PHONY: demo test test-fast lint bench clean
 

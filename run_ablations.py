@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
-from ablations.spec import GRIDS_DIR, parse_value, shipped_grids, spec_path
+from ablations.overrides import parse_value
+from ablations.shipped import GRIDS_DIR, shipped_grids, spec_path
 from sigprop.errors import UserError, did_you_mean
 
 DESCRIPTION = ("Signal-propagation analysis and ablation grids for normalizer-free networks: "
@@ -610,7 +611,7 @@ DRY_RUN_ROWS = 50  # a dry run of a bigger grid shows its count and its first ro
 
 
 def max_runs(args: argparse.Namespace) -> int:
-    from ablations.spec import MAX_RUNS
+    from ablations.constants import MAX_RUNS
 
     limit = MAX_RUNS if getattr(args, "max_runs", None) is None else args.max_runs
     if limit < 1:
@@ -750,7 +751,7 @@ GRID_FILES_BYTES = 100
 
 def check_grid_path(out: str, name: str) -> None:
     """``out/name`` and the store's files below it fit the file system's limits."""
-    from ablations.spec import NAME_MAX
+    from ablations.constants import NAME_MAX
 
     if "\0" in out:
         raise UserError(f"--out {out!r} holds a NUL character")
@@ -839,13 +840,11 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     """The stability frontier of every cell of a spec with a [frontier] section."""
     import math
 
-    from ablations.frontier import cells_of, lattice, run_frontier
+    from ablations.frontier import cells_of, frontier_settings, lattice, run_frontier
     from ablations.runner import dry_run_table
 
     spec = load_grid(args, spec_path(args.spec))
     if args.method is not None and spec.frontier:  # checked with the section's other keys
-        from ablations.spec import frontier_settings
-
         spec.frontier = {**spec.frontier, "method": args.method}
         frontier_settings(spec)
     if args.dry_run:

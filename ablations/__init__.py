@@ -6,10 +6,15 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "GridSpec": "ablations.spec", "Run": "ablations.spec", "SpecError": "ablations.spec",
+    "GridSpec": "ablations.spec", "Run": "ablations.spec", "SpecError": "ablations.errors",
     "expand": "ablations.spec", "load_spec": "ablations.spec",
     "GridStore": "ablations.store", "Results": "ablations.store",
-    "load_results": "ablations.store", "LocalExecutor": "ablations.executors",
+    "load_results": "ablations.store",
+    "Executor": "ablations.executors", "LocalExecutor": "ablations.executors",
+    "RayExecutor": "ablations.executors",
+    "run_grid": "ablations.runner", "run_frontier": "ablations.frontier",
+    "FrontierSettings": "ablations.frontier",
+    "evaluate_claims": "ablations.claims",
 }
 __all__ = sorted(_EXPORTS)
 

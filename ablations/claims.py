@@ -118,6 +118,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ablations.constants import FINISHED, SEARCHED
 from sigprop.errors import UserError
 
 CHECKS = ("compare", "share", "trend", "spread", "interaction")
@@ -137,11 +138,8 @@ FRONTIER_METRICS = ("max_stable_lr", "min_unstable_lr")  # frontier.parquet colu
 # model.alpha^2 (paper A's law predicts 1)
 METRICS = ("final_acc", "best_acc", "max_grad_norm", "clip_fraction", "steps_done",
            "var_growth", "var_growth_rel", "alpha2_ratio", *FRONTIER_METRICS)
-# frontier cell statuses with an answer (ablations.frontier.SEARCHED)
-SEARCHED = ("found", "stable_to_lr_max", "unstable_at_lr_min")
 ACCURACY_METRICS = ("final_acc",)
 VERDICTS = ("holds", "does not hold", "inconclusive")
-FINISHED = ("completed", "diverged")
 EXTREMES = ("@min", "@max")
 
 COMMON_FIELDS = {"id", "text", "source", "quote", "check", "metric", "min_runs"}
@@ -545,7 +543,7 @@ def chance_levels(runs: pd.DataFrame) -> np.ndarray:
         if classes.notna().all():
             return 1.0 / classes.to_numpy(dtype=float)
     if "data" in runs:
-        from sigprop.data import dataset_info
+        from sigprop.data import dataset_info  # lazy: torch
 
         return np.array([1.0 / dataset_info(d).num_classes for d in runs["data"]])
     return np.full(len(runs), np.nan)
@@ -722,7 +720,7 @@ def welch_interval(groups: Sequence[tuple[np.ndarray, float]], offset: float = 0
     """The ``level`` t interval of sum(weight * mean(values)) - offset over independent groups,
     with Welch-Satterthwaite degrees of freedom: (estimate, low, high, df). A group of
     identical values adds no variance; when no group has any, the interval is the point."""
-    from scipy import stats
+    from scipy import stats  # lazy: scipy
 
     estimate = sum(w * float(np.mean(v)) for v, w in groups) - offset
     terms = [(w * w * float(np.var(v, ddof=1)) / len(v), len(v) - 1) for v, w in groups]

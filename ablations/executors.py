@@ -16,6 +16,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import socket
 import sys
 import threading
 import time
@@ -23,19 +24,40 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from multiprocessing import popen_spawn_posix, spawn
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
+from ablations.constants import MALLOC_ENV
+from ablations.store import DamagedFile, GridStore
 from ablations.worker import DEFAULT_THREADS, check_threads, execute_run, resolve_device
 from sigprop.errors import UserError
+from sigprop.files import writable_dir_error
 
 ResultCallback = Callable[[dict], "list[str] | None"]
 StepCallback = Callable[[int, str, int, int, "float | None"], None]
+
+
+@runtime_checkable
+class Executor(Protocol):
+    """What ``run_grid`` and ``run_frontier`` need of an executor (module docstring):
+    :class:`LocalExecutor`, :class:`RayExecutor`, or one of your own (the tests run grids
+    in their own process with one).
+
+    ``slots()``: one entry per run that can execute at once (a device name such as "cpu" or
+    "cuda:0"); ``describe()``: where the runs execute, for the console (may connect, so it is
+    called only when there is something to run); ``run(...)``: execute the stored runs
+    ``run_ids`` of ``root/grid``, calling ``on_result`` as each ends (and running the ids it
+    returns) and ``on_step`` as they progress; it returns when all have ended. The runner
+    also reads ``device``, ``threads``, ``deterministic`` and ``gpus_per_run`` when an
+    executor has them, for the environment its runs will record."""
+
+    def slots(self) -> list[str]: ...
+
+    def describe(self) -> str: ...
+
+    def run(self, root: str, grid: str, run_ids: list[str], on_result: ResultCallback,
+            on_step: StepCallback | None = None) -> None: ...
 BUSY_RETRY_S = 1.0
 MAX_WORKER_DEATHS = 3  # requeues of a run whose worker died; one more death: failed
-# glibc otherwise hands every large activation buffer back to the OS after each step and
-# page-faults it in again on the next: half of a small CPU run's time went to the kernel
-# (BENCHMARKS.md). Keeping freed memory in the heap makes the same run 2x faster, bit-identical.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "1073741824", "MALLOC_TRIM_THRESHOLD_": "4294967296"}
 
 
 def worker_environment() -> None:
@@ -187,7 +209,7 @@ class LocalExecutor:
             raise UserError(f"--device must be auto, cpu or cuda, got {device!r}")
         self.device = resolve_device(device)
         if self.device.startswith("cuda"):
-            import torch
+            import torch  # lazy: torch
 
             if not torch.cuda.is_available():
                 raise UserError("--device cuda asked for, but no CUDA device is available")
@@ -197,7 +219,7 @@ class LocalExecutor:
 
     def slots(self) -> list[str]:
         if self.device == "cuda":
-            import torch
+            import torch  # lazy: torch
 
             gpus = torch.cuda.device_count()
             return [f"cuda:{g}" for _ in range(self.runs_per_gpu) for g in range(gpus)]
@@ -356,8 +378,6 @@ def dead_workers(workers: dict) -> set[int]:
 
 def run_pid(root: str, grid: str, run_id: str) -> int | None:
     """The pid of the process that last started ``run_id`` (from its status)."""
-    from ablations.store import DamagedFile, GridStore
-
     try:
         return GridStore(root, grid).status(run_id).get("pid")
     except DamagedFile:
@@ -366,8 +386,6 @@ def run_pid(root: str, grid: str, run_id: str) -> int | None:
 
 def worker_died(root: str, grid: str, run_id: str, times: int) -> dict:
     """Store ``run_id`` as failed after its worker process died ``times`` times."""
-    from ablations.store import GridStore
-
     line = (f"worker process died {times} times while running it (killed or out of memory); "
             f"--retry-failed resumes it from its checkpoint")
     store = GridStore(root, grid)
@@ -391,11 +409,7 @@ UNWRITABLE_ENV = "SIGPROP_STORE_UNWRITABLE"
 def store_check_task(root: str) -> tuple[str, str | None]:
     """On one node: (node, None) if ``root`` is writable there, else (node, reason); node is
     the hostname and the Ray node id (several nodes can share a host)."""
-    import socket
-
-    import ray
-
-    from sigprop.files import writable_dir_error
+    import ray  # lazy: ray
 
     node = f"{socket.gethostname()} (node {ray.get_runtime_context().get_node_id()[:12]})"
     if os.environ.get(UNWRITABLE_ENV):
@@ -421,8 +435,6 @@ class HeadWatch:
         self.last_ok = self.next_check = time.monotonic()
 
     def lost(self) -> bool:
-        import socket
-
         now = time.monotonic()
         if self.port is None:
             return False
@@ -438,8 +450,6 @@ class HeadWatch:
 
 def requeue_if_free(root: str, grid: str, run_id: str) -> bool:
     """Store ``run_id`` as queued unless a live process holds it; False if one does."""
-    from ablations.store import DamagedFile, GridStore
-
     store = GridStore(root, grid)
     lock = store.lock(run_id)
     if not lock.acquire():
@@ -475,7 +485,7 @@ def head_lost(root: str, grid: str, run_ids: list[str], head: HeadWatch) -> User
 
 def ray_run_task(root: str, grid: str, run_id: str, gpus: float, threads: int,
                  events: Any, deterministic: bool = False) -> dict:
-    import ray
+    import ray  # lazy: ray
 
     # Ray sets CUDA_VISIBLE_DEVICES for tasks that asked for GPUs, so "cuda" is the right one.
     result = execute_run(root, grid, run_id, "cuda" if gpus > 0 else "cpu", threads, events, 0,
@@ -496,7 +506,7 @@ class RayExecutor:
                  gpus_per_run: float = 0, max_retries: int = 3, num_cpus: int | None = None,
                  threads: int = DEFAULT_THREADS, deterministic: bool = False):
         try:
-            import ray  # noqa: F401
+            import ray  # lazy: ray  # noqa: F401
         except ImportError:
             raise UserError(
                 "--executor ray needs Ray: pip install -e \".[ray]\" (or pip install ray)"
@@ -511,7 +521,7 @@ class RayExecutor:
         self.threads, self.deterministic = check_threads(threads), deterministic
 
     def connect(self) -> None:
-        import ray
+        import ray  # lazy: ray
 
         if ray.is_initialized():
             return
@@ -530,14 +540,14 @@ class RayExecutor:
             raise UserError(f"cannot connect to Ray at {where}: {err}".splitlines()[0]) from None
 
     def slots(self) -> list[str]:
-        import ray
+        import ray  # lazy: ray
 
         self.connect()
         cpus = ray.cluster_resources().get("CPU", 1)
         return ["ray"] * max(1, int(cpus // self.cpus_per_run))
 
     def describe(self) -> str:
-        import ray
+        import ray  # lazy: ray
 
         self.connect()
         res = ray.cluster_resources()
@@ -546,8 +556,8 @@ class RayExecutor:
                 f"{self.gpus_per_run:g} GPU per run)")
 
     def check_store(self, root: str) -> None:
-        import ray
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        import ray  # lazy: ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # lazy: ray
 
         self.connect()
         check = ray.remote(store_check_task)
@@ -568,10 +578,10 @@ class RayExecutor:
         self, root: str, grid: str, run_ids: list[str], on_result: ResultCallback,
         on_step: StepCallback | None = None,
     ) -> None:
-        import ray
-        from ray.exceptions import RayError, TaskCancelledError
-        from ray.util.queue import Empty, Queue
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+        import ray  # lazy: ray
+        from ray.exceptions import RayError, TaskCancelledError  # lazy: ray
+        from ray.util.queue import Empty, Queue  # lazy: ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # lazy: ray
 
         self.check_store(root)
         task = ray.remote(ray_run_task).options(

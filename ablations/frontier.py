@@ -72,49 +72,39 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import pandas as pd
 
-from ablations.executors import LocalExecutor
+from ablations.constants import FINISHED, LENGTH_KEYS, MAX_RUNS
+from ablations.executors import Executor
+from ablations.frontier_schema import FrontierSettings, parse_frontier
+from ablations.keys import flatten
 from ablations.runner import (
     HEARTBEAT_S,
+    Invocation,
     Progress,
     check_data,
     describe_run,
-    environment_mismatches,
-    executor_environment,
     interruptible,
     mismatch_text,
     runs_to_execute,
 )
-from ablations.spec import (
-    MAX_RUNS,
-    FrontierSettings,
-    GridSpec,
-    Run,
-    expand,
-    frontier_settings,
-    run_id,
-)
+from ablations.spec import GridSpec, Run, expand, run_id
 from ablations.store import (
-    FINISHED,
     FRONTIER_FILE,
     DamagedFile,
     GridStore,
-    flatten_config,
     read_parquet,
     write_parquet,
 )
 from sigprop.errors import UserError
 
-# found: both sides of the edge probed; the other three end the search at a bound
-STATUSES = ("found", "stable_to_lr_max", "unstable_at_lr_min", "failed", "incomplete")
-SEARCHED = ("found", "stable_to_lr_max", "unstable_at_lr_min")  # the search ended with an answer
+# A cell's status: ablations.constants.CELL_STATUSES (SEARCHED: the search ended with an answer)
 # The columns every frontier.parquet row has besides the cell's flattened config (README).
 FRONTIER_COLUMNS = [
     "grid", "cell_id", "model_label", "axes", "status", "reason", "max_stable_lr",
@@ -122,7 +112,12 @@ FRONTIER_COLUMNS = [
     "resolution", "probe_steps", "non_monotone", "check_lr", "start_lr", "method",
 ]
 LR_KEYS = ("lr", "base_lr")
-LENGTH_KEYS = ("steps", "epochs")
+
+
+def frontier_settings(spec: GridSpec) -> FrontierSettings:
+    """The spec's ``[frontier]`` section, checked: a :class:`~ablations.errors.SpecError`
+    names the bad field (the schema: :mod:`ablations.frontier_schema`)."""
+    return parse_frontier(spec.frontier, spec.name)
 
 
 def lattice(settings: FrontierSettings) -> list[float]:
@@ -152,7 +147,7 @@ def cell_spec(spec: GridSpec, settings: FrontierSettings) -> GridSpec:
 
 def probe_run(cell: Run, lr: float, settings: FrontierSettings) -> Run:
     """The cell's config trained at peak learning rate ``lr`` (and ``steps``, when set)."""
-    from sigprop.train import TrainConfig
+    from sigprop.train import TrainConfig  # lazy: torch
 
     config = copy.deepcopy(cell.config)
     config["lr"] = lr
@@ -269,7 +264,7 @@ def numeric(value) -> bool:
 def warm_plan(cells: list[Run]) -> list[WarmPlan]:
     """Each cell's warm start, from the cells before it in the grid's order only (so the
     plan is the same on every invocation and its dependencies cannot cycle)."""
-    configs = [{k: v for k, v in flatten_config(cell.config).items() if k not in LR_KEYS}
+    configs = [{k: v for k, v in flatten(cell.config, hashable=True).items() if k not in LR_KEYS}
                for cell in cells]
     keys = sorted({k for cell in cells for k in cell.axes if k not in LR_KEYS})
 
@@ -513,7 +508,8 @@ class FrontierSearch:
 
     def row(self, cell: Cell) -> dict:
         search, points = cell.search, self.points
-        config = {k: v for k, v in flatten_config(cell.run.config).items() if k not in LR_KEYS}
+        config = {k: v for k, v in flatten(cell.run.config, hashable=True).items()
+                  if k not in LR_KEYS}
         row = {
             "grid": self.store.grid, "cell_id": cell.run.run_id, "model_label": cell.run.label,
             "axes": tuple(sorted(cell.run.axes)), **config,
@@ -585,9 +581,9 @@ def cells_of(spec: GridSpec, max_runs: int | None = MAX_RUNS) -> tuple[FrontierS
 def run_frontier(
     spec: GridSpec,
     out: str | Path = "runs",
-    executor: LocalExecutor | None = None,
+    executor: Executor | None = None,
     retry_failed: bool = False,
-    stream=None,
+    stream: TextIO | None = None,
     max_runs: int | None = MAX_RUNS,
     download: bool = False,
     verbosity: int = 0,
@@ -597,21 +593,18 @@ def run_frontier(
     ``frontier.parquet`` there (also when interrupted: unfinished cells say ``incomplete``).
     ``verbosity`` -1 prints only failures, 0 a line per finished cell and a heartbeat per long
     probe (without a terminal, every ``heartbeat_s``), 1 also every probe's start and end."""
-    settings = frontier_settings(spec)
-    if settings.method == "range-test":
-        return run_range_test(spec, out, executor, retry_failed, stream, max_runs, download,
-                              verbosity, heartbeat_s)
-    stream = stream or sys.stdout
-    executor = executor or LocalExecutor()
+    call = Invocation.open(spec, out, executor, stream, retry_failed=retry_failed,
+                           max_runs=max_runs, download=download, verbosity=verbosity,
+                           heartbeat_s=heartbeat_s)
     settings, cells = cells_of(spec, max_runs)
-    store = GridStore(out, spec.name)
+    if settings.method == "range-test":
+        return run_range_test(call, settings, cells)
+    store, executor, stream = call.store, call.executor, call.stream
     check_data(cells, download)
     store.prepare(spec.to_toml_dict(), [])
     # probes are found as the search goes, so every stored one is checked: a reused probe
     # made under another thread count or torch may not give this machine's edge
-    stored = [Run(run_id, {}, {}) for run_id in store.run_ids()]
-    mismatches = environment_mismatches(store, stored, executor_environment(executor),
-                                        retry_failed)
+    mismatches = call.mismatches([Run(run_id, {}, {}) for run_id in store.run_ids()])
     if mismatches:
         print(f"warning: probes: {mismatch_text(mismatches)}; reused as "
               "stored, so the edges may differ from a search here", file=stream, flush=True)
@@ -698,7 +691,7 @@ def range_run(cell: Run, settings: FrontierSettings) -> Run:
     """The cell's range-test run: ``steps`` updates (the cell's own length when unset) with the
     lr rising geometrically from ``lr_min`` to ``lr_max`` (``TrainConfig.schedule =
     "exponential"``, no warmup); an ordinary run of the grid with its own id."""
-    from sigprop.train import TrainConfig
+    from sigprop.train import TrainConfig  # lazy: torch
 
     config = copy.deepcopy(cell.config)
     config.update(lr=settings.lr_max, lr_start=settings.lr_min, schedule="exponential",
@@ -725,7 +718,7 @@ def range_test_row(store: GridStore, cell: Run, run: Run, settings: FrontierSett
     to the lattice, ``min_unstable_lr`` the lattice point above it, so both methods' rows
     compare on the same lattice; ``ramp_edge_lr`` is the edge as the ramp gave it, before
     snapping; ``final_acc`` is NaN (no run trained at the edge's rate)."""
-    config = {k: v for k, v in flatten_config(cell.config).items() if k not in LR_KEYS}
+    config = {k: v for k, v in flatten(cell.config, hashable=True).items() if k not in LR_KEYS}
     row = {
         "grid": store.grid, "cell_id": cell.run_id, "model_label": cell.label,
         "axes": tuple(sorted(cell.axes)), **config, "method": "range-test",
@@ -800,17 +793,8 @@ def write_frontier(store: GridStore, frame: pd.DataFrame, method: str) -> None:
         raise UserError(f"cannot write {path}: {err.strerror or err}") from None
 
 
-def run_range_test(
-    spec: GridSpec,
-    out: str | Path = "runs",
-    executor: LocalExecutor | None = None,
-    retry_failed: bool = False,
-    stream=None,
-    max_runs: int | None = MAX_RUNS,
-    download: bool = False,
-    verbosity: int = 0,
-    heartbeat_s: float = HEARTBEAT_S,
-) -> FrontierOutcome:
+def run_range_test(call: Invocation, settings: FrontierSettings,
+                   cells: list[Run]) -> FrontierOutcome:
     """The frontier by the learning-rate range test (``[frontier] method = "range-test"``):
     one run per cell (:func:`range_run`), all through the executor at once, each cell's edge
     read off its run (:func:`range_test_edge`, :func:`range_test_row`). The runs are ordinary
@@ -818,17 +802,16 @@ def run_range_test(
     back and runs only the rest. A range test measures where the loss blows up while the rate
     rises, so its edge is instability during a ramp, not at a fixed rate: the model reaches
     each rate after a few steps at lower ones instead of a warmup to it and a whole run
-    there. Arguments and the outcome as :func:`run_frontier` (``probes_*`` count runs)."""
-    stream = stream or sys.stdout
-    executor = executor or LocalExecutor()
-    settings, cells = cells_of(spec, max_runs)
-    store = GridStore(out, spec.name)
-    check_data(cells, download)
+    there. ``call``: :func:`run_frontier`'s arguments, ``settings`` and ``cells`` the
+    spec's (:func:`cells_of`); the outcome as :func:`run_frontier`'s (``probes_*`` count
+    runs)."""
+    spec, store, executor, stream = call.spec, call.store, call.executor, call.stream
+    retry_failed, verbosity = call.retry_failed, call.verbosity
+    check_data(cells, call.download)
     runs = [range_run(cell, settings) for cell in cells]
     unique = list({run.run_id: run for run in runs}.values())
     store.prepare(spec.to_toml_dict(), unique)
-    mismatches = environment_mismatches(store, unique, executor_environment(executor),
-                                        retry_failed)
+    mismatches = call.mismatches(unique)
     if mismatches:
         print(f"warning: range-test runs: {mismatch_text(mismatches)}; reused "
               "as stored, so the edges may differ from a run here", file=stream, flush=True)
@@ -840,7 +823,7 @@ def run_range_test(
               file=stream, flush=True)
     progress = Progress(None, 0, {run.run_id: f"{describe_run(cell)} range test"
                                   for cell, run in zip(cells, runs)}, 0, stream, verbosity,
-                        heartbeat_s)
+                        call.heartbeat_s)
     executed = set()
 
     def on_result(result: dict) -> list[str]:

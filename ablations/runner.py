@@ -10,23 +10,28 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import pandas as pd
+import tomllib
+from tqdm import tqdm
 
-from ablations.executors import LocalExecutor
-from ablations.spec import MAX_RUNS, GridSpec, Run, expand
+from ablations.constants import FINISHED, MAX_RUNS
+from ablations.executors import Executor, LocalExecutor
+from ablations.keys import applied_values, flatten
+from ablations.spec import GridSpec, Run, expand
 from ablations.store import (
-    FINISHED,
     NUMERIC_ENVIRONMENT,
     DamagedFile,
     GridStore,
-    applied_values,
     differing_base_keys,
+    env_value,
     environment_differences,
+    grid_dirs,
     load_results,
     numeric_environment,
 )
+from ablations.worker import DEFAULT_THREADS
 from sigprop.errors import UserError
 
 
@@ -96,8 +101,6 @@ def runs_to_execute(store: GridStore, runs: list[Run], retry_failed: bool,
 
 def executor_environment(executor: Any) -> dict:
     """The :data:`~ablations.store.NUMERIC_ENVIRONMENT` the executor's runs will record."""
-    from ablations.worker import DEFAULT_THREADS
-
     device = getattr(executor, "device", None)
     if not isinstance(device, str):  # Ray: a GPU per run or none
         device = "cuda" if (getattr(executor, "gpus_per_run", 0) or 0) > 0 else "cpu"
@@ -155,13 +158,13 @@ def check_data(runs: list[Run], download: bool = False) -> None:
     and stays); otherwise ``download`` fetches it now, once, and without it the grid stops
     naming where the files go (runs would each fail on their own). Runs never download.
     """
-    from sigprop.data import SOURCES, default_data_dir, ensure_cifar
+    from sigprop.data import SOURCES, default_data_dir, ensure_cifar  # lazy: torch
 
     needed = sorted({(r.config["data"], r.config.get("data_dir") or "") for r in runs})
     for name, data_dir in needed:
         if name == "digits":
             try:
-                import sklearn.datasets  # noqa: F401
+                import sklearn.datasets  # lazy: scikit-learn  # noqa: F401
             except ImportError:
                 raise UserError("data set 'digits' needs scikit-learn: pip install "
                                 "'sigprop[digits]'") from None
@@ -277,8 +280,6 @@ class Progress:
         self.active: dict[str, dict] = {}  # run id -> started, step, total, loss, last beat
         self.ended: list[dict] = []  # the rows of the final table
         if self.tty:
-            from tqdm import tqdm
-
             self.grid_bar = tqdm(total=total, initial=done, desc="grid", unit="run",
                                  position=0, file=self.stream, dynamic_ncols=True)
             self.slot_bars = [
@@ -402,12 +403,47 @@ class Progress:
             print(table.to_string(index=False), file=self.stream, flush=True)
 
 
+@dataclass
+class Invocation:
+    """One call of :func:`run_grid` or :func:`ablations.frontier.run_frontier`: the
+    arguments both take, defaults filled in (``stream``: stdout, ``executor``: one local
+    worker), and the grid's store under ``out``. Both keep their own signature (the public
+    API); what they share starts here."""
+
+    spec: GridSpec
+    store: GridStore
+    executor: Executor
+    stream: TextIO
+    retry_failed: bool = False
+    max_runs: int | None = MAX_RUNS
+    download: bool = False
+    verbosity: int = 0
+    heartbeat_s: float = HEARTBEAT_S
+
+    @classmethod
+    def open(cls, spec: GridSpec, out: str | Path, executor: Executor | None,
+             stream: TextIO | None, **options: Any) -> Invocation:
+        return cls(spec, GridStore(out, spec.name), executor or LocalExecutor(),
+                   stream or sys.stdout, **options)
+
+    def say(self, text: str, always: bool = False) -> None:
+        """A line on the console; unless ``always`` (warnings, failures), not at verbosity -1."""
+        if always or self.verbosity >= 0:
+            print(text, file=self.stream, flush=True)
+
+    def mismatches(self, runs: list[Run]) -> dict[str, list[str]]:
+        """The stored ``runs`` made under another environment than this executor's runs
+        would record (:func:`environment_mismatches`)."""
+        return environment_mismatches(self.store, runs, executor_environment(self.executor),
+                                      self.retry_failed)
+
+
 def run_grid(
     spec: GridSpec,
     out: str | Path = "runs",
-    executor: LocalExecutor | None = None,
+    executor: Executor | None = None,
     retry_failed: bool = False,
-    stream=None,
+    stream: TextIO | None = None,
     max_runs: int | None = MAX_RUNS,
     download: bool = False,
     verbosity: int = 0,
@@ -423,12 +459,12 @@ def run_grid(
     files kept aside. ``verbosity`` -1 prints only failures and warnings, 1 every run's start
     and end line also on a terminal; ``heartbeat_s``: see :class:`Progress`.
     """
-    stream = stream or sys.stdout
-    executor = executor or LocalExecutor()
+    call = Invocation.open(spec, out, executor, stream, retry_failed=retry_failed,
+                           max_runs=max_runs, download=download, verbosity=verbosity,
+                           heartbeat_s=heartbeat_s)
+    store, executor, stream = call.store, call.executor, call.stream
     runs = expand(spec, max_runs)
-    store = GridStore(out, spec.name)
-    current = executor_environment(executor)
-    mismatches = environment_mismatches(store, runs, current, retry_failed)
+    mismatches = call.mismatches(runs)
     if mismatches and rerun_if_env_differs and verbosity >= 0:
         print(f"{mismatch_text(mismatches)}; they run again from step 0 here "
               f"(--rerun-if-env-differs), their old files kept aside as <name>.env-<time>",
@@ -524,8 +560,6 @@ def environment_column(runs: pd.DataFrame) -> list[str] | None:
     runs that ran ("threads 2"), or that a run did not record ("threads not recorded"), and
     "resumed from ..." for a run continued under other values; None when all runs that ran
     agree and recorded everything (nothing to say)."""
-    from ablations.store import env_value
-
     keys = [k for k in NUMERIC_ENVIRONMENT if f"env.{k}" in runs]
     if not keys:
         return None
@@ -569,10 +603,6 @@ def sort_key(value) -> tuple:
 
 def grid_axis_order(specs: dict[str, str]) -> list[str]:
     """The [grid] keys of the stored specs, in the order they are written."""
-    import tomllib
-
-    from ablations.spec import flatten
-
     keys: list[str] = []
     for text in specs.values():
         try:
@@ -584,8 +614,6 @@ def grid_axis_order(specs: dict[str, str]) -> list[str]:
 
 def step_text(path: str | Path, grid: str, run_id: str) -> str:
     """"120/300" from the run's progress record, "" without one."""
-    from ablations.store import grid_dirs
-
     folder = next((g for g in grid_dirs(Path(path)) if g.name == grid), None)
     record = GridStore(folder.parent, grid).progress(run_id) if folder else None
     if not record or "step" not in record:

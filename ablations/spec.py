@@ -41,56 +41,30 @@ neither produces duplicate runs. A run's id is a hash of its canonical resolved 
 
 from __future__ import annotations
 
-import ast
 import copy
 import dataclasses
 import hashlib
 import itertools
 import json
 import math
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import tomllib
 
+from ablations.claims import ClaimError, UntestableClaim, check_claims, parse_claims
+from ablations.constants import LENGTH_KEYS, MAX_RUNS, NAME_MAX
+from ablations.errors import SpecError
+from ablations.frontier_schema import parse_frontier
+from ablations.keys import effective_settings, flatten, get_dotted, set_dotted
+from ablations.overrides import parse_override
 from ablations.recipe import DEPARTURE_FIELDS
+from sigprop.constants import THRESHOLD_MODES
 from sigprop.errors import UserError, did_you_mean
-
-GRIDS_DIR = Path(__file__).resolve().parent / "grids"
-
-
-def __getattr__(name: str) -> Any:
-    # THRESHOLD_MODES is read from here (reports) but lives with the clipping code, which
-    # imports torch: loaded on first use, so `sigprop --help` (which reads GRIDS_DIR) skips it
-    if name == "THRESHOLD_MODES":
-        from sigprop.clipping import THRESHOLD_MODES
-
-        return THRESHOLD_MODES
-    raise AttributeError(f"module 'ablations.spec' has no attribute {name!r}")
-
-
-def shipped_grids() -> list[str]:
-    return sorted(p.stem for p in GRIDS_DIR.glob("*.toml"))
-
-
-def spec_path(name_or_path: str) -> Path:
-    """A spec file, or the name of a shipped grid (``agc_batch``)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    shipped = GRIDS_DIR / f"{name_or_path.removesuffix('.toml')}.toml"
-    if shipped.is_file():
-        return shipped
-    grids = shipped_grids()
-    hint = did_you_mean(name_or_path.removesuffix(".toml"), grids) if "/" not in name_or_path \
-        else ""
-    raise UserError(
-        f"spec not found: {name_or_path}{hint} (a TOML file, or a shipped grid: "
-        f"{', '.join(grids)})"
-    )
-
 
 SPEC_KEYS = {
     "name", "description", "intended_for", "base", "fixed", "grid", "tie", "when", "data_profiles",
@@ -98,10 +72,6 @@ SPEC_KEYS = {
 }
 # Execution choices that do not change what a run computes, so not part of its id.
 EXECUTION_KEYS = ("device",)
-
-
-class SpecError(UserError):
-    """A spec that cannot be expanded: names the field and what is allowed."""
 
 
 @dataclass
@@ -129,7 +99,7 @@ class GridSpec:
     # claims that --set left without runs to test them on: "C1: why" (kept in the stored spec)
     untested_claims: list[str] = field(default_factory=list)
     overridden: bool = False  # --set changed the grid or fixed a key
-    frontier: dict = field(default_factory=dict)  # [frontier], checked by frontier_settings
+    frontier: dict = field(default_factory=dict)  # [frontier]: ablations.frontier_schema
     # [departures]: {setting: {"paper": its value in the paper, "why": the measurement}}
     departures: dict = field(default_factory=dict)
 
@@ -219,14 +189,9 @@ def parse_departures(table: Any) -> dict:
     return out
 
 
-NAME_MAX = 255  # bytes in one path component (Linux, macOS): the grid's folder
-
-
 def check_name(name: str) -> None:
     """A grid name is a folder name: no control characters (NUL, newline, escapes), at most
     ``NAME_MAX`` bytes."""
-    import unicodedata
-
     bad = next((c for c in name if unicodedata.category(c) == "Cc"), None)
     if bad is not None:
         raise SpecError(f"name {name!r} holds the control character {bad!r}; a grid name is "
@@ -251,18 +216,6 @@ def parse_when(table: dict, grid: dict) -> dict[str, dict[str, list]]:
     return out
 
 
-def flatten(table: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}} -> {"a.b": 1}; quoted dotted keys pass through unchanged."""
-    out = {}
-    for key, value in table.items():
-        full = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out.update(flatten(value, f"{full}."))
-        else:
-            out[full] = value
-    return out
-
-
 def check_structure(spec: GridSpec) -> None:
     tied: set[str] = set()
     for group, keys in spec.tie.items():
@@ -281,176 +234,26 @@ def check_structure(spec: GridSpec) -> None:
         if key not in spec.grid:
             raise SpecError(f"when.{key} refers to an axis that is not in [grid]")
     if spec.frontier:
-        frontier_settings(spec)
+        parse_frontier(spec.frontier, spec.name)
     parsed_claims(spec)
 
 
 def parsed_claims(spec: GridSpec) -> list:
     """The spec's claims, parsed; a malformed claim is a :class:`SpecError`."""
-    from ablations.claims import ClaimError, parse_claims
-
     try:
         return parse_claims(spec.claims or None)
     except ClaimError as err:
         raise SpecError(str(err)) from None
 
 
-# ----------------------------------------------------------------------------- frontier
-
-# The stability criterion's metric: a per-step column of metrics.parquet (the training loss).
-CRITERION_METRICS = ("loss",)
-
-
-@dataclass(frozen=True)
-class FrontierSettings:
-    """``[frontier]``: where and how finely ``run_ablations.py frontier`` looks for the largest
-    stable learning rate of each cell (README "Stability frontier", ``ablations.frontier``).
-
-    The probes' learning rates are the lattice ``lr_min * resolution**k`` (the last point is
-    ``lr_max``). ``steps``: updates per probe run (None: the cell's own length). A probe is
-    stable when it did not diverge and the mean of ``metric`` over its last ``window`` steps
-    (default: a tenth of the steps, 1 to 10) is below ``max_ratio`` times its first value, the
-    loss at initialisation (step 0, before any update). Not a mean over the first steps: at a
-    rate near the edge the loss spikes during warmup (12 at step 2 on digits), and a window
-    mean over the spike once let a run that ended at chance pass as stable. The default 0.8
-    asks that the loss fell by a fifth: a run stalled at chance keeps its initial loss (ratio
-    about 1), while a short run at a small but healthy rate may not yet have halved it
-    (digits, 40 steps: ratios 0.4 to 0.7), and a stricter ratio would call small rates
-    unstable, against the search's assumption that stability only fails above an edge.
-
-    ``warm_start``: a cell whose seed sibling or neighbour along a numeric axis has been
-    searched starts from that edge (``ablations.frontier``); False: every cell bisects cold.
-    ``check_monotone``: after the edge is found, one probe two lattice steps above it; a stable
-    one marks the cell ``non_monotone``. False saves that probe.
-
-    ``method``: "bisect" (the search above) or "range-test": one run per cell whose lr rises
-    geometrically from ``lr_min`` to ``lr_max`` over ``steps`` updates, the edge read off where
-    its smoothed loss blows up (``ablations.frontier.range_test_edge``; the stability
-    criterion, ``warm_start`` and ``check_monotone`` are the search's and unused by it).
-    """
-
-    lr_min: float
-    lr_max: float
-    resolution: float = 2 ** 0.25
-    steps: int | None = None
-    metric: str = "loss"
-    max_ratio: float = 0.8
-    window: int | None = None
-    warm_start: bool = True
-    check_monotone: bool = True
-    method: str = "bisect"
-
-
-# How `frontier` finds each cell's edge: FrontierSettings.method
-FRONTIER_METHODS = ("bisect", "range-test")
-FRONTIER_KEYS = {f.name for f in dataclasses.fields(FrontierSettings)}
-
-
-def frontier_settings(spec: GridSpec) -> FrontierSettings:
-    """The spec's ``[frontier]`` section, checked: a :class:`SpecError` names the bad field."""
-    raw = spec.frontier
-    if not isinstance(raw, dict) or not raw:
-        raise SpecError(f"spec {spec.name} has no [frontier] section (lr_min, lr_max, ...); "
-                        f"`frontier` needs one")
-    unknown = sorted(set(raw) - FRONTIER_KEYS)
-    if unknown:
-        raise SpecError(f"frontier: unknown key(s) {', '.join(unknown)}; allowed: "
-                        f"{', '.join(sorted(FRONTIER_KEYS))}")
-
-    def number(name: str, default: Any = None, integer: bool = False) -> Any:
-        value = raw.get(name, default)
-        if value is None:
-            return None
-        kind = int if integer else int | float
-        if isinstance(value, bool) or not isinstance(value, kind) \
-                or not math.isfinite(value) or value <= 0:
-            what = "a positive integer" if integer else "a positive number"
-            raise SpecError(f"frontier.{name} must be {what}, got {value!r}")
-        return value
-
-    for name in ("lr_min", "lr_max"):
-        if name not in raw:
-            raise SpecError(f"frontier.{name} is required (the learning rates searched lie "
-                            f"between lr_min and lr_max)")
-    lr_min, lr_max = float(number("lr_min")), float(number("lr_max"))
-    if lr_min >= lr_max:
-        raise SpecError(f"frontier: lr_min ({lr_min:g}) must be below lr_max ({lr_max:g})")
-    resolution = number("resolution", 2 ** 0.25)
-    if resolution <= 1:
-        raise SpecError(f"frontier.resolution must be a ratio above 1 (e.g. 1.19 = 2**0.25), "
-                        f"got {resolution!r}")
-    steps, window = number("steps", integer=True), number("window", integer=True)
-    metric = raw.get("metric", "loss")
-    if metric not in CRITERION_METRICS:
-        raise SpecError(f"frontier.metric: unknown metric {metric!r} for the stability "
-                        f"criterion; known: {', '.join(CRITERION_METRICS)}")
-    max_ratio = number("max_ratio", 0.8)
-    if max_ratio > 1:
-        raise SpecError(f"frontier.max_ratio is the final loss over the initial one that still "
-                        f"counts as training, at most 1; got {max_ratio!r}")
-    flags = {}
-    for name in ("warm_start", "check_monotone"):
-        flags[name] = raw.get(name, True)
-        if not isinstance(flags[name], bool):
-            raise SpecError(f"frontier.{name} must be true or false, got {flags[name]!r}")
-    method = raw.get("method", "bisect")
-    if method not in FRONTIER_METHODS:
-        raise SpecError(f"frontier.method must be one of {', '.join(FRONTIER_METHODS)}, got "
-                        f"{method!r}{did_you_mean(method, FRONTIER_METHODS)}")
-    return FrontierSettings(lr_min, lr_max, float(resolution), steps, metric,
-                            float(max_ratio), window, **flags, method=method)
-
-
 # ----------------------------------------------------------------------------- overrides
-
-def parse_value(text: str) -> Any:
-    """A TOML literal (1, 0.5, true, [1, 2], "x"), a Python one (False, (1, 2)), else the
-    bare string, so ``stem=cifar``, ``ws=false`` and ``ws=False`` all work."""
-    text = text.strip()
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        pass
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-    return list(value) if isinstance(value, tuple) else value
-
-
-def split_top_level(text: str) -> list[str]:
-    """Split on commas that are not inside brackets or quotes."""
-    parts, depth, quote, current = [], 0, None, []
-    for ch in text:
-        if quote:
-            quote = None if ch == quote else quote
-        elif ch in "\"'":
-            quote = ch
-        elif ch in "[{":
-            depth += 1
-        elif ch in "]}":
-            depth -= 1
-        elif ch == "," and depth == 0:
-            parts.append("".join(current))
-            current = []
-            continue
-        current.append(ch)
-    parts.append("".join(current))
-    return parts
-
 
 def apply_overrides(spec: GridSpec, overrides: list[str]) -> GridSpec:
     """``key=v`` fixes a key (replacing an axis); ``key=v1,v2`` makes or replaces an axis."""
     spec = copy.deepcopy(spec)
     spec.overridden = spec.overridden or bool(overrides)
     for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise SpecError(f"--set expects key=value or key=v1,v2, got {item!r}")
-        values = [parse_value(part) for part in split_top_level(text)]
-        if any(v == "" for v in values):
-            raise SpecError(f"--set {key}: empty value in {text!r}")
+        key, values, text = parse_override(item)
         if key.startswith("frontier."):  # a search setting, not a run key
             if len(values) > 1:
                 raise SpecError(f"--set {key} takes one value, got {text!r}")
@@ -469,27 +272,7 @@ def apply_overrides(spec: GridSpec, overrides: list[str]) -> GridSpec:
     return spec
 
 
-def set_dotted(table: dict, key: str, value: Any) -> None:
-    *parents, leaf = key.split(".")
-    for part in parents:
-        table = table.setdefault(part, {})
-        if not isinstance(table, dict):
-            raise SpecError(f"cannot set {key}: {part} is not a table")
-    table[leaf] = value
-
-
-def get_dotted(table: dict, key: str, default: Any = None) -> Any:
-    for part in key.split("."):
-        if not isinstance(table, dict) or part not in table:
-            return default
-        table = table[part]
-    return table
-
-
 # ----------------------------------------------------------------------------- expansion
-
-MAX_RUNS = 10_000  # refuse bigger grids unless --max-runs says otherwise (README, store)
-
 
 def _units(spec: GridSpec) -> list[list[dict]]:
     """The factors of the product: one per tie group (zipped axes), one per other axis."""
@@ -532,8 +315,8 @@ def expand(spec: GridSpec, max_runs: int | None = MAX_RUNS) -> list[Run]:
 def iter_runs(spec: GridSpec) -> Iterator[Run]:
     """The runs of :func:`expand` one by one, as they are built (first rows at once); the
     claims are checked by :func:`expand` once all runs exist."""
-    from sigprop.models.labels import model_departures, model_label
-    from sigprop.train import TrainConfig
+    from sigprop.models.labels import model_departures, model_label  # lazy: torch
+    from sigprop.train import TrainConfig  # lazy: torch
 
     check_keys(spec)
     units = _units(spec)
@@ -570,15 +353,10 @@ def check_run_claims(spec: GridSpec, runs: list[Run]) -> None:
     about batch 512) is no error in the spec: that claim moves to ``spec.untested_claims``
     with the reason, and the rest are checked as usual.
     """
-    import pandas as pd
-
-    from ablations.claims import ClaimError, UntestableClaim, check_claims
-    from ablations.store import flatten_config
-
     claims = parsed_claims(spec)
     if not claims:
         return
-    frame = pd.DataFrame([flatten_config(run.config) for run in runs])
+    frame = pd.DataFrame([flatten(run.config, hashable=True) for run in runs])
     kept = []
     for table, claim in zip(spec.claims, claims):
         try:
@@ -591,10 +369,6 @@ def check_run_claims(spec: GridSpec, runs: list[Run]) -> None:
             continue
         kept.append(table)
     spec.claims = kept
-
-
-# A run's length is one setting given one of two ways: a later layer's choice replaces both.
-LENGTH_KEYS = ("epochs", "steps")
 
 
 def build_config(spec: GridSpec, axes: dict) -> dict:
@@ -614,8 +388,6 @@ def build_config(spec: GridSpec, axes: dict) -> dict:
 
 def applicable_axes(spec: GridSpec, config: dict, axes: dict) -> dict:
     """Drop axis values that do not apply to this combination (see module docstring)."""
-    from sigprop.clipping import THRESHOLD_MODES
-
     out = {}
     for key, value in axes.items():
         # a tie is one axis: the [when] of every tied key holds for each of them
@@ -633,24 +405,8 @@ def tie_members(spec: GridSpec, key: str) -> list[str]:
     return next((keys for keys in spec.tie.values() if key in keys), [key])
 
 
-def effective_settings(config: Any) -> dict:
-    """What a run uses that its config does not state outright, as dotted keys: ``lr``, the
-    peak learning rate (``base_lr * batch_size / 256`` unless ``lr`` is given), and the
-    clipping as applied (``clip.threshold`` None for a mode that uses none).
-
-    ``config``: a ``TrainConfig`` or its dict. Stored in each run's config.json."""
-    from sigprop.clipping import THRESHOLD_MODES
-    from sigprop.train import TrainConfig
-
-    if isinstance(config, dict):
-        config = TrainConfig.from_dict(config)
-    mode = config.clip.mode
-    return {"lr": float(config.peak_lr()), "clip.mode": mode,
-            "clip.threshold": config.clip.threshold if mode in THRESHOLD_MODES else None}
-
-
 def drop_inapplicable_model_keys(config: dict) -> None:
-    from sigprop.models import model_options
+    from sigprop.models import model_options  # lazy: torch
 
     model = config.get("model")
     if not isinstance(model, dict) or "name" not in model:
@@ -665,9 +421,9 @@ def drop_inapplicable_model_keys(config: dict) -> None:
 
 def check_keys(spec: GridSpec) -> None:
     """Unknown keys fail before anything runs, naming the key and the valid ones."""
-    from sigprop.clipping import ClipConfig
-    from sigprop.models import list_models, model_options
-    from sigprop.train import TrainConfig
+    from sigprop.clipping import ClipConfig  # lazy: torch
+    from sigprop.models import list_models, model_options  # lazy: torch
+    from sigprop.train import TrainConfig  # lazy: torch
 
     top = {f.name for f in dataclasses.fields(TrainConfig)}
     clip_keys = {f.name for f in dataclasses.fields(ClipConfig)}

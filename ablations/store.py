@@ -32,6 +32,7 @@ so they need no write access: a read-only store (a chmod, a read-only mount) rea
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
@@ -39,18 +40,24 @@ import platform
 import socket
 import subprocess
 import time
+import types
+import typing
+import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy
 import pandas as pd
+import pyarrow.parquet as pq
+import tomli_w
 
+import sigprop
+from ablations.constants import DAMAGED, FINISHED, STATES
+from ablations.keys import applied_values, flatten
 from sigprop.diagnosis import FIELDS as DIAGNOSIS_FIELDS
 from sigprop.errors import UserError
 from sigprop.files import atomic_path, writable_dir_error
 
-STATES = ("queued", "running", "completed", "diverged", "failed")
-FINISHED = ("completed", "diverged")
-DAMAGED = "damaged"  # shown by status/report for a run whose files cannot be read
 RESULT_FILES = ("metrics.parquet", "blocks.parquet")
 FLIGHT_FILE = "flight.parquet"  # a diverged run's flight record (sigprop.recorder), if any
 PROGRESS_FILE = "progress.json"  # written by the worker every few seconds while a run trains
@@ -143,9 +150,9 @@ PROGRESS_FIELDS: dict[str, tuple[str, ...]] = {
 def _kind(value: Any) -> str:
     if value is None:
         return "null"
-    for kind, types in (("bool", bool), ("integer", int), ("number", float), ("string", str),
+    for kind, classes in (("bool", bool), ("integer", int), ("number", float), ("string", str),
                         ("list", list), ("object", dict)):
-        if isinstance(value, types):
+        if isinstance(value, classes):
             return kind
     return type(value).__name__
 
@@ -175,9 +182,6 @@ def check_fields(path: Path, data: dict, fields: dict[str, tuple[str, ...]],
 
 
 def _hint_kinds(hint: Any) -> tuple[str, ...]:
-    import types
-    import typing
-
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
     kinds = []
     for option in options:
@@ -189,9 +193,6 @@ def _hint_kinds(hint: Any) -> tuple[str, ...]:
 
 
 def _dataclass_fields(cls: Any) -> dict[str, tuple[str, ...]]:
-    import dataclasses
-    import typing
-
     hints = typing.get_type_hints(cls)
     return {f.name: _hint_kinds(hints[f.name]) for f in dataclasses.fields(cls)}
 
@@ -202,8 +203,8 @@ _TRAIN_FIELDS: dict[str, dict[str, tuple[str, ...]]] = {}
 def train_config_fields() -> tuple[dict[str, tuple[str, ...]], dict[str, tuple[str, ...]]]:
     """The JSON kinds of TrainConfig's and ClipConfig's fields, from their annotations."""
     if not _TRAIN_FIELDS:
-        from sigprop.clipping import ClipConfig
-        from sigprop.train import TrainConfig
+        from sigprop.clipping import ClipConfig  # lazy: torch
+        from sigprop.train import TrainConfig  # lazy: torch
 
         train = _dataclass_fields(TrainConfig)
         train["augment"] += ("bool",)  # stores before the names: true/false (still accepted)
@@ -250,8 +251,6 @@ def check_config(path: Path, data: dict) -> dict:
 
 def parquet_damage(path: Path) -> str | None:
     """Why ``path`` is not a readable parquet file (footer and schema), or None."""
-    import pyarrow.parquet as pq
-
     try:
         pq.read_metadata(path)
     except FileNotFoundError:
@@ -291,10 +290,7 @@ def environment(device: str | None = None) -> dict:
     """What a run ran under, as this process has it set now: versions, machine, device, and
     what changes its numbers besides its config (``threads``, ``deterministic``; see
     :data:`NUMERIC_ENVIRONMENT`)."""
-    import numpy
-    import torch
-
-    import sigprop
+    import torch  # lazy: torch
 
     env = {
         "python": platform.python_version(),
@@ -325,7 +321,7 @@ NUMERIC_ENVIRONMENT = ("threads", "torch", "device", "deterministic")
 
 def numeric_environment(threads: int, deterministic: bool, device: str) -> dict:
     """The :data:`NUMERIC_ENVIRONMENT` a run started now by this process would record."""
-    import torch
+    import torch  # lazy: torch
 
     return {"threads": threads, "torch": torch.__version__, "device": device,
             "deterministic": bool(deterministic)}
@@ -378,8 +374,6 @@ class GridStore:
     # -- set-up
     def prepare(self, spec_toml: dict, runs: list) -> None:
         """Write the spec and a queued entry for every new run; existing runs are untouched."""
-        import tomli_w
-
         why = writable_dir_error(self.runs_dir)
         if why:
             raise UserError(f"cannot write results to {self.dir}: {why}")
@@ -669,7 +663,7 @@ FLIGHT_COLUMNS = ["grid", "run_id", "step", "block", "stage", "index", "stat", "
 
 
 def empty_flight_frame() -> pd.DataFrame:
-    from sigprop.recorder import empty_flight
+    from sigprop.recorder import empty_flight  # lazy: torch
 
     frame = empty_flight()
     frame.insert(0, "run_id", pd.Series(dtype="object"))
@@ -687,51 +681,13 @@ def chance_accuracy(config: dict, state: str, final_acc: Any) -> float | None:
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
     classes = model.get("num_classes")
     if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
-        from sigprop.data import dataset_info
+        from sigprop.data import dataset_info  # lazy: torch
 
         try:
             classes = dataset_info(config.get("data", "synthetic")).num_classes
         except (UserError, TypeError, ValueError, KeyError):
             return None
     return 1.0 / classes
-
-
-def flatten_config(config: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in config.items():
-        if isinstance(value, dict):
-            out.update(flatten_config(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
-AGC_ONLY_KEYS = ("clip.eps", "clip.exclude", "clip.clip_classifier")
-
-
-def applied_values(config: dict, effective: dict | None = None) -> dict:
-    """A run's config flattened to dotted keys as the trainer uses it: ``lr`` is the peak
-    learning rate, the clipping is as applied (``effective``, the record config.json holds;
-    computed from ``config`` for stores written before it), and a value the run does not use
-    is None rather than a stale one: ``clip.threshold`` for mode none, AGC's eps, exclude and
-    clip_classifier for the other modes, ``base_lr`` where ``lr`` is given, ``epochs`` where
-    ``steps`` is."""
-    from ablations.spec import effective_settings
-
-    flat = flatten_config(config)
-    if not effective:
-        try:
-            effective = effective_settings(config)
-        except (UserError, TypeError, ValueError):  # a config this version cannot build
-            effective = {}
-    out = {**flat, **effective}
-    if out.get("clip.mode") != "agc":
-        out.update({key: None for key in AGC_ONLY_KEYS if key in out})
-    if flat.get("lr") is not None and "base_lr" in out:
-        out["base_lr"] = None
-    if flat.get("steps") is not None and "epochs" in out:
-        out["epochs"] = None
-    return out
 
 
 def mark_differing_keys(rows: list[dict], configs: dict[str, dict]) -> list[dict]:
@@ -759,7 +715,7 @@ def differing_base_keys(store: GridStore, runs: list) -> list[str]:
     """Config keys in which runs already in the grid folder differ from every run of ``runs``
     although no axis varies them (a changed base value rerun into the same --out)."""
     ours = {r.run_id for r in runs}
-    mine = [flatten_config(r.config) for r in runs]
+    mine = [flatten(r.config, hashable=True) for r in runs]
     axes = {a for r in runs for a in r.axes}
     found: set[str] = set()
     for rid in store.run_ids():
@@ -769,7 +725,7 @@ def differing_base_keys(store: GridStore, runs: list) -> list[str]:
             record = store.config(rid)
         except DamagedFile:
             continue
-        theirs = flatten_config(record["config"])
+        theirs = flatten(record["config"], hashable=True)
         for key in set(theirs) - axes - set(record.get("axes", {})) - {"device"}:
             if all(m.get(key) != theirs[key] for m in mine if key in m):
                 found.add(key)
@@ -891,7 +847,7 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
                         "axes": tuple(sorted(cfg.get("axes", {}))),
                         "model_label": cfg.get("label") or None,
                         "model_departures": cfg.get("model_departures") or {}})
-            configs[rid] = flatten_config(cfg["config"])
+            configs[rid] = flatten(cfg["config"], hashable=True)
             row.update(applied_values(cfg["config"], cfg.get("effective")))
             row.update({k: summary.get(k) for k in SUMMARY_COLUMNS})
             row["acc_chance"] = chance_accuracy(cfg["config"], state, summary.get("final_acc"))
@@ -932,8 +888,6 @@ def load_results(path: str | Path, with_frames: bool = True) -> Results:
             try:
                 frontiers.append(read_frontier(grid_dir))
             except DamagedFile as err:
-                import warnings
-
                 warnings.warn(f"{err}; the grid's frontier is left out", stacklevel=2)
     runs = pd.DataFrame(rows)
     return Results(

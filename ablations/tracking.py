@@ -46,6 +46,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ablations.keys import applied_values
+from ablations.store import DamagedFile, read_json, write_json
+from sigprop.errors import UserError
+
 LIVE_DIR = "live"
 LIVE_MARK = "sigprop-live.json"
 LIVE_INTERVAL_S = 5.0  # rows to the trackers at most this often (TensorBoard rereads every 5 s)
@@ -181,8 +185,6 @@ def run_hparams(record: dict) -> tuple[dict[str, Any], dict[str, Any]]:
     varies with the values the run uses, typed as TensorBoard's HParams holds them (the
     folder name); ``params``, those and the effective ``lr``, ``clip.mode`` and
     ``clip.threshold``. Values that do not apply are None."""
-    from ablations.store import applied_values
-
     applied = applied_values(record.get("config") or {}, record.get("effective"))
     axes = {key: hparam_value(applied.get(key, value))
             for key, value in sorted((record.get("axes") or {}).items())}
@@ -228,14 +230,12 @@ class LiveTensorBoard(Tracker):
     def __init__(self, folder: Path, run_id: str, axes: dict[str, Any],
                  params: dict[str, Any], started: float):
         super().__init__()
-        from tensorboard.plugins.hparams import summary_v2
-        from torch.utils.tensorboard import SummaryWriter
+        from tensorboard.plugins.hparams import summary_v2  # lazy: tensorboard
+        from torch.utils.tensorboard import SummaryWriter  # lazy: tensorboard
 
         self.folder = folder
         clear_live_folder(folder, run_id)
         folder.mkdir(parents=True, exist_ok=True)
-        from ablations.store import write_json
-
         write_json(folder / LIVE_MARK, {"run_id": run_id, "axes": axes})
         self.writer = SummaryWriter(log_dir=str(folder), flush_secs=FLUSH_S, max_queue=1000)
         start = summary_v2.hparams_pb({k: v for k, v in params.items() if v is not None},
@@ -244,7 +244,7 @@ class LiveTensorBoard(Tracker):
         self.last_step = 0
 
     def write(self, update: Any) -> None:
-        from tensorboard.compat.proto import summary_pb2
+        from tensorboard.compat.proto import summary_pb2  # lazy: tensorboard
 
         value = summary_pb2.Summary.Value
         for step, pairs in sorted(update_scalars(update).items()):
@@ -253,8 +253,12 @@ class LiveTensorBoard(Tracker):
             self.last_step = max(self.last_step, step)
 
     def finish(self, state: str, summary: dict | None) -> None:
-        from tensorboard.compat.proto import summary_pb2
-        from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+        from tensorboard.compat.proto import summary_pb2  # lazy: tensorboard
+        from tensorboard.plugins.hparams import (  # lazy: tensorboard
+            api_pb2,
+            metadata,
+            plugin_data_pb2,
+        )
 
         try:
             for key, value in (summary or {}).items():
@@ -278,7 +282,7 @@ def write_scalars(writer: Any, scalars: pd.DataFrame, wall_time: Any = None) -> 
     """The (step, tag, value) rows of ``scalars`` through a ``SummaryWriter``, one event per
     step holding all its values (what ``add_scalar`` writes value by value, at a tenth of
     the cost); ``wall_time(step)`` stamps them (None: now)."""
-    from tensorboard.compat.proto import summary_pb2
+    from tensorboard.compat.proto import summary_pb2  # lazy: tensorboard
 
     if not len(scalars):
         return
@@ -301,8 +305,8 @@ class MlflowTracker(Tracker):
 
     def __init__(self, uri: str, grid: str, run_id: str, name: str, params: dict[str, Any]):
         super().__init__()
-        from mlflow.entities import Param, RunTag
-        from mlflow.tracking import MlflowClient
+        from mlflow.entities import Param, RunTag  # lazy: mlflow
+        from mlflow.tracking import MlflowClient  # lazy: mlflow
 
         self.client = MlflowClient(tracking_uri=uri)
         experiment = experiment_id(self.client, grid)
@@ -323,7 +327,7 @@ class MlflowTracker(Tracker):
         self.logged_steps: dict[str, int] = {}  # a resumed run's first update repeats rows
 
     def write(self, update: Any) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric  # lazy: mlflow
 
         now = int(time.time() * 1000)
         for step, pairs in sorted(update_scalars(update).items()):
@@ -343,7 +347,7 @@ class MlflowTracker(Tracker):
         self.last_sent = time.monotonic()
 
     def finish(self, state: str, summary: dict | None) -> None:
-        from mlflow.entities import Metric, RunTag
+        from mlflow.entities import Metric, RunTag  # lazy: mlflow
 
         self.send()
         now = int(time.time() * 1000)
@@ -440,8 +444,6 @@ def clear_live_folder(folder: Path, run_id: str) -> None:
     """A new attempt rewrites the run's live folder from its first step (its first update
     carries the checkpoint's rows): the event files of a folder whose mark names this run go,
     nothing else is touched."""
-    from ablations.store import DamagedFile, read_json
-
     if not folder.is_dir():
         return
     try:
@@ -495,7 +497,7 @@ def log_report(uri: str, grid: str, paths: dict[str, Path]) -> str | None:
     """The grid's report (html, md and its figures) as artifacts of the MLflow run ``report``
     of the grid's experiment; returns the line of a failure (None when logged)."""
     try:
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # lazy: mlflow
 
         client = MlflowClient(tracking_uri=uri)
         experiment = experiment_id(client, grid)
@@ -554,8 +556,6 @@ class tracking_environment:
 def check_mlflow_uri(uri: str | None) -> str | None:
     """``--mlflow URI`` checked before anything runs: mlflow installed, a URI it reads; a plain
     folder becomes its file URI."""
-    from sigprop.errors import UserError
-
     if uri is None:
         return None
     uri = uri.strip()
@@ -563,14 +563,14 @@ def check_mlflow_uri(uri: str | None) -> str | None:
         raise UserError("--mlflow wants a tracking URI (http://HOST:PORT, sqlite:///FILE or a "
                         "folder)")
     try:
-        import mlflow  # noqa: F401
+        import mlflow  # lazy: mlflow  # noqa: F401
     except ImportError:
         raise UserError("--mlflow needs the mlflow package: pip install -e \".[mlflow]\"") \
             from None
     if "://" not in uri and not uri.startswith(("file:", "databricks")):
         uri = Path(uri).resolve().as_uri()
     if uri.startswith(("http://", "https://")):  # a server that is not there: say so now
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # lazy: mlflow
 
         with tracking_environment(overrides=PROBE_HTTP):
             try:

@@ -29,6 +29,7 @@ from ablations.store import (
 )
 from ablations.tracking import Trackers, open_trackers
 from sigprop.diagnosis import diagnose
+from sigprop.errors import UserError
 
 PROGRESS_INTERVAL_S = 0.5  # progress events to the runner's console
 PROGRESS_RECORD_S = 5.0  # the run folder's progress.json (read by `status`)
@@ -42,15 +43,13 @@ CUBLAS_WORKSPACE = ":4096:8"
 
 def resolve_device(device: str) -> str:
     """"auto" -> "cuda" when present, else "cpu" (the trainer's rule)."""
-    from sigprop.train import resolve_device as train_device
+    from sigprop.train import resolve_device as train_device  # lazy: torch
 
     return str(train_device(device))
 
 
 def check_threads(threads: Any) -> int:
     """``threads`` as a thread count (an int >= 1); UserError otherwise."""
-    from sigprop.errors import UserError
-
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
         raise UserError(f"--threads must be an integer >= 1, got {threads!r}")
     return threads
@@ -60,7 +59,7 @@ def check_threads(threads: Any) -> int:
 def run_settings(threads: int, deterministic: bool) -> Iterator[None]:
     """Torch's thread count and deterministic flags for one run, restored afterwards (a pool
     worker runs several runs, a test runs them in its own process)."""
-    import torch
+    import torch  # lazy: torch
 
     if deterministic:  # before the first cuBLAS handle of this process; harmless on CPU
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
@@ -147,7 +146,7 @@ def _record(store: GridStore, run_id: str, result: dict, write, *args: Any, **fi
 
 def _train_and_store(store: GridStore, run_id: str, status: dict, record: dict, device: str,
                      events: Any, slot: int) -> dict:
-    from sigprop.train import TrainConfig, train
+    from sigprop.train import TrainConfig, train  # lazy: torch
 
     started, clock = time.time(), time.monotonic()  # wall clock for stamps, monotonic for spans
     checkpoint = store.run_dir(run_id) / "checkpoint.pt"
@@ -283,7 +282,7 @@ def remove_stale_temporaries(run_dir) -> None:
 
 def checkpoint_damage(path) -> str | None:
     """Why the checkpoint at ``path`` cannot be loaded, or None (absent or loadable)."""
-    import torch
+    import torch  # lazy: torch
 
     if not path.is_file():
         return None

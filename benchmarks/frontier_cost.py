@@ -24,8 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ablations.frontier import lattice
-from ablations.spec import FrontierSettings
+from ablations.frontier import FrontierSettings, lattice
 from ablations.store import GridStore, load_results
 
 

@@ -256,7 +256,8 @@ def section_grid(ctx: Context) -> dict:
 def batch_4096_configs() -> list[tuple[str, dict]]:
     """One training config per distinct (model, image size) among the shipped grids' runs at
     batch 4096, switched to synthetic data of that image size."""
-    from ablations.spec import GRIDS_DIR, expand, load_spec
+    from ablations.shipped import GRIDS_DIR
+    from ablations.spec import expand, load_spec
 
     seen: dict[str, tuple[str, dict]] = {}
     for path in sorted(GRIDS_DIR.glob("*.toml")):

@@ -49,10 +49,10 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from sigprop.constants import THRESHOLD_MODES
 from sigprop.errors import UserError
 
 CLIP_MODES = ("agc", "norm", "none")
-THRESHOLD_MODES = ("norm", "agc")  # the modes that use clip.threshold
 AGC_EPS = 1e-3
 GRAD_NORM_FLOOR = 1e-6  # guards the division by ||G_i|| (facts section 5)
 

@@ -258,7 +258,8 @@ CPU_SCALE = {"agc_batch": ["batch_size=32,1024"], "lambda_batch": ["batch_size=3
 @pytest.mark.parametrize("name", ["agc_batch", "alpha_sweep", "classifier_clip", "lambda_batch",
                                   "quickstart", "small_batch"])
 def test_every_shipped_grid_states_claims_that_select_runs_at_both_scales(name):
-    from ablations.spec import GRIDS_DIR, load_spec
+    from ablations.shipped import GRIDS_DIR
+    from ablations.spec import load_spec
 
     spec = load_spec(GRIDS_DIR / f"{name}.toml")
     claims = parse_claims(spec.claims)

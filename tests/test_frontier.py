@@ -18,8 +18,8 @@ import pandas as pd
 import pytest
 
 from ablations.claims import evaluate_claims, parse_claims
-from ablations.frontier import FRONTIER_COLUMNS, lattice, run_frontier
-from ablations.spec import FrontierSettings, load_spec
+from ablations.frontier import FRONTIER_COLUMNS, FrontierSettings, lattice, run_frontier
+from ablations.spec import load_spec
 from ablations.store import GridStore, load_results
 from run_ablations import main
 from tests.helpers import kill_9
@@ -479,7 +479,7 @@ def test_spread_claim_needs_over_and_two_values_of_it(tmp_path, capsys):
 
 def test_the_shipped_frontier_spec_states_its_claims_and_expands():
     from ablations.frontier import cells_of
-    from ablations.spec import GRIDS_DIR
+    from ablations.shipped import GRIDS_DIR
 
     spec = load_spec(GRIDS_DIR / "frontier_batch.toml")
     claims = parse_claims(spec.claims)
@@ -631,7 +631,7 @@ def seed_ordered_edge(config: dict) -> float:
 
 def batch_grid(folder: Path, frontier: str, edge=measured_edge) -> tuple:
     """frontier_batch's 36 cells and lattice on the oracle (nothing trains)."""
-    from ablations.spec import GRIDS_DIR
+    from ablations.shipped import GRIDS_DIR
 
     overrides = [f"frontier.{item}" for item in frontier.split()]
     spec = load_spec(GRIDS_DIR / "frontier_batch.toml", overrides)
@@ -717,7 +717,7 @@ class StopAfter(OracleExecutor):
 @pytest.mark.parametrize("limit", [7, 40, 90])
 @pytest.mark.slow
 def test_a_warm_search_stopped_midway_resumes_without_repeating_a_probe(tmp_path, limit):
-    from ablations.spec import GRIDS_DIR
+    from ablations.shipped import GRIDS_DIR
 
     spec = load_spec(GRIDS_DIR / "frontier_batch.toml")
     whole = run_frontier(spec, tmp_path / "whole", OracleExecutor(measured_edge),

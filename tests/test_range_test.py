@@ -16,12 +16,13 @@ import pytest
 from ablations.frontier import (
     FRONTIER_COLUMNS,
     RANGE_TEST_COLUMNS,
+    FrontierSettings,
     lattice,
     range_test_edge,
     run_frontier,
     smoothed_loss,
 )
-from ablations.spec import FrontierSettings, load_spec
+from ablations.spec import load_spec
 from ablations.store import GridStore, load_results, one_method, read_frontier
 from run_ablations import main
 from sigprop.errors import UserError

@@ -8,16 +8,10 @@ import re
 import pytest
 
 from ablations.claims import parse_claims
+from ablations.keys import flatten
 from ablations.recipe import recipe_departures
-from ablations.spec import (
-    GRIDS_DIR,
-    SpecError,
-    expand,
-    flatten,
-    load_spec,
-    shipped_grids,
-    spec_from_dict,
-)
+from ablations.shipped import GRIDS_DIR, shipped_grids
+from ablations.spec import SpecError, expand, load_spec, spec_from_dict
 
 ARXIV = re.compile(r"arXiv (2101\.08692|2102\.06171)")
 CPU_BATCHES = {"agc_batch": ["batch_size=32,1024"], "lambda_batch": ["batch_size=32,256,1024"]}

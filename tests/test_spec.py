@@ -3,14 +3,13 @@ from pathlib import Path
 
 import pytest
 
+from ablations.shipped import GRIDS_DIR, shipped_grids
 from ablations.spec import (
-    GRIDS_DIR,
     SpecError,
     apply_overrides,
     expand,
     load_spec,
     run_id,
-    shipped_grids,
     spec_from_dict,
 )
 from run_ablations import main
@@ -232,7 +231,7 @@ def test_a_when_on_any_tied_key_applies_to_the_whole_tie():
 
 
 def test_effective_settings_give_the_peak_lr_and_the_clipping_as_applied():
-    from ablations.spec import effective_settings
+    from ablations.keys import effective_settings
 
     runs = expand(spec({"batch_size": [64, 256], "clip.mode": ["none", "agc"],
                         "clip.threshold": [0.02]}))

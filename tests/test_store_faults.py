@@ -129,6 +129,7 @@ import pandas, pyarrow.parquet, matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot
 import ablations.runner, ablations.store, reports.build
+import sigprop.data, sigprop.recorder, sigprop.train  # torch: the store's readers load it lazily
 from run_ablations import main
 from tests.helpers import ROOT, run_dirs, run_inline, store_finished_grid
 os.setgid(65534)

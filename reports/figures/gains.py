@@ -16,9 +16,8 @@ from reports.figures.style import (
     panel_width,
     styled,
 )
+from sigprop.constants import GAIN_PREFIX
 from sigprop.errors import UserError
-
-GAIN_PREFIX = "gain:"  # blocks.parquet stat of a block's 0-d parameter (sigprop.probes)
 
 
 @styled

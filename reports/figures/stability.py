@@ -12,7 +12,6 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from ablations.spec import THRESHOLD_MODES
 from reports.figures.frames import (
     add_panel_column,
     chance_level,
@@ -35,6 +34,7 @@ from reports.figures.style import (
     panel_width,
     styled,
 )
+from sigprop.constants import THRESHOLD_MODES
 from sigprop.errors import UserError
 
 

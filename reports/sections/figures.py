@@ -15,7 +15,6 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from ablations.spec import THRESHOLD_MODES
 from ablations.store import FINISHED
 from reports.document import Plot, Section
 from reports.figures import frontier as ff
@@ -29,6 +28,7 @@ from reports.figures.gains import GAIN_PREFIX, plot_gains
 from reports.figures.gradients import plot_gradient_heatmap
 from reports.figures.stability import plot_stability_heatmap
 from reports.figures.style import figure_png, is_number, label
+from sigprop.constants import THRESHOLD_MODES
 
 
 @dataclass
