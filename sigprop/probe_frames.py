@@ -18,10 +18,10 @@ import numpy as np
 import pandas as pd
 from torch import nn
 
+from sigprop.constants import GAIN_PREFIX
 from sigprop.points import ProbePoint
 from sigprop.stats import (
     ACT_STATS,
-    GAIN_PREFIX,
     GRAD_STATS,
     PARAM_FIELDS,
     STATS,

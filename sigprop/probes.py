@@ -70,6 +70,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from sigprop.constants import GAIN_PREFIX
 from sigprop.errors import UserError
 from sigprop.points import ProbePoint, find_points, match_name
 from sigprop.probe_frames import (
@@ -81,7 +82,6 @@ from sigprop.probe_frames import (
 )
 from sigprop.stats import (
     ACT_STATS,
-    GAIN_PREFIX,
     GRAD_STATS,
     STATS,
     UNSET,

@@ -24,7 +24,6 @@ from sigprop.clipping import AGC_EPS  # the floor on ||W_i|| (facts section 5)
 ACT_STATS = ("sq_mean", "var", "res_sq_mean", "res_var", "grad_out_norm")
 GRAD_STATS = ("grad_norm", "agc_ratio_max", "agc_ratio_mean", "agc_frac_above")
 STATS = ACT_STATS + GRAD_STATS
-GAIN_PREFIX = "gain:"  # stat of a block's 0-d parameter: "gain:skip_gain"
 # Never a value of any statistic (all are >= 0 or NaN), so it marks "not recorded".
 UNSET = float("-inf")
 # Parameters are concatenated into chunks of at most this many elements, bounding the temporary

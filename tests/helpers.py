@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from ablations.runner import run_grid
-from ablations.spec import GRIDS_DIR, Run, expand, load_spec
+from ablations.shipped import GRIDS_DIR
+from ablations.spec import Run, expand, load_spec
 from ablations.store import GridStore
 from ablations.worker import execute_run
 

@@ -194,9 +194,7 @@ def module_level_definitions(name: str) -> list[str]:
     ("MAX_RUNS", "ablations/constants.py"),
     ("LENGTH_KEYS", "ablations/constants.py"),
     ("THRESHOLD_MODES", "sigprop/constants.py"),
-    pytest.param("GAIN_PREFIX", "sigprop/constants.py", marks=pytest.mark.xfail(
-        strict=True, reason="sigprop/probes.py still defines it; its split (issue 23) imports "
-        "it from sigprop.constants, and then this marker goes")),
+    ("GAIN_PREFIX", "sigprop/constants.py"),
 ])
 def test_each_shared_constant_is_defined_once(name, home):
     found = module_level_definitions(name)

@@ -32,14 +32,13 @@ import tomllib
 from ablations import executors
 from ablations.executors import LocalExecutor
 from ablations.runner import Progress, run_grid, status_table
+from ablations.shipped import GRIDS_DIR, shipped_grids
 from ablations.spec import (
-    GRIDS_DIR,
     MAX_RUNS,
     GridSpec,
     expand,
     grid_size,
     load_spec,
-    shipped_grids,
     spec_from_dict,
 )
 from ablations.store import GridStore, load_results
