@@ -5,6 +5,7 @@ its own fields and rules."""
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -48,7 +49,7 @@ def claim_where(table: Mapping, index: int) -> str:
 
 
 @dataclass
-class Claim:
+class Claim(ABC):
     """The fields every check shares. A subclass is one check: it names itself (``check``,
     the TOML name), lists its own fields, parses them (``parse_fields``) and evaluates itself
     (``evaluate``)."""
@@ -108,6 +109,7 @@ class Claim:
         claim.parse_fields(table, where)
         return claim
 
+    @abstractmethod
     def parse_fields(self, table: Mapping, where: str) -> None:
         """The check's own fields from ``table``, after the common ones."""
 
@@ -119,10 +121,11 @@ class Claim:
     def check_runs(self, frame: pd.DataFrame) -> None:
         """Raise :class:`UntestableClaim` where the grid's runs (``frame``) hold too few
         values for this check; the selections are checked already."""
+        return None  # compare, share and interaction need nothing beyond their selections
 
+    @abstractmethod
     def evaluate(self, runs: pd.DataFrame) -> Verdict:
         """The verdict over ``runs`` (runs, or frontier cells as runs for frontier metrics)."""
-        raise NotImplementedError
 
 
 @dataclass
