@@ -494,3 +494,77 @@ def test_variance_growth_relative_to_the_stem():
     assert variance_growth(frame) == pytest.approx(0.01)
     assert variance_growth(frame, relative=True) == pytest.approx(0.04)
     assert variance_growth(frame[frame["block"] != "stem"], relative=True) is None
+
+
+# ----------------------------------------------------------------------------- the package
+
+
+def test_each_check_is_its_own_class_and_allows_only_its_own_fields():
+    from ablations.claims import CHECK_CLASSES, CHECKS
+
+    tables = {
+        "compare": compare(NF_AGC_LARGE, value=0.5),
+        "share": {"text": "t", "source": "s", "check": "share", "select": NF_AGC_LARGE},
+        "trend": {**trend()},
+        "spread": {"text": "t", "source": "s", "check": "spread", "a": NF_AGC_LARGE,
+                   "value": 0.1, "over": "clip.threshold"},
+        "interaction": interaction(),
+    }
+    assert set(tables) == set(CHECKS)
+    for name, table in tables.items():
+        claim = parse_claims([table])[0]
+        assert type(claim) is CHECK_CLASSES[name] and claim.check == name
+    with pytest.raises(ClaimError, match=r"unknown field\(s\) over for check 'share'; allowed: "
+                       r"at_least, chance_margin, check, id, metric, min_runs, outcome, quote, "
+                       r"select, source, text$"):
+        parse_claims([{**tables["share"], "over": "batch_size"}])
+
+
+def test_is_number_is_finite_by_default_and_any_number_for_run_keys():
+    from ablations.claims import is_number
+    from reports.figures import style
+
+    assert style.is_number is is_number  # one function, not two that disagree
+    for value in (1, 0.5, np.float32(2.0), np.int64(3)):
+        assert is_number(value) and is_number(value, finite=False)
+    for value in (np.inf, -np.inf, np.nan, np.float64("nan")):
+        assert not is_number(value) and is_number(value, finite=False)
+    for value in (True, np.bool_(False), "1", None, (1,)):
+        assert not is_number(value) and not is_number(value, finite=False)
+
+
+def test_at_max_of_a_key_holding_inf_selects_the_inf_runs():
+    # clip.threshold = inf is a number of the grid (no clipping in effect), so @max is inf
+    rows = [{"run_id": f"{t}-{s}", "clip.threshold": t, "status": "completed",
+             "final_acc": acc, "model.num_classes": 10}
+            for t, accs in ((0.1, (0.5, 0.52)), (np.inf, (0.9, 0.92)))
+            for s, acc in enumerate(accs)]
+    verdict = one(compare({"clip.threshold": "@max"}, value=0.8), pd.DataFrame(rows))
+    assert verdict.evidence.startswith("a (clip.threshold=inf): 91.0% (90.0%–92.0%); 2 runs")
+    assert verdict.verdict == "holds"
+
+
+def test_chance_levels_per_run_and_strict_about_unknown_data_sets():
+    from ablations.claims import chance_levels
+    from sigprop.errors import UserError
+
+    runs = pd.DataFrame({"model.num_classes": [100, np.nan, 1, np.nan],
+                         "data": ["digits", "digits", "cifar100", None]})
+    # each run by its own class count, else its data set's; a count below 2 is no count
+    np.testing.assert_allclose(chance_levels(runs), [0.01, 0.1, 0.01, np.nan])
+    unknown = pd.DataFrame({"model.num_classes": [10, np.nan], "data": ["nope", "nope"]})
+    np.testing.assert_allclose(chance_levels(unknown), [0.1, np.nan])
+    with pytest.raises(UserError, match="unknown data set 'nope'"):
+        chance_levels(unknown, strict=True)
+    np.testing.assert_allclose(chance_levels(unknown.iloc[:1], strict=True), [0.1])
+
+
+def test_a_diverged_run_of_an_unknown_data_set_is_not_quietly_dropped():
+    # its value is its chance level: with that unknown the claim cannot be checked (the report
+    # says so) rather than judged on the runs that survived
+    frame = runs_frame({("nf", "agc", 512): [0.99, "div", 0.98]}).drop(
+        columns="model.num_classes").assign(data="nope")
+    from sigprop.errors import UserError
+
+    with pytest.raises(UserError, match="unknown data set 'nope'"):
+        one(compare(NF_AGC_LARGE, value=0.8), frame)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from ablations.claims import chance_levels
 from reports.figures.style import (
     MODE_NAMES,
     clipping_label,
@@ -71,31 +72,12 @@ def with_derived(runs: pd.DataFrame) -> pd.DataFrame:
     return frame
 
 
-def chance_per_run(runs: pd.DataFrame) -> np.ndarray:
-    """Each run's chance accuracy, 1 / its class count (the model's ``num_classes``, else its
-    data set's); NaN where neither is known."""
-    out = np.full(len(runs), np.nan)
-    if "model.num_classes" in runs:
-        classes = pd.to_numeric(runs["model.num_classes"], errors="coerce").to_numpy(float)
-        out = np.where(classes >= 2, 1.0 / np.where(classes >= 2, classes, 1.0), np.nan)
-    if "data" in runs:
-        from sigprop.data import dataset_info
-
-        for i, name in enumerate(runs["data"]):
-            if np.isnan(out[i]) and isinstance(name, str):
-                try:
-                    out[i] = 1.0 / dataset_info(name).num_classes
-                except UserError:  # a data set this version does not know: chance unknown
-                    pass
-    return out
-
-
 def acc_at_chance(runs: pd.DataFrame) -> pd.Series:
     """``final_acc`` with diverged runs at chance (:data:`DIVERGED_RULE`); NaN for runs not
     finished. The same as the store's ``acc_chance`` column, for stores without it."""
     status = runs["status"] if "status" in runs else pd.Series("completed", index=runs.index)
     final = pd.to_numeric(runs["final_acc"], errors="coerce").astype(float)
-    chance = pd.Series(chance_per_run(runs), index=runs.index)
+    chance = pd.Series(chance_levels(runs), index=runs.index)
     return final.where(status.eq("completed")).where(~status.eq("diverged"), chance)
 
 

@@ -33,6 +33,10 @@ from matplotlib.ticker import (
     PercentFormatter,
 )
 
+# the project's one "is a number" test; its default (finite only) is what a figure or a table
+# wants, and the report modules take it from here
+from ablations.claims import is_number
+
 PALETTE = "colorblind"
 SEQUENTIAL = "viridis"  # perceptually uniform and colour-blind safe, for ordered values
 GRADIENT_CMAP = "magma"
@@ -143,11 +147,6 @@ def clipping_label(mode: Any, threshold: Any) -> str:
         return MODE_NAMES["none"]
     name = MODE_NAMES.get(mode, mode)
     return f"{name} λ={threshold:g}" if is_number(threshold) else name
-
-
-def is_number(value: Any) -> bool:
-    return (isinstance(value, int | float | np.integer | np.floating)
-            and not isinstance(value, bool | np.bool_) and math.isfinite(value))
 
 
 def fmt_value(value: Any) -> str:
