@@ -1,5 +1,8 @@
 """Gradient clipping: adaptive gradient clipping (AGC), global-norm clipping, or none.
 
+Paper B: Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image Recognition Without
+Normalization", ICML 2021, arXiv 2102.06171, section 4.
+
 AGC follows the facts file, section 5 (paper B): for every unit i (one output row) of every
 parameter W with gradient G,
 

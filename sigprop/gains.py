@@ -1,5 +1,8 @@
 """How hard AGC holds back scalar gains that start at 0 (the authors' SkipInit gains).
 
+AGC: paper B, Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image Recognition
+Without Normalization", ICML 2021, arXiv 2102.06171.
+
 AGC treats a scalar parameter g as one unit and clips its gradient G when
 |G| / max(|g|, eps) > lambda (facts file, section 5). A gain initialised to 0 therefore moves at
 most lr * lambda * eps per step (1.6 * 0.01 * 1e-3 = 1.6e-5 at lr 1.6), then grows

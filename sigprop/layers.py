@@ -1,5 +1,10 @@
 """Shared building blocks: gamma-scaled activations, scaled WS convs, SE, stochastic depth.
 
+Scaled weight standardization and the gammas: paper A, Brock, De and Smith, "Characterizing
+signal propagation to close the performance gap in unnormalized ResNets", ICLR 2021, arXiv
+2101.08692. The NFNet blocks: paper B, Brock, De, Smith and Simonyan, "High-Performance
+Large-Scale Image Recognition Without Normalization", ICML 2021, arXiv 2102.06171.
+
 The maths follows the authors' JAX code (deepmind-research, nfnets/base.py); see
 ``shared/reference/nfnets-facts.md`` sections 1-3.
 """

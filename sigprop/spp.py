@@ -1,5 +1,8 @@
 """Signal propagation plots (paper A, section 7 of the facts file) at initialization.
 
+Paper A: Brock, De and Smith, "Characterizing signal propagation to close the performance gap
+in unnormalized ResNets", ICLR 2021, arXiv 2101.08692, section 3 and Figure 1.
+
 :func:`signal_propagation` builds a model (or takes one), feeds it a batch (i.i.d. N(0, 1)
 noise, or images of a data set, see ``INPUTS``) with batch-norm layers in training mode (batch
 statistics, as the paper) but stochastic depth and dropout switched off (so nothing is

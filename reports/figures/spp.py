@@ -1,4 +1,8 @@
-"""Signal-propagation figure (paper A, Figure 1 style) of the SPP frame of ``sigprop.spp``."""
+"""Signal-propagation figure (paper A, Figure 1 style) of the SPP frame of ``sigprop.spp``.
+
+Paper A: Brock, De and Smith, "Characterizing signal propagation to close the performance gap
+in unnormalized ResNets", ICLR 2021, arXiv 2101.08692.
+"""
 
 from __future__ import annotations
 
