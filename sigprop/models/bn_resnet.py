@@ -37,7 +37,6 @@ from sigprop.models.base import (
     ResidualNet,
     build_stages,
     check_config,
-    scaled,
 )
 from sigprop.models.registry import Variant, register_variants
 
@@ -127,11 +126,12 @@ class BNBottleneck(nn.Module):
 
 
 class BNResNet(ResidualNet):
+    config_class = BNResNetConfig
+
     def __init__(self, cfg: BNResNetConfig | None = None, **overrides):
-        super().__init__()
-        cfg = cfg or BNResNetConfig(**overrides)
-        self.cfg = cfg
-        widths = [scaled(w, cfg.width_mult) for w in cfg.widths]
+        super().__init__(cfg, **overrides)
+        cfg = self.cfg
+        widths = self.stage_widths()
         ch = max(1, widths[0] // 4)
         imagenet = cfg.stem == "imagenet"
         layers: OrderedDict[str, nn.Module] = OrderedDict(
@@ -158,10 +158,7 @@ class BNResNet(ResidualNet):
         apply_padding(self, cfg.padding)  # every strided conv and the stem max-pool
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.final_act(self.final_norm(x))
+        return self.final_act(self.final_norm(self.forward_stages(x)))
 
 
 register_variants(
