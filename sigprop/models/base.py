@@ -41,6 +41,15 @@ RESNET_WIDTHS = (256, 512, 1024, 2048)
 STAGE_STRIDES = (1, 2, 2, 2)
 
 
+@dataclass
+class ResNetStages:
+    """The stage fields the bottleneck ResNet configs (NF and BN) start with."""
+
+    depths: tuple[int, ...] = RESNET_DEPTHS[50]
+    widths: tuple[int, ...] = RESNET_WIDTHS
+    width_mult: float = 1.0
+
+
 @dataclass(frozen=True)
 class BlockInfo:
     name: str  # qualified module name of the block, e.g. "stages.1.0"

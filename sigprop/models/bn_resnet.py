@@ -32,9 +32,9 @@ from sigprop.layers import (
 )
 from sigprop.models.base import (
     RESNET_DEPTHS,
-    RESNET_WIDTHS,
     BlockPlan,
     ResidualNet,
+    ResNetStages,
     build_stages,
     check_config,
 )
@@ -42,10 +42,7 @@ from sigprop.models.registry import Variant, register_variants
 
 
 @dataclass
-class BNResNetConfig:
-    depths: tuple[int, ...] = RESNET_DEPTHS[50]
-    widths: tuple[int, ...] = RESNET_WIDTHS
-    width_mult: float = 1.0
+class BNResNetConfig(ResNetStages):
     version: str = "v2"  # "v2": BN-act-conv (pre-activation); "v1": conv-BN-act
     order: str = "bn_act_conv"  # v2 only: or "act_bn_conv" (ReLU-BN-Conv, NF-ResNet paper Fig. 1)
     norm: str = "batch"  # or "none"

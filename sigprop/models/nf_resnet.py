@@ -27,10 +27,10 @@ from sigprop.layers import (
 )
 from sigprop.models.base import (
     RESNET_DEPTHS,
-    RESNET_WIDTHS,
     BlockPlan,
     NFResidualBlock,
     ResidualNet,
+    ResNetStages,
     build_stages,
     check_config,
 )
@@ -38,10 +38,7 @@ from sigprop.models.registry import Variant, register_variants
 
 
 @dataclass
-class NFResNetConfig:
-    depths: tuple[int, ...] = RESNET_DEPTHS[50]
-    widths: tuple[int, ...] = RESNET_WIDTHS
-    width_mult: float = 1.0
+class NFResNetConfig(ResNetStages):
     alpha: float = 0.2
     activation: str = "relu"
     skipinit_gain: float = 0.0  # the authors' SkipInit; 1.0 for signal-propagation studies
