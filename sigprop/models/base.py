@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from sigprop.fields import check_field
-from sigprop.layers import StochasticDepth
+from sigprop.layers import ACTIVATIONS, PADDING_MODES, StochasticDepth
 
 # Bottleneck ResNet depths by name, as in the NF-ResNet paper and the authors' nf_resnet.py.
 RESNET_DEPTHS: dict[int, tuple[int, ...]] = {
@@ -191,8 +191,6 @@ def check_values(config_cls: type, values: dict) -> dict:
 
 def check_config(cfg) -> None:
     """Validate the fields the families share; raises ValueError naming the field."""
-    from sigprop.layers import ACTIVATIONS, PADDING_MODES
-
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         setattr(cfg, f.name, check_field(f.name, getattr(cfg, f.name), hints[f.name]))
