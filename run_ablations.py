@@ -717,6 +717,13 @@ def heartbeat_s(args: argparse.Namespace) -> float:
     return args.heartbeat
 
 
+def run_options(args: argparse.Namespace) -> dict:
+    """The options `run` and `frontier` both pass on (:class:`ablations.runner.RunOptions`)."""
+    return {"retry_failed": args.retry_failed, "max_runs": max_runs(args),
+            "download": args.download, "verbosity": verbosity(args),
+            "heartbeat_s": heartbeat_s(args)}
+
+
 def load_grid(args: argparse.Namespace, path: Path):
     """The spec at ``path`` with ``--set``, once every run option is known to be valid and the
     grid's folder fits the file system (so a dry run catches all of it too)."""
@@ -819,10 +826,8 @@ def execute(spec, args: argparse.Namespace):
 
     executor = make_executor(args)
     with tracking(args):
-        outcome = run_grid(spec, args.out, executor, retry_failed=args.retry_failed,
-                           max_runs=max_runs(args), download=args.download,
-                           verbosity=verbosity(args), heartbeat_s=heartbeat_s(args),
-                           rerun_if_env_differs=args.rerun_if_env_differs)
+        outcome = run_grid(spec, args.out, executor,
+                           rerun_if_env_differs=args.rerun_if_env_differs, **run_options(args))
     counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
     if outcome.interrupted:
         check_output(f"the grid stopped after {outcome.duration_s:.0f}s "
@@ -871,10 +876,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
             print(f"claim {line}")
         return 0
     with tracking(args):
-        outcome = run_frontier(spec, args.out, make_executor(args),
-                               retry_failed=args.retry_failed, max_runs=max_runs(args),
-                               download=args.download, verbosity=verbosity(args),
-                               heartbeat_s=heartbeat_s(args))
+        outcome = run_frontier(spec, args.out, make_executor(args), **run_options(args))
     counts = ", ".join(f"{n} {state}" for state, n in sorted(outcome.counts.items()))
     kind = "range-test" if (spec.frontier or {}).get("method") == "range-test" else "probe"
     probes = (f"{outcome.probes_run} {kind} runs ({outcome.probes_stored} read back from the "

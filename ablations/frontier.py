@@ -75,7 +75,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TextIO
+from typing import Unpack
 
 import numpy as np
 import pandas as pd
@@ -88,6 +88,7 @@ from ablations.runner import (
     HEARTBEAT_S,
     Invocation,
     Progress,
+    RunOptions,
     check_data,
     describe_run,
     interruptible,
@@ -582,25 +583,20 @@ def run_frontier(
     spec: GridSpec,
     out: str | Path = "runs",
     executor: Executor | None = None,
-    retry_failed: bool = False,
-    stream: TextIO | None = None,
-    max_runs: int | None = MAX_RUNS,
-    download: bool = False,
-    verbosity: int = 0,
-    heartbeat_s: float = HEARTBEAT_S,
+    **options: Unpack[RunOptions],
 ) -> FrontierOutcome:
     """Search the frontier of every cell of ``spec`` into ``out/<name>``; writes
     ``frontier.parquet`` there (also when interrupted: unfinished cells say ``incomplete``).
     ``verbosity`` -1 prints only failures, 0 a line per finished cell and a heartbeat per long
-    probe (without a terminal, every ``heartbeat_s``), 1 also every probe's start and end."""
-    call = Invocation.open(spec, out, executor, stream, retry_failed=retry_failed,
-                           max_runs=max_runs, download=download, verbosity=verbosity,
-                           heartbeat_s=heartbeat_s)
-    settings, cells = cells_of(spec, max_runs)
+    probe (without a terminal, every ``heartbeat_s``), 1 also every probe's start and end;
+    the other options: :class:`~ablations.runner.RunOptions`."""
+    call = Invocation.open(spec, out, executor, **options)
+    settings, cells = cells_of(spec, call.max_runs)
     if settings.method == "range-test":
         return run_range_test(call, settings, cells)
     store, executor, stream = call.store, call.executor, call.stream
-    check_data(cells, download)
+    retry_failed, verbosity = call.retry_failed, call.verbosity
+    check_data(cells, call.download)
     store.prepare(spec.to_toml_dict(), [])
     # probes are found as the search goes, so every stored one is checked: a reused probe
     # made under another thread count or torch may not give this machine's edge
@@ -610,7 +606,7 @@ def run_frontier(
               "stored, so the edges may differ from a search here", file=stream, flush=True)
     slots = len(executor.slots()) if settings.warm_start else 1
     search = FrontierSearch(spec, store, cells, settings, retry_failed, stream, verbosity,
-                            heartbeat_s, slots)
+                            call.heartbeat_s, slots)
     outcome = FrontierOutcome(store.dir, len(cells),
                               full_grid=len(cells) * len(search.points))
     if verbosity >= 0:

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypedDict, Unpack
 
 import pandas as pd
 import tomllib
@@ -403,12 +403,28 @@ class Progress:
             print(table.to_string(index=False), file=self.stream, flush=True)
 
 
+class RunOptions(TypedDict, total=False):
+    """The keyword arguments :func:`run_grid` and :func:`ablations.frontier.run_frontier`
+    share; each left out takes :class:`Invocation`'s default.
+
+    ``retry_failed`` reruns failed runs; ``stream`` gets the console lines (None: stdout);
+    ``max_runs`` caps the expansion; ``download`` fetches missing data sets; ``verbosity``
+    -1 prints only failures and warnings, 1 every run's or probe's start and end also on a
+    terminal; ``heartbeat_s``: see :class:`Progress`."""
+
+    retry_failed: bool
+    stream: TextIO | None
+    max_runs: int | None
+    download: bool
+    verbosity: int
+    heartbeat_s: float
+
+
 @dataclass
 class Invocation:
     """One call of :func:`run_grid` or :func:`ablations.frontier.run_frontier`: the
-    arguments both take, defaults filled in (``stream``: stdout, ``executor``: one local
-    worker), and the grid's store under ``out``. Both keep their own signature (the public
-    API); what they share starts here."""
+    arguments both take (:class:`RunOptions`), defaults filled in (``stream``: stdout,
+    ``executor``: one local worker), and the grid's store under ``out``."""
 
     spec: GridSpec
     store: GridStore
@@ -422,7 +438,7 @@ class Invocation:
 
     @classmethod
     def open(cls, spec: GridSpec, out: str | Path, executor: Executor | None,
-             stream: TextIO | None, **options: Any) -> Invocation:
+             stream: TextIO | None = None, **options: Unpack[RunOptions]) -> Invocation:
         return cls(spec, GridStore(out, spec.name), executor or LocalExecutor(),
                    stream or sys.stdout, **options)
 
@@ -442,13 +458,9 @@ def run_grid(
     spec: GridSpec,
     out: str | Path = "runs",
     executor: Executor | None = None,
-    retry_failed: bool = False,
-    stream: TextIO | None = None,
-    max_runs: int | None = MAX_RUNS,
-    download: bool = False,
-    verbosity: int = 0,
-    heartbeat_s: float = HEARTBEAT_S,
+    *,
     rerun_if_env_differs: bool = False,
+    **options: Unpack[RunOptions],
 ) -> GridOutcome:
     """Expand ``spec`` into ``out/<name>`` and execute every run that is not finished.
 
@@ -456,14 +468,12 @@ def run_grid(
     interrupted ones continue from their checkpoint. A stored run made under another
     environment (thread count, torch, device, deterministic flags: what changes its numbers)
     is said first and reused, or with ``rerun_if_env_differs`` run again from step 0, its old
-    files kept aside. ``verbosity`` -1 prints only failures and warnings, 1 every run's start
-    and end line also on a terminal; ``heartbeat_s``: see :class:`Progress`.
+    files kept aside. The other options: :class:`RunOptions`.
     """
-    call = Invocation.open(spec, out, executor, stream, retry_failed=retry_failed,
-                           max_runs=max_runs, download=download, verbosity=verbosity,
-                           heartbeat_s=heartbeat_s)
+    call = Invocation.open(spec, out, executor, **options)
     store, executor, stream = call.store, call.executor, call.stream
-    runs = expand(spec, max_runs)
+    retry_failed, download, verbosity = call.retry_failed, call.download, call.verbosity
+    runs = expand(spec, call.max_runs)
     mismatches = call.mismatches(runs)
     if mismatches and rerun_if_env_differs and verbosity >= 0:
         print(f"{mismatch_text(mismatches)}; they run again from step 0 here "
@@ -506,7 +516,7 @@ def run_grid(
         return outcome
     labels = {r.run_id: describe_run(r) for r in runs}
     progress = Progress(len(runs), outcome.skipped, labels, len(executor.slots()), stream,
-                        verbosity, heartbeat_s, resuming=started_before(store, todo))
+                        verbosity, call.heartbeat_s, resuming=started_before(store, todo))
     started = time.monotonic()
     try:
         with interruptible(outcome):

@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sigprop.errors import UserError
+from sigprop.fields import check_seeds
 from sigprop.points import find_points
 
 COORD_STATS = ("l1", "rms")
@@ -77,16 +78,7 @@ def check_settings(steps: int, lr: float, seeds: int | Iterable[int]) -> list[in
     if isinstance(lr, bool) or not isinstance(lr, int | float) or not (
             math.isfinite(lr) and lr >= 0):
         raise UserError(f"lr must be a finite number >= 0, got {lr!r}")
-    if isinstance(seeds, int) and not isinstance(seeds, bool):
-        if seeds < 1:
-            raise UserError(f"seeds must be >= 1, got {seeds}")
-        return list(range(seeds))
-    out = [int(s) for s in seeds]
-    if not out:
-        raise UserError("seeds must name at least one seed")
-    if len(set(out)) != len(out):
-        raise UserError(f"seeds listed twice: {out}")
-    return out
+    return check_seeds(seeds)
 
 
 def check_widths(widths: Sequence[float], what: str = "widths") -> list[float]:

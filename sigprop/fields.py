@@ -54,3 +54,20 @@ def check_field(name: str, value: Any, hint: Any) -> Any:
         if isinstance(option, type) and option is not float and isinstance(value, option):
             return value
     raise UserError(f"{name} must be {type_name(hint)}, got {value!r}")
+
+
+def check_seeds(seeds: int | typing.Iterable[int]) -> list[int]:
+    """``seeds`` as a list: a count ``n`` is seeds 0..n-1, else the seeds named, each once.
+    Raises :class:`UserError` for a count below 1, an empty list or a seed named twice."""
+    if isinstance(seeds, bool):  # never a count: True is not "one seed"
+        raise UserError(f"seeds must be a count or a list of seeds, got {seeds!r}")
+    if isinstance(seeds, int):
+        if seeds < 1:
+            raise UserError(f"seeds must be >= 1, got {seeds}")
+        return list(range(seeds))
+    out = [int(s) for s in seeds]
+    if not out:
+        raise UserError("seeds must name at least one seed")
+    if len(set(out)) != len(out):
+        raise UserError(f"seeds listed twice: {out}")
+    return out

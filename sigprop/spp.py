@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sigprop.errors import UserError, did_you_mean
+from sigprop.fields import check_seeds
 from sigprop.files import writable_dir_error
 from sigprop.layers import StochasticDepth
 from sigprop.models import create_model, model_options, resolve_config
@@ -148,17 +149,6 @@ def check_input_shape(shape: Sequence[int]) -> tuple[int, ...]:
     if shape[0] < 2:
         raise UserError(f"input shape needs a batch of at least 2 for batch statistics: {shape}")
     return shape
-
-
-def _seed_list(seeds: int | Iterable[int]) -> list[int]:
-    if isinstance(seeds, int):
-        if seeds < 1:
-            raise UserError(f"seeds must be >= 1, got {seeds}")
-        return list(range(seeds))
-    out = [int(s) for s in seeds]
-    if not out:
-        raise UserError("seeds must name at least one seed")
-    return out
 
 
 def prepare_for_spp(model: nn.Module) -> None:
@@ -375,7 +365,7 @@ def signal_propagation(
     index -1.
     """
     check_input(input)
-    seed_list = _seed_list(seeds)
+    seed_list = check_seeds(seeds)
     if batch is None:
         shape = check_input_shape(DEFAULT_INPUT_SHAPE if input_shape is None else input_shape)
         named = [(model_or_name, spp_overrides(model_or_name, overrides))] \
@@ -570,7 +560,7 @@ def write_spp(
             )
     check_overrides([name for name, _ in entries], overrides)
     shape = check_input_shape(input_shape)
-    seed_list = _seed_list(seeds)
+    seed_list = check_seeds(seeds)
     chosen = [(name, spp_overrides(name, {**(overrides or {}), **own})) for name, own in entries]
     for name, options in chosen:  # bad values (padding="valid", width_mult=-1) before any work
         resolve_config(name, **options)

@@ -259,3 +259,13 @@ def test_model_labels_are_plain_text():
     assert model_label("nf_resnet50", {"activation": "gelu", "depths": [2, 2]}) == (
         "nf_resnet50 activation=gelu depths=[2,2]"
     )
+
+
+@pytest.mark.parametrize(("seeds", "message"), [
+    ([3, 3], "seeds listed twice"), (True, "a count or a list of seeds"),
+    ([], "at least one seed"), (0, "seeds must be >= 1")])
+def test_spp_seed_list_is_checked_as_coord_check_checks_it(seeds, message):
+    """One seed-list rule (sigprop.fields.check_seeds) for spp and coord_check: a seed named
+    twice would average a batch with itself, and True is no count."""
+    with pytest.raises(UserError, match=message):
+        signal_propagation("nf_resnet26", (4, 3, 16, 16), seeds=seeds)

@@ -11,12 +11,14 @@ from matplotlib.lines import Line2D
 
 from reports.figures.frames import (
     block_rows,
+    row_label,
+    run_panels,
     run_title,
     selected_panels,
     shared_settings,
     with_derived,
 )
-from reports.figures.gradients import HEAD_NOTE, empty_panel, row_label
+from reports.figures.gradients import HEAD_NOTE
 from reports.figures.style import (
     DIVERGED_LINE,
     HEAD_LABEL,
@@ -99,37 +101,33 @@ def plot_agc_clip_fraction(
     n_rows, n_cols = len(grid.cells), len(grid.col_values)
     fig, axes = new_figure(n_rows, n_cols, panel_width(n_cols, 3.8, 2.6),
                            4.0 * n_rows + 0.4, sharey=True)
-    for r, line in enumerate(grid.cells):
-        for c, run_id in enumerate(line):
-            ax = axes[r][c]
-            if run_id is None:
-                empty_panel(ax, grid, grid.row_values[r], grid.col_values[c])
-                continue
-            part = shown[shown["run_id"] == run_id]
-            for name, series in part.groupby(unit, sort=False):
-                series = series.sort_values("step")
-                colour, linestyle = styles[name]
-                ax.plot(series["step"], series["value"], color=colour, linestyle=linestyle,
-                        linewidth=1.3, alpha=0.85, gid="unit-line",
-                        marker="o" if len(series) <= 2 else None, markersize=4)
-            mean = part.groupby("step")["value"].mean()
-            ax.plot(mean.index, mean.to_numpy(), color="black", linestyle="--", linewidth=2,
-                    gid="mean", marker="o" if len(mean) <= 2 else None, markersize=4)
-            info = frame.loc[run_id] if run_id in frame.index else pd.Series(dtype=object)
-            diverged_at = info.get("diverged_step")
-            if info.get("status") == "diverged" and is_number(diverged_at):
-                ax.axvline(diverged_at, color=DIVERGED_LINE, linestyle="--", linewidth=2.5,
-                           gid="diverged")
-            # a run that stopped early keeps a readable step axis, not one around a point
-            end = max([float(mean.index.max()), *[float(v) for v in (
-                diverged_at, info.get("steps_done")) if is_number(v)]])
-            ax.set_xlim(min(0.0, float(mean.index.min())) - 0.02 * max(end, 1), end * 1.02 + 1)
-            ax.yaxis.set_major_formatter(CompactPercent())
-            ax.set_ylim(-0.02, 1.02)
-            ax.set_xlabel(label("step"))
-            lam = probe_lambda(info) if len(info) else PROBE_DEFAULT_LAMBDA
-            ax.set_title(f"{run_title(frame, run_id, grid)}\nprobe λ = {fmt_value(lam)}",
-                         fontsize=10.5)
+    for _, ax, run_id in run_panels(grid, axes):
+        part = shown[shown["run_id"] == run_id]
+        for name, series in part.groupby(unit, sort=False):
+            series = series.sort_values("step")
+            colour, linestyle = styles[name]
+            ax.plot(series["step"], series["value"], color=colour, linestyle=linestyle,
+                    linewidth=1.3, alpha=0.85, gid="unit-line",
+                    marker="o" if len(series) <= 2 else None, markersize=4)
+        mean = part.groupby("step")["value"].mean()
+        ax.plot(mean.index, mean.to_numpy(), color="black", linestyle="--", linewidth=2,
+                gid="mean", marker="o" if len(mean) <= 2 else None, markersize=4)
+        info = frame.loc[run_id] if run_id in frame.index else pd.Series(dtype=object)
+        diverged_at = info.get("diverged_step")
+        if info.get("status") == "diverged" and is_number(diverged_at):
+            ax.axvline(diverged_at, color=DIVERGED_LINE, linestyle="--", linewidth=2.5,
+                       gid="diverged")
+        # a run that stopped early keeps a readable step axis, not one around a point
+        end = max([float(mean.index.max()), *[float(v) for v in (
+            diverged_at, info.get("steps_done")) if is_number(v)]])
+        ax.set_xlim(min(0.0, float(mean.index.min())) - 0.02 * max(end, 1), end * 1.02 + 1)
+        ax.yaxis.set_major_formatter(CompactPercent())
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(label("step"))
+        lam = probe_lambda(info) if len(info) else PROBE_DEFAULT_LAMBDA
+        ax.set_title(f"{run_title(frame, run_id, grid)}\nprobe λ = {fmt_value(lam)}",
+                     fontsize=10.5)
+    for r in range(n_rows):
         axes[r][0].set_ylabel(row_label(grid, r, "units with ‖G‖/‖W‖ > probe λ (%)"))
     handles.append(Line2D([], [], color="black", linestyle="--", linewidth=2,
                           label=f"mean over {unit}s"))

@@ -13,7 +13,7 @@ averaged in.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -350,6 +350,31 @@ def selected_panels(blocks: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence[
     if not grid.run_ids:
         raise UserError("no run in the runs frame has block statistics")
     return grid
+
+
+def empty_panel(ax: Any, grid: PanelGrid, row_value: Any, col_value: Any) -> None:
+    """A cell of the panel grid the runs do not fill: said in words, no empty frame."""
+    ax.set_axis_off()
+    what = " with ".join(fmt_value(v) for v in (row_value, col_value) if v is not None)
+    ax.text(0.5, 0.5, f"no run of\n{what}" if what else "no run", ha="center", va="center",
+            transform=ax.transAxes, color="#525252", fontsize=10, gid="no-run")
+
+
+def run_panels(grid: PanelGrid, axes: Any) -> Iterator[tuple[int, Any, str]]:
+    """``(row, axes, run id)`` of each panel of ``grid`` that shows a run, row by row; the
+    cells without a run are drawn as :func:`empty_panel` on the way."""
+    for r, line in enumerate(grid.cells):
+        for c, run_id in enumerate(line):
+            if run_id is None:
+                empty_panel(axes[r][c], grid, grid.row_values[r], grid.col_values[c])
+            else:
+                yield r, axes[r][c], run_id
+
+
+def row_label(grid: PanelGrid, r: int, text: str) -> str:
+    """The y label of a panel row, headed by the row's setting (the model)."""
+    value = grid.row_values[r] if grid.row else None
+    return f"{fmt_value(value)}\n{text}" if value is not None else text
 
 
 def chance_level(runs: pd.DataFrame) -> float | None:

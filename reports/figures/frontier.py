@@ -135,29 +135,42 @@ def legend(ax: Any, handles: list, labels: list[str]) -> None:
         ax.legend(handles, labels, fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
 
 
+def setting_figure(frontier: pd.DataFrame, column: str, missing: str, height: float
+                    ) -> tuple[pd.DataFrame, list[str], dict[str, Any], Any, list]:
+    """The frame with its settings, their order and colours, one axes of a new figure and the
+    batch sizes, for a figure of ``column`` against batch size; ``missing`` names what the
+    frame lacks when it has no ``column``."""
+    frame = with_setting(frontier)
+    if frame.empty or column not in frame:
+        raise ValueError(f"the frontier frame has no {missing}")
+    order = setting_order(frame)
+    fig = Figure(figsize=(7.5, height), layout="constrained")
+    return (frame, order, colours(order), fig.add_subplot(),
+            sorted(frame["batch_size"].dropna().unique()))
+
+
+def seed_line(ax: Any, stats: pd.DataFrame, colour: Any, setting: str) -> None:
+    """A setting's centre over its seeds against batch size, its seeds' spread as a band."""
+    ax.plot(stats["batch_size"], stats["centre"], "o-", color=colour, label=setting, lw=1.8,
+            ms=4)
+    ax.fill_between(stats["batch_size"], stats["low"], stats["high"], color=colour, alpha=0.15,
+                    lw=0)
+
+
 def plot_frontier(frontier: pd.DataFrame, reference: str | None = None) -> Figure:
     """Largest stable learning rate vs batch size, log-log; see the module docstring.
 
     ``reference``: the setting the dashed lr ∝ B line starts from (at its smallest batch);
     default: the first setting with an unclipped NF model, else the first setting.
     """
-    frame = with_setting(frontier)
-    if frame.empty or "batch_size" not in frame:
-        raise ValueError("the frontier frame has no cells with a batch size")
-    order = setting_order(frame)
-    palette = colours(order)
-    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
-    ax = fig.add_subplot()
-    batches = sorted(frame["batch_size"].dropna().unique())
+    frame, order, palette, ax, batches = setting_figure(
+        frontier, "batch_size", "cells with a batch size", 4.8)
     for setting in order:
         cells = frame[frame[SETTING] == setting]
         stats = seed_stats(cells, "max_stable_lr", log=True)
         colour = palette[setting]
         if len(stats):
-            ax.plot(stats["batch_size"], stats["centre"], "o-", color=colour, label=setting,
-                    lw=1.8, ms=4)
-            ax.fill_between(stats["batch_size"], stats["low"], stats["high"], color=colour,
-                            alpha=0.15, lw=0)
+            seed_line(ax, stats, colour, setting)
         capped = cells[cells["status"] == "stable_to_lr_max"]
         ax.plot(capped["batch_size"], capped["max_stable_lr"], "^", color=colour, ms=7,
                 ls="none")
@@ -192,28 +205,17 @@ def plot_frontier(frontier: pd.DataFrame, reference: str | None = None) -> Figur
     resolution = frame["resolution"].iloc[0] if "resolution" in frame else float("nan")
     ax.set_title(f"Stability frontier (resolution x{resolution:.3g})", fontsize=9)
     ax.grid(True, which="major", alpha=0.3)
-    return fig
+    return ax.figure
 
 
 def plot_frontier_accuracy(frontier: pd.DataFrame) -> Figure:
     """Final test accuracy at the largest stable learning rate vs batch size."""
-    frame = with_setting(frontier)
-    if frame.empty or "final_acc" not in frame:
-        raise ValueError("the frontier frame has no accuracies")
-    order = setting_order(frame)
-    palette = colours(order)
-    fig = Figure(figsize=(7.5, 4.4), layout="constrained")
-    ax = fig.add_subplot()
-    batches = sorted(frame["batch_size"].dropna().unique())
+    frame, order, palette, ax, batches = setting_figure(frontier, "final_acc", "accuracies",
+                                                         4.4)
     for setting in order:
         stats = seed_stats(frame[frame[SETTING] == setting], "final_acc", log=False)
-        if not len(stats):
-            continue
-        colour = palette[setting]
-        ax.plot(stats["batch_size"], stats["centre"], "o-", color=colour, label=setting,
-                lw=1.8, ms=4)
-        ax.fill_between(stats["batch_size"], stats["low"], stats["high"], color=colour,
-                        alpha=0.15, lw=0)
+        if len(stats):
+            seed_line(ax, stats, palette[setting], setting)
     chance = chance_level(frame)
     draw_chance(ax, chance)
     batch_axis(ax, batches)
@@ -228,7 +230,7 @@ def plot_frontier_accuracy(frontier: pd.DataFrame) -> Figure:
     length = f", {int(steps[0])}-step probes" if len(steps) == 1 else ""
     ax.set_title(f"Accuracy at the largest stable learning rate{length}", fontsize=9)
     ax.grid(True, alpha=0.3)
-    return fig
+    return ax.figure
 
 
 def frontier_table(frontier: pd.DataFrame) -> pd.DataFrame:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import matplotlib
 import numpy as np
@@ -15,8 +14,9 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import NullLocator
 
 from reports.figures.frames import (
-    PanelGrid,
     block_rows,
+    row_label,
+    run_panels,
     run_title,
     selected_panels,
     shared_settings,
@@ -30,7 +30,6 @@ from reports.figures.style import (
     ZERO_COLOUR,
     block_name,
     fmt_tick,
-    fmt_value,
     gids_of,
     is_number,
     label,
@@ -73,20 +72,6 @@ def step_span(rows: pd.DataFrame, run_id: str) -> tuple[float, float]:
     return (float(steps.min()), float(steps.max())) if len(steps) else (np.nan, np.nan)
 
 
-def empty_panel(ax: Any, grid: PanelGrid, row_value: Any, col_value: Any) -> None:
-    """A cell of the panel grid the runs do not fill: said in words, no empty frame."""
-    ax.set_axis_off()
-    what = " with ".join(fmt_value(v) for v in (row_value, col_value) if v is not None)
-    ax.text(0.5, 0.5, f"no run of\n{what}" if what else "no run", ha="center", va="center",
-            transform=ax.transAxes, color="#525252", fontsize=10, gid="no-run")
-
-
-def row_label(grid: PanelGrid, r: int, text: str) -> str:
-    """The y label of a panel row, headed by the row's setting (the model)."""
-    value = grid.row_values[r] if grid.row else None
-    return f"{fmt_value(value)}\n{text}" if value is not None else text
-
-
 @styled
 def plot_gradient_heatmap(
     blocks: pd.DataFrame,
@@ -127,57 +112,53 @@ def plot_gradient_heatmap(
     fig, axes = new_figure(n_rows, n_cols, panel_width(n_cols, 3.6, 1.6),
                            max(3.6, 0.24 * n_blocks + 1.9) * n_rows - 0.6 * (n_rows - 1))
     mesh = None
-    for r, line in enumerate(grid.cells):
-        previous_blocks = None
-        for c, run_id in enumerate(line):
-            ax = axes[r][c]
-            if run_id is None:
-                empty_panel(ax, grid, grid.row_values[r], grid.col_values[c])
-                continue
-            part = rows[rows["run_id"] == run_id]
-            table = part.pivot_table(index=["index", "block"], columns="step", values="value",
-                                     aggfunc="mean").sort_index(level="index")
-            steps = table.columns.to_numpy(dtype=float)
-            values = table.to_numpy(dtype=float)
-            zero = values <= 0
-            has_zero |= bool(zero.any())
-            has_missing |= bool(np.isnan(values).any())
-            has_infinite |= bool(np.isinf(values).any())  # a diverged step's statistics
-            values = np.where(zero, norm.vmin / 10, values)
-            mesh = ax.pcolormesh(step_edges(steps), np.arange(len(table) + 1) - 0.5,
-                                 np.ma.masked_invalid(values), norm=norm, cmap=cmap,
-                                 shading="flat")
-            ax.set_facecolor(MISSING_COLOUR)  # steps a block was not recorded at
-            ax.grid(False)
-            names = [block_name(b) for b in table.index.get_level_values("block")]
-            has_head |= HEAD_LABEL in names
-            # repeated block names along a row are noise; different models keep their own
-            ax.set_yticks(range(len(table)), names if names != previous_blocks else [],
-                          fontsize=8 if len(table) > 12 else 9)
-            previous_blocks = names
-            ax.set_ylim(len(table) - 0.5, -0.5)
-            if len(steps) <= 8:
-                ax.set_xticks(steps, [f"{s:g}" for s in steps])
-            ax.set_xlabel(label("step"))
-            title = run_title(frame, run_id, grid)
-            if differ:
-                low, high = spans[run_id]
-                title += f"\nsteps {low:g}–{high:g} recorded"
-            ax.set_title(title, fontsize=10.5)
-            info = frame.loc[frame["run_id"] == run_id]
-            if len(info) and info.iloc[0]["status"] == "diverged" and is_number(
-                    info.iloc[0].get("diverged_step")):
-                at = float(info.iloc[0]["diverged_step"])
-                ax.axvline(at, color=DIVERGED_LINE, linestyle="--", linewidth=2.5,
-                           gid="diverged")
-                # what follows the divergence: at least half a column, so the line never
-                # sits on the panel's edge
-                half = (steps[-1] - steps[-2]) / 2 if len(steps) > 1 else 0.5
-                right = max(ax.get_xlim()[1], at + half)
-                ax.axvspan(at, right, facecolor=MISSING_COLOUR, edgecolor="#969696",
-                           hatch="//", linewidth=0, zorder=0.5, gid="after-divergence")
-                ax.set_xlim(ax.get_xlim()[0], right)
-                has_after = True
+    previous_blocks: dict[int, list[str]] = {}  # per panel row
+    for r, ax, run_id in run_panels(grid, axes):
+        part = rows[rows["run_id"] == run_id]
+        table = part.pivot_table(index=["index", "block"], columns="step", values="value",
+                                 aggfunc="mean").sort_index(level="index")
+        steps = table.columns.to_numpy(dtype=float)
+        values = table.to_numpy(dtype=float)
+        zero = values <= 0
+        has_zero |= bool(zero.any())
+        has_missing |= bool(np.isnan(values).any())
+        has_infinite |= bool(np.isinf(values).any())  # a diverged step's statistics
+        values = np.where(zero, norm.vmin / 10, values)
+        mesh = ax.pcolormesh(step_edges(steps), np.arange(len(table) + 1) - 0.5,
+                             np.ma.masked_invalid(values), norm=norm, cmap=cmap,
+                             shading="flat")
+        ax.set_facecolor(MISSING_COLOUR)  # steps a block was not recorded at
+        ax.grid(False)
+        names = [block_name(b) for b in table.index.get_level_values("block")]
+        has_head |= HEAD_LABEL in names
+        # repeated block names along a row are noise; different models keep their own
+        ax.set_yticks(range(len(table)), names if names != previous_blocks.get(r) else [],
+                      fontsize=8 if len(table) > 12 else 9)
+        previous_blocks[r] = names
+        ax.set_ylim(len(table) - 0.5, -0.5)
+        if len(steps) <= 8:
+            ax.set_xticks(steps, [f"{s:g}" for s in steps])
+        ax.set_xlabel(label("step"))
+        title = run_title(frame, run_id, grid)
+        if differ:
+            low, high = spans[run_id]
+            title += f"\nsteps {low:g}–{high:g} recorded"
+        ax.set_title(title, fontsize=10.5)
+        info = frame.loc[frame["run_id"] == run_id]
+        if len(info) and info.iloc[0]["status"] == "diverged" and is_number(
+                info.iloc[0].get("diverged_step")):
+            at = float(info.iloc[0]["diverged_step"])
+            ax.axvline(at, color=DIVERGED_LINE, linestyle="--", linewidth=2.5,
+                       gid="diverged")
+            # what follows the divergence: at least half a column, so the line never
+            # sits on the panel's edge
+            half = (steps[-1] - steps[-2]) / 2 if len(steps) > 1 else 0.5
+            right = max(ax.get_xlim()[1], at + half)
+            ax.axvspan(at, right, facecolor=MISSING_COLOUR, edgecolor="#969696",
+                       hatch="//", linewidth=0, zorder=0.5, gid="after-divergence")
+            ax.set_xlim(ax.get_xlim()[0], right)
+            has_after = True
+    for r in range(n_rows):
         axes[r][0].set_ylabel(row_label(grid, r, "block (input → output)"))
     colourbar = fig.colorbar(mesh, ax=axes.ravel().tolist(), shrink=0.9)
     colourbar.set_label(f"{label(stat)} (log scale)")

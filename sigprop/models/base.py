@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from sigprop.fields import check_field
+from sigprop.layers import ACTIVATIONS, PADDING_MODES, StochasticDepth
 
 # Bottleneck ResNet depths by name, as in the NF-ResNet paper and the authors' nf_resnet.py.
 RESNET_DEPTHS: dict[int, tuple[int, ...]] = {
@@ -38,6 +39,15 @@ RESNET_DEPTHS: dict[int, tuple[int, ...]] = {
 RESNET_WIDTHS = (256, 512, 1024, 2048)
 # Stride of each stage's first block, the last repeated for any stage after the fourth.
 STAGE_STRIDES = (1, 2, 2, 2)
+
+
+@dataclass
+class ResNetStages:
+    """The stage fields the bottleneck ResNet configs (NF and BN) start with."""
+
+    depths: tuple[int, ...] = RESNET_DEPTHS[50]
+    widths: tuple[int, ...] = RESNET_WIDTHS
+    width_mult: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -104,6 +114,21 @@ class ResidualNet(nn.Module):
     stages: nn.ModuleList
     drop: nn.Dropout
     fc: nn.Linear
+    config_class: type  # the family's config dataclass
+
+    def __init__(self, cfg: typing.Any = None, **overrides: typing.Any) -> None:
+        super().__init__()
+        self.cfg = cfg or self.config_class(**overrides)
+
+    def stage_widths(self) -> list[int]:
+        """The config's stage widths times its width_mult."""
+        return [scaled(w, self.cfg.width_mult) for w in self.cfg.widths]
+
+    def forward_stages(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return x
 
     def blocks(self) -> list[BlockInfo]:
         out: list[BlockInfo] = []
@@ -132,6 +157,31 @@ class ResidualNet(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class NFResidualBlock(nn.Module):
+    """What the normalizer-free blocks share: the scaled block input ``act(h) * beta`` and the
+    residual ``h + alpha * skip_gain * stoch_depth(branch_out(f))`` (see the module docstring).
+    Subclasses set ``act``, ``alpha`` and ``input_scale``, and call :meth:`add_residual` last
+    in ``__init__`` (the modules keep the authors' order)."""
+
+    act: nn.Module
+    alpha: float
+    input_scale: float
+
+    def add_residual(self, plan: BlockPlan, cfg: typing.Any) -> None:
+        """``branch_out``, ``stoch_depth`` and the ``skip_gain`` parameter."""
+        self.branch_out = nn.Identity()
+        self.stoch_depth = StochasticDepth(plan.stochdepth_rate, cfg.scale_by_keep)
+        self.skip_gain = nn.Parameter(torch.tensor(float(cfg.skipinit_gain)))
+
+    def block_input(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.act(x)
+        return out * self.input_scale if self.input_scale != 1.0 else out
+
+    def residual(self, shortcut: torch.Tensor, branch: torch.Tensor) -> torch.Tensor:
+        out = self.stoch_depth(self.branch_out(branch))
+        return torch.addcmul(shortcut, out, self.skip_gain * self.alpha)  # one pass, not two
+
+
 def check_values(config_cls: type, values: dict) -> dict:
     """Type-check override ``values`` for ``config_cls`` before it is built, so a family's own
     arithmetic on them (NFNet's depth_mult) never meets a string or an infinity."""
@@ -141,8 +191,6 @@ def check_values(config_cls: type, values: dict) -> dict:
 
 def check_config(cfg) -> None:
     """Validate the fields the families share; raises ValueError naming the field."""
-    from sigprop.layers import ACTIVATIONS, PADDING_MODES
-
     hints = typing.get_type_hints(type(cfg))
     for f in dataclasses.fields(cfg):
         setattr(cfg, f.name, check_field(f.name, getattr(cfg, f.name), hints[f.name]))

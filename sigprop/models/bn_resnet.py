@@ -32,21 +32,17 @@ from sigprop.layers import (
 )
 from sigprop.models.base import (
     RESNET_DEPTHS,
-    RESNET_WIDTHS,
     BlockPlan,
     ResidualNet,
+    ResNetStages,
     build_stages,
     check_config,
-    scaled,
 )
 from sigprop.models.registry import Variant, register_variants
 
 
 @dataclass
-class BNResNetConfig:
-    depths: tuple[int, ...] = RESNET_DEPTHS[50]
-    widths: tuple[int, ...] = RESNET_WIDTHS
-    width_mult: float = 1.0
+class BNResNetConfig(ResNetStages):
     version: str = "v2"  # "v2": BN-act-conv (pre-activation); "v1": conv-BN-act
     order: str = "bn_act_conv"  # v2 only: or "act_bn_conv" (ReLU-BN-Conv, NF-ResNet paper Fig. 1)
     norm: str = "batch"  # or "none"
@@ -127,11 +123,12 @@ class BNBottleneck(nn.Module):
 
 
 class BNResNet(ResidualNet):
+    config_class = BNResNetConfig
+
     def __init__(self, cfg: BNResNetConfig | None = None, **overrides):
-        super().__init__()
-        cfg = cfg or BNResNetConfig(**overrides)
-        self.cfg = cfg
-        widths = [scaled(w, cfg.width_mult) for w in cfg.widths]
+        super().__init__(cfg, **overrides)
+        cfg = self.cfg
+        widths = self.stage_widths()
         ch = max(1, widths[0] // 4)
         imagenet = cfg.stem == "imagenet"
         layers: OrderedDict[str, nn.Module] = OrderedDict(
@@ -158,10 +155,7 @@ class BNResNet(ResidualNet):
         apply_padding(self, cfg.padding)  # every strided conv and the stem max-pool
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.final_act(self.final_norm(x))
+        return self.final_act(self.final_norm(self.forward_stages(x)))
 
 
 register_variants(

@@ -21,28 +21,24 @@ from sigprop.layers import (
     MaxPool2dPadded,
     ScaledStdConv2d,
     SqueezeExcite,
-    StochasticDepth,
     apply_padding,
     get_activation,
     he_conv2d,
 )
 from sigprop.models.base import (
     RESNET_DEPTHS,
-    RESNET_WIDTHS,
     BlockPlan,
+    NFResidualBlock,
     ResidualNet,
+    ResNetStages,
     build_stages,
     check_config,
-    scaled,
 )
 from sigprop.models.registry import Variant, register_variants
 
 
 @dataclass
-class NFResNetConfig:
-    depths: tuple[int, ...] = RESNET_DEPTHS[50]
-    widths: tuple[int, ...] = RESNET_WIDTHS
-    width_mult: float = 1.0
+class NFResNetConfig(ResNetStages):
     alpha: float = 0.2
     activation: str = "relu"
     skipinit_gain: float = 0.0  # the authors' SkipInit; 1.0 for signal-propagation studies
@@ -74,7 +70,7 @@ def make_conv(ws: bool, gamma: float = 1.0):
     return he_conv2d
 
 
-class NFBottleneck(nn.Module):
+class NFBottleneck(NFResidualBlock):
     def __init__(self, plan: BlockPlan, cfg: NFResNetConfig):
         super().__init__()
         in_ch, out_ch, stride, beta = plan.in_ch, plan.out_ch, plan.stride, plan.beta
@@ -95,31 +91,27 @@ class NFBottleneck(nn.Module):
         projected = stride > 1 or in_ch != out_ch
         self.conv_shortcut = input_conv(in_ch, out_ch, 1, stride) if projected else None
         self.se = SqueezeExcite(out_ch, out_ch, cfg.se_ratio) if cfg.use_se else None
-        self.branch_out = nn.Identity()
-        self.stoch_depth = StochasticDepth(plan.stochdepth_rate, cfg.scale_by_keep)
-        self.skip_gain = nn.Parameter(torch.tensor(float(cfg.skipinit_gain)))
+        self.add_residual(plan, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act(x)
-        if self.input_scale != 1.0:
-            out = out * self.input_scale
+        out = self.block_input(x)
         shortcut = x if self.conv_shortcut is None else self.conv_shortcut(out)
         out = self.conv0(out)
         out = self.conv1(self.act(out))
         out = self.conv2(self.act(out))
         if self.se is not None:
             out = self.se(out)
-        out = self.stoch_depth(self.branch_out(out))
-        return torch.addcmul(shortcut, out, self.skip_gain * self.alpha)  # one pass, not two
+        return self.residual(shortcut, out)
 
 
 class NFResNet(ResidualNet):
+    config_class = NFResNetConfig
+
     def __init__(self, cfg: NFResNetConfig | None = None, **overrides):
-        super().__init__()
-        cfg = cfg or NFResNetConfig(**overrides)
-        self.cfg = cfg
+        super().__init__(cfg, **overrides)
+        cfg = self.cfg
         conv = make_conv(cfg.ws)
-        widths = [scaled(w, cfg.width_mult) for w in cfg.widths]
+        widths = self.stage_widths()
         ch = max(1, widths[0] // 4)
         # The stem conv has a bias (zero at init), as every conv of the authors' (and timm's).
         if cfg.stem == "imagenet":
@@ -145,10 +137,7 @@ class NFResNet(ResidualNet):
         apply_padding(self, cfg.padding)  # every strided conv and the stem max-pool
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.final_act(x)
+        return self.final_act(self.forward_stages(x))
 
 
 register_variants(

@@ -17,11 +17,17 @@ from sigprop.layers import (
     GAMMA,
     ScaledStdConv2d,
     SqueezeExcite,
-    StochasticDepth,
     apply_padding,
     get_activation,
 )
-from sigprop.models.base import BlockPlan, ResidualNet, build_stages, check_config, scaled
+from sigprop.models.base import (
+    BlockPlan,
+    NFResidualBlock,
+    ResidualNet,
+    build_stages,
+    check_config,
+    scaled,
+)
 from sigprop.models.registry import Variant, register_variants
 
 # The authors' variant table (nfnets/base.py): F_k has k+1 times F0's depths.
@@ -84,7 +90,7 @@ class NFNetConfig:
         check_config(self)
 
 
-class NFBlock(nn.Module):
+class NFBlock(NFResidualBlock):
     def __init__(self, plan: BlockPlan, cfg: NFNetConfig, group_width: int):
         super().__init__()
         in_ch, out_ch, stride, beta = plan.in_ch, plan.out_ch, plan.stride, plan.beta
@@ -114,14 +120,10 @@ class NFBlock(nn.Module):
             ScaledStdConv2d(in_ch, out_ch, 1, gamma=input_gamma) if projected else None
         )
         self.se = SqueezeExcite(out_ch, out_ch, cfg.se_ratio)
-        self.branch_out = nn.Identity()
-        self.stoch_depth = StochasticDepth(plan.stochdepth_rate, cfg.scale_by_keep)
-        self.skip_gain = nn.Parameter(torch.tensor(float(cfg.skipinit_gain)))
+        self.add_residual(plan, cfg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.act(x)
-        if self.input_scale != 1.0:
-            out = out * self.input_scale
+        out = self.block_input(x)
         shortcut = x
         if self.conv_shortcut is not None:
             shortcut = self.conv_shortcut(out if self.pool is None else self.pool(out))
@@ -130,16 +132,16 @@ class NFBlock(nn.Module):
         if self.conv1b is not None:
             out = self.conv1b(self.act(out))
         out = self.se(self.conv2(self.act(out)))
-        out = self.stoch_depth(self.branch_out(out))
-        return torch.addcmul(shortcut, out, self.skip_gain * self.alpha)  # one pass, not two
+        return self.residual(shortcut, out)
 
 
 class NFNet(ResidualNet):
+    config_class = NFNetConfig
+
     def __init__(self, cfg: NFNetConfig | None = None, **overrides):
-        super().__init__()
-        cfg = cfg or NFNetConfig(**overrides)
-        self.cfg = cfg
-        widths = [scaled(w, cfg.width_mult) for w in cfg.widths]
+        super().__init__(cfg, **overrides)
+        cfg = self.cfg
+        widths = self.stage_widths()
         group_width = scaled(cfg.group_width, cfg.width_mult)
         stem_widths = [scaled(c, cfg.width_mult) for c in (16, 32, 64)] + [max(1, widths[0] // 2)]
         stem_strides = (2, 1, 1, 2) if cfg.stem == "imagenet" else (1, 1, 1, 1)
@@ -171,10 +173,7 @@ class NFNet(ResidualNet):
         apply_padding(self, cfg.padding)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.stem(x)
-        for stage in self.stages:
-            x = stage(x)
-        return self.final_act(self.final_conv(x))
+        return self.final_act(self.final_conv(self.forward_stages(x)))
 
 
 register_variants(
