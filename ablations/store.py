@@ -662,6 +662,28 @@ NON_NUMERIC_SUMMARY_COLUMNS = tuple(k for k, kinds in SUMMARY_FIELDS.items()
 FLIGHT_COLUMNS = ["grid", "run_id", "step", "block", "stage", "index", "stat", "value"]
 
 
+# The runs frame's columns besides the run's config (which ``load_results`` adds flattened to
+# dotted keys, as the run uses it: ``applied_values``), each with what it holds. One place for
+# the schema: load_results's docstring gives the rules behind them, and
+# tests/test_runs_schema.py checks a store's frame against this.
+RUN_COLUMNS: dict[str, str] = {
+    "grid": "the grid folder's name",
+    "run_id": "the run's id (a hash of its canonical config)",
+    "status": "queued / running / interrupted / completed / diverged / failed / damaged",
+    "error": "why a run failed or is damaged; None otherwise",
+    "axes": "the keys the grid varied for this run (a tuple)",
+    "model_label": "the model as built, e.g. 'NF-ResNet [1,1,1,1] x0.125'",
+    "model_departures": "{model option: registry default} for the options the run changes",
+    **{name: "summary: " + ("the diagnosis of a diverged run (sigprop.diagnosis)"
+                            if name in DIAGNOSIS_FIELDS else name.replace("_", " "))
+       for name in SUMMARY_COLUMNS},
+    "acc_chance": "final_acc with a diverged run counted at chance (1 / classes)",
+    "warnings": "lines the run raised about itself (a tuple)",
+    **{f"env.{key}": f"the run's recorded {key}" for key in NUMERIC_ENVIRONMENT},
+    "env.earlier": "for a run resumed under other environment values, those values as text",
+}
+
+
 def empty_flight_frame() -> pd.DataFrame:
     from sigprop.recorder import empty_flight  # lazy: torch
 
@@ -768,31 +790,31 @@ def grid_dirs(path: Path) -> list[Path]:
 def load_results(path: str | Path, with_frames: bool = True) -> Results:
     """Read a grid folder (or an output root holding several grids) into pandas frames.
 
-    ``runs`` has one row per run: grid, run_id, status, error, ``model_label`` (the model as
-    built, e.g. "NF-ResNet [1,1,1,1] x0.125"; None in stores written before labels),
-    ``model_departures`` ({model option: registry default} for the options the run changes), the
-    config flattened to dotted columns (``model.name``, ``clip.mode``, ``batch_size``...) as
-    the run uses it (:func:`applied_values`: ``lr`` is the peak lr, values the run does not use
-    are None),
+    ``runs`` has one row per run, its columns :data:`RUN_COLUMNS` plus the config's: grid,
+    run_id, status, error, ``model_label`` (the model as built, e.g. "NF-ResNet [1,1,1,1]
+    x0.125"; None in stores written before labels), ``model_departures`` ({model option:
+    registry default} for the options the run changes), the config flattened to dotted columns
+    (``model.name``, ``clip.mode``, ``batch_size``...) as the run uses it
+    (:func:`applied_values`: ``lr`` is the peak lr, values the run does not use are None),
     ``axes`` (the keys the grid varied for this run), the summary metrics ``SUMMARY_COLUMNS``
     (``gain_clip_ratio``: the median ratio of zero-initialised gains' gradients to what AGC
     lets through over the first steps, see ``sigprop.gains``; None when no such gain) and
     ``warnings`` (a tuple of lines the run raised about itself). ``acc_chance``: ``final_acc``
     with a diverged run counted at chance (1 / number of classes), as the claims count it: the
     column to average over seeds (``final_acc`` is blank for a diverged run, so its mean
-    averages the survivors); None for runs that did not finish. The diagnosis of a diverged
-    run (:mod:`sigprop.diagnosis`; all None for other runs): ``diverged_block`` (None where
-    the data singles out no block), ``diverged_first_step``, ``diverged_first_stat``,
+    averages the survivors); None for runs that did not finish. The diagnosis of a diverged run
+    (:mod:`sigprop.diagnosis`; all None for other runs): ``diverged_block`` (None where the
+    data singles out no block), ``diverged_first_step``, ``diverged_first_stat``,
     ``diverged_first_kind`` (activations / gradients / update), ``diverged_clipping_active``
     and ``diagnosis`` (one line). ``metrics`` and ``blocks`` concatenate every finished run's
     parquet files with ``grid`` and ``run_id``; ``flight`` the diverged runs' flight.parquet
-    (every step's block statistics up to the divergence, :mod:`sigprop.recorder`), empty
-    with :data:`FLIGHT_COLUMNS` when none has one.
-    ``env.threads``, ``env.torch``, ``env.device``, ``env.deterministic``: what the run
-    recorded of :data:`NUMERIC_ENVIRONMENT` (None: not recorded, e.g. stores written before
-    it was); ``env.earlier``: for a run resumed from a checkpoint made under other values,
-    those values as text, else None. A running run whose lock cannot be checked (a store this
-    process may not read the lock of) stays running, its ``error`` saying so.
+    (every step's block statistics up to the divergence, :mod:`sigprop.recorder`), empty with
+    :data:`FLIGHT_COLUMNS` when none has one. ``env.threads``, ``env.torch``, ``env.device``,
+    ``env.deterministic``: what the run recorded of :data:`NUMERIC_ENVIRONMENT` (None: not
+    recorded, e.g. stores written before it was); ``env.earlier``: for a run resumed from a
+    checkpoint made under other values, those values as text, else None. A running run whose
+    lock cannot be checked (a store this process may not read the lock of) stays running, its
+    ``error`` saying so.
 
     ``frontier``: the grids' ``frontier.parquet`` rows (written by ``run_ablations.py
     frontier``), None when no grid has one. One row per cell: ``grid``, ``cell_id`` (the
