@@ -11,7 +11,7 @@ import os
 import signal
 import time
 import traceback
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pandas as pd
@@ -39,6 +39,13 @@ PROGRESS_RECORD_S = 5.0  # the run folder's progress.json (read by `status`)
 DEFAULT_THREADS = 1
 # cuBLAS is deterministic only with a fixed workspace (read when its handle is created)
 CUBLAS_WORKSPACE = ":4096:8"
+
+# What every executor hands a run's outcome to (ablations.executors, module docstring): the
+# result dict ``execute_run`` returns, and each progress event it sends (slot, run id, step,
+# total, loss). Here, with the function that produces them, so both executors share them.
+ResultCallback = Callable[[dict], "list[str] | None"]
+StepCallback = Callable[[int, str, int, int, "float | None"], None]
+BUSY_RETRY_S = 1.0  # a "busy" result (another runner holds the run): submit it again then
 
 
 def resolve_device(device: str) -> str:

@@ -33,6 +33,7 @@ LAYERS = [
     {"spec"},
     {"tracking"},
     {"worker"},
+    {"ray_executor"},  # re-exported by executors, so below it
     {"executors"},
     {"runner"},
     {"frontier"},
