@@ -31,12 +31,15 @@ LAYERS = [
     # claims read only frames (the store's columns), never a spec
     {"claims"},
     {"spec"},
-    {"tracking"},
-    {"worker"},
+    # the frontier's search over lattice indices (no store), beside the trackers
+    {"tracking", "frontier_search"},
+    # the frontier's cells, outcome and frontier.parquet, which both of its methods share
+    {"worker", "frontier_cells"},
     {"ray_executor"},  # re-exported by executors, so below it
     {"executors"},
     {"runner"},
-    {"frontier"},
+    {"range_test"},  # the frontier by range test
+    {"frontier"},  # the frontier by search over a store; re-exports the three modules above
     {"__init__"},  # the package's lazy exports: above everything it exports
 ]
 
