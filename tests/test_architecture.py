@@ -24,12 +24,14 @@ FORBIDDEN = {
 LAYERS = [
     # leaves: no import from ablations; the command line's --help reads constants and shipped
     {"constants", "errors", "recipe", "shipped"},
-    # dotted keys and applied settings, --set parsing, the [frontier] section's schema
-    {"keys", "overrides", "frontier_schema"},
-    {"store"},
-    # claims sit below spec: a spec checks its [[claims]] when it is loaded and expanded, and
-    # claims read only frames (the store's columns), never a spec
-    {"claims"},
+    # dotted keys and applied settings, --set parsing, the [frontier] section's schema; one
+    # stored file read or written safely; what a run ran under
+    {"keys", "overrides", "frontier_schema", "storefiles", "environment"},
+    {"gridstore"},  # a grid's folder: run directories, statuses, locks
+    # a store read into frames. Claims sit below spec: a spec checks its [[claims]] when it is
+    # loaded and expanded, and claims read only frames (the store's columns), never a spec
+    {"results", "claims"},
+    {"store"},  # the store's public names, re-exported from the modules below
     {"spec"},
     # the frontier's search over lattice indices (no store), beside the trackers
     {"tracking", "frontier_search"},

@@ -319,7 +319,7 @@ def test_a_failed_status_write_is_said_on_the_console_and_shows_as_interrupted(
 
 
 def test_a_full_disk_while_storing_the_grid_is_one_line_exit_2(tmp_path, monkeypatch, capsys):
-    from ablations import store as store_module
+    from ablations import gridstore as store_module  # where GridStore finds write_json
 
     def full_disk(path, obj):
         raise OSError(errno.ENOSPC, "No space left on device")
