@@ -76,6 +76,7 @@ from ablations.frontier_search import (
     warm_plan,
 )
 from ablations.keys import flatten
+from ablations.progress import HEARTBEAT_S, Progress, describe_run
 from ablations.range_test import (
     RAMP_BETA,
     RAMP_FACTOR,
@@ -88,12 +89,9 @@ from ablations.range_test import (
     snap_down,
 )
 from ablations.runner import (
-    HEARTBEAT_S,
     Invocation,
-    Progress,
     RunOptions,
     check_data,
-    describe_run,
     interruptible,
     mismatch_text,
     runs_to_execute,

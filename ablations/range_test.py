@@ -26,11 +26,10 @@ from ablations.frontier_cells import FrontierOutcome, write_frontier
 from ablations.frontier_schema import FrontierSettings
 from ablations.frontier_search import LR_KEYS, lattice
 from ablations.keys import flatten
+from ablations.progress import Progress, describe_run
 from ablations.runner import (
     Invocation,
-    Progress,
     check_data,
-    describe_run,
     interruptible,
     mismatch_text,
     runs_to_execute,

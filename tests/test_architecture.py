@@ -33,13 +33,14 @@ LAYERS = [
     {"results", "claims"},
     {"store"},  # the store's public names, re-exported from the modules below
     {"spec"},
-    # the frontier's search over lattice indices (no store), beside the trackers
-    {"tracking", "frontier_search"},
+    # the frontier's search over lattice indices (no store), beside the trackers and the
+    # console (progress lines, the dry-run and status tables), which reads the store only
+    {"tracking", "frontier_search", "progress"},
     # the frontier's cells, outcome and frontier.parquet, which both of its methods share
     {"worker", "frontier_cells"},
     {"ray_executor"},  # re-exported by executors, so below it
     {"executors"},
-    {"runner"},
+    {"runner"},  # runs a grid; re-exports progress
     {"range_test"},  # the frontier by range test
     {"frontier"},  # the frontier by search over a store; re-exports the three modules above
     {"__init__"},  # the package's lazy exports: above everything it exports
