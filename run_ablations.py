@@ -3,6 +3,11 @@
 Bad input ends in one line on stderr and exit code 2; nothing already stored is touched.
 Heavy modules (torch, pandas) are imported inside the commands, so ``--help`` and
 ``--version`` answer at once.
+
+Paper A (spp and its Figure 1 preset): Brock, De and Smith, "Characterizing signal propagation
+to close the performance gap in unnormalized ResNets", ICLR 2021, arXiv 2101.08692. Paper B
+(the grids, clipping and the frontier): Brock, De, Smith and Simonyan, "High-Performance
+Large-Scale Image Recognition Without Normalization", ICML 2021, arXiv 2102.06171.
 """
 
 from __future__ import annotations

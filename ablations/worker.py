@@ -2,6 +2,11 @@
 
 This is the function every executor ships to its workers, so local processes and Ray tasks
 write identical run directories.
+
+Paper A (the variance growth it measures): Brock, De and Smith, "Characterizing signal
+propagation to close the performance gap in unnormalized ResNets", ICLR 2021, arXiv 2101.08692.
+Paper B: Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image Recognition Without
+Normalization", ICML 2021, arXiv 2102.06171.
 """
 
 from __future__ import annotations

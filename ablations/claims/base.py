@@ -1,6 +1,12 @@
 """What every claim has: its common fields, their parsing and errors, the verdict, and the
 per-run values of its metric. One subclass per check (:mod:`ablations.claims.checks`) adds
-its own fields and rules."""
+its own fields and rules.
+
+Paper A: Brock, De and Smith, "Characterizing signal propagation to close the performance gap
+in unnormalized ResNets", ICLR 2021, arXiv 2101.08692. Paper B: Brock, De, Smith and Simonyan,
+"High-Performance Large-Scale Image Recognition Without Normalization", ICML 2021, arXiv
+2102.06171.
+"""
 
 from __future__ import annotations
 

@@ -19,6 +19,11 @@ the frame of ``sigprop.spp``, ``plot_coord_data`` that of ``sigprop.coordcheck``
 reports.figures import plot_spp`` works for every plot function above; each loads its own
 module on first use, so importing one figure does not import the others (nor matplotlib
 before a figure is asked for).
+
+Paper A (the SPP figure): Brock, De and Smith, "Characterizing signal propagation to close the
+performance gap in unnormalized ResNets", ICLR 2021, arXiv 2101.08692. Paper B (the clipping
+figures): Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image Recognition
+Without Normalization", ICML 2021, arXiv 2102.06171.
 """
 
 # Public name -> the module (under reports.figures) that defines it.
