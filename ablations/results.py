@@ -15,6 +15,7 @@ from typing import Any
 
 import pandas as pd
 
+from ablations.chance import chance_of
 from ablations.constants import DAMAGED, FINISHED
 from ablations.environment import NUMERIC_ENVIRONMENT
 from ablations.gridstore import FLIGHT_FILE, FRONTIER_FILE, GridStore, LockUnchecked
@@ -86,22 +87,14 @@ def empty_flight_frame() -> pd.DataFrame:
 
 
 def chance_accuracy(config: dict, state: str, final_acc: Any) -> float | None:
-    """``final_acc`` with a diverged run counted at chance (1 / its number of classes), the
-    rule the claims use; None for runs that did not finish."""
+    """``final_acc`` with a diverged run counted at chance (:func:`ablations.chance.chance_of`,
+    the rule the claims use); None for runs that did not finish."""
     if state == "completed":
         return None if final_acc is None else float(final_acc)
     if state != "diverged":
         return None
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
-    classes = model.get("num_classes")
-    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
-        from sigprop.data import dataset_info  # lazy: torch
-
-        try:
-            classes = dataset_info(config.get("data", "synthetic")).num_classes
-        except (UserError, TypeError, ValueError, KeyError):
-            return None
-    return 1.0 / classes
+    return chance_of(model.get("num_classes"), config.get("data", "synthetic"))
 
 
 def mark_differing_keys(rows: list[dict], configs: dict[str, dict]) -> list[dict]:

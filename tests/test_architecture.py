@@ -27,8 +27,8 @@ LAYERS = [
     # leaves: no import from ablations; the command line's --help reads constants and shipped
     {"constants", "errors", "recipe", "shipped"},
     # dotted keys and applied settings, --set parsing, the [frontier] section's schema; one
-    # stored file read or written safely; what a run ran under
-    {"keys", "overrides", "frontier_schema", "storefiles", "environment"},
+    # stored file read or written safely; what a run ran under; chance accuracy
+    {"keys", "overrides", "frontier_schema", "storefiles", "environment", "chance"},
     {"gridstore"},  # a grid's folder: run directories, statuses, locks
     # a store read into frames. Claims sit below spec: a spec checks its [[claims]] when it is
     # loaded and expanded, and claims read only frames (the store's columns), never a spec

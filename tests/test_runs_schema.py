@@ -21,3 +21,19 @@ def test_the_runs_frame_has_the_documented_columns_and_the_config_keys(tmp_path)
     assert set(runs.columns) == set(RUN_COLUMNS) | config_keys
     assert set(SUMMARY_COLUMNS) <= set(RUN_COLUMNS)
     assert all(isinstance(text, str) and text for text in RUN_COLUMNS.values())
+
+
+def test_acc_chance_and_the_claims_share_one_chance_rule():
+    """A 1-class head is no classifier: both fall back to the data set's 10 classes."""
+    import pandas as pd
+
+    from ablations.claims import chance_levels
+    from ablations.results import chance_accuracy
+
+    for classes, expected in ((1, 0.1), (None, 0.1), (4, 0.25)):
+        config = {"model": {"name": "nf_resnet26", "num_classes": classes}, "data": "digits"}
+        assert chance_accuracy(config, "diverged", None) == expected
+        frame = pd.DataFrame({"model.num_classes": [classes], "data": ["digits"]})
+        assert chance_levels(frame).tolist() == [expected]
+    assert chance_accuracy({"data": "nope"}, "diverged", None) is None
+    assert chance_accuracy({"data": "digits"}, "completed", 0.5) == 0.5

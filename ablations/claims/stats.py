@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from sigprop.errors import UserError
+from ablations.chance import chance_of
 
 # test-set sizes of the built-in data sets at their defaults (a run's own test_size wins)
 DEFAULT_TEST_IMAGES = {"digits": 297, "synthetic": 2000, "cifar10": 10000, "cifar100": 10000}
@@ -55,25 +55,16 @@ def n_test_images(runs: pd.DataFrame) -> np.ndarray:
 
 
 def chance_levels(runs: pd.DataFrame, *, strict: bool = False) -> np.ndarray:
-    """Each run's chance accuracy, 1 / its class count (the model's ``num_classes``, else its
-    data set's); NaN where neither is known. ``strict``: a data set this version does not
-    know raises its :class:`UserError` instead, for a verdict must not quietly drop a diverged
-    run (its value is its chance) where a table may leave a cell blank."""
-    out = np.full(len(runs), np.nan)
-    if "model.num_classes" in runs:
-        classes = pd.to_numeric(runs["model.num_classes"], errors="coerce").to_numpy(float)
-        out = np.where(classes >= 2, 1.0 / np.where(classes >= 2, classes, 1.0), np.nan)
-    if "data" in runs:
-        from sigprop.data import dataset_info  # lazy: torch (sigprop.data imports it)
-
-        for i, name in enumerate(runs["data"]):
-            if np.isnan(out[i]) and isinstance(name, str):
-                try:
-                    out[i] = 1.0 / dataset_info(name).num_classes
-                except UserError:  # a data set this version does not know: chance unknown
-                    if strict:
-                        raise
-    return out
+    """Each run's chance accuracy (:func:`ablations.chance.chance_of`: 1 / the model's
+    ``num_classes``, else its data set's class count); NaN where neither is known.
+    ``strict``: a data set this version does not know raises its :class:`UserError` instead,
+    for a verdict must not quietly drop a diverged run (its value is its chance) where a
+    table may leave a cell blank."""
+    classes = runs["model.num_classes"] if "model.num_classes" in runs else [None] * len(runs)
+    data = runs["data"] if "data" in runs else [None] * len(runs)
+    levels = [chance_of(None if pd.isna(c) else c, d, strict=strict)
+              for c, d in zip(classes, data)]
+    return np.array([np.nan if level is None else level for level in levels], dtype=float)
 
 
 def every_choice_monotone(tie_sets: Sequence[Sequence[float]], sign: int) -> bool:
