@@ -106,9 +106,9 @@ __all__ = [
     "FRONTIER_COLUMNS", "LR_KEYS", "RAMP_BETA", "RAMP_FACTOR", "RANGE_TEST_COLUMNS",
     "BisectSearch", "Cell", "FrontierOutcome", "FrontierSearch", "FrontierSettings", "WarmPlan",
     "WarmSearch", "cell_spec", "cell_summary", "cells_of", "frontier_settings", "lattice",
-    "numeric", "probe_loss_ratio", "probe_run", "probe_stability", "range_run",
+    "numeric", "probe_losses", "probe_run", "probe_stability", "range_run",
     "range_test_edge", "range_test_row", "run_frontier", "run_range_test", "smoothed_loss",
-    "snap_down", "warm_plan", "why_unstable", "write_frontier",
+    "snap_down", "stable_by", "warm_plan", "why_unstable", "write_frontier",
 ]
 
 
@@ -125,38 +125,42 @@ def probe_run(cell: Run, lr: float, settings: FrontierSettings) -> Run:
                cell.departures)
 
 
-def probe_loss_ratio(store: GridStore, rid: str, settings: FrontierSettings) -> float:
-    """A finished probe's final over initial ``metric`` (the criterion's ratio; module
-    docstring); inf when it diverged or has no finite values."""
+def probe_losses(store: GridStore, rid: str,
+                 settings: FrontierSettings) -> tuple[float, float] | None:
+    """A finished probe's initial and final ``metric`` (the criterion's two numbers; module
+    docstring); None when it diverged or has no finite values."""
     if store.state(rid) == "diverged":
-        return math.inf
+        return None
     loss = pd.to_numeric(read_parquet(store.run_dir(rid) / "metrics.parquet")[settings.metric],
                          errors="coerce").dropna().to_numpy(dtype=float)
     if not len(loss) or not np.isfinite(loss).all():
-        return math.inf
+        return None
     window = settings.window or min(10, max(1, len(loss) // 10))
-    initial, final = loss[0], loss[-window:].mean()  # FrontierSettings: why not a mean
-    return float(final / initial)
+    return float(loss[0]), float(loss[-window:].mean())  # FrontierSettings: why not a mean
+
+
+def stable_by(losses: tuple[float, float] | None, settings: FrontierSettings) -> bool:
+    """The criterion on a probe's :func:`probe_losses`: not diverged, and the final value below
+    ``max_ratio`` times the initial one."""
+    return losses is not None and bool(losses[1] < settings.max_ratio * losses[0])
 
 
 def probe_stability(store: GridStore, rid: str, settings: FrontierSettings) -> bool:
     """Whether a finished probe is stable by the criterion (module docstring)."""
-    return probe_loss_ratio(store, rid, settings) < settings.max_ratio
+    return stable_by(probe_losses(store, rid, settings), settings)
 
 
-def why_unstable(store: GridStore, rid: str, settings: FrontierSettings) -> str:
-    """Why a probe counts as unstable: it diverged, or it did not learn enough. The two differ
-    (frontier_length: 20-step probes at batch 32 never diverged below lr 0.34, but their loss
-    fell only to 0.87-0.97 of its initial value, so no rate passed)."""
-    try:
-        ratio = probe_loss_ratio(store, rid, settings)
-    except (DamagedFile, OSError, KeyError):
-        return "its probe could not be read"
-    if not math.isfinite(ratio):
+def why_unstable(losses: tuple[float, float] | None, settings: FrontierSettings) -> str:
+    """Why a probe with these :func:`probe_losses` counts as unstable: it diverged, or it did
+    not learn enough. The two differ (frontier_length: 20-step probes at batch 32 never
+    diverged below lr 0.34, but their loss fell only to 0.87-0.97 of its initial value, so no
+    rate passed)."""
+    if losses is None:
         return "its probe diverged"
-    return (f"its probe did not diverge, but its loss fell only to {ratio:.2f} of the initial "
-            f"value (stable needs < {settings.max_ratio:g}): too short a probe to learn, or "
-            f"lower frontier.lr_min")
+    initial, final = losses
+    return (f"its probe did not diverge, but its loss fell only to {final / initial:.2f} of the "
+            f"initial value (stable needs < {settings.max_ratio:g}): too short a probe to "
+            f"learn, or lower frontier.lr_min")
 
 
 @dataclass
@@ -167,6 +171,7 @@ class Cell:
     started: bool = False
     check: tuple[int, bool] | None = None  # the monotonicity probe: (index, stable)
     probes: dict[int, tuple[str, bool]] = field(default_factory=dict)  # index -> (id, stable)
+    losses: dict[int, tuple[float, float] | None] = field(default_factory=dict)  # probe_losses
     pending: tuple[int, str] | None = None  # the probe out at an executor
     ran: int = 0  # probes executed by this invocation (the rest were read back)
     error: str = ""  # a failed probe ends the cell's search
@@ -303,11 +308,13 @@ class FrontierSearch:
                 cell.error = f"probe at lr {self.points[index]:g} ({rid}) {state}: " \
                              f"{status.get('error') or 'no result'}"
                 return False
-            stable = probe_stability(self.store, rid, self.settings)
+            losses = probe_losses(self.store, rid, self.settings)
         except DamagedFile as err:
             cell.error = f"probe {rid}: {err.path.name} {err.reason}"
             return False
+        stable = stable_by(losses, self.settings)
         cell.probes[index] = (rid, stable)
+        cell.losses[index] = losses
         if cell.search.next_index() is None:  # the search has ended: the monotonicity probe
             cell.check = (index, stable)
         else:
@@ -376,8 +383,8 @@ class FrontierSearch:
             row["reason"] = "search interrupted; run the same command to continue it"
         elif search.hi == 0:
             row["status"] = "unstable_at_lr_min"
-            why = (why_unstable(self.store, cell.probes[0][0], self.settings)
-                   if 0 in cell.probes else "lower frontier.lr_min")
+            why = (why_unstable(cell.losses[0], self.settings) if 0 in cell.losses
+                   else "lower frontier.lr_min")
             row["reason"] = (f"unstable already at lr_min {lr_min:g}: no stable rate in the "
                              f"range ({why})")
         elif search.lo == search.n - 1:

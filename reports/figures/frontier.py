@@ -165,9 +165,10 @@ def plot_frontier(frontier: pd.DataFrame, reference: str | None = None) -> Figur
     """
     frame, order, palette, ax, batches = setting_figure(
         frontier, "batch_size", "cells with a batch size", 4.8)
+    lines = {}  # setting -> its seed_stats, for the lr ∝ B line's start below
     for setting in order:
         cells = frame[frame[SETTING] == setting]
-        stats = seed_stats(cells, "max_stable_lr", log=True)
+        stats = lines[setting] = seed_stats(cells, "max_stable_lr", log=True)
         colour = palette[setting]
         if len(stats):
             seed_line(ax, stats, colour, setting)
@@ -178,11 +179,11 @@ def plot_frontier(frontier: pd.DataFrame, reference: str | None = None) -> Figur
         ax.plot(floor["batch_size"], floor["min_unstable_lr"], "v", color=colour, ms=7,
                 ls="none", label=None if len(stats) else setting)
     # from a setting with an edge at the smallest batch, so the line starts where lr ∝ B does
-    starts = [s for s in order if batches and batches[0] in set(seed_stats(
-        frame[frame[SETTING] == s], "max_stable_lr", log=True)["batch_size"])] or order
+    starts = [s for s in order if batches and batches[0] in set(lines[s]["batch_size"])] or order
     anchor = reference or next((s for s in starts if "no clipping" in s and "NF" in s),
                                starts[0])
-    stats = seed_stats(frame[frame[SETTING] == anchor], "max_stable_lr", log=True)
+    stats = lines[anchor] if anchor in lines else seed_stats(
+        frame[frame[SETTING] == anchor], "max_stable_lr", log=True)
     if len(stats):
         b0, lr0 = stats["batch_size"].iloc[0], stats["centre"].iloc[0]
         xs = np.array(batches, dtype=float)
