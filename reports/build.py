@@ -35,7 +35,6 @@ from reports.inputs import (
     grid_frontier,
     parse_spec,
     readable_status,
-    typed_runs,
     with_diagnosis,
 )
 from reports.output import (
@@ -83,7 +82,7 @@ def build_report(grid_dir: str | Path, out: str | Path | None = None) -> dict[st
     if not grid_dir.is_dir():
         raise UserError(f"not a folder: {grid_dir} (expected a grid folder holding runs/)")
     results = load_results(grid_dir)
-    runs = typed_runs(results.runs)
+    runs = results.runs  # the store turned wrongly typed runs into damaged ones
     if runs.empty:
         raise UserError(f"no runs in {grid_dir}: run the grid first (run_ablations.py run SPEC)")
     grids = sorted(runs["grid"].unique())

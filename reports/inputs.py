@@ -1,7 +1,8 @@
-"""What the report reads from a grid's store, checked: the runs frame with wrongly typed rows
-turned into damaged ones, the run statuses, the stored spec, the diagnosis columns, the
-diverged runs' flight records and the frontier. A store is untrusted input: nothing here
-raises on what it holds; what cannot be read is left out and said."""
+"""What the report reads from a grid's store, checked: the run statuses, the stored spec, the
+diagnosis columns, the diverged runs' flight records and the frontier. A store is untrusted
+input: nothing here raises on what it holds; what cannot be read is left out and said. The
+runs frame needs no check here: the store's readers (``ablations.storefiles.check_status``)
+already turn a run whose fields have the wrong type into a damaged one."""
 
 from __future__ import annotations
 
@@ -13,10 +14,8 @@ import numpy as np
 import pandas as pd
 import tomllib
 
+from ablations.store import FLIGHT_COLUMNS as STORE_FLIGHT_COLUMNS
 from ablations.store import (
-    DAMAGED,
-    NON_NUMERIC_SUMMARY_COLUMNS,
-    SUMMARY_COLUMNS,
     SUMMARY_FIELDS,
     DamagedFile,
     GridStore,
@@ -24,60 +23,12 @@ from ablations.store import (
     read_frontier,
     read_parquet,
 )
-from ablations.store import FLIGHT_COLUMNS as STORE_FLIGHT_COLUMNS
 from sigprop.diagnosis import FIELDS as DIAGNOSIS
 
 # summary fields of the diagnosis, each with the type a stored value must have to be shown
 DIAGNOSIS_FIELDS = {name: {"string": str, "integer": int, "bool": bool}[SUMMARY_FIELDS[name][0]]
                     for name in DIAGNOSIS}
 FLIGHT_COLUMNS = [c for c in STORE_FLIGHT_COLUMNS if c not in ("grid", "run_id")]
-
-
-def typed_runs(runs: pd.DataFrame) -> pd.DataFrame:
-    """``runs`` with every run whose stored fields hold valid JSON of the wrong type (a list
-    where a state or a number belongs) turned into a damaged row, as the store turns a file it
-    cannot parse into one: the report neither guesses at such a run's numbers nor trips on
-    them."""
-    problems = {}
-    for index, row in runs.iterrows():
-        if row.get("status") != DAMAGED:
-            why = wrong_type(row)
-            if why:
-                problems[index] = why
-    if not problems:
-        return runs
-    damaged = pd.DataFrame([{"grid": runs.at[i, "grid"], "run_id": runs.at[i, "run_id"],
-                             "status": DAMAGED, "axes": (), "error": f"status.json: {why}"}
-                            for i, why in problems.items()])
-    return pd.concat([runs.drop(index=list(problems)), damaged], ignore_index=True)
-
-
-def wrong_type(row: pd.Series) -> str | None:
-    """What in a run's row has the wrong type for the report to read it; None when nothing."""
-    def kind(value: Any) -> str:
-        return {"list": "an array", "dict": "an object", "str": "text", "bool": "a boolean",
-                "tuple": "an array"}.get(type(value).__name__, type(value).__name__)
-
-    if not isinstance(row.get("status"), str):
-        return f"state is {kind(row.get('status'))}, not text"
-    for column in SUMMARY_COLUMNS:
-        value = row.get(column)
-        if value is None or (isinstance(value, float) and np.isnan(value)):
-            continue
-        if column in NON_NUMERIC_SUMMARY_COLUMNS:  # the diagnosis: text, or a flag
-            if not isinstance(value, str | bool | np.bool_):
-                return f"summary.{column} is {kind(value)}, not text or a boolean"
-            continue
-        if isinstance(value, bool | np.bool_) or not isinstance(value, int | float | np.number):
-            return f"summary.{column} is {kind(value)}, not a number"
-    error = row.get("error")
-    if error is not None and not isinstance(error, str) \
-            and not (isinstance(error, float) and np.isnan(error)):
-        return f"error is {kind(error)}, not text"
-    lines = row.get("warnings")
-    if isinstance(lines, tuple | list) and not all(isinstance(line, str) for line in lines):
-        return "warnings holds something other than text"
-    return None
 
 
 def readable_status(store: GridStore, run_id: str) -> dict:

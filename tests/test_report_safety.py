@@ -16,7 +16,6 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-import ablations.store as store_module
 from reports.build import MANIFEST, ForeignFilesError, build_report
 from run_ablations import main
 from tests.test_reports import PNG_MAGIC, fake_blocks, fake_metrics, write_fake_grid
@@ -424,8 +423,6 @@ def test_a_wrong_typed_status_is_a_damaged_run_not_a_traceback(tmp_path, case):
     assert not [line for line in runs.splitlines() if line.startswith("| b64-s0 | completed")]
 
 
-@pytest.mark.skipif(not hasattr(store_module, "check_status"),
-                    reason="needs the store's type checks of status.json / config.json")
 @pytest.mark.parametrize("file, change", [
     ("status.json", {"summary": ["final_acc", 0.8]}),
     ("status.json", {"environment": "cpu"}),
