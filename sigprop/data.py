@@ -189,14 +189,19 @@ def synthetic_split(
     return torch.cat(xs), torch.cat(ys)
 
 
+# the full test splits: the claims' test-set margins use them when a run does not say
+SYNTHETIC_TRAIN, SYNTHETIC_TEST = 10_000, 2_000
+DIGITS_TEST = 297  # of scikit-learn's 1,797 digits
+
+
 def _load_synthetic(
     data_dir: Path | None, train_size: int | None, test_size: int | None, seed: int,
     image_size: int, download: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    train_x, train_y = synthetic_split(10_000 if train_size is None else train_size, seed, 1,
-                                       image_size)
-    test_x, test_y = synthetic_split(2_000 if test_size is None else test_size, seed, 2,
-                                     image_size)
+    train_x, train_y = synthetic_split(SYNTHETIC_TRAIN if train_size is None else train_size,
+                                       seed, 1, image_size)
+    test_x, test_y = synthetic_split(SYNTHETIC_TEST if test_size is None else test_size, seed,
+                                     2, image_size)
     return train_x, train_y, test_x, test_y, SyntheticSpec().num_classes
 
 
@@ -322,7 +327,7 @@ def _load_digits(
     y = torch.as_tensor(bunch.target, dtype=torch.long)
     # A fixed split (not the run's seed): every run sees the same test set.
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
-    test_idx, train_idx = order[:297], order[297:]
+    test_idx, train_idx = order[:DIGITS_TEST], order[DIGITS_TEST:]
     train_x, test_x = x[train_idx], x[test_idx]
     train_y, test_y = y[train_idx], y[test_idx]
     if train_size is not None:
@@ -339,6 +344,7 @@ AUGMENTATIONS = ("none", "crop", "crop+flip")
 @dataclass(frozen=True)
 class DatasetInfo:
     num_classes: int
+    test_images: int  # the full test split
     loader: Callable
     augment: str  # the default augmentation: flips only where a mirror image keeps the label
     # fixed per-channel statistics; None: measured on the training split
@@ -347,16 +353,16 @@ class DatasetInfo:
 
 
 DATASETS: dict[str, DatasetInfo] = {
-    "synthetic": DatasetInfo(10, _load_synthetic, "crop"),
+    "synthetic": DatasetInfo(10, SYNTHETIC_TEST, _load_synthetic, "crop"),
     "cifar10": DatasetInfo(
-        10, _load_cifar("cifar10"), "crop+flip", (0.4914, 0.4822, 0.4465),
+        10, 10_000, _load_cifar("cifar10"), "crop+flip", (0.4914, 0.4822, 0.4465),
         (0.2470, 0.2435, 0.2616),
     ),
     "cifar100": DatasetInfo(
-        100, _load_cifar("cifar100"), "crop+flip", (0.5071, 0.4865, 0.4409),
+        100, 10_000, _load_cifar("cifar100"), "crop+flip", (0.5071, 0.4865, 0.4409),
         (0.2673, 0.2564, 0.2762),
     ),
-    "digits": DatasetInfo(10, _load_digits, "crop"),
+    "digits": DatasetInfo(10, DIGITS_TEST, _load_digits, "crop"),
 }
 
 

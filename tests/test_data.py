@@ -352,3 +352,11 @@ def test_small_bn_resnet_learns_8px_digits_with_the_default_augmentation():
     })
     assert result.config["augment"] == "crop"
     assert result.final_acc > 0.8
+
+
+@pytest.mark.parametrize("name", ["synthetic", "digits"])
+def test_the_recorded_test_split_size_is_the_loaded_one(name):
+    """The claims' test-set margins read DatasetInfo.test_images for runs that do not say."""
+    from sigprop.data import dataset_info, load_dataset
+
+    assert dataset_info(name).test_images == len(load_dataset(name, image_size=8).test_y)

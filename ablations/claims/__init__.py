@@ -159,7 +159,6 @@ from ablations.claims.selection import (
     select,
 )
 from ablations.claims.stats import (
-    DEFAULT_TEST_IMAGES,
     Z95,
     Z95_ONE_SIDED,
     binomial_half_width,
@@ -171,7 +170,7 @@ from ablations.claims.stats import (
 )
 
 __all__ = [
-    "ACCURACY_METRICS", "CHECKS", "CHECK_CLASSES", "COMMON_FIELDS", "DEFAULT_TEST_IMAGES",
+    "ACCURACY_METRICS", "CHECKS", "CHECK_CLASSES", "COMMON_FIELDS",
     "DERIVED_MARGINS", "DIRECTIONS", "EXTREMES", "FINISHED", "FRONTIER_METRICS", "METRICS",
     "OUTCOMES", "RELATIONS", "RULES", "SEARCHED", "VERDICTS", "Z95", "Z95_ONE_SIDED",
     "Claim", "ClaimError", "Compare", "Interaction", "Relational", "Share", "Spread", "Trend",

@@ -12,7 +12,6 @@ import pandas as pd
 from ablations.chance import chance_of
 
 # test-set sizes of the built-in data sets at their defaults (a run's own test_size wins)
-DEFAULT_TEST_IMAGES = {"digits": 297, "synthetic": 2000, "cifar10": 10000, "cifar100": 10000}
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 Z95_ONE_SIDED = 1.6448536269514722
 
@@ -44,13 +43,19 @@ def binomial_half_width(p: float, n: float, z: float = Z95) -> float:
 
 def n_test_images(runs: pd.DataFrame) -> np.ndarray:
     """How many test images each run's accuracy was measured on: the run's ``test_images``
-    (its summary), else its ``test_size``, else the data set's default split."""
+    (its summary), else its ``test_size``, else its data set's full test split
+    (``sigprop.data`` ``DatasetInfo.test_images``; NaN for a data set this version does not
+    know)."""
     n = pd.Series(np.nan, index=runs.index, dtype=float)
     for column in ("test_images", "test_size"):
         if column in runs:
             n = n.fillna(pd.to_numeric(runs[column], errors="coerce").astype(float))
-    if "data" in runs:
-        n = n.fillna(runs["data"].map(DEFAULT_TEST_IMAGES).astype(float))
+    if "data" in runs and n.isna().any():
+        from sigprop.data import DATASETS  # lazy: torch (sigprop.data imports it)
+
+        n = n.fillna(runs["data"].map(
+            lambda name: DATASETS[name].test_images if name in DATASETS else np.nan)
+            .astype(float))
     return n.to_numpy(dtype=float)
 
 
