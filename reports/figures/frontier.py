@@ -2,8 +2,9 @@
 one row per cell; ``ablations.frontier``), each returning a matplotlib Figure.
 
 - :func:`plot_frontier`: the largest stable learning rate against batch size on log-log axes,
-  a line per model and clipping setting (geometric mean over seeds, band from the lowest to
-  the highest seed), with the linear-scaling reference lr ∝ B dashed.
+  a line per model and clipping setting and per value of any other axis of the grid (a probe
+  length: :data:`LINE_AXES`; geometric mean over seeds, band from the lowest to the highest
+  seed), with the linear-scaling reference lr ∝ B dashed.
 - :func:`plot_frontier_accuracy`: the final test accuracy of the probe at the largest stable
   learning rate, against batch size, with chance level.
 - :func:`frontier_table`: the same numbers as a table (one row per setting and batch size).

@@ -216,7 +216,8 @@ FRONTIER_FIGURES = [
     FigureEntry(
         "frontier", "Stability frontier",
         "Largest stable learning rate against batch size (log-log): a line per "
-        "model and clipping setting (geometric mean over seeds, band: min to max); dashed: "
+        "model and clipping setting, and per value of any other axis of the grid such as the "
+        "probe length (geometric mean over seeds, band: min to max); dashed: "
         "linear scaling lr ∝ B; triangles: the edge lies beyond the searched range.",
         draw=ff.plot_frontier),
     FigureEntry(
