@@ -73,6 +73,7 @@ from ablations.frontier_search import (
     WarmSearch,
     lattice,
     numeric,
+    start_index,
     warm_plan,
 )
 from ablations.keys import flatten
@@ -259,7 +260,10 @@ class FrontierSearch:
                 guesses.append(float(edge))
             elif shifts:
                 guesses.append(edge + float(np.median(shifts)))
-        return int(round(float(np.median(guesses)))) if guesses else None
+        if not guesses:
+            return None
+        return start_index(float(np.median(guesses)), self.settings.check_monotone,
+                           len(self.points))
 
     def check_index(self, cell: Cell) -> int | None:
         """The monotonicity probe still to run, if any: two lattice steps above the largest

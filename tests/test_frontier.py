@@ -19,6 +19,7 @@ import pytest
 
 from ablations.claims import evaluate_claims, parse_claims
 from ablations.frontier import FRONTIER_COLUMNS, FrontierSettings, lattice, run_frontier
+from ablations.frontier_search import WarmSearch, start_index
 from ablations.spec import load_spec
 from ablations.store import GridStore, load_results
 from run_ablations import main
@@ -658,8 +659,37 @@ def edge_of(row: pd.Series, edge) -> float:
                  "seed": row["seed"], "clip": {"mode": row["clip.mode"], "threshold": threshold}})
 
 
-@pytest.mark.parametrize("edge, most", [(measured_edge, 3.6), (seed_ordered_edge, 3.45),
-                                        (smooth_edge, 2.9)])
+def probes_from(start: int, edge: int, n: int, check: bool) -> int:
+    """A warm search's probes (and, with ``check``, its monotonicity probe) for a cell whose
+    largest stable lattice index is ``edge``."""
+    search, probed = WarmSearch(n, start), set()
+    while (index := search.next_index()) is not None:
+        search.record(index, index <= edge)
+        probed.add(index)
+    assert search.lo == edge
+    return len(probed) + (check and edge + 2 not in probed)
+
+
+@pytest.mark.parametrize("check", [False, True])
+def test_a_warm_start_sits_where_the_predicted_edge_costs_fewest_probes(check):
+    """The cheapest edges from a start: 2 probes at the start and one below it (no check), 3
+    at the start and the two below it (check). The start is chosen so that the prediction lies
+    in the middle of them, half-steps rounding up."""
+    n = 33
+    cheapest = 3 if check else 2
+    for predicted in (6.0, 6.25, 6.5, 6.75, 7.0):
+        start = start_index(predicted, check, n)
+        costs = {edge: probes_from(start, edge, n, check) for edge in range(1, 14)}
+        assert min(costs.values()) == cheapest
+        low = [edge for edge, cost in costs.items() if cost == cheapest]
+        assert low == list(range(start - len(low) + 1, start + 1))
+        assert abs((low[0] + low[-1]) / 2 - predicted) <= 0.5
+        assert (low[0] + low[-1]) / 2 >= predicted - 0.25 or predicted % 1 == 0.75
+    assert start_index(-3.0, check, n) == 0 and start_index(40.0, check, n) == n - 1
+
+
+@pytest.mark.parametrize("edge, most", [(measured_edge, 3.2), (seed_ordered_edge, 3.34),
+                                        (smooth_edge, 2.67)])
 @pytest.mark.slow
 def test_warm_starts_find_the_cold_edges_in_fewer_probes_on_a_frontier_batch_grid(
         tmp_path, capsys, edge, most):
