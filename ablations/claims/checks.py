@@ -43,6 +43,7 @@ from ablations.claims.stats import (
     monotone_choice_exists,
     n_test_images,
 )
+from sigprop.fields import check_value, one_of
 
 
 def at_best(claim: Compare | Interaction, runs: pd.DataFrame, selection: Mapping[str, list],
@@ -339,10 +340,9 @@ class Trend(Claim):
         self.choose = run_key(table, "choose", where, "batch_size")
         if self.over == self.choose:
             raise ClaimError(f"{where}: over and choose must be different keys")
-        self.direction = table.get("direction", "non-increasing")
-        if self.direction not in DIRECTIONS:
-            raise ClaimError(f"{where}.direction must be one of {', '.join(DIRECTIONS)}; "
-                             f"got {self.direction!r}")
+        self.direction = check_value(f"{where}.direction",
+                                     table.get("direction", "non-increasing"),
+                                     one_of(DIRECTIONS), error=ClaimError)
 
     def check_runs(self, frame: pd.DataFrame) -> None:
         chosen = select(frame, self.selections["select"])
