@@ -71,6 +71,9 @@ SPEC_KEYS = {
     "name", "description", "intended_for", "base", "fixed", "grid", "tie", "when", "data_profiles",
     "claims", "untested_claims", "frontier", "departures",
 }
+FOLDER_NAME = fields.Rule(
+    lambda v: isinstance(v, str) and bool(v) and "/" not in v and not v.startswith("."),
+    "a plain non-empty string (used as a folder)")
 SAYS_WHY = fields.Rule(fields.NON_EMPTY.ok, "", template="{name} must say, in words, what was "
                       "measured")
 # Execution choices that do not change what a run computes, so not part of its id.
@@ -138,13 +141,12 @@ def spec_from_dict(raw: dict, default_name: str = "grid") -> GridSpec:
     for section in ("base", "fixed", "grid", "tie", "when", "data_profiles", "frontier"):
         fields.check_table(raw.get(section, {}), f"[{section}]", SpecError)
     name = raw.get("name", default_name)
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise SpecError(f"name must be a plain non-empty string (used as a folder), got {name!r}")
+    fields.check_value("name", name, FOLDER_NAME, error=SpecError)
     check_name(name)
     grid = {}
     for key, values in flatten(raw.get("grid", {})).items():
-        if not isinstance(values, list):
-            raise SpecError(f"grid.{key} must be a list of values, got {values!r}")
+        fields.check_value(f"grid.{key}", values, fields.is_list("a list of values"),
+                           error=SpecError)
         if not values:
             raise SpecError(f"grid.{key} is an empty axis; give at least one value")
         grid[key] = values
@@ -170,8 +172,7 @@ def spec_from_dict(raw: dict, default_name: str = "grid") -> GridSpec:
 def parse_departures(table: Any) -> dict:
     """``[departures]``: each a table ``{paper = <the paper's value>, why = "<the measurement
     behind the change>"}``, keyed by the setting (``ablations.recipe``)."""
-    if not isinstance(table, dict):
-        raise SpecError("[departures] must be a table of settings")
+    fields.check_table(table, "[departures]", SpecError, says="a table of settings")
     out = {}
     for key, entry in table.items():
         if not isinstance(entry, dict) or "why" not in entry or "paper" not in entry:
@@ -205,8 +206,8 @@ def parse_when(table: dict, grid: dict) -> dict[str, dict[str, list]]:
                      if flat_key.startswith(f"{a}.")), None)
         if axis is None:
             raise SpecError(f"when.{flat_key}: the condition must start with a [grid] axis")
-        if not isinstance(allowed, list):
-            raise SpecError(f"when.{flat_key} must be a list of allowed values")
+        fields.check_value(f"when.{flat_key}", allowed, fields.is_list("a list of allowed values"),
+                           error=SpecError)
         out.setdefault(axis, {})[flat_key[len(axis) + 1:]] = allowed
     return out
 

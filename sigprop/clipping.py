@@ -53,7 +53,15 @@ from torch import nn
 
 from sigprop.constants import THRESHOLD_MODES
 from sigprop.errors import UserError
-from sigprop.fields import POSITIVE, check_keys, checked, one_of, validate
+from sigprop.fields import (
+    POSITIVE,
+    check_keys,
+    check_table,
+    check_value,
+    checked,
+    one_of,
+    validate,
+)
 
 CLIP_MODES = ("agc", "norm", "none")
 AGC_EPS = 1e-3
@@ -294,8 +302,7 @@ def adaptive_clip_grad_(
         :class:`ClipStats` (device tensors, no host sync); ``grad_norm`` covers these
         parameters only.
     """
-    if not clip > 0:
-        raise UserError(f"AGC threshold (clip) must be > 0, got {clip!r}")
+    check_value("AGC threshold (clip)", clip, POSITIVE)
     names, params = _split_named(parameters)
     by_device: dict[torch.device, list[int]] = {}
     for k, p in enumerate(params):
@@ -333,8 +340,7 @@ def clip_grad_norm_(parameters: ParamsArg, max_norm: float) -> ClipStats:
     Same arithmetic as ``torch.nn.utils.clip_grad_norm_`` (2-norm), returning
     :class:`ClipStats` instead of the bare norm.
     """
-    if not max_norm > 0:
-        raise UserError(f"norm clipping threshold must be > 0, got {max_norm!r}")
+    check_value("norm clipping threshold", max_norm, POSITIVE)
     names, params = _split_named(parameters)
     if not params:
         zero = torch.zeros(())
@@ -424,15 +430,13 @@ class ClipConfig:
             return None
         if self.threshold is None:
             return f"clip.threshold is required for clip.mode {self.mode!r}: a number > 0"
-        if not self.threshold > 0:
-            return f"clip.threshold must be > 0, got {self.threshold!r}"
-        return None
+        return None if POSITIVE.ok(self.threshold) else POSITIVE.message("clip.threshold",
+                                                                         self.threshold)
 
     @classmethod
     def from_dict(cls, d: dict) -> ClipConfig:
         """From a plain dict; unknown keys raise :class:`UserError` listing the valid ones."""
-        if not isinstance(d, dict):
-            raise UserError(f"clip must be a table of {', '.join(_CLIP_FIELDS)}, got {d!r}")
+        check_table(d, "clip", says=f"a table of {', '.join(_CLIP_FIELDS)}")
         check_keys(d, _CLIP_FIELDS, prefix="clip.")
         return cls(**d)
 

@@ -88,6 +88,11 @@ NON_EMPTY = Rule(lambda v: isinstance(v, str) and bool(v.strip()), "a non-empty 
 FRACTION = in_range(0, 1, high_open=True)  # [0, 1)
 
 
+def is_list(says: str) -> Rule:
+    """The value is a list (a TOML array); ``says`` what of."""
+    return Rule(lambda v: isinstance(v, list), says)
+
+
 def checked(default: Any = dataclasses.MISSING, *rules: Rule, says: str | None = None,
             default_factory: Any = dataclasses.MISSING) -> Any:
     """A dataclass field with ``rules`` (and ``says``: what a value of the wrong type is told

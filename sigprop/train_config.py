@@ -25,6 +25,7 @@ from sigprop.fields import (
     POSITIVE,
     Rule,
     check_keys,
+    check_table,
     checked,
     one_of,
     validate,
@@ -136,8 +137,7 @@ class TrainConfig:
         """Build from a dict: nested (``{"model": {"alpha": 0.5}}``) or dotted
         (``{"model.alpha": 0.5, "clip.mode": "agc"}``) keys, or both. Unknown keys, wrong types
         and invalid values raise :class:`UserError` naming the field."""
-        if not isinstance(d, Mapping):
-            raise UserError(f"a training config must be a table of keys, got {d!r}")
+        check_table(d, "a training config", says="a table of keys")
         valid = cls.field_names()
         nested: dict = {}
         dotted: dict[str, dict] = {"model": {}, "clip": {}}
@@ -156,13 +156,9 @@ class TrainConfig:
             base = nested.get(head, {})
             if isinstance(base, ClipConfig):
                 base = base.to_dict()
-            if not isinstance(base, Mapping):
-                raise UserError(f"{head} must be a table, got {base!r}")
-            nested[head] = {**base, **extra}
+            nested[head] = {**check_table(base, head), **extra}
         if "model" in nested:
-            model = nested["model"]
-            if not isinstance(model, Mapping):
-                raise UserError(f"model must be a table with a 'name' key, got {model!r}")
+            model = check_table(nested["model"], "model", says="a table with a 'name' key")
             nested["model"] = dict(model) if "name" in model else {**DEFAULT_MODEL, **model}
         if "clip" in nested and isinstance(nested["clip"], Mapping):
             nested["clip"] = ClipConfig.from_dict(dict(nested["clip"]))
