@@ -2,7 +2,9 @@
 
 A config is checked whole when it is built (``__post_init__``) and again by
 :func:`sigprop.train.train`: unknown keys, wrong types and invalid values raise
-:class:`~sigprop.errors.UserError` naming the field, before any data is loaded. ``to_dict`` is
+:class:`~sigprop.errors.UserError` naming the field, before any data is loaded. The checks go
+through :mod:`sigprop.fields`: each field declares its rules (``checked(default, POSITIVE)``), and
+:meth:`TrainConfig.check_together` holds the few that span fields. ``to_dict`` is
 the canonical JSON form the grid runner hashes into run ids, so a field added later is left
 out of it while unset or at its default (:data:`UNSET_OMITTED_FIELDS`,
 :data:`DEFAULT_OMITTED_FIELDS`) and the ids of earlier runs stay the same.

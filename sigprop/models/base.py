@@ -1,5 +1,7 @@
 """What every sigprop residual network shares: the ResNet stage tables, the stage builder with
-the normalizer-free variance bookkeeping, named probe points and the block listing.
+the normalizer-free variance bookkeeping, named probe points, the block listing, and the rules
+of the config fields the families share (declared on each config's fields, checked by
+:func:`sigprop.fields.validate`).
 
 The bookkeeping is that of Brock, De, Smith, "Characterizing signal propagation to close the
 performance gap in unnormalized ResNets" (ICLR 2021, arXiv 2101.08692), used unchanged by
