@@ -10,15 +10,32 @@ grids): defining the schema there would make the spec import upwards.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
 from ablations.errors import SpecError
-from sigprop.errors import did_you_mean
+from sigprop.fields import (
+    REQUIRED,
+    Rule,
+    at_most,
+    check_keys,
+    checked,
+    one_of,
+    positive,
+    required_fields,
+    validate,
+)
 
 # The stability criterion's metric: a per-step column of metrics.parquet (the training loss).
 CRITERION_METRICS = ("loss",)
+# How `frontier` finds each cell's edge: FrontierSettings.method
+FRONTIER_METHODS = ("bisect", "range-test")
+POSITIVE_NUMBER = positive("a positive number")
+POSITIVE_INTEGER = positive("a positive integer")
+METRIC_TEMPLATE = ("{name}: unknown metric {value!r} for the stability criterion; "
+                   "known: {choices}")
+MAX_RATIO_TEMPLATE = ("{name} is the final loss over the initial one that still counts as "
+                      "training, at most 1; got {value!r}")
 
 
 @dataclass(frozen=True)
@@ -49,20 +66,28 @@ class FrontierSettings:
     criterion, ``warm_start`` and ``check_monotone`` are the search's and unused by it).
     """
 
-    lr_min: float
-    lr_max: float
-    resolution: float = 2 ** 0.25
-    steps: int | None = None
-    metric: str = "loss"
-    max_ratio: float = 0.8
-    window: int | None = None
-    warm_start: bool = True
-    check_monotone: bool = True
-    method: str = "bisect"
+    lr_min: float = checked(REQUIRED, POSITIVE_NUMBER, says="a positive number")
+    lr_max: float = checked(REQUIRED, POSITIVE_NUMBER, says="a positive number")
+    resolution: float = checked(2 ** 0.25, Rule(lambda v: v > 1,
+                                                "a ratio above 1 (e.g. 1.19 = 2**0.25)"))
+    steps: int | None = checked(None, POSITIVE_INTEGER, says="a positive integer")
+    metric: str = checked("loss", one_of(CRITERION_METRICS, template=METRIC_TEMPLATE))
+    max_ratio: float = checked(0.8, POSITIVE_NUMBER, at_most(1, template=MAX_RATIO_TEMPLATE),
+                               says="a positive number")
+    window: int | None = checked(None, POSITIVE_INTEGER, says="a positive integer")
+    warm_start: bool = checked(True, says="true or false")
+    check_monotone: bool = checked(True, says="true or false")
+    method: str = checked("bisect", one_of(FRONTIER_METHODS))
+
+    def __post_init__(self) -> None:
+        validate(self, prefix="frontier.", error=SpecError)
+
+    def check_together(self) -> str | None:
+        if self.lr_min >= self.lr_max:
+            return f"frontier: lr_min ({self.lr_min:g}) must be below lr_max ({self.lr_max:g})"
+        return None
 
 
-# How `frontier` finds each cell's edge: FrontierSettings.method
-FRONTIER_METHODS = ("bisect", "range-test")
 FRONTIER_KEYS = {f.name for f in dataclasses.fields(FrontierSettings)}
 
 
@@ -72,50 +97,10 @@ def parse_frontier(raw: Any, grid: str) -> FrontierSettings:
     if not isinstance(raw, dict) or not raw:
         raise SpecError(f"spec {grid} has no [frontier] section (lr_min, lr_max, ...); "
                         f"`frontier` needs one")
-    unknown = sorted(set(raw) - FRONTIER_KEYS)
-    if unknown:
-        raise SpecError(f"frontier: unknown key(s) {', '.join(unknown)}; allowed: "
-                        f"{', '.join(sorted(FRONTIER_KEYS))}")
-
-    def number(name: str, default: Any = None, integer: bool = False) -> Any:
-        value = raw.get(name, default)
-        if value is None:
-            return None
-        kind = int if integer else int | float
-        if isinstance(value, bool) or not isinstance(value, kind) \
-                or not math.isfinite(value) or value <= 0:
-            what = "a positive integer" if integer else "a positive number"
-            raise SpecError(f"frontier.{name} must be {what}, got {value!r}")
-        return value
-
-    for name in ("lr_min", "lr_max"):
+    check_keys(raw, sorted(FRONTIER_KEYS), where="frontier: ", error=SpecError,
+               valid_label="allowed")
+    for name in required_fields(FrontierSettings):
         if name not in raw:
             raise SpecError(f"frontier.{name} is required (the learning rates searched lie "
                             f"between lr_min and lr_max)")
-    lr_min, lr_max = float(number("lr_min")), float(number("lr_max"))
-    if lr_min >= lr_max:
-        raise SpecError(f"frontier: lr_min ({lr_min:g}) must be below lr_max ({lr_max:g})")
-    resolution = number("resolution", 2 ** 0.25)
-    if resolution <= 1:
-        raise SpecError(f"frontier.resolution must be a ratio above 1 (e.g. 1.19 = 2**0.25), "
-                        f"got {resolution!r}")
-    steps, window = number("steps", integer=True), number("window", integer=True)
-    metric = raw.get("metric", "loss")
-    if metric not in CRITERION_METRICS:
-        raise SpecError(f"frontier.metric: unknown metric {metric!r} for the stability "
-                        f"criterion; known: {', '.join(CRITERION_METRICS)}")
-    max_ratio = number("max_ratio", 0.8)
-    if max_ratio > 1:
-        raise SpecError(f"frontier.max_ratio is the final loss over the initial one that still "
-                        f"counts as training, at most 1; got {max_ratio!r}")
-    flags = {}
-    for name in ("warm_start", "check_monotone"):
-        flags[name] = raw.get(name, True)
-        if not isinstance(flags[name], bool):
-            raise SpecError(f"frontier.{name} must be true or false, got {flags[name]!r}")
-    method = raw.get("method", "bisect")
-    if method not in FRONTIER_METHODS:
-        raise SpecError(f"frontier.method must be one of {', '.join(FRONTIER_METHODS)}, got "
-                        f"{method!r}{did_you_mean(method, FRONTIER_METHODS)}")
-    return FrontierSettings(lr_min, lr_max, float(resolution), steps, metric,
-                            float(max_ratio), window, **flags, method=method)
+    return FrontierSettings(**raw)

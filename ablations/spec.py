@@ -63,13 +63,19 @@ from ablations.frontier_schema import parse_frontier
 from ablations.keys import effective_settings, flatten, get_dotted, set_dotted
 from ablations.overrides import parse_override
 from ablations.recipe import DEPARTURE_FIELDS
+from sigprop import fields
 from sigprop.constants import THRESHOLD_MODES
-from sigprop.errors import UserError, did_you_mean
+from sigprop.errors import UserError
 
 SPEC_KEYS = {
     "name", "description", "intended_for", "base", "fixed", "grid", "tie", "when", "data_profiles",
     "claims", "untested_claims", "frontier", "departures",
 }
+FOLDER_NAME = fields.Rule(
+    lambda v: isinstance(v, str) and bool(v) and "/" not in v and not v.startswith("."),
+    "a plain non-empty string (used as a folder)")
+SAYS_WHY = fields.Rule(fields.NON_EMPTY.ok, "", template="{name} must say, in words, what was "
+                      "measured")
 # Execution choices that do not change what a run computes, so not part of its id.
 EXECUTION_KEYS = ("device",)
 
@@ -130,23 +136,17 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> GridSpec:
 
 
 def spec_from_dict(raw: dict, default_name: str = "grid") -> GridSpec:
-    unknown = sorted(set(raw) - SPEC_KEYS)
-    if unknown:
-        raise SpecError(
-            f"unknown spec section(s) {', '.join(unknown)}{did_you_mean(unknown[0], SPEC_KEYS)}; "
-            f"allowed: {', '.join(sorted(SPEC_KEYS))}"
-        )
+    fields.check_keys(raw, sorted(SPEC_KEYS), error=SpecError,
+                      lead="unknown spec section(s)", valid_label="allowed")
     for section in ("base", "fixed", "grid", "tie", "when", "data_profiles", "frontier"):
-        if not isinstance(raw.get(section, {}), dict):
-            raise SpecError(f"[{section}] must be a table")
+        fields.check_table(raw.get(section, {}), f"[{section}]", SpecError)
     name = raw.get("name", default_name)
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise SpecError(f"name must be a plain non-empty string (used as a folder), got {name!r}")
+    fields.check_value("name", name, FOLDER_NAME, error=SpecError)
     check_name(name)
     grid = {}
     for key, values in flatten(raw.get("grid", {})).items():
-        if not isinstance(values, list):
-            raise SpecError(f"grid.{key} must be a list of values, got {values!r}")
+        fields.check_value(f"grid.{key}", values, fields.is_list("a list of values"),
+                           error=SpecError)
         if not values:
             raise SpecError(f"grid.{key} is an empty axis; give at least one value")
         grid[key] = values
@@ -172,19 +172,15 @@ def spec_from_dict(raw: dict, default_name: str = "grid") -> GridSpec:
 def parse_departures(table: Any) -> dict:
     """``[departures]``: each a table ``{paper = <the paper's value>, why = "<the measurement
     behind the change>"}``, keyed by the setting (``ablations.recipe``)."""
-    if not isinstance(table, dict):
-        raise SpecError("[departures] must be a table of settings")
+    fields.check_table(table, "[departures]", SpecError, says="a table of settings")
     out = {}
     for key, entry in table.items():
         if not isinstance(entry, dict) or "why" not in entry or "paper" not in entry:
             raise SpecError(f"departures.{key} must be a table with paper (the paper's value) "
                             "and why (the measurement behind the departure)")
-        unknown = sorted(set(entry) - set(DEPARTURE_FIELDS))
-        if unknown:
-            raise SpecError(f"departures.{key}: unknown field(s) {', '.join(unknown)}; "
-                            f"allowed: {', '.join(DEPARTURE_FIELDS)}")
-        if not isinstance(entry["why"], str) or not entry["why"].strip():
-            raise SpecError(f"departures.{key}.why must say, in words, what was measured")
+        fields.check_keys(entry, DEPARTURE_FIELDS, where=f"departures.{key}: ",
+                          error=SpecError, lead="unknown field(s)", valid_label="allowed")
+        fields.check_value(f"departures.{key}.why", entry["why"], SAYS_WHY, error=SpecError)
         out[key] = {"paper": entry["paper"], "why": " ".join(entry["why"].split())}
     return out
 
@@ -210,8 +206,8 @@ def parse_when(table: dict, grid: dict) -> dict[str, dict[str, list]]:
                      if flat_key.startswith(f"{a}.")), None)
         if axis is None:
             raise SpecError(f"when.{flat_key}: the condition must start with a [grid] axis")
-        if not isinstance(allowed, list):
-            raise SpecError(f"when.{flat_key} must be a list of allowed values")
+        fields.check_value(f"when.{flat_key}", allowed, fields.is_list("a list of allowed values"),
+                           error=SpecError)
         out.setdefault(axis, {})[flat_key[len(axis) + 1:]] = allowed
     return out
 
@@ -433,22 +429,16 @@ def check_keys(spec: GridSpec) -> None:
     keys += [("grid", k) for k in spec.grid]
     for section, key in keys:
         head, _, rest = key.partition(".")
-        if head not in top:
-            raise SpecError(
-                f"{section}.{key}: unknown key {head!r}{did_you_mean(head, top)}; valid keys: "
-                f"{', '.join(sorted(top))}"
-            )
-        if head == "model" and rest and rest not in model_keys:
-            raise SpecError(
-                f"{section}.{key}: no model has the option {rest!r}"
-                f"{did_you_mean(rest, model_keys)}; valid model options: "
-                f"{', '.join(sorted(model_keys))}"
-            )
-        if head == "clip" and rest and rest not in clip_keys:
-            raise SpecError(
-                f"{section}.{key}: unknown clip option {rest!r}{did_you_mean(rest, clip_keys)}; "
-                f"valid: {', '.join(sorted(clip_keys))}"
-            )
+        where = f"{section}.{key}: "
+        fields.check_keys([head], sorted(top), where, SpecError, first=True,
+                          valid_label="valid keys")
+        if head == "model" and rest:
+            fields.check_keys([rest], sorted(model_keys), where, SpecError, first=True,
+                              lead="no model has the option",
+                              valid_label="valid model options")
+        if head == "clip" and rest:
+            fields.check_keys([rest], sorted(clip_keys), where, SpecError, first=True,
+                              lead="unknown clip option")
 
 
 def run_id(config: dict) -> str:

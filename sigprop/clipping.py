@@ -42,7 +42,6 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import importlib.util
-import math
 import os
 import warnings
 from collections.abc import Iterable, Sequence
@@ -54,6 +53,15 @@ from torch import nn
 
 from sigprop.constants import THRESHOLD_MODES
 from sigprop.errors import UserError
+from sigprop.fields import (
+    POSITIVE,
+    check_keys,
+    check_table,
+    check_value,
+    checked,
+    one_of,
+    validate,
+)
 
 CLIP_MODES = ("agc", "norm", "none")
 AGC_EPS = 1e-3
@@ -294,8 +302,7 @@ def adaptive_clip_grad_(
         :class:`ClipStats` (device tensors, no host sync); ``grad_norm`` covers these
         parameters only.
     """
-    if not clip > 0:
-        raise UserError(f"AGC threshold (clip) must be > 0, got {clip!r}")
+    check_value("AGC threshold (clip)", clip, POSITIVE)
     names, params = _split_named(parameters)
     by_device: dict[torch.device, list[int]] = {}
     for k, p in enumerate(params):
@@ -333,8 +340,7 @@ def clip_grad_norm_(parameters: ParamsArg, max_norm: float) -> ClipStats:
     Same arithmetic as ``torch.nn.utils.clip_grad_norm_`` (2-norm), returning
     :class:`ClipStats` instead of the bare norm.
     """
-    if not max_norm > 0:
-        raise UserError(f"norm clipping threshold must be > 0, got {max_norm!r}")
+    check_value("norm clipping threshold", max_norm, POSITIVE)
     names, params = _split_named(parameters)
     if not params:
         zero = torch.zeros(())
@@ -394,15 +400,6 @@ def agc_parameters(
     ]
 
 
-def _require_number(value, what: str, allow_none: bool = False) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise UserError(f"clip.{what} must be a number, got {value!r}")
-    if not math.isfinite(value):  # inf would never clip, nan would clip everything to nan
-        raise UserError(f"clip.{what} must be a finite number, got {value!r}")
-
-
 @dataclass(frozen=True)
 class ClipConfig:
     """How to clip gradients: ``mode`` "agc" (threshold = lambda), "norm" (threshold = max
@@ -410,56 +407,37 @@ class ClipConfig:
 
     ``exclude`` holds extra glob patterns of parameter names AGC leaves alone;
     ``clip_classifier`` makes AGC clip the final classifier weight too (off, as paper B).
+    Checked when built (:func:`sigprop.fields.validate`); a float must be finite: inf would
+    never clip, nan would clip everything to nan.
     """
 
     type_description = "a table of clip settings (mode, threshold, ...)"  # not a field
 
-    mode: str = "none"
+    mode: str = checked("none", one_of(CLIP_MODES))
     threshold: float | None = None
-    eps: float = AGC_EPS
-    exclude: tuple[str, ...] | None = None
+    eps: float = checked(AGC_EPS, POSITIVE)
+    exclude: tuple[str, ...] | None = checked(None, says="a list of glob patterns")
     clip_classifier: bool = False
 
     def __post_init__(self) -> None:
-        if self.mode not in CLIP_MODES:
-            raise UserError(
-                f"clip.mode must be one of {', '.join(CLIP_MODES)}; got {self.mode!r}"
-            )
-        _require_number(self.threshold, "threshold", allow_none=True)
-        if self.mode in THRESHOLD_MODES:
-            if self.threshold is None:
-                raise UserError(
-                    f"clip.threshold is required for clip.mode {self.mode!r}: a number > 0"
-                )
-            if not self.threshold > 0:
-                raise UserError(f"clip.threshold must be > 0, got {self.threshold!r}")
-        _require_number(self.eps, "eps")
-        if not self.eps > 0:
-            raise UserError(f"clip.eps must be > 0, got {self.eps!r}")
-        if self.exclude is not None:
-            patterns = (self.exclude,) if isinstance(self.exclude, str) else self.exclude
-            if not isinstance(patterns, list | tuple) or not all(
-                isinstance(p, str) for p in patterns
-            ):
-                raise UserError(
-                    f"clip.exclude must be a list of glob patterns, got {self.exclude!r}"
-                )
-            object.__setattr__(self, "exclude", tuple(patterns))
-        if not isinstance(self.clip_classifier, bool):
-            raise UserError(f"clip.clip_classifier must be true or false, got "
-                            f"{self.clip_classifier!r}")
+        if isinstance(self.exclude, str):
+            object.__setattr__(self, "exclude", (self.exclude,))
+        validate(self, prefix="clip.")
+
+    def check_together(self) -> str | None:
+        """The threshold is required, and > 0, only for the modes that use it."""
+        if self.mode not in THRESHOLD_MODES:
+            return None
+        if self.threshold is None:
+            return f"clip.threshold is required for clip.mode {self.mode!r}: a number > 0"
+        return None if POSITIVE.ok(self.threshold) else POSITIVE.message("clip.threshold",
+                                                                         self.threshold)
 
     @classmethod
     def from_dict(cls, d: dict) -> ClipConfig:
         """From a plain dict; unknown keys raise :class:`UserError` listing the valid ones."""
-        if not isinstance(d, dict):
-            raise UserError(f"clip must be a table of {', '.join(_CLIP_FIELDS)}, got {d!r}")
-        unknown = sorted(set(d) - set(_CLIP_FIELDS))
-        if unknown:
-            raise UserError(
-                f"unknown key(s) clip.{', clip.'.join(unknown)}; valid: "
-                f"{', '.join('clip.' + f for f in _CLIP_FIELDS)}"
-            )
+        check_table(d, "clip", says=f"a table of {', '.join(_CLIP_FIELDS)}")
+        check_keys(d, _CLIP_FIELDS, prefix="clip.")
         return cls(**d)
 
     def to_dict(self) -> dict:

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sigprop.errors import UserError, did_you_mean
-from sigprop.fields import check_seeds
+from sigprop.fields import check_keys, check_seeds
 from sigprop.files import writable_dir_error
 from sigprop.layers import StochasticDepth
 from sigprop.models import create_model, model_options, resolve_config
@@ -127,18 +127,12 @@ def check_overrides(names: Sequence[str], overrides: dict | None) -> None:
     known: set[str] = set()
     for name in names:
         known.update(model_options(name))
-    unknown = sorted(set(overrides or {}) - known)
-    if unknown:
-        raise UserError(
-            f"unknown option(s) {', '.join(unknown)} for model(s) {', '.join(names)}; valid "
-            f"options: {', '.join(sorted(known))}"
-        )
+    check_keys(overrides or {}, sorted(known), lead="unknown option(s)",
+               after=f" for model(s) {', '.join(names)}", valid_label="valid options")
 
 
 def check_input(kind: str) -> str:
-    if kind not in INPUTS:
-        raise UserError(f"unknown input {kind!r}{did_you_mean(kind, INPUTS)}; valid inputs: "
-                        f"{', '.join(INPUTS)}")
+    check_keys([kind], INPUTS, lead="unknown input", first=True, valid_label="valid inputs")
     return kind
 
 
@@ -552,12 +546,8 @@ def write_spp(
         raise UserError(f"model(s) listed twice: {', '.join(repeated)}")
     for name, own in entries:
         options = model_options(name)  # unknown names fail before any work
-        unknown = sorted(set(own) - set(options))
-        if unknown:
-            raise UserError(
-                f"unknown option(s) {', '.join(unknown)} for model {name!r}; valid options: "
-                f"{', '.join(options)}"
-            )
+        check_keys(own, options, lead="unknown option(s)", after=f" for model {name!r}",
+                   valid_label="valid options")
     check_overrides([name for name, _ in entries], overrides)
     shape = check_input_shape(input_shape)
     seed_list = check_seeds(seeds)

@@ -2,7 +2,9 @@
 
 A config is checked whole when it is built (``__post_init__``) and again by
 :func:`sigprop.train.train`: unknown keys, wrong types and invalid values raise
-:class:`~sigprop.errors.UserError` naming the field, before any data is loaded. ``to_dict`` is
+:class:`~sigprop.errors.UserError` naming the field, before any data is loaded. The checks go
+through :mod:`sigprop.fields`: each field declares its rules (``checked(default, POSITIVE)``), and
+:meth:`TrainConfig.check_together` holds the few that span fields. ``to_dict`` is
 the canonical JSON form the grid runner hashes into run ids, so a field added later is left
 out of it while unset or at its default (:data:`UNSET_OMITTED_FIELDS`,
 :data:`DEFAULT_OMITTED_FIELDS`) and the ids of earlier runs stay the same.
@@ -13,14 +15,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sigprop.clipping import ClipConfig
-from sigprop.data import check_augment, dataset_info, dataset_names, default_augment
-from sigprop.errors import UserError, did_you_mean
-from sigprop.fields import check_field
+from sigprop.data import AUGMENTATIONS, dataset_info, dataset_names, default_augment
+from sigprop.errors import UserError
+from sigprop.fields import (
+    FRACTION,
+    NON_NEGATIVE,
+    POSITIVE,
+    Rule,
+    check_keys,
+    check_table,
+    checked,
+    one_of,
+    validate,
+)
 from sigprop.schedule import SCHEDULES
 
 DEFAULT_MODEL: dict = {"name": "nf_resnet26", "stem": "cifar", "width_mult": 0.25}
@@ -30,6 +41,12 @@ SEED_MAX = 2**63 - 1
 # train_size asks, by default 10000): a batch larger than that is refused before any run.
 TRAIN_SAMPLES = {"digits": 1500, "cifar10": 50_000, "cifar100": 50_000}
 SYNTHETIC_TRAIN_SAMPLES = 10_000
+# here, not as failed runs: torch.manual_seed overflows above 2**64-1 and numpy's SeedSequence
+# (the synthetic data) refuses negative seeds; one range for both
+SEED_RANGE = Rule(lambda v: 0 <= v <= SEED_MAX, "in 0 .. 2**63-1")
+DEVICE = Rule(lambda v: v in ("auto", "cpu", "cuda") or v.startswith("cuda:"),
+              "auto, cpu, cuda or cuda:N")
+DATA_TEMPLATE = "{name}: unknown data set {value!r}; valid: {choices}"
 # Left out of ``to_dict`` while unset, so the configs (and run ids) written before they existed
 # stay the same.
 UNSET_OMITTED_FIELDS = ("micro_batch", "lr_start")
@@ -73,40 +90,40 @@ class TrainConfig:
     """
 
     model: dict = field(default_factory=lambda: dict(DEFAULT_MODEL))
-    data: str = "synthetic"
+    data: str = checked("synthetic", one_of(dataset_names, DATA_TEMPLATE))
     data_dir: str | None = None
-    data_seed: int = 0
-    train_size: int | None = None
-    test_size: int | None = None
-    image_size: int = 32
-    augment: str | None = None
-    batch_size: int = 128
-    epochs: float | None = None
-    steps: int | None = None
-    base_lr: float = 0.1
-    lr: float | None = None
-    warmup_fraction: float = 0.05
-    momentum: float = 0.9
+    data_seed: int = checked(0, SEED_RANGE)
+    train_size: int | None = checked(None, POSITIVE)
+    test_size: int | None = checked(None, POSITIVE)
+    image_size: int = checked(32, POSITIVE)
+    augment: str | None = checked(None, one_of(AUGMENTATIONS))
+    batch_size: int = checked(128, POSITIVE)
+    epochs: float | None = checked(None, POSITIVE)
+    steps: int | None = checked(None, POSITIVE)
+    base_lr: float = checked(0.1, POSITIVE)
+    lr: float | None = checked(None, POSITIVE)
+    warmup_fraction: float = checked(0.05, FRACTION)
+    momentum: float = checked(0.9, FRACTION)
     nesterov: bool = True
-    weight_decay: float = 2e-5
-    label_smoothing: float = 0.1
-    ema_decay: float | None = None
+    weight_decay: float = checked(2e-5, NON_NEGATIVE)
+    label_smoothing: float = checked(0.1, FRACTION)
+    ema_decay: float | None = checked(None, FRACTION)
     clip: ClipConfig = field(default_factory=ClipConfig)
-    seed: int = 0
-    device: str = "auto"
+    seed: int = checked(0, SEED_RANGE)
+    device: str = checked("auto", DEVICE)
     compile: bool = False
     amp: bool | None = None
-    amp_dtype: str = "bfloat16"
+    amp_dtype: str = checked("bfloat16", one_of(("bfloat16", "float16")))
     channels_last: bool | None = None
-    eval_every: int | None = None
-    eval_batch_size: int = 1000
-    probe_every: int = 0
-    diverge_loss: float = 100.0
-    checkpoint_every: int = 0
+    eval_every: int | None = checked(None, NON_NEGATIVE)
+    eval_batch_size: int = checked(1000, POSITIVE)
+    probe_every: int = checked(0, NON_NEGATIVE)
+    diverge_loss: float = checked(100.0, POSITIVE)
+    checkpoint_every: int = checked(0, NON_NEGATIVE)
     micro_batch: int | None = None
-    record_early: int = DEFAULT_OMITTED_FIELDS["record_early"]
-    record_ring: int = DEFAULT_OMITTED_FIELDS["record_ring"]
-    schedule: str = DEFAULT_OMITTED_FIELDS["schedule"]
+    record_early: int = checked(DEFAULT_OMITTED_FIELDS["record_early"], NON_NEGATIVE)
+    record_ring: int = checked(DEFAULT_OMITTED_FIELDS["record_ring"], NON_NEGATIVE)
+    schedule: str = checked(DEFAULT_OMITTED_FIELDS["schedule"], one_of(SCHEDULES))
     lr_start: float | None = None
 
     def __post_init__(self) -> None:
@@ -122,8 +139,7 @@ class TrainConfig:
         """Build from a dict: nested (``{"model": {"alpha": 0.5}}``) or dotted
         (``{"model.alpha": 0.5, "clip.mode": "agc"}``) keys, or both. Unknown keys, wrong types
         and invalid values raise :class:`UserError` naming the field."""
-        if not isinstance(d, Mapping):
-            raise UserError(f"a training config must be a table of keys, got {d!r}")
+        check_table(d, "a training config", says="a table of keys")
         valid = cls.field_names()
         nested: dict = {}
         dotted: dict[str, dict] = {"model": {}, "clip": {}}
@@ -133,23 +149,18 @@ class TrainConfig:
             head, dot, rest = key.partition(".")
             if dot and head in dotted and rest:
                 dotted[head][rest] = value
-            elif key in valid:
-                nested[key] = value
             else:
-                raise UserError(f"unknown key {key!r}; valid keys: {', '.join(valid)}")
+                check_keys([key], valid, valid_label="valid keys", suggest=False, first=True)
+                nested[key] = value
         for head, extra in dotted.items():
             if not extra:
                 continue
             base = nested.get(head, {})
             if isinstance(base, ClipConfig):
                 base = base.to_dict()
-            if not isinstance(base, Mapping):
-                raise UserError(f"{head} must be a table, got {base!r}")
-            nested[head] = {**base, **extra}
+            nested[head] = {**check_table(base, head), **extra}
         if "model" in nested:
-            model = nested["model"]
-            if not isinstance(model, Mapping):
-                raise UserError(f"model must be a table with a 'name' key, got {model!r}")
+            model = check_table(nested["model"], "model", says="a table with a 'name' key")
             nested["model"] = dict(model) if "name" in model else {**DEFAULT_MODEL, **model}
         if "clip" in nested and isinstance(nested["clip"], Mapping):
             nested["clip"] = ClipConfig.from_dict(dict(nested["clip"]))
@@ -173,120 +184,76 @@ class TrainConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Check every field; raises :class:`UserError` naming the first bad one."""
-        hints = typing.get_type_hints(type(self))
+        """Check every field (:func:`sigprop.fields.validate`: types, the rules declared on
+        the fields, then :meth:`check_together`); raises :class:`UserError` naming the first
+        bad one."""
         if isinstance(self.clip, Mapping):
             self.clip = ClipConfig.from_dict(dict(self.clip))
         if isinstance(self.data_dir, os.PathLike):
             self.data_dir = os.fspath(self.data_dir)
         if isinstance(self.augment, bool):  # earlier configs: true meant "augment as usual"
             self.augment = None if self.augment else "none"
-        for name in self.field_names():
-            setattr(self, name, check_field(name, getattr(self, name), hints[name]))
-        self._check_values()
-        self._check_micro_batch()
-        self._check_seeds_and_sizes()
-        self._check_model()
+        validate(self)
 
-    def _check_micro_batch(self) -> None:
+    def check_together(self) -> str | None:
+        """The checks across fields, after each field's own: the first failure's message."""
+        if self.augment is None:
+            self.augment = default_augment(self.data)
+        if self.epochs is not None and self.steps is not None:
+            return "set either epochs or steps, not both"
+        if self.nesterov and self.momentum == 0:
+            return "nesterov needs momentum > 0; set nesterov = false or a momentum"
+        return self._schedule_problem() or self._size_problem() or self._model_problem()
+
+    def _size_problem(self) -> str | None:
         if self.micro_batch is not None and not 0 < self.micro_batch <= self.batch_size:
-            raise UserError(
-                f"micro_batch must be a positive integer no larger than batch_size "
-                f"({self.batch_size}), or unset; got {self.micro_batch!r}"
-            )
-
-    def _check_seeds_and_sizes(self) -> None:
-        # here, not as failed runs: torch.manual_seed overflows above 2**64-1 and numpy's
-        # SeedSequence (the synthetic data) refuses negative seeds; one range for both
-        for name in ("seed", "data_seed"):
-            if not 0 <= getattr(self, name) <= SEED_MAX:
-                raise UserError(f"{name} must be in 0 .. 2**63-1, got {getattr(self, name)!r}")
+            return (f"micro_batch must be a positive integer no larger than batch_size "
+                    f"({self.batch_size}), or unset; got {self.micro_batch!r}")
         have = TRAIN_SAMPLES.get(self.data)
         if have is not None and self.train_size is not None and self.train_size > have:
-            raise UserError(f"train_size {self.train_size} is more than data set {self.data!r} "
-                            f"has ({have} training images)")
+            return (f"train_size {self.train_size} is more than data set {self.data!r} "
+                    f"has ({have} training images)")
         samples = self.train_size or have or SYNTHETIC_TRAIN_SAMPLES
         if self.batch_size > samples:
             where = "train_size" if self.train_size else f"all of {self.data!r}"
-            raise UserError(f"batch_size {self.batch_size} is larger than the training set "
-                            f"({samples} samples: {where})")
+            return (f"batch_size {self.batch_size} is larger than the training set "
+                    f"({samples} samples: {where})")
+        return None
 
-    def _check_values(self) -> None:
-        if self.data not in dataset_names():
-            raise UserError(
-                f"data: unknown data set {self.data!r}; valid: {', '.join(dataset_names())}"
-            )
-        if self.augment is None:
-            self.augment = default_augment(self.data)
-        self.augment = check_augment(self.augment)
-        positive = ("batch_size", "image_size", "eval_batch_size", "base_lr", "diverge_loss")
-        for name in positive:
-            if not getattr(self, name) > 0:
-                raise UserError(f"{name} must be > 0, got {getattr(self, name)!r}")
-        for name in ("train_size", "test_size", "epochs", "steps", "lr"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise UserError(f"{name} must be > 0 (or unset), got {value!r}")
-        if self.epochs is not None and self.steps is not None:
-            raise UserError("set either epochs or steps, not both")
-        for name in ("warmup_fraction", "momentum", "label_smoothing"):
-            if not 0 <= getattr(self, name) < 1:
-                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.ema_decay is not None and not 0 <= self.ema_decay < 1:
-            raise UserError(f"ema_decay must be in [0, 1) or unset, got {self.ema_decay!r}")
-        if self.weight_decay < 0:
-            raise UserError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.nesterov and self.momentum == 0:
-            raise UserError("nesterov needs momentum > 0; set nesterov = false or a momentum")
-        for name in ("eval_every", "probe_every", "checkpoint_every", "record_early",
-                     "record_ring"):
-            value = getattr(self, name)
-            if value is not None and value < 0:
-                raise UserError(f"{name} must be >= 0, got {value!r}")
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
-            raise UserError(f"device must be auto, cpu, cuda or cuda:N; got {self.device!r}")
-        if self.amp_dtype not in ("bfloat16", "float16"):
-            raise UserError(f"amp_dtype must be bfloat16 or float16, got {self.amp_dtype!r}")
-        self._check_schedule()
-
-    def _check_schedule(self) -> None:
-        if self.schedule not in SCHEDULES:
-            raise UserError(f"schedule must be one of {', '.join(SCHEDULES)}, got "
-                            f"{self.schedule!r}{did_you_mean(self.schedule, SCHEDULES)}")
+    def _schedule_problem(self) -> str | None:
         if self.schedule == "cosine":
             if self.lr_start is not None:
-                raise UserError("lr_start is the exponential schedule's first rate; set "
-                                "schedule = \"exponential\" or leave lr_start unset")
-            return
+                return ("lr_start is the exponential schedule's first rate; set "
+                        "schedule = \"exponential\" or leave lr_start unset")
+            return None
         if self.lr_start is None or not self.lr_start > 0:
-            raise UserError(f"schedule \"exponential\" needs lr_start > 0 (its first rate), got "
-                            f"{self.lr_start!r}")
+            return (f"schedule \"exponential\" needs lr_start > 0 (its first rate), got "
+                    f"{self.lr_start!r}")
         if not self.lr_start < self.peak_lr():
-            raise UserError(f"schedule \"exponential\" rises from lr_start to the peak lr: "
-                            f"lr_start ({self.lr_start:g}) must be below it "
-                            f"({self.peak_lr():g})")
+            return (f"schedule \"exponential\" rises from lr_start to the peak lr: "
+                    f"lr_start ({self.lr_start:g}) must be below it ({self.peak_lr():g})")
+        return None
 
-    def _check_model(self) -> None:
+    def _model_problem(self) -> str | None:
         from sigprop.models import model_spec, resolve_config
 
         name = self.model.get("name")
         if not isinstance(name, str):
-            raise UserError(f"model.name must name a registered model, got {name!r}")
+            return f"model.name must name a registered model, got {name!r}"
         try:
             model_spec(name)
         except UserError as err:
-            raise UserError(f"model.name: {err}") from None
+            return f"model.name: {err}"
         classes = dataset_info(self.data).num_classes
         overrides = self.model_overrides()
         if overrides["num_classes"] != classes:
-            raise UserError(
-                f"model.num_classes is {overrides['num_classes']} but data set "
-                f"{self.data!r} has {classes} classes"
-            )
+            return (f"model.num_classes is {overrides['num_classes']} but data set "
+                    f"{self.data!r} has {classes} classes")
         try:
             resolve_config(name, **overrides)
         except UserError as err:
-            raise UserError(f"model: {err}") from None
+            return f"model: {err}"
+        return None
 
     # ------------------------------------------------------------------ derived values
     def model_overrides(self) -> dict:

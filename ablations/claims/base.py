@@ -10,7 +10,6 @@ in unnormalized ResNets", ICLR 2021, arXiv 2101.08692. Paper B: Brock, De, Smith
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,17 @@ import pandas as pd
 from ablations.claims.selection import EXTREMES
 from ablations.claims.stats import chance_levels
 from sigprop.errors import UserError
+from sigprop.fields import (
+    NON_EMPTY,
+    Rule,
+    at_least,
+    check_field,
+    check_keys,
+    check_value,
+    in_range,
+    one_of,
+    positive,
+)
 
 RELATIONS = ("exceeds", "below", "within", "at_least", "consistent")
 RULES = ("range", "t95")
@@ -38,6 +48,7 @@ METRICS = ("final_acc", "best_acc", "max_grad_norm", "clip_fraction", "steps_don
 ACCURACY_METRICS = ("final_acc",)
 VERDICTS = ("holds", "does not hold", "inconclusive")
 COMMON_FIELDS = frozenset({"id", "text", "source", "quote", "check", "metric", "min_runs"})
+QUOTE = Rule(NON_EMPTY.ok, "the paper's sentence, a non-empty string")
 
 
 class ClaimError(UserError):
@@ -83,31 +94,23 @@ class Claim(ABC):
         """One ``[[claims]]`` table of this check; raises :class:`ClaimError` naming the
         claim (``claims[index]``) and the field."""
         where = claim_where(table, index)
-        allowed = COMMON_FIELDS | cls.FIELDS
-        unknown = sorted(set(table) - allowed)
-        if unknown:
-            raise ClaimError(f"{where}: unknown field(s) {', '.join(unknown)} for check "
-                             f"{cls.check!r}; allowed: {', '.join(sorted(allowed))}")
+        check_keys(table, sorted(COMMON_FIELDS | cls.FIELDS), f"{where}: ", ClaimError,
+                   lead="unknown field(s)", after=f" for check {cls.check!r}",
+                   valid_label="allowed")
         for name in ("text", "source"):
-            if not isinstance(table.get(name), str) or not table[name].strip():
-                raise ClaimError(f"{where}.{name} must be a non-empty string")
+            check_value(f"{where}.{name}", table.get(name), NON_EMPTY, error=ClaimError)
         claim = cls(id=str(table.get("id", f"C{index + 1}")),
                     text=" ".join(table["text"].split()),
                     source=" ".join(table["source"].split()))
         if "quote" in table:
-            if not isinstance(table["quote"], str) or not table["quote"].strip():
-                raise ClaimError(f"{where}.quote must be the paper's sentence, a non-empty "
-                                 "string")
+            check_value(f"{where}.quote", table["quote"], QUOTE, error=ClaimError)
             claim.quote = " ".join(table["quote"].split())
-        claim.metric = table.get("metric", "final_acc")
-        if claim.metric not in METRICS:
-            raise ClaimError(f"{where}.metric must be one of {', '.join(METRICS)}; "
-                             f"got {claim.metric!r}")
-        claim.min_runs = table.get("min_runs", 2)
-        if isinstance(claim.min_runs, bool) or not isinstance(claim.min_runs, int) \
-                or claim.min_runs < 1:
-            raise ClaimError(f"{where}.min_runs must be a positive integer; "
-                             f"got {claim.min_runs!r}")
+        claim.metric = check_value(f"{where}.metric", table.get("metric", "final_acc"),
+                                   one_of(METRICS), error=ClaimError)
+        claim.min_runs = check_value(
+            f"{where}.min_runs", check_field(f"{where}.min_runs", table.get("min_runs", 2), int,
+                                             "a positive integer", ClaimError),
+            positive("a positive integer"), error=ClaimError)
         for name in cls.SELECTIONS:
             if name in cls.OPTIONAL_SELECTIONS and name not in table:
                 continue
@@ -143,13 +146,12 @@ class Verdict:
 
 
 def number(value: Any, where: str, low: float | None = None, high: float | None = None) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) \
-            or not math.isfinite(value):
-        raise ClaimError(f"{where} must be a finite number; got {value!r}")
-    if (low is not None and value < low) or (high is not None and value > high):
-        bounds = f"[{low:g}, {high:g}]" if high is not None else f">= {low:g}"
-        raise ClaimError(f"{where} must be in {bounds}; got {value!r}")
-    return float(value)
+    """``value`` as a float, finite and in ``[low, high]`` (either bound may be None)."""
+    value = check_field(where, value, float, "a finite number", ClaimError)
+    if low is not None:
+        bounds = in_range(low, high) if high is not None else at_least(low, f"in >= {low:g}")
+        check_value(where, value, bounds, error=ClaimError)
+    return value
 
 
 def run_key(table: Mapping, name: str, where: str, example: str) -> str:

@@ -43,6 +43,7 @@ from ablations.claims.stats import (
     monotone_choice_exists,
     n_test_images,
 )
+from sigprop.fields import Rule, check_value, one_of
 
 
 def at_best(claim: Compare | Interaction, runs: pd.DataFrame, selection: Mapping[str, list],
@@ -254,6 +255,10 @@ class Interaction(Relational):
         return t_verdict(self, groups, 0.0, evidence, what="(a − b) − (c − d)")
 
 
+OUTCOME = Rule(lambda v: isinstance(v, list) and bool(v) and all(o in OUTCOMES for o in v),
+               "one or more of " + ", ".join(OUTCOMES))
+
+
 @dataclass
 class Share(Claim):
     """``share``: the fraction of the runs of ``select`` with one of ``outcome``, against
@@ -269,11 +274,7 @@ class Share(Claim):
     def parse_fields(self, table: Mapping, where: str) -> None:
         outcome = table.get("outcome", ["diverged"])
         outcome = [outcome] if isinstance(outcome, str) else outcome
-        if not isinstance(outcome, list) or not outcome or any(o not in OUTCOMES
-                                                                for o in outcome):
-            raise ClaimError(f"{where}.outcome must name one or more of {', '.join(OUTCOMES)};"
-                             f" got {table.get('outcome')!r}")
-        self.outcome = tuple(outcome)
+        self.outcome = tuple(check_value(f"{where}.outcome", outcome, OUTCOME, error=ClaimError))
         self.at_least = number(table.get("at_least", 1.0), f"{where}.at_least", 0.0, 1.0)
         if "chance_margin" in table:
             self.chance_margin = number(table["chance_margin"], f"{where}.chance_margin",
@@ -339,10 +340,9 @@ class Trend(Claim):
         self.choose = run_key(table, "choose", where, "batch_size")
         if self.over == self.choose:
             raise ClaimError(f"{where}: over and choose must be different keys")
-        self.direction = table.get("direction", "non-increasing")
-        if self.direction not in DIRECTIONS:
-            raise ClaimError(f"{where}.direction must be one of {', '.join(DIRECTIONS)}; "
-                             f"got {self.direction!r}")
+        self.direction = check_value(f"{where}.direction",
+                                     table.get("direction", "non-increasing"),
+                                     one_of(DIRECTIONS), error=ClaimError)
 
     def check_runs(self, frame: pd.DataFrame) -> None:
         chosen = select(frame, self.selections["select"])

@@ -18,6 +18,7 @@ from ablations.claims.base import (
 )
 from ablations.claims.checks import Compare, Interaction, Share, Spread, Trend
 from ablations.claims.selection import EXTREMES, cells_as_runs, select
+from sigprop.fields import check_value, one_of
 
 # the TOML ``check`` name of each check's class, in the manual's order
 CHECK_CLASSES: dict[str, type[Claim]] = {
@@ -41,12 +42,9 @@ def parse_claims(raw: Any) -> list[Claim]:
 
 def parse_claim(table: Mapping, index: int) -> Claim:
     """One ``[[claims]]`` table, parsed by the class its ``check`` names."""
-    check = table.get("check")
-    cls = CHECK_CLASSES.get(check) if isinstance(check, str) else None
-    if cls is None:
-        raise ClaimError(f"{claim_where(table, index)}.check must be one of "
-                         f"{', '.join(CHECKS)}; got {check!r}")
-    return cls.parse(table, index)
+    check = check_value(f"{claim_where(table, index)}.check", table.get("check"),
+                        one_of(CHECKS), error=ClaimError)
+    return CHECK_CLASSES[check].parse(table, index)
 
 
 def check_claims(claims: Sequence[Claim], frame: pd.DataFrame, known_keys: set[str]) -> None:

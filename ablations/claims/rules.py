@@ -23,6 +23,10 @@ from ablations.claims.base import (
 )
 from ablations.claims.format import fmt_signed
 from ablations.claims.stats import welch_interval
+from sigprop.fields import Rule, check_value, one_of
+
+DERIVED_MARGIN = Rule(lambda v: v in DERIVED_MARGINS,
+                      "a number or one of " + ", ".join(DERIVED_MARGINS), lambda: DERIVED_MARGINS)
 
 
 @dataclass
@@ -35,15 +39,11 @@ class Relational(Claim):
     rule: str = "range"  # how a, b are compared: seed ranges, or a Welch t interval (t95)
 
     def parse_relation(self, table: Mapping, where: str, allowed: Sequence[str]) -> None:
-        self.relation = table.get("relation", "exceeds")
-        if self.relation not in allowed:
-            raise ClaimError(f"{where}.relation must be one of {', '.join(allowed)}; "
-                             f"got {self.relation!r}")
+        self.relation = check_value(f"{where}.relation", table.get("relation", "exceeds"),
+                                    one_of(allowed), error=ClaimError)
         margin = table.get("margin", 0.0)
         if isinstance(margin, str):
-            if margin not in DERIVED_MARGINS:
-                raise ClaimError(f"{where}.margin must be a number or one of "
-                                 f"{', '.join(DERIVED_MARGINS)}; got {margin!r}")
+            check_value(f"{where}.margin", margin, DERIVED_MARGIN, error=ClaimError)
             if margin == "lattice" and self.metric not in FRONTIER_METRICS:
                 raise ClaimError(f"{where}.margin 'lattice' is one step of a frontier's lr "
                                  f"lattice, so it needs a frontier metric; got {self.metric!r}")
@@ -75,10 +75,8 @@ class Versus(Relational):
                              "or value (a number) to compare a with")
         if has_value:
             self.value = number(table["value"], f"{where}.value")
-        self.rule = table.get("rule", "range")
-        if self.rule not in RULES:
-            raise ClaimError(f"{where}.rule must be one of {', '.join(RULES)}; "
-                             f"got {self.rule!r}")
+        self.rule = check_value(f"{where}.rule", table.get("rule", "range"), one_of(RULES),
+                                error=ClaimError)
         self.parse_relation(table, where, RELATIONS)
         if self.relation == "consistent" and self.rule != "t95":
             raise ClaimError(f"{where}: relation 'consistent' needs rule = \"t95\" (it asks "

@@ -1,5 +1,7 @@
 """What every sigprop residual network shares: the ResNet stage tables, the stage builder with
-the normalizer-free variance bookkeeping, named probe points and the block listing.
+the normalizer-free variance bookkeeping, named probe points, the block listing, and the rules
+of the config fields the families share (declared on each config's fields, checked by
+:func:`sigprop.fields.validate`).
 
 The bookkeeping is that of Brock, De, Smith, "Characterizing signal propagation to close the
 performance gap in unnormalized ResNets" (ICLR 2021, arXiv 2101.08692), used unchanged by
@@ -15,7 +17,6 @@ name, so they never need to know a block's code.
 
 from __future__ import annotations
 
-import dataclasses
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sigprop.fields import check_field
+from sigprop.fields import POSITIVE, Rule, at_least, checked, one_of
 from sigprop.layers import ACTIVATIONS, PADDING_MODES, StochasticDepth
 
 # Bottleneck ResNet depths by name, as in the NF-ResNet paper and the authors' nf_resnet.py.
@@ -41,13 +42,25 @@ RESNET_WIDTHS = (256, 512, 1024, 2048)
 STAGE_STRIDES = (1, 2, 2, 2)
 
 
+# The rules of the fields the families' configs share (sigprop.fields): each config declares
+# them on its fields, sigprop.fields.validate checks them when it is built.
+DEPTHS = Rule(lambda v: len(v) > 0 and all(d >= 1 for d in v), "positive block counts per stage")
+ACTIVATION = one_of(sorted(ACTIVATIONS))
+STEM = one_of(("imagenet", "cifar"))
+PADDING = one_of(PADDING_MODES)
+NUM_CLASSES = at_least(1)
+
+
 @dataclass
 class ResNetStages:
     """The stage fields the bottleneck ResNet configs (NF and BN) start with."""
 
-    depths: tuple[int, ...] = RESNET_DEPTHS[50]
+    depths: tuple[int, ...] = checked(RESNET_DEPTHS[50], DEPTHS)
     widths: tuple[int, ...] = RESNET_WIDTHS
-    width_mult: float = 1.0
+    width_mult: float = checked(1.0, POSITIVE)
+
+    def check_together(self) -> str | None:
+        return stages_problem(self)
 
 
 @dataclass(frozen=True)
@@ -182,49 +195,11 @@ class NFResidualBlock(nn.Module):
         return torch.addcmul(shortcut, out, self.skip_gain * self.alpha)  # one pass, not two
 
 
-def check_values(config_cls: type, values: dict) -> dict:
-    """Type-check override ``values`` for ``config_cls`` before it is built, so a family's own
-    arithmetic on them (NFNet's depth_mult) never meets a string or an infinity."""
-    hints = typing.get_type_hints(config_cls)
-    return {k: check_field(k, v, hints[k]) if k in hints else v for k, v in values.items()}
-
-
-def check_config(cfg) -> None:
-    """Validate the fields the families share; raises ValueError naming the field."""
-    hints = typing.get_type_hints(type(cfg))
-    for f in dataclasses.fields(cfg):
-        setattr(cfg, f.name, check_field(f.name, getattr(cfg, f.name), hints[f.name]))
-    cfg.depths = tuple(int(d) for d in cfg.depths)
-    cfg.widths = tuple(int(w) for w in cfg.widths)
-    if not cfg.depths or any(d < 1 for d in cfg.depths):
-        raise ValueError(f"depths must be positive block counts per stage, got {list(cfg.depths)}")
+def stages_problem(cfg: typing.Any) -> str | None:
+    """The cross-field check every family's config shares (its ``check_together``)."""
     if len(cfg.widths) != len(cfg.depths):
-        raise ValueError(
-            f"widths ({len(cfg.widths)} stages) and depths ({len(cfg.depths)} stages) differ"
-        )
-    if cfg.width_mult <= 0:
-        raise ValueError(f"width_mult must be > 0, got {cfg.width_mult}")
-    if cfg.activation not in ACTIVATIONS:
-        raise ValueError(
-            f"activation {cfg.activation!r} unknown; valid: {', '.join(sorted(ACTIVATIONS))}"
-        )
-    if cfg.stem not in ("imagenet", "cifar"):
-        raise ValueError(f"stem must be 'imagenet' or 'cifar', got {cfg.stem!r}")
-    if cfg.num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {cfg.num_classes}")
-    if not 0.0 <= cfg.drop_rate < 1.0:
-        raise ValueError(f"drop_rate must be in [0, 1), got {cfg.drop_rate}")
-    if getattr(cfg, "alpha", 0.0) < 0:
-        raise ValueError(f"alpha must be >= 0, got {cfg.alpha}")
-    if not 0.0 <= getattr(cfg, "stochdepth_rate", 0.0) < 1.0:
-        raise ValueError(f"stochdepth_rate must be in [0, 1), got {cfg.stochdepth_rate}")
-    if cfg.padding not in PADDING_MODES:
-        raise ValueError(
-            f"padding must be one of {', '.join(PADDING_MODES)}, got {cfg.padding!r}"
-        )
-    for name in ("se_ratio", "bottleneck_ratio", "final_conv_mult", "in_chans", "group_width"):
-        if hasattr(cfg, name) and not getattr(cfg, name) > 0:
-            raise ValueError(f"{name} must be > 0, got {getattr(cfg, name)}")
+        return f"widths ({len(cfg.widths)} stages) and depths ({len(cfg.depths)} stages) differ"
+    return None
 
 
 def scaled(width: int, mult: float) -> int:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sigprop.fields import FRACTION, POSITIVE, checked, one_of, validate
 from sigprop.layers import (
     MaxPool2dPadded,
     SqueezeExcite,
@@ -31,41 +32,45 @@ from sigprop.layers import (
     he_conv2d,
 )
 from sigprop.models.base import (
+    ACTIVATION,
+    NUM_CLASSES,
+    PADDING,
     RESNET_DEPTHS,
+    STEM,
     BlockPlan,
     ResidualNet,
     ResNetStages,
     build_stages,
-    check_config,
+    stages_problem,
 )
 from sigprop.models.registry import Variant, register_variants
 
 
 @dataclass
 class BNResNetConfig(ResNetStages):
-    version: str = "v2"  # "v2": BN-act-conv (pre-activation); "v1": conv-BN-act
-    order: str = "bn_act_conv"  # v2 only: or "act_bn_conv" (ReLU-BN-Conv, NF-ResNet paper Fig. 1)
-    norm: str = "batch"  # or "none"
-    activation: str = "relu"
+    # "v2": BN-act-conv (pre-activation); "v1": conv-BN-act
+    version: str = checked("v2", one_of(("v1", "v2")))
+    # v2 only: or "act_bn_conv" (ReLU-BN-Conv, NF-ResNet paper Fig. 1)
+    order: str = checked("bn_act_conv", one_of(("bn_act_conv", "act_bn_conv")))
+    norm: str = checked("batch", one_of(("batch", "none")))
+    activation: str = checked("relu", ACTIVATION)
     use_se: bool = False
-    se_ratio: float = 0.25
-    stem: str = "imagenet"
-    num_classes: int = 1000
-    in_chans: int = 3
-    drop_rate: float = 0.0
-    bottleneck_ratio: float = 0.25
-    padding: str = "same"  # the authors' TF SAME; "symmetric": PyTorch / torchvision style
+    se_ratio: float = checked(0.25, POSITIVE)
+    stem: str = checked("imagenet", STEM)
+    num_classes: int = checked(1000, NUM_CLASSES)
+    in_chans: int = checked(3, POSITIVE)
+    drop_rate: float = checked(0.0, FRACTION)
+    bottleneck_ratio: float = checked(0.25, POSITIVE)
+    # the authors' TF SAME; "symmetric": PyTorch / torchvision style
+    padding: str = checked("same", PADDING)
 
     def __post_init__(self) -> None:
-        if self.version not in ("v1", "v2"):
-            raise ValueError(f"version must be 'v1' or 'v2', got {self.version!r}")
-        if self.order not in ("bn_act_conv", "act_bn_conv"):
-            raise ValueError(f"order must be 'bn_act_conv' or 'act_bn_conv', got {self.order!r}")
+        validate(self)
+
+    def check_together(self) -> str | None:
         if self.order == "act_bn_conv" and self.version != "v2":
-            raise ValueError("order='act_bn_conv' is a pre-activation (v2) ordering")
-        if self.norm not in ("batch", "none"):
-            raise ValueError(f"norm must be 'batch' or 'none', got {self.norm!r}")
-        check_config(self)
+            return "order='act_bn_conv' is a pre-activation (v2) ordering"
+        return stages_problem(self)
 
 
 def make_norm(cfg: BNResNetConfig, channels: int) -> nn.Module:

@@ -16,6 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 
+from sigprop.fields import FRACTION, NON_NEGATIVE, POSITIVE, checked, validate
 from sigprop.layers import (
     GAMMA,
     MaxPool2dPadded,
@@ -26,42 +27,45 @@ from sigprop.layers import (
     he_conv2d,
 )
 from sigprop.models.base import (
+    ACTIVATION,
+    NUM_CLASSES,
+    PADDING,
     RESNET_DEPTHS,
+    STEM,
     BlockPlan,
     NFResidualBlock,
     ResidualNet,
     ResNetStages,
     build_stages,
-    check_config,
 )
 from sigprop.models.registry import Variant, register_variants
 
 
 @dataclass
 class NFResNetConfig(ResNetStages):
-    alpha: float = 0.2
-    activation: str = "relu"
+    alpha: float = checked(0.2, NON_NEGATIVE)
+    activation: str = checked("relu", ACTIVATION)
     skipinit_gain: float = 0.0  # the authors' SkipInit; 1.0 for signal-propagation studies
-    stochdepth_rate: float = 0.1
+    stochdepth_rate: float = checked(0.1, FRACTION)
     scale_by_keep: bool = False
     use_se: bool = False
-    se_ratio: float = 0.25
+    se_ratio: float = checked(0.25, POSITIVE)
     ws: bool = True  # False: plain He-init convs and plain activation (the paper's control)
     # True: each activation's gamma, and each block's input scale beta, move into the scale of
     # the convs they feed (same maths, two fewer passes over the activations per block); the
     # activations inside the blocks are then the unscaled ones. Off: gamma and beta multiply the
     # activations (the authors' layout).
     fold_gamma: bool = False
-    stem: str = "imagenet"  # or "cifar": 3x3/1 conv, no pool, for 32x32 inputs
-    num_classes: int = 1000
-    in_chans: int = 3
-    drop_rate: float = 0.0
-    bottleneck_ratio: float = 0.25
+    stem: str = checked("imagenet", STEM)  # or "cifar": 3x3/1 conv, no pool, for 32x32 inputs
+    num_classes: int = checked(1000, NUM_CLASSES)
+    in_chans: int = checked(3, POSITIVE)
+    drop_rate: float = checked(0.0, FRACTION)
+    bottleneck_ratio: float = checked(0.25, POSITIVE)
     # "same": the authors' TF SAME (asymmetric at even sizes); "symmetric": timm's nf_resnet*
-    padding: str = "same"
+    padding: str = checked("same", PADDING)
 
     def __post_init__(self) -> None:
-        check_config(self)
+        validate(self)
 
 
 def make_conv(ws: bool, gamma: float = 1.0):

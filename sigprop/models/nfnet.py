@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from sigprop.fields import FRACTION, NON_NEGATIVE, POSITIVE, checked, one_of, validate
 from sigprop.layers import (
     GAMMA,
     ScaledStdConv2d,
@@ -21,12 +22,17 @@ from sigprop.layers import (
     get_activation,
 )
 from sigprop.models.base import (
+    ACTIVATION,
+    DEPTHS,
+    NUM_CLASSES,
+    PADDING,
+    STEM,
     BlockPlan,
     NFResidualBlock,
     ResidualNet,
     build_stages,
-    check_config,
     scaled,
+    stages_problem,
 )
 from sigprop.models.registry import Variant, register_variants
 
@@ -48,46 +54,46 @@ NFNET_WIDTHS = (256, 512, 1536, 1536)
 
 @dataclass
 class NFNetConfig:
-    variant: str = "F0"
-    depths: tuple[int, ...] | None = None  # None: the variant's
+    variant: str = checked("F0", one_of(NFNET_VARIANTS))
+    depths: tuple[int, ...] | None = checked(None, DEPTHS)  # None: the variant's
     widths: tuple[int, ...] = NFNET_WIDTHS
-    width_mult: float = 1.0  # also scales the group width, keeping the group count
-    depth_mult: float = 1.0
-    alpha: float = 0.2
-    activation: str = "gelu"
+    # width_mult also scales the group width, keeping the group count
+    width_mult: float = checked(1.0, POSITIVE)
+    depth_mult: float = checked(1.0, POSITIVE)
+    alpha: float = checked(0.2, NON_NEGATIVE)
+    activation: str = checked("gelu", ACTIVATION)
     skipinit_gain: float = 0.0
-    stochdepth_rate: float = 0.1
+    stochdepth_rate: float = checked(0.1, FRACTION)
     scale_by_keep: bool = False
-    se_ratio: float = 0.5
-    group_width: int = 128
-    bottleneck_ratio: float = 0.5
-    final_conv_mult: float = 2.0
+    se_ratio: float = checked(0.5, POSITIVE)
+    group_width: int = checked(128, POSITIVE)
+    bottleneck_ratio: float = checked(0.5, POSITIVE)
+    final_conv_mult: float = checked(2.0, POSITIVE)
     use_two_convs: bool = True
-    drop_rate: float | None = None  # None: the variant's
-    stem: str = "imagenet"  # or "cifar": the same four convs, all stride 1
-    num_classes: int = 1000
-    in_chans: int = 3
+    drop_rate: float | None = checked(None, FRACTION)  # None: the variant's
+    stem: str = checked("imagenet", STEM)  # or "cifar": the same four convs, all stride 1
+    num_classes: int = checked(1000, NUM_CLASSES)
+    in_chans: int = checked(3, POSITIVE)
     # "same": the authors' TF SAME (asymmetric at even sizes); "symmetric": timm's nfnet_*
-    padding: str = "same"
+    padding: str = checked("same", PADDING)
     # True: each activation's gamma, and each block's input scale beta, move into the scale of
     # the convs they feed (same maths, fewer passes over the activations); off: gamma and beta
     # multiply the activations (the authors' layout).
     fold_gamma: bool = False
 
     def __post_init__(self) -> None:
-        if self.variant not in NFNET_VARIANTS:
-            valid = ", ".join(NFNET_VARIANTS)
-            raise ValueError(f"variant {self.variant!r} unknown; valid: {valid}")
+        validate(self, names=("variant", "depth_mult"))  # what the derivation reads
         table = NFNET_VARIANTS[self.variant]
         if self.depths is None:
             self.depths = table["depths"]
         if self.drop_rate is None:
             self.drop_rate = table["drop_rate"]
-        if self.depth_mult <= 0:
-            raise ValueError(f"depth_mult must be > 0, got {self.depth_mult}")
         self.depths = tuple(max(1, round(d * self.depth_mult)) for d in self.depths)
         self.depth_mult = 1.0  # folded into depths, so the resolved config rebuilds the same net
-        check_config(self)
+        validate(self)
+
+    def check_together(self) -> str | None:
+        return stages_problem(self)
 
 
 class NFBlock(NFResidualBlock):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from sigprop.errors import UserError, did_you_mean
-from sigprop.models.base import check_values
+from sigprop.fields import check_keys, check_types
 
 
 class ModelError(UserError):
@@ -79,14 +79,10 @@ def resolve_config(name: str, **overrides):
     """The dataclass config that ``create_model(name, **overrides)`` would build."""
     spec = model_spec(name)
     valid = model_options(name)
-    unknown = sorted(set(overrides) - set(valid))
-    if unknown:
-        raise ModelError(
-            f"unknown option(s) {', '.join(unknown)} for model {name!r}"
-            f"{did_you_mean(unknown[0], valid)}; valid options: {', '.join(valid)}"
-        )
+    check_keys(overrides, valid, error=ModelError, lead="unknown option(s)",
+               after=f" for model {name!r}", valid_label="valid options")
     try:
-        values = check_values(spec.config_cls, {**spec.defaults, **overrides})
+        values = check_types(spec.config_cls, {**spec.defaults, **overrides})
         return spec.config_cls(**values)
     except (TypeError, ValueError, ArithmeticError) as err:
         raise ModelError(f"bad option for model {name!r}: {err}") from None
