@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ablations.runner import run_grid
+from ablations.runner import run_grid, status_table
 from ablations.shipped import GRIDS_DIR
 from ablations.spec import Run, expand, load_spec
 from ablations.store import GridStore
@@ -30,18 +30,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def tiny_spec(name: str = "tiny", grid: str = "seed = [0, 1]", clip: str = "",
-              width_mult: float = 0.125, **base: object) -> str:
+              width_mult: float = 0.125, description: str = "", **base: object) -> str:
     """A spec of the tiny NF-ResNet on synthetic data, as TOML text ending in its ``[grid]``
     section (callers append more sections after it).
 
     ``base``: the ``[base]`` values that differ from the defaults below (32 training images,
-    16 test images, 2 steps, batch 16, no evaluation, seed 0); ``clip``: the ``[base.clip]``
-    lines, if any; ``grid``: the lines of ``[grid]`` (none: no such section)."""
+    16 test images, 2 steps, batch 16, no evaluation, seed 0), a default given as None left
+    out of the spec; ``clip``: the ``[base.clip]`` lines, if any; ``grid``: the lines of
+    ``[grid]`` (none: no such section); ``description``: the spec's, if any."""
     values = {"data": "synthetic", "train_size": 32, "test_size": 16, "steps": 2,
               "batch_size": 16, "eval_every": 0, "seed": 0, **base}
-    lines = [f'name = "{name}"', "[base]"]
+    lines = [f'name = "{name}"'] + ([f'description = "{description}"'] if description else [])
+    lines += ["[base]"]
     lines += [f'{key} = "{value}"' if isinstance(value, str) else f"{key} = {value}"
-              for key, value in values.items()]
+              for key, value in values.items() if value is not None]
     # the smallest NF-ResNet that trains: one block per stage
     lines += ["[base.model]", 'name = "nf_resnet26"', 'stem = "cifar"',
               f"width_mult = {width_mult}", "depths = [1, 1, 1, 1]"]
@@ -115,6 +117,20 @@ def store_finished_grid(folder: Path) -> Path:
 
 def run_dirs(grid_dir: Path) -> list[Path]:
     return sorted(p for p in (grid_dir / "runs").iterdir())
+
+
+def rerun_repairs(grid: Path, run_dir: Path, name: str, damaged: bytes, message: str) -> str:
+    """Run the grid of :func:`store_finished_grid` at ``grid`` again, one of whose runs,
+    ``run_dir``, has its file ``name`` damaged (``damaged``: its bytes): that run runs again and
+    the other is skipped, the runner prints ``message``, the damaged file is kept aside as it
+    was and every run ends completed. Returns what the runner printed."""
+    outcome, text = run_inline(grid.parent.parent / "tiny.toml", grid.parent)
+    assert outcome.counts == {"completed": 1} and outcome.skipped == 1
+    assert message in text
+    kept = list(run_dir.glob(f"{name}.damaged-*"))
+    assert len(kept) == 1 and kept[0].read_bytes() == damaged  # kept aside, never deleted
+    assert set(status_table(grid)["status"]) == {"completed"}
+    return text
 
 
 def start_runner(spec: Path, out: Path, *args: str, env: dict | None = None) -> subprocess.Popen:

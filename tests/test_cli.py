@@ -9,6 +9,7 @@ import pytest
 import tomllib
 
 from run_ablations import build_parser, main
+from tests.helpers import tiny_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["models", "spp", "coord-check", "run", "frontier", "status", "report", "quickstart",
@@ -139,22 +140,7 @@ def test_a_far_off_name_gets_no_suggestion(capsys):
 @pytest.mark.slow
 def test_quiet_run_prints_nothing_when_all_goes_well(tmp_path, capsys):
     spec = tmp_path / "q.toml"
-    spec.write_text(textwrap.dedent("""
-        name = "q"
-        [base]
-        data = "synthetic"
-        train_size = 32
-        test_size = 16
-        steps = 2
-        batch_size = 16
-        [base.model]
-        name = "nf_resnet26"
-        stem = "cifar"
-        width_mult = 0.125
-        depths = [1, 1, 1, 1]
-        [grid]
-        seed = [0]
-    """))
+    spec.write_text(tiny_spec("q", eval_every=None, seed=None, grid="seed = [0]"))
     assert main(["run", str(spec), "--out", str(tmp_path / "out"), "--device", "cpu",
                  "--no-report", "-q"]) == 0
     captured = capsys.readouterr()

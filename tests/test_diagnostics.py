@@ -20,6 +20,7 @@ from sigprop.models import create_model
 from sigprop.models.labels import model_departures, model_label
 from sigprop.probes import Probe
 from sigprop.train import train
+from tests.helpers import tiny_spec
 
 TINY = {"name": "nf_resnet26", "stem": "cifar", "width_mult": 0.125, "depths": [1, 1, 1, 1]}
 SHAPE = {k: v for k, v in TINY.items() if k != "name"}
@@ -53,30 +54,11 @@ def test_departures_list_the_authors_defaults_a_run_changes():
 
 def grid_spec(tmp_path: Path, extra: str = "") -> Path:
     path = tmp_path / "g.toml"
-    path.write_text(textwrap.dedent("""
-        name = "g"
-        description = "Does AGC change a tiny NF-ResNet?"
-        [base]
-        data = "synthetic"
-        train_size = 64
-        test_size = 32
-        image_size = 8
-        steps = 4
-        batch_size = 16
-        eval_every = 0
-        probe_every = 1
-        [base.model]
-        name = "nf_resnet26"
-        stem = "cifar"
-        width_mult = 0.125
-        depths = [1, 1, 1, 1]
-        [base.clip]
-        mode = "agc"
-        threshold = 0.01
-        [grid]
-        "model.skipinit_gain" = [0.0, 1.0]
-        seed = [0, 1]
-    """) + textwrap.dedent(extra))
+    path.write_text(tiny_spec("g", description="Does AGC change a tiny NF-ResNet?",
+                              train_size=64, test_size=32, image_size=8, steps=4, seed=None,
+                              probe_every=1, clip='mode = "agc"\nthreshold = 0.01',
+                              grid='"model.skipinit_gain" = [0.0, 1.0]\nseed = [0, 1]')
+                    + textwrap.dedent(extra))
     return path
 
 

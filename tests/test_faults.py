@@ -51,6 +51,7 @@ from sigprop.models import model_spec, resolve_config
 from sigprop.train import TrainConfig
 from tests.helpers import (
     ROOT,
+    rerun_repairs,
     run_dirs,
     run_inline,
     shipped_runs,
@@ -115,12 +116,7 @@ def test_damaged_file_shows_in_status_and_report_and_rerun_repairs_it(grid, case
         assert "## Damaged runs" in report and f"`{bad_dir.name}`: {name}" in report
     assert len(load_results(grid).metrics.groupby("run_id")) == 1  # the readable run
 
-    outcome, text = run_inline(grid.parent.parent / "tiny.toml", grid.parent)
-    assert outcome.counts == {"completed": 1} and outcome.skipped == 1
-    assert f"run {bad_dir.name}: {name} was damaged" in text
-    kept = list(bad_dir.glob(f"{name}.damaged-*"))
-    assert len(kept) == 1 and kept[0].read_bytes() == bad  # kept aside, never deleted
-    assert set(status_table(grid)["status"]) == {"completed"}
+    rerun_repairs(grid, bad_dir, name, bad, f"run {bad_dir.name}: {name} was damaged")
     got = pd.read_parquet(bad_dir / "metrics.parquet")
     pd.testing.assert_frame_equal(got.drop(columns="step_time"),
                                   expected.drop(columns="step_time"))

@@ -30,6 +30,19 @@ def batch(n: int = 8, px: int = 12, seed: int = 1) -> tuple[torch.Tensor, torch.
     return torch.randn(n, 3, px, px, generator=gen), torch.randint(0, 10, (n,), generator=gen)
 
 
+def probed_steps(steps: int, **probe_args) -> tuple[nn.Module, torch.Tensor, Probe]:
+    """``small_nf`` trained ``steps`` steps (0, 1, ...) on one batch of 4 images of 8 px, each
+    step started on a ``Probe(model, **probe_args)``: (model, the images, the probe, still
+    attached)."""
+    model = small_nf()
+    x, y = batch(n=4, px=8)
+    probe = Probe(model, **probe_args)
+    for step in range(steps):
+        probe.start_step(step)
+        F.cross_entropy(model(x), y).backward()
+    return model, x, probe
+
+
 def capture_outputs(model: nn.Module, names: list[str]) -> tuple[dict, list]:
     """Our own forward hooks, independent of the probe: name -> output tensor."""
     captured: dict[str, torch.Tensor] = {}
@@ -206,12 +219,7 @@ def test_removed_probe_leaves_outputs_and_gradients_bit_identical():
 
 
 def test_steps_every_and_eligibility():
-    model = small_nf()
-    x, y = batch(n=4, px=8)
-    probe = Probe(model, every=3)
-    for step in range(7):
-        probe.start_step(step)
-        F.cross_entropy(model(x), y).backward()
+    model, x, probe = probed_steps(7, every=3)
     model.eval()
     with torch.no_grad():
         model(x)  # evaluation forwards are not training steps
@@ -257,12 +265,7 @@ def test_hooks_are_registered_only_while_a_step_records():
 
 
 def test_buffer_flushes_to_host_when_full():
-    model = small_nf()
-    x, y = batch(n=4, px=8)
-    probe = Probe(model, buffer_steps=2)
-    for step in range(5):
-        probe.start_step(step)
-        F.cross_entropy(model(x), y).backward()
+    _, _, probe = probed_steps(5, buffer_steps=2)
     assert isinstance(probe._buffer, torch.Tensor) and probe._rows_used == 1  # 2 flushes done
     frame = probe.records()
     probe.remove()

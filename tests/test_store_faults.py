@@ -16,7 +16,7 @@ import pytest
 from ablations.runner import status_table
 from ablations.store import DamagedFile, GridStore, load_results
 from run_ablations import main
-from tests.helpers import ROOT, run_dirs, run_inline, store_finished_grid
+from tests.helpers import ROOT, rerun_repairs, run_dirs, store_finished_grid
 
 
 @pytest.fixture(scope="module")
@@ -253,12 +253,7 @@ def test_a_run_repairs_a_run_with_a_wrong_type(grid, case):
     expected = pd.read_parquet(bad / "metrics.parquet").drop(columns="step_time")
     name, reason = corrupt(bad, case)
     broken = (bad / name).read_bytes()
-    outcome, text = run_inline(grid.parent.parent / "tiny.toml", grid.parent)
-    assert outcome.counts == {"completed": 1} and outcome.skipped == 1
-    assert f"run {bad.name}: {name} was damaged ({reason}" in text
-    kept = list(bad.glob(f"{name}.damaged-*"))
-    assert len(kept) == 1 and kept[0].read_bytes() == broken  # kept aside, never deleted
-    assert set(status_table(grid)["status"]) == {"completed"}
+    rerun_repairs(grid, bad, name, broken, f"run {bad.name}: {name} was damaged ({reason}")
     pd.testing.assert_frame_equal(
         pd.read_parquet(bad / "metrics.parquet").drop(columns="step_time"), expected)
 

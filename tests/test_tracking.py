@@ -28,35 +28,15 @@ from ablations.spec import load_spec  # noqa: E402
 from ablations.store import GridStore, load_results  # noqa: E402
 from ablations.tracking import ENV_LIVE, LIVE_DIR, LIVE_MARK, tracking_environment  # noqa: E402
 from reports.tensorboard import export_tensorboard  # noqa: E402
-from tests.helpers import InlineExecutor  # noqa: E402
-
-SPEC = """
-name = "live"
-description = "Live curves of a tiny grid."
-[base]
-data = "synthetic"
-train_size = 32
-test_size = 16
-steps = {steps}
-batch_size = 16
-eval_every = 2
-checkpoint_every = 0
-probe_every = 1
-seed = 0
-[base.model]
-name = "nf_resnet26"
-stem = "cifar"
-width_mult = 0.125
-depths = [1, 1, 1, 1]
-[grid]
-base_lr = {lrs}
-"""
+from tests.helpers import InlineExecutor, tiny_spec  # noqa: E402
 
 
 def write_spec(folder: Path, steps: int = 6, lrs: str = "[0.1]") -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / "live.toml"
-    path.write_text(SPEC.format(steps=steps, lrs=lrs))
+    path.write_text(tiny_spec("live", description="Live curves of a tiny grid.", steps=steps,
+                              eval_every=2, checkpoint_every=0, probe_every=1,
+                              grid=f"base_lr = {lrs}"))
     return path
 
 
