@@ -450,7 +450,8 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     if args.dry_run:
         settings, cells = cells_of(spec, max_runs(args))
         points = lattice(settings)
-        print(dry_run_table(cells).to_string(index=False))
+        # no lr column: every probe (and every range-test step) sets its own
+        print(dry_run_table(cells).drop(columns="lr").to_string(index=False))
         if settings.method == "range-test":
             print(f"{len(cells)} cells in grid {spec.name}; range test: 1 run per cell, lr "
                   f"rising geometrically from {settings.lr_min:g} to {settings.lr_max:g}, edges "

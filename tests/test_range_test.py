@@ -256,9 +256,14 @@ def test_a_bad_method_is_one_line_exit_2_and_nothing_is_written(tmp_path, capsys
 def test_the_method_is_a_spec_key_and_the_flag_overrides_it(tmp_path, capsys):
     spec = write_spec(tmp_path, RAMP)
     assert main(["frontier", str(spec), "--dry-run"]) == 0
-    assert "range test: 1 run per cell" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "range test: 1 run per cell" in printed
     assert main(["frontier", str(spec), "--dry-run", "--method", "bisect"]) == 0
-    assert "probes per cell" in capsys.readouterr().out
+    bisect = capsys.readouterr().out
+    assert "probes per cell" in bisect
+    for table in (printed, bisect):  # the cells' lr is no probe's: no lr column
+        header = table.splitlines()[0].split()
+        assert header[0] == "run_id" and "batch_size" in header and "lr" not in header
 
 
 @pytest.mark.slow
