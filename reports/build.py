@@ -125,7 +125,7 @@ def assemble(grid_dir: Path, runs: pd.DataFrame, metrics: pd.DataFrame, blocks: 
     figures, skipped = figure_sections(grid_dir, frame, metrics, blocks, flight)
     frontier = grid_frontier(grid_dir)
     verdicts = claim_verdicts(spec, runs, frontier)
-    sections = [summary_section(frame, spec, skipped, verdicts)]
+    sections = [summary_section(frame, spec, skipped, verdicts, frontier)]
     if verdicts is not None:
         sections.append(claims_section(verdicts))
     sections.append(settings_section(frame))

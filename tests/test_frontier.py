@@ -510,6 +510,32 @@ def test_frontier_figures_and_report_section_are_written(tmp_path):
     assert (grid_dir / "report_files" / "frontier-accuracy.png").is_file()
 
 
+@pytest.mark.slow
+def test_the_report_says_what_a_frontier_s_unfinished_probes_mean(tmp_path):
+    """Probes left queued by a stopped search are continued by the same command; once every
+    cell's search has ended, one left queued (a resumed search took another path) is needed by
+    no cell, and running the grid again would not run it."""
+    from ablations.frontier import cells_of, probe_run
+    from reports.build import build_report
+
+    outcome, _, _ = search(tmp_path, executor=StopAfter(3, oracle_edge))
+    assert "incomplete" in set(outcome.frame["status"])
+    grid_dir = tmp_path / "out" / "edge"
+    text = build_report(grid_dir)["md"].read_text()
+    assert "queued): run the same frontier command again to continue the search" in text
+
+    outcome, _, _ = search(tmp_path)
+    assert set(outcome.frame["status"]) == {"found"}
+    store = GridStore(tmp_path / "out", "edge")
+    settings, cells = cells_of(load_spec(write_spec(tmp_path)))
+    orphan = probe_run(cells[0], 9.0, settings)  # 9 is no lattice rate: no search's probe
+    store.add_runs([orphan])
+    assert store.state(orphan.run_id) == "queued"
+    text = build_report(grid_dir)["md"].read_text()
+    assert "1 run(s) not finished yet (1 queued): probes no cell's search needs any more" in text
+    assert "run the grid again" not in text and "frontier command again" not in text
+
+
 def test_a_warmup_spike_does_not_pass_a_run_ending_at_chance_as_stable(tmp_path):
     """Measured on digits (AGC 0.02, batch 1024, lr 4.5): the loss spiked to 12 at step 2 and
     ended at 2.3, the initial loss; a mean over the first steps would call that stable."""

@@ -29,8 +29,21 @@ def axis_values(frame: pd.DataFrame, axis: str) -> str:
     return ", ".join(fmt_value(v) for v in values)
 
 
+def pending_line(pending: pd.DataFrame, frontier: pd.DataFrame | None) -> str:
+    """What the unfinished runs mean: a grid's are still to run; a frontier's are probes, which
+    its search runs again only if a cell still needs them."""
+    head = f"{len(pending)} run(s) not finished yet ({counts_line(pending)})"
+    if frontier is None or "status" not in frontier:
+        return f"{head}: run the grid again to complete them"
+    if frontier["status"].eq("incomplete").any():
+        return f"{head}: run the same frontier command again to continue the search"
+    return (f"{head}: probes no cell's search needs any more (every cell's search has ended; "
+            f"a search stopped midway, resumed on another path); no edge rests on them")
+
+
 def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str],
-                    verdicts: list[Verdict] | None = None) -> Section:
+                    verdicts: list[Verdict] | None = None,
+                    frontier: pd.DataFrame | None = None) -> Section:
     section = Section("Summary")
     if spec.get("description"):
         section.parts.append(" ".join(str(spec["description"]).split()))
@@ -72,8 +85,7 @@ def summary_section(frame: pd.DataFrame, spec: dict, skipped: list[str],
     missing = []
     pending = frame[frame["status"].isin(PENDING)]
     if len(pending):
-        missing.append(f"{len(pending)} run(s) not finished yet ("
-                       f"{counts_line(pending)}): run the grid again to complete them")
+        missing.append(pending_line(pending, frontier))
     n_failed = int(frame["status"].eq("failed").sum())
     if n_failed:
         missing.append(f"{n_failed} run(s) failed (see Diverged and failed runs; "
