@@ -28,8 +28,7 @@ from reports.figures.style import (
     gids_of,
     is_number,
     label,
-    new_figure,
-    panel_width,
+    panel_figure,
     styled,
 )
 from sigprop.errors import UserError
@@ -97,8 +96,7 @@ def plot_agc_clip_fraction(
     styles, handles = unit_styles(shown, unit if level == "param" else "block")
 
     n_rows, n_cols = len(grid.cells), len(grid.col_values)
-    fig, axes = new_figure(n_rows, n_cols, panel_width(n_cols, 3.8, 2.6),
-                           4.0 * n_rows + 0.4, sharey=True)
+    fig, axes = panel_figure(n_rows, n_cols, 3.8, 2.6, 4.0 * n_rows + 0.4, sharey=True)
     for _, ax, run_id in grid.panels(axes):
         part = shown[shown["run_id"] == run_id]
         for name, series in part.groupby(unit, sort=False):

@@ -28,9 +28,8 @@ from reports.figures.style import (
     is_number,
     label,
     mark_diverged,
-    new_figure,
     palette_for,
-    panel_width,
+    panel_figure,
     set_value_axis,
     styled,
 )
@@ -159,8 +158,8 @@ def plot_training_curves(
                 first, count = crosses.get(key, (where, 0))
                 crosses[key] = (min(first, where), count + 1)
 
-    fig, axes = new_figure(len(rows), len(panels), panel_width(len(panels), 4.4, 3.0),
-                           2.9 * len(rows) + 0.9, sharey="row", sharex="col")
+    fig, axes = panel_figure(len(rows), len(panels), 4.4, 3.0, 2.9 * len(rows) + 0.9,
+                             sharey="row", sharex="col")
     plotted_loss: list[np.ndarray] = []
     identical: list[str] = []
     means: dict[tuple, list[tuple[str, pd.Series]]] = {}  # per axes: the settings drawn so far

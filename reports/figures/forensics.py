@@ -28,8 +28,7 @@ from reports.figures.style import (
     draw_divergence,
     is_number,
     label,
-    new_figure,
-    panel_width,
+    panel_figure,
     styled,
 )
 from sigprop.errors import UserError
@@ -115,8 +114,8 @@ def plot_divergence_timeline(
     norm, cmap = log_scale(rows.loc[rows["run_id"].isin(run_ids), "value"], stat)
 
     n_blocks = rows["block"].nunique()
-    fig, axes = new_figure(len(run_ids), 1, panel_width(1, 9.0, 2.0),
-                           max(3.4, 0.24 * n_blocks + 1.9) * len(run_ids))
+    fig, axes = panel_figure(len(run_ids), 1, 9.0, 2.0,
+                             max(3.4, 0.24 * n_blocks + 1.9) * len(run_ids))
     mesh = None
     flags = {"zero": False, "missing": False, "gap": False, "first": False, "block": False}
     for ax, run_id in zip(axes[:, 0], run_ids):

@@ -26,8 +26,7 @@ from reports.figures.style import (
     gids_of,
     is_number,
     label,
-    new_figure,
-    panel_width,
+    panel_figure,
     styled,
 )
 from sigprop.errors import UserError
@@ -94,8 +93,8 @@ def plot_gradient_heatmap(
 
     n_blocks = rows["block"].nunique()
     n_rows, n_cols = len(grid.cells), len(grid.col_values)
-    fig, axes = new_figure(n_rows, n_cols, panel_width(n_cols, 3.6, 1.6),
-                           max(3.6, 0.24 * n_blocks + 1.9) * n_rows - 0.6 * (n_rows - 1))
+    fig, axes = panel_figure(n_rows, n_cols, 3.6, 1.6,
+                             max(3.6, 0.24 * n_blocks + 1.9) * n_rows - 0.6 * (n_rows - 1))
     mesh = None
     previous_blocks: dict[int, list[str]] = {}  # per panel row
     for r, ax, run_id in grid.panels(axes):

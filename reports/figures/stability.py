@@ -20,8 +20,7 @@ from reports.figures.style import (
     CompactPercent,
     fmt_value,
     label,
-    new_figure,
-    panel_width,
+    panel_figure,
     styled,
 )
 from sigprop.constants import THRESHOLD_MODES
@@ -72,8 +71,8 @@ def plot_stability_heatmap(
     cmap = matplotlib.colormaps[SEQUENTIAL]
 
     cell = 0.95 if len(xs) <= 5 else 0.75
-    fig, axes = new_figure(1, len(panels), panel_width(len(panels), cell * len(xs) + 1.3, 1.6),
-                           max(3.4, 0.55 * len(ys) + 2.2))
+    fig, axes = panel_figure(1, len(panels), cell * len(xs) + 1.3, 1.6,
+                             max(3.4, 0.55 * len(ys) + 2.2))
     image = None
     for ax, panel in zip(axes[0], panels):
         part = summary[summary["_panel"] == panel]

@@ -304,5 +304,14 @@ def panel_width(n: int, each: float, legend: float = 2.4) -> float:
     return min(max(each * n + legend, 7.0), 15.0)
 
 
+def panel_figure(nrows: int, ncols: int, each: float, legend: float, height: float,
+                 sharey: bool | str = False, sharex: bool | str = False,
+                 ) -> tuple[Figure, np.ndarray]:
+    """:func:`new_figure` of ``ncols`` panels ``each`` inches wide beside a ``legend`` inches
+    wide (:func:`panel_width`), ``height`` inches tall in all."""
+    return new_figure(nrows, ncols, panel_width(ncols, each, legend), height, sharey=sharey,
+                      sharex=sharex)
+
+
 def gids_of(fig: Figure, gid: str) -> list:
     return [a for ax in fig.axes for a in ax.get_children() if a.get_gid() == gid]
