@@ -2,6 +2,7 @@
 
     style       labels, names of settings, palettes, axes helpers, the figure style
     frames      derived columns, varied axes, seed summaries, which runs a panel shows
+    heatmap     the block x step log heatmap that gradients and forensics draw
     spp         plot_spp: signal propagation at init (paper A, Figure 1 style)
     coordcheck  plot_coord_data: mup's coordinate check, activation size against width
     stability   plot_stability_heatmap: clipping threshold x batch size
