@@ -74,6 +74,14 @@ def add_command(sub: argparse._SubParsersAction, name: str, **kwargs) -> argpars
 
 
 
+def add_model_data_options(p: argparse.ArgumentParser, set_help: str) -> None:
+    """--data-dir and --set of the commands that build registered models themselves (spp,
+    coord-check); a grid's runs take theirs from the spec."""
+    p.add_argument("--data-dir", default=None, metavar="DIR",
+                   help="data set directory (default $SIGPROP_DATA or ~/.cache/sigprop/data)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help=set_help)
+
+
 def add_coord_check_command(sub: argparse._SubParsersAction, handlers: Handlers) -> None:
     # The defaults are sigprop.coordcheck's (an option not given is not passed); the help
     # states them without importing it, so --help stays instant (tests/test_coordcheck.py
@@ -106,10 +114,8 @@ def add_coord_check_command(sub: argparse._SubParsersAction, handlers: Handlers)
     p.add_argument("--batch-size", type=int, default=None, help="batch size (default: 32)")
     p.add_argument("--image-size", type=int, default=None, metavar="PX",
                    help="image side (default: the set's native size, 8 px for digits)")
-    p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="data set directory (default $SIGPROP_DATA or ~/.cache/sigprop/data)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="model option override for the models that have it, e.g. alpha=0.4")
+    add_model_data_options(
+        p, set_help="model option override for the models that have it, e.g. alpha=0.4")
     p.add_argument("--device", default="auto", help="auto (CUDA if available), cpu or cuda")
     p.add_argument("--out", default=f"{DEFAULT_OUT}/coord_check", metavar="DIR",
                    help="output directory")
@@ -273,10 +279,8 @@ def build_parser(handlers: Handlers) -> argparse.ArgumentParser:
     p.add_argument("--input", default="noise", metavar="KIND",
                    help="noise (i.i.d. N(0,1), default), synthetic, digits or cifar10 (a batch "
                    "of training images, normalised per channel)")
-    p.add_argument("--data-dir", default=None, metavar="DIR",
-                   help="data set directory (default $SIGPROP_DATA or ~/.cache/sigprop/data)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="model option override, e.g. width_mult=0.25 or depths=[8,8,8,8]")
+    add_model_data_options(
+        p, set_help="model option override, e.g. width_mult=0.25 or depths=[8,8,8,8]")
     p.add_argument("--input-shape", default=None, metavar="N,C,H,W",
                    help="shape of the input batch (default 8,3,128,128: about ten seconds on "
                    "two CPU cores for a ResNet-50 pair; a preset has its own)")

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from sigprop.lazy import lazy_getattr
 
 _EXPORTS = {
     "GridSpec": "ablations.spec", "Run": "ablations.spec", "SpecError": "ablations.errors",
@@ -17,13 +16,8 @@ _EXPORTS = {
     "evaluate_claims": "ablations.claims",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> Any:
-    # imported on first use, so the command line's light paths (--help) skip torch and pandas
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'ablations' has no attribute {name!r}")
+# imported on first use, so the command line's light paths (--help) skip torch and pandas
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:

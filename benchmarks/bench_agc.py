@@ -29,24 +29,21 @@ import torch
 from torch import nn
 
 import sigprop
-from benchmarks.timing import interleaved_rounds, timed
+from benchmarks.timing import interleaved_rounds, timed, timing_parser
 from sigprop.clipping import adaptive_clip_grad_
 
 VARIANTS = ("foreach_mul_ floor", "sigprop AGC", "per-param loop", "stack by shape")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = timing_parser(
+        __doc__, rounds=9, warmup=3, threads=0,
+        warmup_help="untimed rounds first: fresh pages of big new tensors are slow to touch")
     p.add_argument("--model", default="nfnet_f0")
     p.add_argument("--clip", type=float, default=0.01)
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--warmup", type=int, default=3,
-                   help="untimed rounds first: fresh pages of big new tensors are slow to touch")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--skip-stack", action="store_true", help="leave out 'stack by shape'")
     p.add_argument("--check", action="store_true",
                    help="first check sigprop AGC against the per-param loop (needs 2x memory)")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 

@@ -8,26 +8,24 @@ strided convs and the stem max-pool pad with ``F.pad`` (one copy of their input)
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 
-from benchmarks.timing import interleaved_rounds, timed
+from benchmarks.timing import interleaved_rounds, timed, timing_parser
 from sigprop.models import create_model
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser = timing_parser(__doc__, rounds=7, warmup=2, threads=2,
+                           warmup_help="untimed calls per variant")
     parser.add_argument("--width", type=float, default=0.25)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     models = {
         mode: create_model("nf_resnet50", width_mult=args.width, padding=mode, skipinit_gain=1.0)
         for mode in ("same", "symmetric")
@@ -45,7 +43,7 @@ def main() -> None:
     variants = {
         f"{mode} {px}px": timed(step(mode, px)) for px in inputs for mode in models
     }
-    results = interleaved_rounds(variants, args.rounds, args.warmup, seed=0)
+    results = interleaved_rounds(variants, args.rounds, args.warmup, seed=args.seed)
     median = {name: statistics.median(times) for name, times in results.items()}
     print(f"| input | same | symmetric | same / symmetric |   (median of {args.rounds}, "
           f"width {args.width}, batch {args.batch}, {args.threads} threads)")

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 
 import sigprop
-from benchmarks.timing import interleaved_rounds
+from benchmarks.timing import interleaved_rounds, timing_parser
 from sigprop.probes import Probe
 from sigprop.recorder import FlightRecorder
 
@@ -47,22 +47,18 @@ TARGETS = {"every 10": 1.02, "every 1": 1.10}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = timing_parser(
+        __doc__, rounds=30, block=10, warmup=2, threads=1,
+        block_help="steps per timed block (a multiple of 10)",
+        threads_help="torch intra-op threads (default 1: on a shared 2-core machine more "
+        "threads oversubscribe the cores and the timings become noise; 0 keeps torch's default)",
+    )
     p.add_argument("--model", default="nf_resnet26")
     p.add_argument("--width-mult", type=float, default=0.25)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--px", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=30)
-    p.add_argument("--block", type=int, default=10, help="steps per timed block (a multiple of 10)")
-    p.add_argument("--warmup", type=int, default=2, help="untimed blocks per variant")
-    p.add_argument(
-        "--threads", type=int, default=1,
-        help="torch intra-op threads (default 1: on a shared 2-core machine more threads "
-        "oversubscribe the cores and the timings become noise; 0 keeps torch's default)",
-    )
     p.add_argument("--device", default="cpu",
                    help="cpu or cuda (on CUDA the wall ratio is the one to quote)")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 

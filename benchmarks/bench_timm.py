@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import sigprop
-from benchmarks.timing import interleaved_rounds, median_ci
+from benchmarks.timing import interleaved_rounds, median_ci, timing_parser
 from sigprop.clipping import adaptive_clip_grad_, agc_parameters
 
 # label: (sigprop model, sigprop overrides, timm model, timm overrides)
@@ -48,18 +48,13 @@ AGC_LAMBDA = 0.01
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = timing_parser(__doc__, rounds=9, block=2, warmup=1, threads=2)
     p.add_argument("--pairs", default=",".join(PAIRS), help="comma-separated labels")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--px", type=int, default=64)
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--block", type=int, default=2, help="steps per timed block")
-    p.add_argument("--warmup", type=int, default=1, help="untimed blocks per variant")
-    p.add_argument("--threads", type=int, default=2, help="torch threads (0: torch's default)")
     p.add_argument("--activation-gamma", action="store_true",
                    help="keep gamma on the activations (sigprop's default layout) instead of "
                    "folding it into the convs as timm does")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 

@@ -29,22 +29,19 @@ from pathlib import Path
 import torch
 
 import ablations.tracking as tracking
-from benchmarks.timing import interleaved_rounds, median_ci
+from benchmarks.timing import interleaved_rounds, median_ci, timing_parser
 from sigprop.train import TrainConfig, train
 
 VARIANTS = ("off", "live", "live, no interval")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--rounds", type=int, default=8)
-    p.add_argument("--warmup", type=int, default=1)
+    p = timing_parser(__doc__, rounds=8, warmup=1, threads=1,
+                      warmup_help="untimed trainings per variant")
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--width-mult", type=float, default=0.25)
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -103,7 +100,8 @@ def one_run(cfg: TrainConfig, folder: Path | None, interval: float) -> tuple[flo
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = config(args)
     default_interval = tracking.LIVE_INTERVAL_S
     with tempfile.TemporaryDirectory() as tmp:

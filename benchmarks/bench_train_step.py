@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from benchmarks.timing import interleaved_rounds
+from benchmarks.timing import interleaved_rounds, timing_parser
 from sigprop.train import TrainConfig, _Run
 
 VARIANTS = {
@@ -29,15 +29,10 @@ BASELINE = "bn_resnet26_v2, no clip"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = timing_parser(__doc__, rounds=9, block=5, warmup=1, threads=0)
     p.add_argument("--width-mult", type=float, default=0.25)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--px", type=int, default=32)
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--block", type=int, default=5, help="steps per timed block")
-    p.add_argument("--warmup", type=int, default=1, help="untimed blocks per variant")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--seed", type=int, default=0)
     return p.parse_args(argv)
 
 

@@ -12,14 +12,13 @@ not the authors' maths, here only as a speed reference). Interleaved rounds, med
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
 import torch.nn.functional as F
 
 import sigprop
-from benchmarks.timing import interleaved_rounds, timed
+from benchmarks.timing import interleaved_rounds, timed, timing_parser
 from sigprop.layers import ScaledStdConv2d, scaled_weight_standardization
 
 
@@ -37,12 +36,9 @@ def batch_norm(weight: torch.Tensor, gain: torch.Tensor, eps: float = 1e-5) -> t
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = timing_parser(__doc__, rounds=9, warmup=2, threads=1,
+                      warmup_help="untimed calls per variant")
     p.add_argument("--model", default="nf_resnet50")
-    p.add_argument("--rounds", type=int, default=9)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

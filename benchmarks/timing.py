@@ -2,12 +2,33 @@
 
 from __future__ import annotations
 
+import argparse
 import random
 import time
 from collections.abc import Callable
 from typing import TypeVar
 
 T = TypeVar("T")
+
+THREADS_HELP = "torch threads (0: torch's default)"
+
+
+def timing_parser(doc: str, *, rounds: int, warmup: int, threads: int, block: int | None = None,
+                  warmup_help: str = "untimed blocks per variant",
+                  block_help: str = "steps per timed block",
+                  threads_help: str = THREADS_HELP) -> argparse.ArgumentParser:
+    """A benchmark's parser, described by the first line of its docstring ``doc``, with the
+    options of :func:`interleaved_rounds`: ``--rounds``, ``--warmup``, ``--block`` (steps per
+    call of a variant, for the benchmarks that time blocks of steps), ``--threads`` and
+    ``--seed`` (the order of the rounds; the benchmark's own init seed where it has one)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--rounds", type=int, default=rounds)
+    if block is not None:
+        p.add_argument("--block", type=int, default=block, help=block_help)
+    p.add_argument("--warmup", type=int, default=warmup, help=warmup_help)
+    p.add_argument("--threads", type=int, default=threads, help=threads_help)
+    p.add_argument("--seed", type=int, default=0)
+    return p
 
 
 def interleaved_rounds(

@@ -6,31 +6,22 @@ import sys as _sys
 import types as _types
 from collections.abc import Callable as _Callable
 
+from sigprop.lazy import lazy_getattr as _lazy_getattr
+
 __version__ = "0.1.0"
 
 # Public name -> the module defining it. Loaded on first use, so `import sigprop`, `sigprop
 # --help` and light submodules (sigprop.errors) start without torch.
 _EXPORTS = {
-    "BlockInfo": "sigprop.models",
-    "ModelError": "sigprop.models",
-    "count_parameters": "sigprop.models",
-    "create_model": "sigprop.models",
+    "BlockInfo": "sigprop.models", "ModelError": "sigprop.models",
+    "count_parameters": "sigprop.models", "create_model": "sigprop.models",
     "list_models": "sigprop.models",
-    "train": "sigprop.train",
-    "TrainConfig": "sigprop.train_config",
-    "ClipConfig": "sigprop.clipping",
-    "Probe": "sigprop.probes",
+    "train": "sigprop.train", "TrainConfig": "sigprop.train_config",
+    "ClipConfig": "sigprop.clipping", "Probe": "sigprop.probes",
     "signal_propagation": "sigprop.spp",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> object:
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module 'sigprop' has no attribute {name!r}")
+__getattr__ = _lazy_getattr(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:

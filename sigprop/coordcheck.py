@@ -272,16 +272,14 @@ def coord_check(
     models: Sequence[tuple[float, Callable[[], nn.Module]]],
     batch: tuple[torch.Tensor, torch.Tensor],
     *,
-    steps: int = DEFAULT_STEPS,
     lr: float = DEFAULT_LR,
-    seeds: int | Iterable[int] = DEFAULT_SEEDS,
-    label: str = "model",
     data: str | None = None,
     **kwargs,
 ) -> pd.DataFrame:
     """:func:`coord_data` averaged over seeds (:func:`summarize_coords`): one row per
-    (width, step, point). ``data`` only names the batch in the frame."""
-    raw = coord_data(models, batch, steps=steps, lr=lr, seeds=seeds, label=label, **kwargs)
+    (width, step, point). ``data`` only names the batch in the frame; the other keywords
+    (``steps``, ``seeds``, ``label``, ...) are :func:`coord_data`'s, with its defaults."""
+    raw = coord_data(models, batch, lr=lr, **kwargs)
     return summarize_coords(raw, lr=lr, data=data, batch=tuple(batch[0].shape))
 
 

@@ -2,6 +2,7 @@
 
     style       labels, names of settings, palettes, axes helpers, the figure style
     frames      derived columns, varied axes, seed summaries, which runs a panel shows
+    heatmap     the block x step log heatmap that gradients and forensics draw
     spp         plot_spp: signal propagation at init (paper A, Figure 1 style)
     coordcheck  plot_coord_data: mup's coordinate check, activation size against width
     stability   plot_stability_heatmap: clipping threshold x batch size
@@ -26,31 +27,19 @@ figures): Brock, De, Smith and Simonyan, "High-Performance Large-Scale Image Rec
 Without Normalization", ICML 2021, arXiv 2102.06171.
 """
 
+from sigprop.lazy import lazy_getattr
+
 # Public name -> the module (under reports.figures) that defines it.
 _EXPORTS = {
-    "plot_spp": "spp",
-    "plot_coord_data": "coordcheck",
-    "plot_stability_heatmap": "stability",
-    "plot_accuracy_vs_batch": "accuracy",
-    "plot_training_curves": "curves",
-    "plot_gradient_heatmap": "gradients",
-    "plot_agc_clip_fraction": "clipping",
-    "plot_alpha_sweep": "alpha",
-    "spp_slopes": "alpha",
-    "plot_gains": "gains",
-    "plot_frontier": "frontier",
-    "plot_frontier_accuracy": "frontier",
-    "plot_divergence_timeline": "forensics",
+    "plot_spp": ".spp", "plot_coord_data": ".coordcheck",
+    "plot_stability_heatmap": ".stability", "plot_accuracy_vs_batch": ".accuracy",
+    "plot_training_curves": ".curves", "plot_gradient_heatmap": ".gradients",
+    "plot_agc_clip_fraction": ".clipping", "plot_alpha_sweep": ".alpha", "spp_slopes": ".alpha",
+    "plot_gains": ".gains", "plot_frontier": ".frontier", "plot_frontier_accuracy": ".frontier",
+    "plot_divergence_timeline": ".forensics",
 }
 __all__ = sorted(_EXPORTS)
-
-
-def __getattr__(name: str) -> object:
-    if name in _EXPORTS:
-        import importlib
-
-        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _EXPORTS)
 
 
 def __dir__() -> list[str]:

@@ -11,26 +11,13 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from reports.figures.frames import (
-    add_panel_column,
-    chance_level,
-    dependent_on,
-    ordered_values,
-    require,
-    seed_summary,
-    seeds_text,
-    setting_axes,
-    with_derived,
-)
+from reports.figures import frames
 from reports.figures.style import (
     DIVERGED_MARK,
-    FRACTION_COLUMNS,
     LINESTYLES,
     MARKERS,
-    accuracy_limits,
-    chance_handle,
+    chance_handles,
     diverged_handle,
-    draw_chance,
     fmt_value,
     label,
     new_figure,
@@ -40,6 +27,7 @@ from reports.figures.style import (
     set_value_axis,
     set_x_axis,
     styled,
+    value_limits,
 )
 
 # a strip row's height (inches) and where its name's top sits (in row units below the row's
@@ -61,29 +49,29 @@ def plot_accuracy_vs_batch(
     (default: clipping) and ``style`` value (default: model family), the mean over completed
     seeds with a min-max band. Diverged runs get a strip under the plot: one row per line
     that has any, a cross at each x where runs diverged, labelled "k/n" (k of n finished)."""
-    frame = with_derived(runs)
-    require(frame, [x, y], "the accuracy plot")
+    frame = frames.with_derived(runs)
+    frames.require(frame, [x, y], "the accuracy plot")
     frame = frame[frame[x].notna()].copy()
     fixed = [col] if isinstance(col, str) else list(col or [])
-    settings = [c for c in setting_axes(frame, exclude=[x]) if c not in fixed]
+    settings = [c for c in frames.setting_axes(frame, exclude=[x]) if c not in fixed]
     if hue is None:
-        hue = next(iter(dependent_on(frame, [x, *fixed], settings)), None)
+        hue = next(iter(frames.dependent_on(frame, [x, *fixed], settings)), None)
     if style is None:
-        rest = dependent_on(frame, [x, *fixed, *filter(None, [hue])], settings)
+        rest = frames.dependent_on(frame, [x, *fixed, *filter(None, [hue])], settings)
         style = "model" if "model" in rest else (rest[0] if len(rest) > 1 else None)
     chosen = [c for c in (x, hue, style) if c]
-    require(frame, chosen, "the accuracy plot")
+    frames.require(frame, chosen, "the accuracy plot")
     if col is None:
-        col = dependent_on(frame, chosen, setting_axes(frame, exclude=chosen))
-    panels = add_panel_column(frame, col)
-    chance = chance_level(frame)
-    xs = ordered_values(frame, x)
+        col = frames.dependent_on(frame, chosen, frames.setting_axes(frame, exclude=chosen))
+    panels = frames.add_panel_column(frame, col)
+    chance = frames.chance_level(frame)
+    xs = frames.ordered_values(frame, x)
     to_pos, scale = positions(xs)
-    hues = ordered_values(frame, hue) if hue else [None]
-    styles = ordered_values(frame, style) if style else [None]
+    hues = frames.ordered_values(frame, hue) if hue else [None]
+    styles = frames.ordered_values(frame, style) if style else [None]
     colours = palette_for(hues)
     keys = ["_panel", *[c for c in (hue, style) if c], x]
-    summary = seed_summary(frame, keys, y)
+    summary = frames.seed_summary(frame, keys, y)
     lines = [(h, s) for h in hues for s in styles]
 
     def select(part: pd.DataFrame, hv: Any, sv: Any) -> pd.DataFrame:
@@ -122,11 +110,7 @@ def plot_accuracy_vs_batch(
                 ax.fill_between(px, line["low"], line["high"], color=colour, alpha=0.18,
                                 linewidth=0, gid="band")
         set_value_axis(ax, y)
-        if y in FRACTION_COLUMNS:
-            draw_chance(ax, chance)
-            accuracy_limits(ax, summary["high"].max())
-        else:
-            ax.margins(y=0.1)
+        value_limits(ax, y, chance, summary["high"].max(), margin=0.1)
         if panel:
             ax.set_title(panel)
         if ax is not axes[0][0]:
@@ -150,8 +134,7 @@ def plot_accuracy_vs_batch(
         handles.append(Patch(facecolor="grey", alpha=0.3, label="min–max over seeds"))
     if strip_rows:
         handles.append(diverged_handle())
-    if chance is not None and y in FRACTION_COLUMNS:
-        handles.append(chance_handle(chance))
+    handles += chance_handles(y, chance)
     title = " / ".join(label(c) for c in (hue, style) if c) or None
     fig.legend(handles=handles, loc="outside right upper", title=title, frameon=False)
     shown = [x, hue, style, *([col] if isinstance(col, str) else list(col or []))]
@@ -164,7 +147,7 @@ def _averaged_text(frame: pd.DataFrame, summary: pd.DataFrame, shown: list) -> s
     """The title's second line: what each point averages. Seeds, unless the seed is itself
     on an axis; then the runs each point holds ("one run per point")."""
     if "seed" not in shown:
-        seeds = seeds_text(frame)
+        seeds = frames.seeds_text(frame)
         return f"\n(mean over {seeds})" if seeds else ""
     counts = sorted({int(n) for n in summary["n_completed"] + summary["n_diverged"] if n > 0})
     if not counts or counts == [1]:

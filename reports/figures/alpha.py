@@ -9,25 +9,12 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from reports.figures.frames import (
-    block_rows,
-    chance_level,
-    dependent_on,
-    ordered_values,
-    require,
-    seed_summary,
-    seeds_text,
-    setting_axes,
-    with_derived,
-)
+from reports.figures import frames
 from reports.figures.style import (
-    FRACTION_COLUMNS,
     LINESTYLES,
     PALETTE,
-    accuracy_limits,
-    chance_handle,
+    chance_handles,
     diverged_handle,
-    draw_chance,
     fmt_value,
     is_number,
     label,
@@ -38,6 +25,7 @@ from reports.figures.style import (
     set_value_axis,
     set_x_axis,
     styled,
+    value_limits,
 )
 from sigprop.errors import UserError
 
@@ -47,9 +35,9 @@ def spp_slopes(blocks: pd.DataFrame, runs: pd.DataFrame, alpha: str = "model.alp
     """Within-stage least-squares slope of ``stat`` against block index at each run's first
     recorded step. Columns: run_id, ``alpha``, stage, slope, expected_slope (the same fit of
     ``expected_var``; NaN where absent). Stages with fewer than two blocks have no slope."""
-    rows = block_rows(blocks, stat)
-    frame = with_derived(runs)
-    require(frame, ["run_id", alpha], "the SPP slopes")
+    rows = frames.block_rows(blocks, stat)
+    frame = frames.with_derived(runs)
+    frames.require(frame, ["run_id", alpha], "the SPP slopes")
     rows = rows[rows["stage"] >= 0] if "stage" in rows else rows
     rows = rows.merge(frame[["run_id", alpha]], on="run_id")
     rows = rows[rows["step"] == rows.groupby("run_id")["step"].transform("min")]
@@ -93,22 +81,23 @@ def plot_alpha_sweep(
     (measured vs expected α²; only when some stage has two or more blocks), and ``y`` against
     alpha (mean over completed seeds, min-max band, diverged crosses, chance dotted). The
     expectation is drawn only for runs it applies to: not for SkipInit gains starting at 0."""
-    frame = with_derived(runs)
-    require(frame, [x, y], "the alpha sweep")
+    frame = frames.with_derived(runs)
+    frames.require(frame, [x, y], "the alpha sweep")
     frame = frame[frame[x].notna()].copy()
     if frame.empty:
         raise UserError(f"no runs have {x} (it only exists for NF models)")
     if hue is None:
-        hue = next(iter(dependent_on(frame, [x], setting_axes(frame, exclude=[x]))), None)
+        settings = frames.setting_axes(frame, exclude=[x])
+        hue = next(iter(frames.dependent_on(frame, [x], settings)), None)
     frame["_theory"] = theory_applies(frame)
     has_var = (blocks is not None and not blocks.empty and "stat" in blocks
-               and not block_rows(blocks, "var").empty
-               and block_rows(blocks, "var")["run_id"].isin(frame["run_id"]).any())
+               and not frames.block_rows(blocks, "var").empty
+               and frames.block_rows(blocks, "var")["run_id"].isin(frame["run_id"]).any())
     slopes = spp_slopes(blocks, frame, x) if has_var else pd.DataFrame()
     has_slopes = not slopes.empty  # one block per stage leaves no within-stage slope
-    alphas = ordered_values(frame, x)
+    alphas = frames.ordered_values(frame, x)
     alpha_colours = palette_for(alphas)
-    hues = ordered_values(frame, hue) if hue else [None]
+    hues = frames.ordered_values(frame, hue) if hue else [None]
     hue_colours = palette_for(hues)
     n_panels = 1 + has_var + has_slopes
     fig, axes = new_figure(1, n_panels, 5.0 * n_panels + (0.5 if n_panels == 1 else 0), 4.6)
@@ -117,7 +106,7 @@ def plot_alpha_sweep(
 
     if has_var:
         profile_ax = axes[0][0]
-        rows = block_rows(blocks, "var").merge(
+        rows = frames.block_rows(blocks, "var").merge(
             frame[["run_id", x, "_theory", *filter(None, [hue])]], on="run_id")
         rows = rows[rows["step"] == rows.groupby("run_id")["step"].transform("min")]
         drawn_theory = False
@@ -187,7 +176,7 @@ def plot_alpha_sweep(
 
     acc_ax = axes[0][-1]
     keys = [k for k in (hue, x) if k]
-    summary = seed_summary(frame, keys, y)
+    summary = frames.seed_summary(frame, keys, y)
     for hv in hues:
         line = summary if hue is None else summary[summary[hue] == hv]
         colour = hue_colours.get(hv, "black") if hue else sns.color_palette(PALETTE)[0]
@@ -201,18 +190,13 @@ def plot_alpha_sweep(
                 mark_diverged(acc_ax, pos, int(count), colour)
     set_x_axis(acc_ax, alphas, scale, x)
     set_value_axis(acc_ax, y)
-    chance = chance_level(frame)
-    if y in FRACTION_COLUMNS:
-        draw_chance(acc_ax, chance)
-        accuracy_limits(acc_ax, summary["high"].max())
-    else:
-        acc_ax.margins(y=0.15)
+    chance = frames.chance_level(frame)
+    value_limits(acc_ax, y, chance, summary["high"].max(), margin=0.15)
     acc_ax.set_title(f"{label(y).capitalize()} vs α")
     extra = [diverged_handle()] if summary["n_diverged"].any() else []
-    if chance is not None and y in FRACTION_COLUMNS:
-        extra.append(chance_handle(chance))
+    extra += chance_handles(y, chance)
     acc_ax.legend(handles=[*acc_ax.get_legend_handles_labels()[0], *extra], fontsize=9,
                   frameon=False, title=hue_title)
-    seeds = seeds_text(frame)
+    seeds = frames.seeds_text(frame)
     fig.suptitle("Alpha sweep" + (f" ({seeds} per setting)" if seeds else ""), fontsize=12)
     return fig

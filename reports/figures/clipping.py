@@ -11,27 +11,24 @@ from matplotlib.lines import Line2D
 
 from reports.figures.frames import (
     block_rows,
-    row_label,
-    run_panels,
     run_title,
     selected_panels,
-    shared_settings,
     with_derived,
 )
 from reports.figures.gradients import HEAD_NOTE
 from reports.figures.style import (
-    DIVERGED_LINE,
     HEAD_LABEL,
     LINESTYLES,
     PALETTE,
     CompactPercent,
     block_name,
+    divergence_handle,
+    draw_divergence,
     fmt_value,
     gids_of,
     is_number,
     label,
-    new_figure,
-    panel_width,
+    panel_figure,
     styled,
 )
 from sigprop.errors import UserError
@@ -99,9 +96,8 @@ def plot_agc_clip_fraction(
     styles, handles = unit_styles(shown, unit if level == "param" else "block")
 
     n_rows, n_cols = len(grid.cells), len(grid.col_values)
-    fig, axes = new_figure(n_rows, n_cols, panel_width(n_cols, 3.8, 2.6),
-                           4.0 * n_rows + 0.4, sharey=True)
-    for _, ax, run_id in run_panels(grid, axes):
+    fig, axes = panel_figure(n_rows, n_cols, 3.8, 2.6, 4.0 * n_rows + 0.4, sharey=True)
+    for _, ax, run_id in grid.panels(axes):
         part = shown[shown["run_id"] == run_id]
         for name, series in part.groupby(unit, sort=False):
             series = series.sort_values("step")
@@ -115,8 +111,7 @@ def plot_agc_clip_fraction(
         info = frame.loc[run_id] if run_id in frame.index else pd.Series(dtype=object)
         diverged_at = info.get("diverged_step")
         if info.get("status") == "diverged" and is_number(diverged_at):
-            ax.axvline(diverged_at, color=DIVERGED_LINE, linestyle="--", linewidth=2.5,
-                       gid="diverged")
+            draw_divergence(ax, diverged_at)
         # a run that stopped early keeps a readable step axis, not one around a point
         end = max([float(mean.index.max()), *[float(v) for v in (
             diverged_at, info.get("steps_done")) if is_number(v)]])
@@ -127,18 +122,16 @@ def plot_agc_clip_fraction(
         lam = probe_lambda(info) if len(info) else PROBE_DEFAULT_LAMBDA
         ax.set_title(f"{run_title(frame, run_id, grid)}\nprobe λ = {fmt_value(lam)}",
                      fontsize=10.5)
-    for r in range(n_rows):
-        axes[r][0].set_ylabel(row_label(grid, r, "units with ‖G‖/‖W‖ > probe λ (%)"))
+    grid.label_rows(axes, "units with ‖G‖/‖W‖ > probe λ (%)")
     handles.append(Line2D([], [], color="black", linestyle="--", linewidth=2,
                           label=f"mean over {unit}s"))
     if gids_of(fig, "diverged"):
-        handles.append(Line2D([], [], color=DIVERGED_LINE, linestyle="--", linewidth=2.5,
-                              label="divergence step"))
+        handles.append(divergence_handle())
     if any(HEAD_LABEL == block_name(n) for n in shown["block"].unique()):
         handles.append(Line2D([], [], linestyle="none", label=HEAD_NOTE.replace(": ", ":\n")))
     fig.legend(handles=handles, loc="outside right center", frameon=False,
                title="block" if level == "block" else "parameters by block")
-    shared = shared_settings(frame, grid) if run_ids is None else ""
+    shared = grid.shared_settings(frame) if run_ids is None else ""
     fig.suptitle(f"AGC clip fraction per {'parameter' if level == 'param' else 'block'}: "
                  "units whose ‖G‖/‖W‖ exceeds the probe's λ\n(probe λ: the run's AGC "
                  f"threshold; {fmt_value(PROBE_DEFAULT_LAMBDA)} for runs without AGC, whatever "

@@ -16,16 +16,7 @@ from matplotlib.ticker import (
     NullFormatter,
 )
 
-from reports.figures.frames import (
-    add_panel_column,
-    chance_level,
-    dependent_on,
-    ordered_values,
-    require,
-    seeds_text,
-    setting_axes,
-    with_derived,
-)
+from reports.figures import frames
 from reports.figures.style import (
     FRACTION_COLUMNS,
     LINESTYLES,
@@ -37,9 +28,8 @@ from reports.figures.style import (
     is_number,
     label,
     mark_diverged,
-    new_figure,
     palette_for,
-    panel_width,
+    panel_figure,
     set_value_axis,
     styled,
 )
@@ -92,32 +82,32 @@ def plot_training_curves(
     cover different step ranges, those ranges. ``smooth``: loss points per rolling mean
     (default :func:`smoothing_window` of each column's length).
     """
-    require(metrics, ["run_id", x], "the training curves")
-    frame = with_derived(runs)
+    frames.require(metrics, ["run_id", x], "the training curves")
+    frame = frames.with_derived(runs)
     join = [k for k in ("grid", "run_id") if k in metrics and k in frame]
     data = metrics.merge(frame.drop(columns=[c for c in metrics if c not in join and c in frame]),
                          on=join, how="inner")
     if data.empty:
         raise UserError("no metrics rows match the runs frame (join on grid, run_id)")
     run_frame = frame[frame["run_id"].isin(data["run_id"])].copy()
-    settings = setting_axes(run_frame)
+    settings = frames.setting_axes(run_frame)
     if col is None:
         col = ["batch_size"] if "batch_size" in settings and hue != "batch_size" else []
     cols = [col] if isinstance(col, str) else list(col)
     if hue is None:
-        hue = next(iter(dependent_on(run_frame, cols, settings)), None)
+        hue = next(iter(frames.dependent_on(run_frame, cols, settings)), None)
     if style is None:
-        rest = dependent_on(run_frame, [*cols, *filter(None, [hue])], settings)
+        rest = frames.dependent_on(run_frame, [*cols, *filter(None, [hue])], settings)
         style = "model" if "model" in rest else None
-    panels = add_panel_column(run_frame, cols)
+    panels = frames.add_panel_column(run_frame, cols)
     run_frame = run_frame.set_index("run_id", drop=False)
-    hues = ordered_values(frame, hue) if hue else [None]
-    styles = ordered_values(frame, style) if style else [None]
+    hues = frames.ordered_values(frame, hue) if hue else [None]
+    styles = frames.ordered_values(frame, style) if style else [None]
     colours = palette_for(hues)
     rows = [m for m in ("loss", "test_acc") if m in data and data[m].notna().any()]
     if not rows:
         raise UserError("the metrics have neither loss nor test_acc values to draw")
-    chance = chance_level(run_frame)
+    chance = frames.chance_level(run_frame)
     in_panel = data["run_id"].map(run_frame["_panel"])
     lengths = {panel: float(data.loc[in_panel == panel, x].max()) for panel in panels}
     if x == "step" and "steps_done" in run_frame:  # the runs' length, not the last logged step
@@ -168,8 +158,8 @@ def plot_training_curves(
                 first, count = crosses.get(key, (where, 0))
                 crosses[key] = (min(first, where), count + 1)
 
-    fig, axes = new_figure(len(rows), len(panels), panel_width(len(panels), 4.4, 3.0),
-                           2.9 * len(rows) + 0.9, sharey="row", sharex="col")
+    fig, axes = panel_figure(len(rows), len(panels), 4.4, 3.0, 2.9 * len(rows) + 0.9,
+                             sharey="row", sharex="col")
     plotted_loss: list[np.ndarray] = []
     identical: list[str] = []
     means: dict[tuple, list[tuple[str, pd.Series]]] = {}  # per axes: the settings drawn so far
@@ -249,7 +239,7 @@ def plot_training_curves(
         handles.append(chance_handle(chance))
     title = " / ".join(label(c) for c in (hue, style) if c) or None
     fig.legend(handles=handles, loc="outside right upper", title=title, frameon=False)
-    seeds = seeds_text(drawn)
+    seeds = frames.seeds_text(drawn)
     fig.suptitle("Training curves" + (f" (mean over {seeds} per setting)" if seeds else ""),
                  fontsize=12)
     fig.supxlabel("\n".join(curve_notes(panels, lengths, windows, identical, x)),

@@ -13,28 +13,22 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import NullLocator
 
 from reports.figures.frames import require, run_title, with_derived
+from reports.figures.heatmap import draw_blocks, log_colourbar, log_scale, zero_handle
 from reports.figures.style import (
-    DIVERGED_LINE,
-    GRADIENT_CMAP,
     MISSING_COLOUR,
-    ZERO_COLOUR,
     block_name,
-    fmt_tick,
+    divergence_handle,
+    draw_divergence,
     is_number,
     label,
-    log_ticks,
-    new_figure,
-    panel_width,
+    panel_figure,
     styled,
 )
 from sigprop.errors import UserError
@@ -117,16 +111,11 @@ def plot_divergence_timeline(
     if not run_ids:
         raise UserError(f"the flight record has no {stat!r} rows of any block")
     frame = with_derived(runs).drop_duplicates("run_id").set_index("run_id", drop=False)
-    values = pd.to_numeric(rows.loc[rows["run_id"].isin(run_ids), "value"], errors="coerce")
-    positive = values[(values > 0) & np.isfinite(values)]
-    if positive.empty:
-        raise UserError(f"no positive finite {stat!r} values to draw on a log scale")
-    norm = LogNorm(positive.min(), max(positive.max(), positive.min() * 1.01))
-    cmap = matplotlib.colormaps[GRADIENT_CMAP].with_extremes(under=ZERO_COLOUR)
+    norm, cmap = log_scale(rows.loc[rows["run_id"].isin(run_ids), "value"], stat)
 
     n_blocks = rows["block"].nunique()
-    fig, axes = new_figure(len(run_ids), 1, panel_width(1, 9.0, 2.0),
-                           max(3.4, 0.24 * n_blocks + 1.9) * len(run_ids))
+    fig, axes = panel_figure(len(run_ids), 1, 9.0, 2.0,
+                             max(3.4, 0.24 * n_blocks + 1.9) * len(run_ids))
     mesh = None
     flags = {"zero": False, "missing": False, "gap": False, "first": False, "block": False}
     for ax, run_id in zip(axes[:, 0], run_ids):
@@ -137,17 +126,11 @@ def plot_divergence_timeline(
                  .unstack("step").sort_index(level="index"))
         steps = table.columns.to_numpy(dtype=float)
         data = table.to_numpy(dtype=float)
-        zero = data <= 0
-        flags["zero"] |= bool(zero.any())
+        flags["zero"] |= bool((data <= 0).any())
+        # not finite (the breakdown itself) or not kept
         flags["missing"] |= bool((~np.isfinite(data)).any())
-        data = np.where(zero, norm.vmin / 10, data)
-        mesh = ax.pcolormesh(np.arange(len(steps) + 1) - 0.5, np.arange(len(table) + 1) - 0.5,
-                             np.ma.masked_invalid(data), norm=norm, cmap=cmap, shading="flat")
-        ax.set_facecolor(MISSING_COLOUR)  # not finite (the breakdown itself) or not kept
-        ax.grid(False)
-        names = [block_name(b) for b in table.index.get_level_values("block")]
-        ax.set_yticks(range(len(table)), names, fontsize=8 if len(table) > 12 else 9)
-        ax.set_ylim(len(table) - 0.5, -0.5)
+        mesh = draw_blocks(ax, table, np.arange(len(steps) + 1) - 0.5, norm, cmap,
+                           [block_name(b) for b in table.index.get_level_values("block")])
         for gap in np.flatnonzero(np.diff(steps) > 1):  # the recorder kept no steps between
             ax.axvline(gap + 0.5, color=GAP_COLOUR, linewidth=3, gid="gap")
             flags["gap"] = True
@@ -160,7 +143,7 @@ def plot_divergence_timeline(
         right = len(steps) - 0.5
         if is_number(diverged) and np.isfinite(diverged):
             at = step_position(steps, float(diverged))
-            ax.axvline(at, color=DIVERGED_LINE, linestyle="--", linewidth=2.5, gid="diverged")
+            draw_divergence(ax, at)
             right = max(right, at + 0.5)
         if is_number(first) and np.isfinite(first):
             at = step_position(steps, float(first))
@@ -181,13 +164,8 @@ def plot_divergence_timeline(
         ax.set_ylabel("block (input → output)")
         title = run_title(frame, run_id) if run_id in frame.index else run_id
         ax.set_title(f"{run_id}: " + title.replace("\n", ", "), fontsize=10.5)
-    colourbar = fig.colorbar(mesh, ax=axes.ravel().tolist(), shrink=0.9)
-    colourbar.set_label(f"{label(stat)}\n(log scale)")  # two lines: fits a short panel
-    ticks = log_ticks(norm.vmin, norm.vmax)
-    colourbar.set_ticks(ticks, labels=[fmt_tick(t) for t in ticks])
-    colourbar.ax.yaxis.set_minor_locator(NullLocator())
-    keys: list[Any] = [Line2D([], [], color=DIVERGED_LINE, linestyle="--", linewidth=2.5,
-                              label="divergence step")]
+    log_colourbar(fig, axes, mesh, norm, f"{label(stat)}\n(log scale)")  # fits a short panel
+    keys: list[Any] = [divergence_handle()]
     if flags["first"]:
         keys.append(Line2D([], [], color=FIRST_OUT_LINE, linestyle=":", linewidth=2.5,
                            label="first statistic out of range (diagnosis)"))
@@ -199,7 +177,7 @@ def plot_divergence_timeline(
         keys.append(Patch(facecolor=MISSING_COLOUR, edgecolor="grey",
                           label="not finite or not recorded"))
     if flags["zero"]:
-        keys.append(Patch(facecolor=ZERO_COLOUR, edgecolor="grey", label="exactly zero"))
+        keys.append(zero_handle())
     if flags["gap"]:
         keys.append(Line2D([], [], color="grey", linewidth=3, label="steps not kept (gap)"))
     fig.legend(handles=keys, loc="outside lower center", ncols=min(len(keys), 3),

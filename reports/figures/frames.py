@@ -247,6 +247,38 @@ class PanelGrid:
     def run_ids(self) -> list[str]:
         return [run for line in self.cells for run in line if run is not None]
 
+    def panels(self, axes: Any) -> Iterator[tuple[int, Any, str]]:
+        """``(row, axes, run id)`` of each panel that shows a run, row by row; the cells
+        without a run are drawn as :func:`empty_panel` on the way."""
+        for r, line in enumerate(self.cells):
+            for c, run_id in enumerate(line):
+                if run_id is None:
+                    empty_panel(axes[r][c], self, self.row_values[r], self.col_values[c])
+                else:
+                    yield r, axes[r][c], run_id
+
+    def label_rows(self, axes: Any, text: str) -> None:
+        """The y label ``text`` on the first panel of each row, headed by the row's setting
+        (the model)."""
+        for r, value in enumerate(self.row_values):
+            value = value if self.row else None
+            axes[r][0].set_ylabel(f"{fmt_value(value)}\n{text}" if value is not None else text)
+
+    def shared_settings(self, runs: pd.DataFrame, exclude: Sequence[str] = ()) -> str:
+        """The settings every panel shares, which :func:`run_title` leaves out of the panel
+        titles: "SkipInit gain at init 0, steps 100" (for the figure's title); ``exclude``:
+        settings not to name."""
+        frame = with_derived(runs)
+        shown = frame[frame["run_id"].isin(self.run_ids)]
+        if shown.empty:
+            return ""
+        keys = [c for c in setting_axes(shown, exclude=["batch_size", "seed", *exclude])
+                if c in shown and c not in (self.row, self.col)
+                and shown[c].nunique(dropna=False) == 1]
+        row = shown.iloc[0]
+        return ", ".join(fmt_value(row[c]) if c in ("clipping", "model")
+                         else f"{label(c).split(' (')[0]} {fmt_value(row[c])}" for c in keys)
+
 
 def pick_panels(runs: pd.DataFrame, candidates: Sequence[str], col: str | None = None,
                 row: str | None = None, max_panels: int = 4) -> PanelGrid:
@@ -321,22 +353,6 @@ def run_title(runs: pd.DataFrame, run_id: str, grid: PanelGrid | None = None) ->
     return "\n".join(line for line in lines if line) or run_id
 
 
-def shared_settings(runs: pd.DataFrame, grid: PanelGrid, exclude: Sequence[str] = ()) -> str:
-    """The settings every panel of ``grid`` shares, which :func:`run_title` leaves out of the
-    panel titles: "SkipInit gain at init 0, steps 100" (for the figure's title); ``exclude``:
-    settings not to name."""
-    frame = with_derived(runs)
-    shown = frame[frame["run_id"].isin(grid.run_ids)]
-    if shown.empty:
-        return ""
-    keys = [c for c in setting_axes(shown, exclude=["batch_size", "seed", *exclude])
-            if c in shown and c not in (grid.row, grid.col)
-            and shown[c].nunique(dropna=False) == 1]
-    row = shown.iloc[0]
-    return ", ".join(fmt_value(row[c]) if c in ("clipping", "model")
-                     else f"{label(c).split(' (')[0]} {fmt_value(row[c])}" for c in keys)
-
-
 def selected_panels(blocks: pd.DataFrame, runs: pd.DataFrame, run_ids: Sequence[str] | None,
                     col: str | None, row: str | None, max_panels: int) -> PanelGrid:
     """``run_ids`` in one row, or :func:`pick_panels` among the runs with block statistics."""
@@ -358,23 +374,6 @@ def empty_panel(ax: Any, grid: PanelGrid, row_value: Any, col_value: Any) -> Non
     what = " with ".join(fmt_value(v) for v in (row_value, col_value) if v is not None)
     ax.text(0.5, 0.5, f"no run of\n{what}" if what else "no run", ha="center", va="center",
             transform=ax.transAxes, color="#525252", fontsize=10, gid="no-run")
-
-
-def run_panels(grid: PanelGrid, axes: Any) -> Iterator[tuple[int, Any, str]]:
-    """``(row, axes, run id)`` of each panel of ``grid`` that shows a run, row by row; the
-    cells without a run are drawn as :func:`empty_panel` on the way."""
-    for r, line in enumerate(grid.cells):
-        for c, run_id in enumerate(line):
-            if run_id is None:
-                empty_panel(axes[r][c], grid, grid.row_values[r], grid.col_values[c])
-            else:
-                yield r, axes[r][c], run_id
-
-
-def row_label(grid: PanelGrid, r: int, text: str) -> str:
-    """The y label of a panel row, headed by the row's setting (the model)."""
-    value = grid.row_values[r] if grid.row else None
-    return f"{fmt_value(value)}\n{text}" if value is not None else text
 
 
 def chance_level(runs: pd.DataFrame) -> float | None:

@@ -11,9 +11,8 @@ from reports.figures.style import (
     DIVERGED_MARK,
     fmt_value,
     label,
-    new_figure,
     palette_for,
-    panel_width,
+    panel_figure,
     styled,
 )
 from sigprop.constants import GAIN_PREFIX
@@ -41,7 +40,7 @@ def plot_gains(blocks: pd.DataFrame, runs: pd.DataFrame, col: str | None = None)
     colours = palette_for(hues)
     per_run = (rows.assign(value=rows["value"].abs())
                .groupby(["run_id", "step"])["value"].mean().reset_index())
-    fig, axes = new_figure(1, len(panels), panel_width(len(panels), 4.2, 2.6), 3.8, sharey=True)
+    fig, axes = panel_figure(1, len(panels), 4.2, 2.6, 3.8, sharey=True)
     for ax, panel in zip(axes[0], panels):
         members = frame if panel is None else frame[frame[col] == panel]
         for _, run in sort_frame(members, [hue] if hue else []).iterrows():

@@ -4,38 +4,29 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import matplotlib
 import numpy as np
 import pandas as pd
-from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
-from matplotlib.ticker import NullLocator
 
 from reports.figures.frames import (
     block_rows,
-    row_label,
-    run_panels,
     run_title,
     selected_panels,
-    shared_settings,
     with_derived,
 )
+from reports.figures.heatmap import draw_blocks, log_colourbar, log_scale, zero_handle
 from reports.figures.style import (
-    DIVERGED_LINE,
-    GRADIENT_CMAP,
     HEAD_LABEL,
     MISSING_COLOUR,
-    ZERO_COLOUR,
     block_name,
-    fmt_tick,
+    divergence_handle,
+    draw_divergence,
     gids_of,
     is_number,
     label,
-    log_ticks,
-    new_figure,
-    panel_width,
+    panel_figure,
     styled,
 )
 from sigprop.errors import UserError
@@ -94,14 +85,7 @@ def plot_gradient_heatmap(
     if rows.empty:
         raise UserError(f"the blocks frame has no {stat!r} rows")
     grid = selected_panels(rows, runs, run_ids, col, row, max_panels)
-    positive = rows.loc[rows["run_id"].isin(grid.run_ids) & (rows["value"] > 0), "value"]
-    positive = positive[np.isfinite(positive)]
-    if positive.empty:
-        raise UserError(f"no positive finite {stat!r} values to draw on a log scale")
-    norm = LogNorm(positive.min(), max(positive.max(), positive.min() * 1.01))
-    # zeros (e.g. every gradient behind a zero-initialised classifier at step 0) have no place
-    # on a log scale: they get the "under" colour, distinct from steps never recorded
-    cmap = matplotlib.colormaps[GRADIENT_CMAP].with_extremes(under=ZERO_COLOUR)
+    norm, cmap = log_scale(rows.loc[rows["run_id"].isin(grid.run_ids), "value"], stat)
     frame = with_derived(runs)
     has_zero = has_missing = has_head = has_after = has_infinite = False
     spans = {run_id: step_span(rows, run_id) for run_id in grid.run_ids}
@@ -109,33 +93,25 @@ def plot_gradient_heatmap(
 
     n_blocks = rows["block"].nunique()
     n_rows, n_cols = len(grid.cells), len(grid.col_values)
-    fig, axes = new_figure(n_rows, n_cols, panel_width(n_cols, 3.6, 1.6),
-                           max(3.6, 0.24 * n_blocks + 1.9) * n_rows - 0.6 * (n_rows - 1))
+    fig, axes = panel_figure(n_rows, n_cols, 3.6, 1.6,
+                             max(3.6, 0.24 * n_blocks + 1.9) * n_rows - 0.6 * (n_rows - 1))
     mesh = None
     previous_blocks: dict[int, list[str]] = {}  # per panel row
-    for r, ax, run_id in run_panels(grid, axes):
+    for r, ax, run_id in grid.panels(axes):
         part = rows[rows["run_id"] == run_id]
         table = part.pivot_table(index=["index", "block"], columns="step", values="value",
                                  aggfunc="mean").sort_index(level="index")
         steps = table.columns.to_numpy(dtype=float)
         values = table.to_numpy(dtype=float)
-        zero = values <= 0
-        has_zero |= bool(zero.any())
+        has_zero |= bool((values <= 0).any())
         has_missing |= bool(np.isnan(values).any())
         has_infinite |= bool(np.isinf(values).any())  # a diverged step's statistics
-        values = np.where(zero, norm.vmin / 10, values)
-        mesh = ax.pcolormesh(step_edges(steps), np.arange(len(table) + 1) - 0.5,
-                             np.ma.masked_invalid(values), norm=norm, cmap=cmap,
-                             shading="flat")
-        ax.set_facecolor(MISSING_COLOUR)  # steps a block was not recorded at
-        ax.grid(False)
         names = [block_name(b) for b in table.index.get_level_values("block")]
         has_head |= HEAD_LABEL in names
         # repeated block names along a row are noise; different models keep their own
-        ax.set_yticks(range(len(table)), names if names != previous_blocks.get(r) else [],
-                      fontsize=8 if len(table) > 12 else 9)
+        mesh = draw_blocks(ax, table, step_edges(steps), norm, cmap,
+                           names if names != previous_blocks.get(r) else [])
         previous_blocks[r] = names
-        ax.set_ylim(len(table) - 0.5, -0.5)
         if len(steps) <= 8:
             ax.set_xticks(steps, [f"{s:g}" for s in steps])
         ax.set_xlabel(label("step"))
@@ -148,8 +124,7 @@ def plot_gradient_heatmap(
         if len(info) and info.iloc[0]["status"] == "diverged" and is_number(
                 info.iloc[0].get("diverged_step")):
             at = float(info.iloc[0]["diverged_step"])
-            ax.axvline(at, color=DIVERGED_LINE, linestyle="--", linewidth=2.5,
-                       gid="diverged")
+            draw_divergence(ax, at)
             # what follows the divergence: at least half a column, so the line never
             # sits on the panel's edge
             half = (steps[-1] - steps[-2]) / 2 if len(steps) > 1 else 0.5
@@ -158,23 +133,17 @@ def plot_gradient_heatmap(
                        hatch="//", linewidth=0, zorder=0.5, gid="after-divergence")
             ax.set_xlim(ax.get_xlim()[0], right)
             has_after = True
-    for r in range(n_rows):
-        axes[r][0].set_ylabel(row_label(grid, r, "block (input → output)"))
-    colourbar = fig.colorbar(mesh, ax=axes.ravel().tolist(), shrink=0.9)
-    colourbar.set_label(f"{label(stat)} (log scale)")
-    ticks = log_ticks(norm.vmin, norm.vmax)
-    colourbar.set_ticks(ticks, labels=[fmt_tick(t) for t in ticks])
-    colourbar.ax.yaxis.set_minor_locator(NullLocator())
+    grid.label_rows(axes, "block (input → output)")
+    log_colourbar(fig, axes, mesh, norm, f"{label(stat)} (log scale)")
     keys = []
     if has_missing or has_infinite:
         keys.append(Patch(facecolor=MISSING_COLOUR, edgecolor="grey", label=(
             "not recorded" if not has_infinite else "not finite" if not has_missing
             else "not recorded or not finite")))
     if has_zero:
-        keys.append(Patch(facecolor=ZERO_COLOUR, edgecolor="grey", label="exactly zero"))
+        keys.append(zero_handle())
     if gids_of(fig, "diverged"):
-        keys.append(Line2D([], [], color=DIVERGED_LINE, linestyle="--", linewidth=2.5,
-                           label="divergence step"))
+        keys.append(divergence_handle())
     if has_after:
         keys.append(Patch(facecolor=MISSING_COLOUR, edgecolor="#969696", hatch="//",
                           label="after divergence"))
@@ -185,7 +154,7 @@ def plot_gradient_heatmap(
         fig.legend(handles=keys, loc="outside lower center", ncols=min(len(keys), 3),
                    frameon=False)
     # the configured length is not what a panel that diverged shows: leave it to the panels
-    shared = (shared_settings(frame, grid, exclude=("steps", "epochs") if differ else ())
+    shared = (grid.shared_settings(frame, exclude=("steps", "epochs") if differ else ())
               if run_ids is None else "")
     fig.suptitle(f"Gradient propagation during training: {stat.replace('_', ' ')} per block"
                  + (f"\n(every panel: {shared})" if shared else ""), fontsize=12)

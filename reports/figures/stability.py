@@ -12,17 +12,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
-from reports.figures.frames import (
-    add_panel_column,
-    chance_level,
-    dependent_on,
-    ordered_values,
-    require,
-    seed_summary,
-    seeds_text,
-    setting_axes,
-    with_derived,
-)
+from reports.figures import frames
 from reports.figures.style import (
     DIVERGED_GREY,
     FRACTION_COLUMNS,
@@ -30,8 +20,7 @@ from reports.figures.style import (
     CompactPercent,
     fmt_value,
     label,
-    new_figure,
-    panel_width,
+    panel_figure,
     styled,
 )
 from sigprop.constants import THRESHOLD_MODES
@@ -57,8 +46,8 @@ def plot_stability_heatmap(
     (global-norm and AGC thresholds are different scales) and, when some mode sweeps two or
     more thresholds, modes with a single one are left out.
     """
-    frame = with_derived(runs)
-    require(frame, [x, y, value], "the stability heatmap")
+    frame = frames.with_derived(runs)
+    frames.require(frame, [x, y, value], "the stability heatmap")
     by_mode = y == "clip.threshold" and "clip.mode" in frame
     if by_mode:
         frame = frame[frame["clip.mode"].isin(THRESHOLD_MODES)].copy()
@@ -69,12 +58,12 @@ def plot_stability_heatmap(
     if frame.empty:
         raise UserError(f"no runs with both {x} and {y} to draw the stability heatmap")
     if col is None:
-        col = dependent_on(frame, [x, y], setting_axes(frame, exclude=[x, y]))
+        col = frames.dependent_on(frame, [x, y], frames.setting_axes(frame, exclude=[x, y]))
         if by_mode and frame["clip.mode"].nunique() > 1 and "clip.mode" not in col:
             col = ["clip.mode", *col]  # thresholds of different modes are different scales
-    panels = add_panel_column(frame, col)
-    xs, ys = ordered_values(frame, x), ordered_values(frame, y)
-    summary = seed_summary(frame, ["_panel", x, y], value)
+    panels = frames.add_panel_column(frame, col)
+    xs, ys = frames.ordered_values(frame, x), frames.ordered_values(frame, y)
+    summary = frames.seed_summary(frame, ["_panel", x, y], value)
     finite = summary["mean"].dropna()
     norm = Normalize(finite.min() if len(finite) else 0.0, finite.max() if len(finite) else 1.0)
     if norm.vmin == norm.vmax:
@@ -82,8 +71,8 @@ def plot_stability_heatmap(
     cmap = matplotlib.colormaps[SEQUENTIAL]
 
     cell = 0.95 if len(xs) <= 5 else 0.75
-    fig, axes = new_figure(1, len(panels), panel_width(len(panels), cell * len(xs) + 1.3, 1.6),
-                           max(3.4, 0.55 * len(ys) + 2.2))
+    fig, axes = panel_figure(1, len(panels), cell * len(xs) + 1.3, 1.6,
+                             max(3.4, 0.55 * len(ys) + 2.2))
     image = None
     for ax, panel in zip(axes[0], panels):
         part = summary[summary["_panel"] == panel]
@@ -119,13 +108,13 @@ def plot_stability_heatmap(
         n_done = int((part["n_completed"] + part["n_diverged"]).sum())
         ax.set_title((f"{panel}\n" if panel else "") + f"diverged: {n_div} of {n_done} runs")
     colourbar = fig.colorbar(image, ax=list(axes[0]), shrink=0.9)
-    seeds = seeds_text(frame)
+    seeds = frames.seeds_text(frame)
     colourbar.set_label(f"{label(value)}, mean over {seeds or 'seeds'}"
                         + (" (%)" if value in FRACTION_COLUMNS else ""))
     if value in FRACTION_COLUMNS:
         colourbar.formatter = CompactPercent()
         colourbar.update_ticks()
-        chance = chance_level(frame)
+        chance = frames.chance_level(frame)
         if chance is not None and norm.vmin <= chance <= norm.vmax:
             colourbar.ax.axhline(chance, color="black", linestyle=":", linewidth=1.5,
                                  gid="chance")

@@ -213,6 +213,22 @@ def chance_handle(chance: float) -> Line2D:
                   else f"chance ({chance:.1%})")
 
 
+def value_limits(ax: Any, value: str, chance: float | None, highest: float,
+                 margin: float) -> None:
+    """The limits of a ``value`` axis: an accuracy's from 0 to just above ``highest``, with
+    chance dotted; any other's with a ``margin``."""
+    if value in FRACTION_COLUMNS:
+        draw_chance(ax, chance)
+        accuracy_limits(ax, highest)
+    else:
+        ax.margins(y=margin)
+
+
+def chance_handles(value: str, chance: float | None) -> list[Line2D]:
+    """The legend entry of the chance line :func:`value_limits` draws, if it draws one."""
+    return [chance_handle(chance)] if chance is not None and value in FRACTION_COLUMNS else []
+
+
 def accuracy_limits(ax: Any, highest: float | None = None) -> None:
     """An accuracy axis from 0 (so gaps read as proportions) to just above the best value."""
     top = 1.0 if highest is None or not np.isfinite(highest) else min(1.0, highest * 1.08)
@@ -262,6 +278,16 @@ def mark_diverged(ax: Any, x: float, count: int, colour: Any, where: str = "bott
                     else -10), textcoords="offset points", fontsize=9, color="black")
 
 
+def draw_divergence(ax: Any, step: float) -> None:
+    """The dashed line at the step a run diverged, on a step axis."""
+    ax.axvline(step, color=DIVERGED_LINE, linestyle="--", linewidth=2.5, gid="diverged")
+
+
+def divergence_handle() -> Line2D:
+    return Line2D([], [], color=DIVERGED_LINE, linestyle="--", linewidth=2.5,
+                  label="divergence step")
+
+
 def diverged_handle() -> Line2D:
     return Line2D([], [], marker=DIVERGED_MARK, color="grey", markeredgecolor="black",
                   markeredgewidth=0.6, linestyle="none", markersize=9, label="diverged run")
@@ -276,6 +302,15 @@ def new_figure(nrows: int, ncols: int, width: float, height: float,
 
 def panel_width(n: int, each: float, legend: float = 2.4) -> float:
     return min(max(each * n + legend, 7.0), 15.0)
+
+
+def panel_figure(nrows: int, ncols: int, each: float, legend: float, height: float,
+                 sharey: bool | str = False, sharex: bool | str = False,
+                 ) -> tuple[Figure, np.ndarray]:
+    """:func:`new_figure` of ``ncols`` panels ``each`` inches wide beside a ``legend`` inches
+    wide (:func:`panel_width`), ``height`` inches tall in all."""
+    return new_figure(nrows, ncols, panel_width(ncols, each, legend), height, sharey=sharey,
+                      sharex=sharex)
 
 
 def gids_of(fig: Figure, gid: str) -> list:

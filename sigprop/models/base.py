@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from sigprop.fields import POSITIVE, Rule, at_least, checked, one_of
-from sigprop.layers import ACTIVATIONS, PADDING_MODES, StochasticDepth
+from sigprop.layers import ACTIVATIONS, PADDING_MODES, StochasticDepth, apply_padding
 
 # Bottleneck ResNet depths by name, as in the NF-ResNet paper and the authors' nf_resnet.py.
 RESNET_DEPTHS: dict[int, tuple[int, ...]] = {
@@ -118,9 +118,9 @@ def build_stages(
 class ResidualNet(nn.Module):
     """Mixin for the sigprop families: ``stem`` -> ``stages`` (ModuleList of Sequentials) -> head.
 
-    Subclasses define ``stem``, ``stages`` (see :func:`build_stages`), ``drop``, ``fc`` and
-    ``forward_features``; the head is the same in every family: global mean pool, dropout,
-    linear.
+    Subclasses define ``build`` (``stem``, ``stages`` by :func:`build_stages`, then the head by
+    :meth:`build_head`) and ``forward_features``; the head is the same in every family: global
+    mean pool, dropout, linear.
     """
 
     stem: nn.Module
@@ -132,6 +132,25 @@ class ResidualNet(nn.Module):
     def __init__(self, cfg: typing.Any = None, **overrides: typing.Any) -> None:
         super().__init__()
         self.cfg = cfg or self.config_class(**overrides)
+        self.build(self.cfg, self.stage_widths())
+        # every strided conv and max-pool, once the layers are built as usual
+        apply_padding(self, self.cfg.padding)
+
+    def build(self, cfg: typing.Any, widths: list[int]) -> None:
+        """The family's layers, from its config and its stage widths (:meth:`stage_widths`)."""
+        raise NotImplementedError
+
+    def build_head(self, num_features: int, weight_std: float) -> None:
+        """Dropout and the linear classifier over ``num_features`` channels: its weights drawn
+        from N(0, weight_std²), or zero for ``weight_std=0``, and its bias zero."""
+        self.num_features = num_features
+        self.drop = nn.Dropout(self.cfg.drop_rate)
+        self.fc = nn.Linear(num_features, self.cfg.num_classes)
+        if weight_std:
+            nn.init.normal_(self.fc.weight, 0.0, weight_std)
+        else:
+            nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
 
     def stage_widths(self) -> list[int]:
         """The config's stage widths times its width_mult."""

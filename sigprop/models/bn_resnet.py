@@ -27,7 +27,6 @@ from sigprop.fields import FRACTION, POSITIVE, checked, one_of, validate
 from sigprop.layers import (
     MaxPool2dPadded,
     SqueezeExcite,
-    apply_padding,
     get_activation,
     he_conv2d,
 )
@@ -130,10 +129,7 @@ class BNBottleneck(nn.Module):
 class BNResNet(ResidualNet):
     config_class = BNResNetConfig
 
-    def __init__(self, cfg: BNResNetConfig | None = None, **overrides):
-        super().__init__(cfg, **overrides)
-        cfg = self.cfg
-        widths = self.stage_widths()
+    def build(self, cfg: BNResNetConfig, widths: list[int]) -> None:
         ch = max(1, widths[0] // 4)
         imagenet = cfg.stem == "imagenet"
         layers: OrderedDict[str, nn.Module] = OrderedDict(
@@ -147,17 +143,13 @@ class BNResNet(ResidualNet):
         self.stem = nn.Sequential(layers)
 
         self.stages = build_stages(ch, widths, cfg.depths, lambda plan: BNBottleneck(plan, cfg))
-        self.num_features = ch = widths[-1]
+        ch = widths[-1]
         if cfg.version == "v2":
             self.final_norm = make_norm(cfg, ch)
             self.final_act = get_activation(cfg.activation, scaled=False)
         else:
             self.final_norm, self.final_act = nn.Identity(), nn.Identity()
-        self.drop = nn.Dropout(cfg.drop_rate)
-        self.fc = nn.Linear(ch, cfg.num_classes)
-        nn.init.zeros_(self.fc.weight)  # the authors' baseline head init
-        nn.init.zeros_(self.fc.bias)
-        apply_padding(self, cfg.padding)  # every strided conv and the stem max-pool
+        self.build_head(ch, weight_std=0.0)  # the authors' baseline head init: zeros
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_act(self.final_norm(self.forward_stages(x)))

@@ -22,7 +22,6 @@ from sigprop.layers import (
     MaxPool2dPadded,
     ScaledStdConv2d,
     SqueezeExcite,
-    apply_padding,
     get_activation,
     he_conv2d,
 )
@@ -111,11 +110,8 @@ class NFBottleneck(NFResidualBlock):
 class NFResNet(ResidualNet):
     config_class = NFResNetConfig
 
-    def __init__(self, cfg: NFResNetConfig | None = None, **overrides):
-        super().__init__(cfg, **overrides)
-        cfg = self.cfg
+    def build(self, cfg: NFResNetConfig, widths: list[int]) -> None:
         conv = make_conv(cfg.ws)
-        widths = self.stage_widths()
         ch = max(1, widths[0] // 4)
         # The stem conv has a bias (zero at init), as every conv of the authors' (and timm's).
         if cfg.stem == "imagenet":
@@ -132,13 +128,8 @@ class NFResNet(ResidualNet):
             ch, widths, cfg.depths, lambda plan: NFBottleneck(plan, cfg),
             alpha=cfg.alpha, stochdepth_rate=cfg.stochdepth_rate,
         )
-        self.num_features = ch = widths[-1]
         self.final_act = get_activation(cfg.activation, scaled=cfg.ws)
-        self.drop = nn.Dropout(cfg.drop_rate)
-        self.fc = nn.Linear(ch, cfg.num_classes)
-        nn.init.normal_(self.fc.weight, 0.0, 0.01)
-        nn.init.zeros_(self.fc.bias)
-        apply_padding(self, cfg.padding)  # every strided conv and the stem max-pool
+        self.build_head(widths[-1], weight_std=0.01)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_act(self.forward_stages(x))

@@ -18,7 +18,6 @@ from sigprop.layers import (
     GAMMA,
     ScaledStdConv2d,
     SqueezeExcite,
-    apply_padding,
     get_activation,
 )
 from sigprop.models.base import (
@@ -144,10 +143,7 @@ class NFBlock(NFResidualBlock):
 class NFNet(ResidualNet):
     config_class = NFNetConfig
 
-    def __init__(self, cfg: NFNetConfig | None = None, **overrides):
-        super().__init__(cfg, **overrides)
-        cfg = self.cfg
-        widths = self.stage_widths()
+    def build(self, cfg: NFNetConfig, widths: list[int]) -> None:
         group_width = scaled(cfg.group_width, cfg.width_mult)
         stem_widths = [scaled(c, cfg.width_mult) for c in (16, 32, 64)] + [max(1, widths[0] // 2)]
         stem_strides = (2, 1, 1, 2) if cfg.stem == "imagenet" else (1, 1, 1, 1)
@@ -166,17 +162,13 @@ class NFNet(ResidualNet):
             ch, widths, cfg.depths, lambda plan: NFBlock(plan, cfg, group_width),
             alpha=cfg.alpha, stochdepth_rate=cfg.stochdepth_rate,
         )
-        ch = widths[-1]
-        self.num_features = int(cfg.final_conv_mult * ch)
-        self.final_conv = ScaledStdConv2d(ch, self.num_features, 1)
+        num_features = int(cfg.final_conv_mult * widths[-1])
+        self.final_conv = ScaledStdConv2d(widths[-1], num_features, 1)
         self.final_act = get_activation(cfg.activation)
-        self.drop = nn.Dropout(cfg.drop_rate)
-        self.fc = nn.Linear(self.num_features, cfg.num_classes)
-        nn.init.normal_(self.fc.weight, 0.0, 0.01)
-        nn.init.zeros_(self.fc.bias)
-        # every strided conv; the transition avg-pool (ceil mode, valid counts) already
-        # averages a lone last row / column at odd sizes, as Haiku's SAME avg_pool
-        apply_padding(self, cfg.padding)
+        self.build_head(num_features, weight_std=0.01)
+        # ResidualNet pads every strided conv; the transition avg-pool (ceil mode, valid
+        # counts) already averages a lone last row / column at odd sizes, as Haiku's SAME
+        # avg_pool
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.final_act(self.final_conv(self.forward_stages(x)))
