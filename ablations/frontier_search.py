@@ -77,7 +77,8 @@ class WarmSearch(BisectSearch):
     does, then bisects the bracket. Why 3: on ``frontier_batch``'s measured edges over a quarter
     of the warm starts missed by 2 or 3 lattice steps, which single steps bracket in 4 probes
     and doubling after offset 2 in 5 (3.42 probes per cell against 3.56 on the issue-25
-    edges, 3.50 against 3.72 on issue 15's; tests/test_frontier.py).
+    edges, 3.50 against 3.72 on issue 15's; tests/test_frontier.py; measured with the start
+    at the rounded prediction, before :func:`start_index`).
     Bounds as in :class:`BisectSearch`: lr_min and lr_max are probed only when the widening
     reaches them."""
 
