@@ -242,11 +242,11 @@ class FrontierSearch:
         """Where a cell's warm search starts (:mod:`ablations.frontier_search`); None: a cold
         bisection. A seed sibling with the other axes' guesses, not alone: on frontier_batch's
         edges the median of both took 3.42 probes per cell against 3.47 for the sibling's edge
-        alone (tests/test_frontier.py, the issue-25 oracle, both measured with the start at the
+        alone (tests/test_frontier_warm.py, the issue-25 oracle, both measured with the start at the
         rounded median, before :func:`start_index`)."""
         # a neighbour's edge with no measured shift is no start: along a threshold it lay 12
         # lattice steps off on frontier_batch's edges, and galloping that far costs more
-        # probes than a cold bisection (tests/test_frontier.py, measured shapes)
+        # probes than a cold bisection (tests/test_frontier_warm.py, measured shapes)
         guesses = []
         for j, key, pairs in plan.neighbours:
             # a sibling censored at a bound is a start there; along another axis a censored

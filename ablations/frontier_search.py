@@ -77,7 +77,7 @@ class WarmSearch(BisectSearch):
     does, then bisects the bracket. Why 3: on ``frontier_batch``'s measured edges over a quarter
     of the warm starts missed by 2 or 3 lattice steps, which single steps bracket in 4 probes
     and doubling after offset 2 in 5 (3.42 probes per cell against 3.56 on the issue-25
-    edges, 3.50 against 3.72 on issue 15's; tests/test_frontier.py; measured with the start
+    edges, 3.50 against 3.72 on issue 15's; tests/test_frontier_warm.py; measured with the start
     at the rounded prediction, before :func:`start_index`).
     Bounds as in :class:`BisectSearch`: lr_min and lr_max are probed only when the widening
     reaches them."""
@@ -116,8 +116,8 @@ def start_index(predicted: float, check_monotone: bool, n: int) -> int:
     the probe two steps above the edge is part of the cost, and it is free when the search
     probed it on the way down: 3 probes for an edge at the start or one or two below, so the
     start sits a step above: ``round(predicted + 1)``. Halves round up. On frontier_batch's
-    oracles (tests/test_frontier.py; issue-15 edges, issue-25 edges seed by seed, smooth) this
-    took 3.19, 3.33 and 2.67 probes per cell without the check (3.50, 3.42 and 2.83 with the
+    oracles (tests/test_frontier_warm.py; issue-15 edges, issue-25 edges seed by seed,
+    smooth) this took 3.19, 3.33 and 2.67 probes per cell without the check (3.50, 3.42 and 2.83 with the
     start at the rounded prediction), and 3.97, 4.06 and 3.61 with it (4.39, 4.25, 3.78).
     Clamped to the lattice's indices 0..n-1."""
     return min(max(math.floor(predicted + (1.5 if check_monotone else 1.0)), 0), n - 1)

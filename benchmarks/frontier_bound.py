@@ -14,7 +14,7 @@ cells' order, with two starts no real search has:
   seeds, as if the seeds' noise were the only thing left to guess; the first bisects cold;
 - *exact*: the same cells start at their own edge (2 probes each, the floor of any start).
 
-The search's own starts on the same edges are in ``tests/test_frontier.py``'s oracle test.
+The search's own starts on the same edges are in ``tests/test_frontier_warm.py``'s oracle test.
 """
 
 from __future__ import annotations

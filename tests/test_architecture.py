@@ -15,7 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # the command line: run_ablations and the top-level modules it is split into
-CLI = {"run_ablations", "cli_console", "cli_parser"}
+CLI = {"run_ablations", "cli_console", "cli_parser", "cli_measure"}
 FORBIDDEN = {
     "sigprop": {"ablations", "reports", *CLI},
     "ablations": {"reports", *CLI},

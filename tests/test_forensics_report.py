@@ -21,7 +21,7 @@ from reports.build import DIAGNOSIS_FIELDS, build_report, forensic_flight, with_
 from reports.figures.forensics import plot_divergence_timeline
 from reports.figures.gradients import plot_gradient_heatmap
 from reports.figures.stability import plot_stability_heatmap
-from tests.test_reports import BLOCKS, fake_blocks, fake_metrics, gids, run_row, write_fake_grid
+from tests.report_helpers import BLOCKS, fake_blocks, fake_metrics, gids, run_row, write_fake_grid
 
 FLIGHT_BLOCKS = [b for b in BLOCKS if b[0] in ("stem", "stages.0.0", "stages.0.1", "other")]
 FLIGHT_STATS = ("var", "sq_mean", "grad_norm", "agc_ratio_max", "update_ratio", "clipped")

@@ -268,7 +268,7 @@ def test_reports_figures_exports_the_plot_functions_lazily():
 
 def test_accuracy_title_with_seed_on_x_says_no_seeds_were_averaged():
     from reports.figures.accuracy import plot_accuracy_vs_batch
-    from tests.test_reports import agc_batch_runs
+    from tests.report_helpers import agc_batch_runs
 
     runs = agc_batch_runs()
     runs = runs[runs["batch_size"] == 64]

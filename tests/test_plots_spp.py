@@ -8,8 +8,9 @@ import pytest
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
 
+from ablations.overrides import parse_value
 from reports.figures.spp import OKABE_ITO, plot_spp, spp_title
-from run_ablations import main, parse_value
+from run_ablations import main
 from sigprop.spp import SPP_COLUMNS
 
 

@@ -27,7 +27,7 @@ from ablations.store import GridStore, load_results, one_method, read_frontier
 from run_ablations import main
 from sigprop.errors import UserError
 from sigprop.train import TrainConfig, exponential_lr, train
-from tests.test_frontier import OracleExecutor, oracle_edge, write_spec
+from tests.frontier_helpers import OracleExecutor, oracle_edge, write_spec
 
 LRS = np.geomspace(0.1, 25.6, 40)
 

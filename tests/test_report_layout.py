@@ -21,7 +21,7 @@ from matplotlib.figure import Figure
 from reports.build import RUN_HEADERS, Plot, Section, Table, render_html
 from reports.figures.accuracy import plot_accuracy_vs_batch
 from reports.figures.style import figure_png, panel_width
-from tests.test_reports import agc_batch_runs
+from tests.report_helpers import agc_batch_runs
 
 CHROMIUM = Path("/usr/bin/chromium")
 WIDTHS = (1400, 800, 400)

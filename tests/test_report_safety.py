@@ -18,7 +18,7 @@ import pytest
 
 from reports.build import MANIFEST, ForeignFilesError, build_report
 from run_ablations import main
-from tests.test_reports import PNG_MAGIC, fake_blocks, fake_metrics, write_fake_grid
+from tests.report_helpers import PNG_MAGIC, fake_blocks, fake_metrics, write_fake_grid
 
 markdown = pytest.importorskip("markdown")
 

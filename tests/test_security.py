@@ -457,7 +457,7 @@ def test_losing_the_ray_head_ends_the_grid_in_one_line_and_a_rerun_finishes_it(
     from ablations.store import GridStore, load_results
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    # not published in /tmp/ray/ray_current_cluster (see test_faults' Ray test)
+    # not published in /tmp/ray/ray_current_cluster (see test_faults_processes' Ray test)
     monkeypatch.setattr(private_utils, "write_ray_address", lambda *a, **k: None)
     monkeypatch.setattr(common_utils, "reset_ray_address", lambda *a, **k: None)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2,

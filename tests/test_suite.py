@@ -12,7 +12,7 @@ from tests import conftest
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 PROJECT = ("sigprop", "ablations", "reports", "run_ablations", "cli_console", "cli_parser",
-           "benchmarks")
+           "cli_measure", "benchmarks")
 SHARED = {"InlineExecutor", "start_runner", "wait_for", "kill_9", "run_inline", "tiny_spec",
           "store_finished_grid", "run_dirs"}
 
