@@ -40,19 +40,19 @@ class RemoteArchive:
     num_classes: int = 10
 
 
-KRIZHEVSKY = "https://www.cs.toronto.edu/~kriz/"  # where the official archives are published
+_KRIZHEVSKY = "https://www.cs.toronto.edu/~kriz/"  # the page the official archives are on
 
 
-def published(filename: str, md5: str, folder: str, label_key: bytes, num_classes: int,
+def _published(filename: str, md5: str, folder: str, label_key: bytes, num_classes: int,
               train: dict[str, str], test: dict[str, str], meta: dict[str, str]) -> RemoteArchive:
-    """An archive of :data:`KRIZHEVSKY`'s page; ``train``, ``test`` and ``meta``: each file it
+    """An archive on Krizhevsky's page; ``train``, ``test`` and ``meta``: each file it
     extracts to, with its published md5 (torchvision's values)."""
-    return RemoteArchive(KRIZHEVSKY + filename, md5, filename, folder, tuple(train), tuple(test),
+    return RemoteArchive(_KRIZHEVSKY + filename, md5, filename, folder, tuple(train), tuple(test),
                          label_key, {**train, **test, **meta}, num_classes)
 
 
 SOURCES: dict[str, RemoteArchive] = {
-    "cifar10": published(
+    "cifar10": _published(
         "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
         label_key=b"labels", num_classes=10,
         train={
@@ -64,7 +64,7 @@ SOURCES: dict[str, RemoteArchive] = {
         },
         test={"test_batch": "40351d587109b95175f43aff81a1287e"},
         meta={"batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}),
-    "cifar100": published(
+    "cifar100": _published(
         "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
         label_key=b"fine_labels", num_classes=100,
         train={"train": "16019d7e3df5f24257cddd939b257f8d"},
