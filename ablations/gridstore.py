@@ -31,6 +31,12 @@ from ablations.storefiles import (
 from sigprop.errors import UserError
 from sigprop.files import writable_dir_error
 
+# the public names, all re-exported by ablations.store
+__all__ = [
+    "FLIGHT_FILE", "FRONTIER_FILE", "PROGRESS_FILE", "RESULT_FILES", "GridStore", "LockUnchecked",
+    "RunLock",
+]
+
 RESULT_FILES = ("metrics.parquet", "blocks.parquet")
 FLIGHT_FILE = "flight.parquet"  # a diverged run's flight record (sigprop.recorder), if any
 PROGRESS_FILE = "progress.json"  # written by the worker every few seconds while a run trains

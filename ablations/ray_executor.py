@@ -13,16 +13,9 @@ import socket
 import time
 from typing import Any
 
+from ablations import worker
 from ablations.constants import MALLOC_ENV
 from ablations.store import DamagedFile, GridStore
-from ablations.worker import (
-    BUSY_RETRY_S,
-    DEFAULT_THREADS,
-    ResultCallback,
-    StepCallback,
-    check_threads,
-    execute_run,
-)
 from sigprop.errors import UserError
 from sigprop.files import writable_dir_error
 
@@ -113,8 +106,8 @@ def ray_run_task(root: str, grid: str, run_id: str, gpus: float, threads: int,
     import ray  # lazy: ray
 
     # Ray sets CUDA_VISIBLE_DEVICES for tasks that asked for GPUs, so "cuda" is the right one.
-    result = execute_run(root, grid, run_id, "cuda" if gpus > 0 else "cpu", threads, events, 0,
-                         deterministic)
+    device = "cuda" if gpus > 0 else "cpu"
+    result = worker.execute_run(root, grid, run_id, device, threads, events, 0, deterministic)
     return {**result, "node": ray.get_runtime_context().get_node_id()}
 
 
@@ -129,7 +122,7 @@ class RayExecutor:
 
     def __init__(self, address: str | None = None, cpus_per_run: float = 1,
                  gpus_per_run: float = 0, max_retries: int = 3, num_cpus: int | None = None,
-                 threads: int = DEFAULT_THREADS, deterministic: bool = False):
+                 threads: int = worker.DEFAULT_THREADS, deterministic: bool = False):
         try:
             import ray  # lazy: ray  # noqa: F401
         except ImportError:
@@ -143,7 +136,7 @@ class RayExecutor:
         self.cpus_per_run, self.gpus_per_run = cpus_per_run, gpus_per_run
         self.max_retries = max_retries
         self.num_cpus = num_cpus  # only for a local instance started here
-        self.threads, self.deterministic = check_threads(threads), deterministic
+        self.threads, self.deterministic = worker.check_threads(threads), deterministic
 
     def connect(self) -> None:
         import ray  # lazy: ray
@@ -200,8 +193,8 @@ class RayExecutor:
             )
 
     def run(
-        self, root: str, grid: str, run_ids: list[str], on_result: ResultCallback,
-        on_step: StepCallback | None = None,
+        self, root: str, grid: str, run_ids: list[str], on_result: worker.ResultCallback,
+        on_step: worker.StepCallback | None = None,
     ) -> None:
         import ray  # lazy: ray
         from ray.exceptions import RayError, TaskCancelledError  # lazy: ray
@@ -254,7 +247,7 @@ class RayExecutor:
                         line = f"{type(err).__name__}: {err}".splitlines()[0]
                         result = {"run_id": rid, "state": "failed", "error": line}
                     if result["state"] == "busy":
-                        retry_at[rid] = time.monotonic() + BUSY_RETRY_S
+                        retry_at[rid] = time.monotonic() + worker.BUSY_RETRY_S
                         continue
                     for follow_up in on_result(result) or ():
                         refs[submit(follow_up)] = follow_up

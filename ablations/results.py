@@ -24,6 +24,13 @@ from ablations.storefiles import SUMMARY_FIELDS, DamagedFile, parquet_damage, re
 from sigprop.diagnosis import FIELDS as DIAGNOSIS_FIELDS
 from sigprop.errors import UserError
 
+# the public names, all re-exported by ablations.store
+__all__ = [
+    "FLIGHT_COLUMNS", "NON_NUMERIC_SUMMARY_COLUMNS", "RUN_COLUMNS", "SUMMARY_COLUMNS", "Results",
+    "chance_accuracy", "differing_base_keys", "empty_flight_frame", "grid_dirs", "load_results",
+    "mark_differing_keys", "one_method", "read_frontier",
+]
+
 
 class Results:
     """Frames read from a store: ``runs`` (one row per run), ``metrics``, ``blocks``,

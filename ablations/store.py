@@ -44,11 +44,10 @@ writes use ``ablations.gridstore.write_json``), not here.
 
 from __future__ import annotations
 
-from ablations.constants import (
-    DAMAGED,
-    FINISHED,
-    STATES,
-)
+# Every public name of gridstore, results and storefiles (their __all__) is the store's; of
+# constants, environment and keys, the few below.
+from ablations import gridstore, results, storefiles
+from ablations.constants import DAMAGED, FINISHED, STATES
 from ablations.environment import (
     NUMERIC_ENVIRONMENT,
     env_value,
@@ -57,105 +56,24 @@ from ablations.environment import (
     git_commit,
     numeric_environment,
 )
-from ablations.gridstore import (
-    FLIGHT_FILE,
-    FRONTIER_FILE,
-    PROGRESS_FILE,
-    RESULT_FILES,
-    GridStore,
-    LockUnchecked,
-    RunLock,
-)
-from ablations.keys import (
-    applied_values,
-    flatten,
-)
-from ablations.results import (
-    FLIGHT_COLUMNS,
-    NON_NUMERIC_SUMMARY_COLUMNS,
-    RUN_COLUMNS,
-    SUMMARY_COLUMNS,
-    Results,
-    chance_accuracy,
-    differing_base_keys,
-    empty_flight_frame,
-    grid_dirs,
-    load_results,
-    mark_differing_keys,
-    one_method,
-    read_frontier,
-)
-from ablations.storefiles import (
-    CONFIG_FIELDS,
-    EFFECTIVE_FIELDS,
-    ENVIRONMENT_FIELDS,
-    KIND_NAMES,
-    PROGRESS_FIELDS,
-    STATUS_FIELDS,
-    SUMMARY_FIELDS,
-    DamagedFile,
-    check_config,
-    check_fields,
-    check_status,
-    parquet_damage,
-    read_json,
-    read_parquet,
-    set_aside,
-    train_config_fields,
-    write_bytes,
-    write_json,
-    write_parquet,
-)
+from ablations.gridstore import *  # noqa: F403
+from ablations.keys import applied_values, flatten
+from ablations.results import *  # noqa: F403
+from ablations.storefiles import *  # noqa: F403
 
 __all__ = [
-    "CONFIG_FIELDS",
     "DAMAGED",
-    "DamagedFile",
-    "EFFECTIVE_FIELDS",
-    "ENVIRONMENT_FIELDS",
     "FINISHED",
-    "FLIGHT_COLUMNS",
-    "FLIGHT_FILE",
-    "FRONTIER_FILE",
-    "GridStore",
-    "KIND_NAMES",
-    "LockUnchecked",
-    "NON_NUMERIC_SUMMARY_COLUMNS",
     "NUMERIC_ENVIRONMENT",
-    "PROGRESS_FIELDS",
-    "PROGRESS_FILE",
-    "RESULT_FILES",
-    "RUN_COLUMNS",
-    "Results",
-    "RunLock",
     "STATES",
-    "STATUS_FIELDS",
-    "SUMMARY_COLUMNS",
-    "SUMMARY_FIELDS",
     "applied_values",
-    "chance_accuracy",
-    "check_config",
-    "check_fields",
-    "check_status",
-    "differing_base_keys",
-    "empty_flight_frame",
     "env_value",
     "environment",
     "environment_differences",
     "flatten",
     "git_commit",
-    "grid_dirs",
-    "load_results",
-    "mark_differing_keys",
     "numeric_environment",
-    "one_method",
-    "parquet_damage",
-    "read_frontier",
-    "read_json",
-    "read_parquet",
-    "set_aside",
-    "train_config_fields",
-    "write_bytes",
-    "write_json",
-    "write_parquet",
+    *gridstore.__all__,
+    *results.__all__,
+    *storefiles.__all__,
 ]

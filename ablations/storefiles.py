@@ -23,6 +23,14 @@ import pyarrow.parquet as pq
 from ablations.constants import STATES
 from sigprop.files import atomic_path
 
+# the public names, all re-exported by ablations.store
+__all__ = [
+    "CONFIG_FIELDS", "EFFECTIVE_FIELDS", "ENVIRONMENT_FIELDS", "KIND_NAMES", "PROGRESS_FIELDS",
+    "STATUS_FIELDS", "SUMMARY_FIELDS", "DamagedFile", "check_config", "check_fields",
+    "check_status", "parquet_damage", "read_json", "read_parquet", "set_aside",
+    "train_config_fields", "write_bytes", "write_json", "write_parquet",
+]
+
 
 class DamagedFile(Exception):
     """A stored file exists but cannot be read; ``path`` and ``reason`` say which and why."""

@@ -40,41 +40,36 @@ class RemoteArchive:
     num_classes: int = 10
 
 
+_KRIZHEVSKY = "https://www.cs.toronto.edu/~kriz/"  # the page the official archives are on
+
+
+def _published(filename: str, md5: str, folder: str, label_key: bytes, num_classes: int,
+              train: dict[str, str], test: dict[str, str], meta: dict[str, str]) -> RemoteArchive:
+    """An archive on Krizhevsky's page; ``train``, ``test`` and ``meta``: each file it
+    extracts to, with its published md5 (torchvision's values)."""
+    return RemoteArchive(_KRIZHEVSKY + filename, md5, filename, folder, tuple(train), tuple(test),
+                         label_key, {**train, **test, **meta}, num_classes)
+
+
 SOURCES: dict[str, RemoteArchive] = {
-    "cifar10": RemoteArchive(
-        url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
-        md5="c58f30108f718f92721af3b95e74349a",
-        filename="cifar-10-python.tar.gz",
-        folder="cifar-10-batches-py",
-        train_files=tuple(f"data_batch_{i}" for i in range(1, 6)),
-        test_files=("test_batch",),
-        label_key=b"labels",
-        file_md5={
+    "cifar10": _published(
+        "cifar-10-python.tar.gz", "c58f30108f718f92721af3b95e74349a", "cifar-10-batches-py",
+        label_key=b"labels", num_classes=10,
+        train={
             "data_batch_1": "c99cafc152244af753f735de768cd75f",
             "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
             "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
             "data_batch_4": "634d18415352ddfa80567beed471001a",
             "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
-            "test_batch": "40351d587109b95175f43aff81a1287e",
-            "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
         },
-        num_classes=10,
-    ),
-    "cifar100": RemoteArchive(
-        url="https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz",
-        md5="eb9058c3a382ffc7106e4002c42a8d85",
-        filename="cifar-100-python.tar.gz",
-        folder="cifar-100-python",
-        train_files=("train",),
-        test_files=("test",),
-        label_key=b"fine_labels",
-        file_md5={
-            "train": "16019d7e3df5f24257cddd939b257f8d",
-            "test": "f0ef6b0ae62326f3e7ffdfab6717acfc",
-            "meta": "7973b15100ade9c7d40fb424638fde48",
-        },
-        num_classes=100,
-    ),
+        test={"test_batch": "40351d587109b95175f43aff81a1287e"},
+        meta={"batches.meta": "5ff9c542aee3614f3951f8cda6e48888"}),
+    "cifar100": _published(
+        "cifar-100-python.tar.gz", "eb9058c3a382ffc7106e4002c42a8d85", "cifar-100-python",
+        label_key=b"fine_labels", num_classes=100,
+        train={"train": "16019d7e3df5f24257cddd939b257f8d"},
+        test={"test": "f0ef6b0ae62326f3e7ffdfab6717acfc"},
+        meta={"meta": "7973b15100ade9c7d40fb424638fde48"}),
 }
 CIFAR_PIXELS = (3, 32, 32)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ablations.claims import stats
 from ablations.claims.base import (
     DIRECTIONS,
     OUTCOMES,
@@ -35,14 +36,6 @@ from ablations.claims.format import (
 )
 from ablations.claims.rules import Relational, Versus, compare_verdict, t_verdict
 from ablations.claims.selection import finished, same, select
-from ablations.claims.stats import (
-    Z95_ONE_SIDED,
-    binomial_half_width,
-    chance_levels,
-    every_choice_monotone,
-    monotone_choice_exists,
-    n_test_images,
-)
 from sigprop.fields import Rule, check_value, one_of
 
 
@@ -132,10 +125,10 @@ class Compare(Versus):
             return (f"margin {fmt(self, self.margin, difference=True)} (derived: one step of "
                     "the frontier's lr lattice, its resolution)")
         if self.margin_rule == "test_set":
-            n = n_test_images(reference_runs)
+            n = stats.n_test_images(reference_runs)
             n = float(np.nanmin(n)) if len(n) and np.isfinite(n).any() else math.nan
             p = float(np.mean(reference)) if len(reference) else math.nan
-            self.margin = binomial_half_width(p, n)
+            self.margin = stats.binomial_half_width(p, n)
             if not np.isfinite(self.margin):
                 self.margin = 0.0
                 return "margin: no test-set size known, so 0"
@@ -285,10 +278,10 @@ class Share(Claim):
         status = done["status"] if "status" in done else pd.Series("completed", index=done.index)
         acc = pd.to_numeric(done.get("final_acc", pd.Series(np.nan, index=done.index)),
                             errors="coerce")
-        chance = pd.Series(chance_levels(done, strict=True), index=done.index)
+        chance = pd.Series(stats.chance_levels(done, strict=True), index=done.index)
         if self.chance_margin is None:  # not above chance by a one-sided 95% binomial test
-            n = pd.Series(n_test_images(done), index=done.index)
-            bar = chance + Z95_ONE_SIDED * np.sqrt(chance * (1 - chance) / n)
+            n = pd.Series(stats.n_test_images(done), index=done.index)
+            bar = chance + stats.Z95_ONE_SIDED * np.sqrt(chance * (1 - chance) / n)
         else:
             bar = chance + self.chance_margin
         near = status.eq("completed") & ~(acc >= bar)
@@ -357,18 +350,18 @@ class Trend(Claim):
         over_values = sorted(v for v in done[self.over].dropna().unique()) if len(done) else []
         for over_value in over_values:
             part = done[done[self.over].map(lambda v, o=over_value: same(v, o))]
-            stats = []
+            by_choice = []
             for choice in sorted(part[self.choose].dropna().unique()):
                 cell = part[part[self.choose].map(lambda v, c=choice: same(v, c))]
                 values = run_values(self, cell)
                 if len(values) < self.min_runs:
                     short.append(f"{self.over}={fv(over_value)}, {self.choose}={fv(choice)}")
                     continue
-                stats.append((choice, values.mean(), values.min(), values.max()))
-            if not stats:
+                by_choice.append((choice, values.mean(), values.min(), values.max()))
+            if not by_choice:
                 continue
-            best = max(stats, key=lambda s: s[1])
-            tied = sorted(s[0] for s in stats if s[3] >= best[2])  # ranges overlap the best's
+            best = max(by_choice, key=lambda s: s[1])
+            tied = sorted(s[0] for s in by_choice if s[3] >= best[2])  # ranges overlap the best's
             rows.append(f"{self.over} {fv(over_value)}: best {self.choose} {fv(best[0])} "
                         f"({fmt(self, best[1])}" + (f"; tied: {', '.join(fv(t) for t in tied)}"
                                                      if len(tied) > 1 else "") + ")")
@@ -385,10 +378,10 @@ class Trend(Claim):
         tie_sets = [t for _, t in ties]
         # ties count both ways: they can lift a failing trend to inconclusive and demote a
         # passing one, so the verdict never rests on which of two tied values was best by chance
-        if every_choice_monotone(tie_sets, sign):
+        if stats.every_choice_monotone(tie_sets, sign):
             return Verdict(self, "holds", evidence, f"the best {self.choose} is "
                            f"{self.direction} whichever of the tied values is taken")
-        if monotone_choice_exists(tie_sets, sign):
+        if stats.monotone_choice_exists(tie_sets, sign):
             strict = [b for b, _ in ties]
             looks = all(sign * (y - x) >= 0 for x, y in zip(strict, strict[1:]))
             return Verdict(self, "inconclusive", evidence,

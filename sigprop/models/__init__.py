@@ -27,7 +27,9 @@ from sigprop.models.nfnet import NFNET_VARIANTS, NFNet, NFNetConfig
 # isort: on
 
 __all__ = [
-    "BNResNet", "BNResNetConfig", "BlockInfo", "ModelError", "NFNET_VARIANTS", "NFNet",
-    "NFNetConfig", "NFResNet", "NFResNetConfig", "ResidualNet", "count_parameters",
-    "create_model", "list_models", "model_options", "model_spec", "resolve_config",
+    "BlockInfo", "ResidualNet",  # what every family shares
+    "ModelError", "count_parameters", "create_model", "list_models", "model_options",
+    "model_spec", "resolve_config",  # the registry
+    "NFResNet", "NFResNetConfig", "BNResNet", "BNResNetConfig",  # the families
+    "NFNET_VARIANTS", "NFNet", "NFNetConfig",
 ]

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sigprop.fields import POSITIVE, Rule, at_least, checked, one_of
+from sigprop.fields import POSITIVE, Rule, at_least, checked, one_of, validate
 from sigprop.layers import ACTIVATIONS, PADDING_MODES, StochasticDepth, apply_padding
 
 # Bottleneck ResNet depths by name, as in the NF-ResNet paper and the authors' nf_resnet.py.
@@ -53,11 +53,15 @@ NUM_CLASSES = at_least(1)
 
 @dataclass
 class ResNetStages:
-    """The stage fields the bottleneck ResNet configs (NF and BN) start with."""
+    """The stage fields the bottleneck ResNet configs (NF and BN) start with, and the check of
+    every field when a config is built (:func:`sigprop.fields.validate`)."""
 
     depths: tuple[int, ...] = checked(RESNET_DEPTHS[50], DEPTHS)
     widths: tuple[int, ...] = RESNET_WIDTHS
     width_mult: float = checked(1.0, POSITIVE)
+
+    def __post_init__(self) -> None:
+        validate(self)
 
     def check_together(self) -> str | None:
         return stages_problem(self)

@@ -23,24 +23,20 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from sigprop.fields import FRACTION, POSITIVE, checked, one_of, validate
+from sigprop.fields import FRACTION, POSITIVE, checked, one_of
 from sigprop.layers import (
     MaxPool2dPadded,
     SqueezeExcite,
     get_activation,
     he_conv2d,
 )
+from sigprop.models import base
 from sigprop.models.base import (
-    ACTIVATION,
-    NUM_CLASSES,
-    PADDING,
     RESNET_DEPTHS,
-    STEM,
     BlockPlan,
     ResidualNet,
     ResNetStages,
     build_stages,
-    stages_problem,
 )
 from sigprop.models.registry import Variant, register_variants
 
@@ -52,24 +48,21 @@ class BNResNetConfig(ResNetStages):
     # v2 only: or "act_bn_conv" (ReLU-BN-Conv, NF-ResNet paper Fig. 1)
     order: str = checked("bn_act_conv", one_of(("bn_act_conv", "act_bn_conv")))
     norm: str = checked("batch", one_of(("batch", "none")))
-    activation: str = checked("relu", ACTIVATION)
+    activation: str = checked("relu", base.ACTIVATION)
     use_se: bool = False
     se_ratio: float = checked(0.25, POSITIVE)
-    stem: str = checked("imagenet", STEM)
-    num_classes: int = checked(1000, NUM_CLASSES)
+    stem: str = checked("imagenet", base.STEM)
+    num_classes: int = checked(1000, base.NUM_CLASSES)
     in_chans: int = checked(3, POSITIVE)
     drop_rate: float = checked(0.0, FRACTION)
     bottleneck_ratio: float = checked(0.25, POSITIVE)
     # the authors' TF SAME; "symmetric": PyTorch / torchvision style
-    padding: str = checked("same", PADDING)
-
-    def __post_init__(self) -> None:
-        validate(self)
+    padding: str = checked("same", base.PADDING)
 
     def check_together(self) -> str | None:
         if self.order == "act_bn_conv" and self.version != "v2":
             return "order='act_bn_conv' is a pre-activation (v2) ordering"
-        return stages_problem(self)
+        return super().check_together()
 
 
 def make_norm(cfg: BNResNetConfig, channels: int) -> nn.Module:

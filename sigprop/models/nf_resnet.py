@@ -16,7 +16,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from sigprop.fields import FRACTION, NON_NEGATIVE, POSITIVE, checked, validate
+from sigprop.fields import FRACTION, NON_NEGATIVE, POSITIVE, checked
 from sigprop.layers import (
     GAMMA,
     MaxPool2dPadded,
@@ -25,12 +25,9 @@ from sigprop.layers import (
     get_activation,
     he_conv2d,
 )
+from sigprop.models import base
 from sigprop.models.base import (
-    ACTIVATION,
-    NUM_CLASSES,
-    PADDING,
     RESNET_DEPTHS,
-    STEM,
     BlockPlan,
     NFResidualBlock,
     ResidualNet,
@@ -43,7 +40,7 @@ from sigprop.models.registry import Variant, register_variants
 @dataclass
 class NFResNetConfig(ResNetStages):
     alpha: float = checked(0.2, NON_NEGATIVE)
-    activation: str = checked("relu", ACTIVATION)
+    activation: str = checked("relu", base.ACTIVATION)
     skipinit_gain: float = 0.0  # the authors' SkipInit; 1.0 for signal-propagation studies
     stochdepth_rate: float = checked(0.1, FRACTION)
     scale_by_keep: bool = False
@@ -55,16 +52,13 @@ class NFResNetConfig(ResNetStages):
     # activations inside the blocks are then the unscaled ones. Off: gamma and beta multiply the
     # activations (the authors' layout).
     fold_gamma: bool = False
-    stem: str = checked("imagenet", STEM)  # or "cifar": 3x3/1 conv, no pool, for 32x32 inputs
-    num_classes: int = checked(1000, NUM_CLASSES)
+    stem: str = checked("imagenet", base.STEM)  # or "cifar": 3x3/1 conv, no pool, for 32x32 inputs
+    num_classes: int = checked(1000, base.NUM_CLASSES)
     in_chans: int = checked(3, POSITIVE)
     drop_rate: float = checked(0.0, FRACTION)
     bottleneck_ratio: float = checked(0.25, POSITIVE)
     # "same": the authors' TF SAME (asymmetric at even sizes); "symmetric": timm's nf_resnet*
-    padding: str = checked("same", PADDING)
-
-    def __post_init__(self) -> None:
-        validate(self)
+    padding: str = checked("same", base.PADDING)
 
 
 def make_conv(ws: bool, gamma: float = 1.0):

@@ -20,12 +20,8 @@ from sigprop.layers import (
     SqueezeExcite,
     get_activation,
 )
+from sigprop.models import base
 from sigprop.models.base import (
-    ACTIVATION,
-    DEPTHS,
-    NUM_CLASSES,
-    PADDING,
-    STEM,
     BlockPlan,
     NFResidualBlock,
     ResidualNet,
@@ -54,13 +50,13 @@ NFNET_WIDTHS = (256, 512, 1536, 1536)
 @dataclass
 class NFNetConfig:
     variant: str = checked("F0", one_of(NFNET_VARIANTS))
-    depths: tuple[int, ...] | None = checked(None, DEPTHS)  # None: the variant's
+    depths: tuple[int, ...] | None = checked(None, base.DEPTHS)  # None: the variant's
     widths: tuple[int, ...] = NFNET_WIDTHS
     # width_mult also scales the group width, keeping the group count
     width_mult: float = checked(1.0, POSITIVE)
     depth_mult: float = checked(1.0, POSITIVE)
     alpha: float = checked(0.2, NON_NEGATIVE)
-    activation: str = checked("gelu", ACTIVATION)
+    activation: str = checked("gelu", base.ACTIVATION)
     skipinit_gain: float = 0.0
     stochdepth_rate: float = checked(0.1, FRACTION)
     scale_by_keep: bool = False
@@ -70,11 +66,11 @@ class NFNetConfig:
     final_conv_mult: float = checked(2.0, POSITIVE)
     use_two_convs: bool = True
     drop_rate: float | None = checked(None, FRACTION)  # None: the variant's
-    stem: str = checked("imagenet", STEM)  # or "cifar": the same four convs, all stride 1
-    num_classes: int = checked(1000, NUM_CLASSES)
+    stem: str = checked("imagenet", base.STEM)  # or "cifar": the same four convs, all stride 1
+    num_classes: int = checked(1000, base.NUM_CLASSES)
     in_chans: int = checked(3, POSITIVE)
     # "same": the authors' TF SAME (asymmetric at even sizes); "symmetric": timm's nfnet_*
-    padding: str = checked("same", PADDING)
+    padding: str = checked("same", base.PADDING)
     # True: each activation's gamma, and each block's input scale beta, move into the scale of
     # the convs they feed (same maths, fewer passes over the activations); off: gamma and beta
     # multiply the activations (the authors' layout).
