@@ -117,8 +117,9 @@ def start_index(predicted: float, check_monotone: bool, n: int) -> int:
     probed it on the way down: 3 probes for an edge at the start or one or two below, so the
     start sits a step above: ``round(predicted + 1)``. Halves round up. On frontier_batch's
     oracles (tests/test_frontier_warm.py; issue-15 edges, issue-25 edges seed by seed,
-    smooth) this took 3.19, 3.33 and 2.67 probes per cell without the check (3.50, 3.42 and 2.83 with the
-    start at the rounded prediction), and 3.97, 4.06 and 3.61 with it (4.39, 4.25, 3.78).
+    smooth) this took 3.19, 3.33 and 2.67 probes per cell without the check (3.50, 3.42 and
+    2.83 with the start at the rounded prediction), and 3.97, 4.06 and 3.61 with it (4.39,
+    4.25, 3.78).
     Clamped to the lattice's indices 0..n-1."""
     return min(max(math.floor(predicted + (1.5 if check_monotone else 1.0)), 0), n - 1)
 
