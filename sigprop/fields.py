@@ -186,22 +186,23 @@ def validate(config: Any, prefix: str = "", error: type[UserError] = UserError,
         object.__setattr__(config, f.name, value)
     for f, _, optional in schema:
         value = getattr(config, f.name)
-        for rule in f.metadata.get(RULES, ()) if value is not None else ():
-            if not rule.ok(value):
-                raise error(rule.message(prefix + f.name, value, optional))
+        if value is not None:
+            check_value(prefix + f.name, value, *f.metadata.get(RULES, ()), error=error,
+                        optional=optional)
     together = getattr(config, "check_together", None) if names is None else None
     message = together() if together else None
     if message:
         raise error(message)
 
 
-def check_value(name: str, value: Any, *rules: Rule,
-                error: type[UserError] = UserError) -> Any:
-    """``value`` if every rule holds, else ``error`` naming ``name``: the rules of a value
-    read outside a config class (a claim's field, a spec's name)."""
+def check_value(name: str, value: Any, *rules: Rule, error: type[UserError] = UserError,
+                optional: bool = False) -> Any:
+    """``value`` if every rule holds, else ``error`` naming ``name`` (``optional``: the
+    message says the value may also be unset): a config field's rules (:func:`validate`), or
+    those of a value read outside a config class (a claim's field, a spec's name)."""
     for rule in rules:
         if not rule.ok(value):
-            raise error(rule.message(name, value))
+            raise error(rule.message(name, value, optional))
     return value
 
 
