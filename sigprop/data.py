@@ -57,6 +57,7 @@ from sigprop.cifar import (
 )
 from sigprop.cifar import BatchUnpickler as BatchUnpickler
 from sigprop.errors import UserError
+from sigprop.fields import check_value, one_of
 
 DATA_ENV = "SIGPROP_DATA"
 
@@ -339,6 +340,7 @@ def _load_digits(
 
 # ----------------------------------------------------------------------------- registry
 AUGMENTATIONS = ("none", "crop", "crop+flip")
+AUGMENT = one_of(AUGMENTATIONS)  # the rule of an augment value (sigprop.fields)
 
 
 @dataclass(frozen=True)
@@ -364,13 +366,6 @@ DATASETS: dict[str, DatasetInfo] = {
     ),
     "digits": DatasetInfo(10, DIGITS_TEST, _load_digits, "crop"),
 }
-
-
-def check_augment(augment: str) -> str:
-    """``augment`` if it is one of ``AUGMENTATIONS``, else a :class:`UserError`."""
-    if augment not in AUGMENTATIONS:
-        raise UserError(f"augment must be one of {', '.join(AUGMENTATIONS)}; got {augment!r}")
-    return augment
 
 
 def default_augment(name: str) -> str:
@@ -495,7 +490,7 @@ class BatchStream:
                 f"batch_size {batch_size} is larger than the training set ({len(y)} samples)"
             )
         self.x, self.y = x, y
-        self.batch_size, self.augment = batch_size, check_augment(augment)
+        self.batch_size, self.augment = batch_size, check_value("augment", augment, AUGMENT)
         self.pad = crop_padding(x.shape[-1]) if pad is None else pad
         self.generator = torch.Generator().manual_seed(seed)
         self.perm: torch.Tensor | None = None

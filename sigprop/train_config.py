@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from sigprop.clipping import ClipConfig
-from sigprop.data import AUGMENTATIONS, dataset_info, dataset_names, default_augment
+from sigprop.data import AUGMENT, dataset_info, dataset_names, default_augment
 from sigprop.errors import UserError
 from sigprop.fields import (
     FRACTION,
@@ -96,7 +96,7 @@ class TrainConfig:
     train_size: int | None = checked(None, POSITIVE)
     test_size: int | None = checked(None, POSITIVE)
     image_size: int = checked(32, POSITIVE)
-    augment: str | None = checked(None, one_of(AUGMENTATIONS))
+    augment: str | None = checked(None, AUGMENT)
     batch_size: int = checked(128, POSITIVE)
     epochs: float | None = checked(None, POSITIVE)
     steps: int | None = checked(None, POSITIVE)
